@@ -1,0 +1,132 @@
+"""The `r1lab` command. Each subcommand declares its flags here and imports its module lazily, so
+`r1lab --help` is instant and a missing optional dependency only affects the command that needs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from r1lab import config as C
+
+# Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
+PLANNED: dict[str, str] = {
+    "pretrain": "pretrain the tiny native base model on synthetic verifiable problems",
+    "eval": "evaluate a model with the R1 protocol (pass@1 over k samples, cons@k)",
+    "grpo": "GRPO (R1-Zero) reinforcement learning with verifiable rewards",
+    "pipeline": "the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
+    "sft": "supervised fine-tuning on chat or prompt/completion JSONL",
+    "distill": "distil a reasoning teacher into a small student (rejection sampling + SFT)",
+    "serve": "OpenAI-compatible API with reasoning_content, and a web chat page",
+    "chat": "terminal chat that shows the model's thinking",
+    "cost": "parameters, FLOPs, memory and training cost of a model config",
+    "import-gguf": "turn a GGUF file into a safetensors model directory",
+}
+
+
+# ----------------------------------------------------------------------------- generate / info
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate text from a model directory (r1lab or transformers)")
+    p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
+    p.add_argument("--prompt", required=True, help="prompt text, used as is (no chat template)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 means no top-k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args):
+    from r1lab.model.load import load_model_and_tokenizer
+    from r1lab.runtime import parse_dtype, pick_device
+    from r1lab.sampler import Sampler, SamplingParams
+
+    model, tok = load_model_and_tokenizer(args.model, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop)
+    out = Sampler(model, tok).generate([prompt], params)[0]
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
+    else:
+        print(out.text)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="parameters (total and activated) and KV-cache bytes per token of a model")
+    p.add_argument("model", help="model directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args):
+    from r1lab.model.load import model_info
+
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        print(f"{k:>28}: {v:,}" if isinstance(v, int) else f"{k:>28}: {v}")
+
+
+# ----------------------------------------------------------------------------- main
+
+BUILDERS = [_add_generate, _add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1lab", description="DeepSeek-R1, open and runnable.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: R1LAB_THREADS or the cores this process may use)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for build in BUILDERS:
+        build(sub)
+    for name, text in PLANNED.items():
+        if name in sub.choices:
+            continue
+        p = sub.add_parser(name, help=f"{text} [not implemented yet]", add_help=True,
+                           description=f"{text}. Not implemented yet in this version of r1lab.")
+        p.set_defaults(run=_planned(name))
+    return parser
+
+
+def _planned(name):
+    def run(args):
+        raise SystemExit(f"r1lab {name}: not implemented yet in this version of r1lab (see the project issues).")
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    from r1lab.runtime import set_threads
+
+    set_threads(args.threads)
+    try:
+        args.run(args)
+    except C.ConfigError as e:
+        print(f"r1lab {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up r1lab in ./.venv on a fresh machine: CPU torch only where no torch is installed, never replacing one.
+# Usage: bash scripts/setup.sh [extras]   e.g. "test" or "test,bench"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  # --system-site-packages: a torch the machine already has (CUDA builds included) stays visible and is used.
+  "$py" -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  # No torch anywhere: the CPU wheel (local on the reference machine, from the registry elsewhere).
+  .venv/bin/python -m pip install -q "torch==2.13.0" \
+    || .venv/bin/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+.venv/bin/python -m pip install -q -e "$spec"
