@@ -1,0 +1,541 @@
+"""The DeepSeek-V3 architecture in one file: RMSNorm, RoPE (+YaRN), multi-head latent attention, DeepSeekMoE with
+auxiliary-loss-free balancing, multi-token prediction. Parameter names match `transformers`' DeepseekV3ForCausalLM,
+so a state dict saved here loads there and back.
+
+Attention has two paths with the same maths. Training (no cache) expands the kv latent into per-head keys and
+values. Cached inference never expands the cache: the key up-projection is absorbed into the query and the value
+up-projection is applied after attention, so the cache holds only the kv latent and the shared RoPE key (V3 §2.1.1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1lab.model.config import ModelConfig
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float, float]:
+    """Inverse frequencies for the RoPE dims, the cos/sin scale and the softmax-scale multiplier (YaRN, as in
+    DeepSeek-V3 and `transformers`: frequencies blended by a linear ramp, mscale folded into the softmax scale)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = cfg.rope_scaling
+    if not rs or rs.get("rope_type", rs.get("type")) == "default":
+        return inv_freq, 1.0, 1.0
+    orig = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    factor = rs.get("factor") or cfg.max_position_embeddings / orig
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+    def mscale(m):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    cos_scale = rs.get("attention_factor") or (mscale(m) / mscale(m_all) if m and m_all else mscale(1))
+    softmax_mult = mscale(m_all) ** 2 if m_all else 1.0
+    return inv_freq, float(cos_scale), float(softmax_mult)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x [B, S, heads, d] by cos/sin [B, S, 1, d/2]. With `interleave` the pairs are
+    (x0,x1),(x2,x3),... as in DeepSeek's weights; the output is laid out de-interleaved (as `transformers` does),
+    which leaves every dot product between rotated queries and keys unchanged."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: a dense layer, a routed expert, or the shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- multi-head latent attention
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads, self.nope, self.rope, self.vdim, self.rank = (
+            h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+        _, _, softmax_mult = rope_frequencies(cfg)
+        self.scale = cfg.qk_head_dim ** -0.5 * softmax_mult
+
+    def forward(self, x, cos, sin, mask, cache: "LatentCache | None" = None, layer: int = 0):
+        B, S, _ = x.shape
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = apply_rope(q_pe, cos, sin, self.cfg.rope_interleave)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.cfg.rope_interleave).squeeze(2)
+
+        if cache is None:  # training / full forward: expand the latent into per-head keys and values
+            kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.vdim)
+            k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+            qf = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None, scale=self.scale)
+            o = o.transpose(1, 2)
+        else:  # cached: attend in latent space; every head reads the same [latent | RoPE key] entries (MQA-like)
+            keys = cache.write(layer, torch.cat([latent, k_pe], dim=-1))            # [B, T, rank + rope]
+            w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.vdim, self.rank)
+            q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w[:, : self.nope])       # absorb W_UK into q
+            qf = torch.cat([q_lat, q_pe], dim=-1).reshape(B, S * self.n_heads, -1)  # [B, S*H, rank + rope]
+            scores = torch.bmm(qf, keys.transpose(1, 2)).float() * self.scale         # [B, S*H, T]
+            scores = scores.view(B, S, self.n_heads, -1).masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(-1).to(keys.dtype).view(B, S * self.n_heads, -1)
+            o = torch.bmm(probs, keys[..., : self.rank]).view(B, S, self.n_heads, self.rank)
+            o = torch.einsum("bshr,hvr->bshv", o, w[:, self.nope:])                 # apply W_UV after attention
+        return self.o_proj(o.reshape(B, S, self.n_heads * self.vdim))
+
+
+# ----------------------------------------------------------------------------- DeepSeekMoE
+
+
+class Gate(nn.Module):
+    """Sigmoid affinities, group-limited top-k routing, normalised weights times the routed scaling factor.
+    `e_score_correction_bias` (aux-loss-free balancing) is added for the choice of experts only, never to weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k], expert ids [N, k], affinities [N, E])."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_scores = groups.topk(2, dim=-1)[0].sum(-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(~group_mask.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, idx, scores
+
+
+class MoE(nn.Module):
+    """Shared experts plus routed experts. Keeps per-expert token counts: `last_load` for the latest forward,
+    `load` accumulated over training forwards until the balancing step consumes it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx, scores = self.gate(flat)
+        k = idx.shape[1]
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.cfg.n_routed_experts)
+        token_of = order // k
+        xs = flat[token_of]
+        outs, start = [], 0
+        for e, c in enumerate(counts.tolist()):  # one host sync per layer; only experts that got tokens run
+            if c:
+                outs.append(self.experts[e](xs[start : start + c]))
+                start += c
+        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(flat.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token_of, ys)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        with torch.no_grad():  # padding tokens are routed but not counted
+            if token_mask is not None:
+                counts = torch.bincount(idx[token_mask.reshape(-1)].flatten(), minlength=self.cfg.n_routed_experts)
+            self.last_load.copy_(counts)
+            if self.training:
+                self.load += counts
+        self.aux_loss = None
+        if self.training and self.cfg.seq_aux_loss_alpha > 0:
+            self.aux_loss = self._sequence_balance_loss(scores, idx, shape, token_mask)
+        return out.view(shape)
+
+    def _sequence_balance_loss(self, scores, idx, shape, token_mask):
+        """V3 eq. 17-20: alpha * sum_i f_i * P_i per sequence, averaged over the batch."""
+        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        B, T = shape[0], shape[1]
+        m = (token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=scores.device)).float()
+        n_tok = m.sum(1).clamp(min=1)                                            # [B]
+        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, idx, 1.0).view(B, T, E)
+        f = (chosen * m[..., None]).sum(1) * E / (k * n_tok[:, None])            # [B, E]
+        p_norm = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
+        P = (p_norm * m[..., None]).sum(1) / n_tok[:, None]                      # [B, E]
+        return self.cfg.seq_aux_loss_alpha * (f * P).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------- blocks and model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = MLA(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(min(layer, cfg.num_hidden_layers - 1)) else MLP(
+            cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache=None, token_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm; the projection itself is the main model's lm_head (shared)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction depth k (V3 §2.2): combine the previous depth's hidden state at i with the embedding
+    of token i+k, run one block, predict token i+k+1. Stored as `model.layers.{L+k-1}` like DeepSeek's weights."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb, cos, sin, mask, token_mask=None):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return super().forward(x, cos, sin, mask, None, token_mask)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        L = cfg.num_hidden_layers
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(L)]
+                                    + [MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None          # total: LM + MTP + balance
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+class DeepseekV3(nn.Module):
+    """The causal LM. `forward` takes the same core arguments as a `transformers` causal LM
+    (input_ids, attention_mask, position_ids, labels, logits_to_keep) plus a latent cache and packing segments."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self.cos_scale, _ = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.zero_()
+        for m in self.modules():
+            if isinstance(m, Gate):
+                m.e_score_correction_bias.zero_()
+
+    @torch.no_grad()
+    def init_buffers(self, loaded=()) -> None:
+        """Recompute non-persistent buffers and re-tie weights after `to_empty` + `load_state_dict`;
+        balancing biases absent from the loaded keys start at zero."""
+        self.inv_freq = rope_frequencies(self.config)[0].to(self.lm_head.weight.device)
+        loaded = set(loaded)
+        for name, m in self.named_modules():
+            if isinstance(m, MoE):
+                m.load.zero_()
+                m.last_load.zero_()
+                if f"{name}.gate.e_score_correction_bias" not in loaded:
+                    m.gate.e_score_correction_bias.zero_()
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def cast(self, dtype: torch.dtype) -> "DeepseekV3":
+        """Cast parameters to dtype; RoPE frequencies and the balancing biases stay float32 (tiny bias steps
+        would vanish in bf16)."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
+
+    @property
+    def main_layers(self):
+        return self.model.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp_layers(self):
+        return self.model.layers[self.config.num_hidden_layers :]
+
+    # ------------------------------------------------------------------ forward
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        return ((freqs.cos() * self.cos_scale).to(dtype).unsqueeze(2),
+                (freqs.sin() * self.cos_scale).to(dtype).unsqueeze(2))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: "LatentCache | None" = None, segment_ids: torch.Tensor | None = None,
+                logits_to_keep: int = 0, return_hidden: bool = False, **_) -> Output:
+        """input_ids [B, S]. `attention_mask` [B, S] marks real tokens (1) and padding (0); with a cache, new tokens
+        are right-padded and each row continues at its own cached length. `segment_ids` [B, S] keeps packed samples from attending to each other. `labels` [B, S] aligned with
+        input_ids (-100 = ignore) gives the shifted next-token loss, plus the MTP and balance losses in training."""
+        B, S = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if cache is not None:  # rows continue at their own lengths; new tokens are right-padded
+            position_ids = cache.lengths[:, None] + torch.arange(S, device=x.device)
+            mask = cache.mask(S)
+            token_mask = None if attention_mask is None else attention_mask.bool()
+        else:
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                else:
+                    position_ids = torch.arange(S, device=x.device).expand(B, S)
+            mask = build_mask(S, attention_mask, segment_ids, x.device)
+            token_mask = attention_mask.bool() if attention_mask is not None else None
+        cos, sin = self.rope(position_ids, x.dtype)
+
+        for layer in self.main_layers:
+            x = layer(x, cos, sin, mask, cache, token_mask)
+        if cache is not None:
+            cache.advance(attention_mask.sum(1) if attention_mask is not None else S)
+        hidden = x
+        h = self.model.norm(x)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        out = Output(logits=logits, hidden=hidden if return_hidden else None)
+        if labels is None:
+            return out
+
+        out.lm_loss = shifted_ce(logits, labels[:, -logits.shape[1]:], 1)
+        total = out.lm_loss
+        if self.training and len(self.mtp_layers) and self.config.mtp_loss_weight > 0 and S > 2:
+            out.mtp_loss = self._mtp_loss(hidden, input_ids, labels, cos, sin, attention_mask, segment_ids)
+            total = total + self.config.mtp_loss_weight * out.mtp_loss
+        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        if aux:
+            out.aux_loss = torch.stack(aux).sum()
+            total = total + out.aux_loss
+        out.loss = total
+        return out
+
+    def _mtp_loss(self, hidden, input_ids, labels, cos, sin, attention_mask, segment_ids):
+        """Mean over depths of the cross-entropy for token i+k+1 at depth k (V3 eq. 24-25)."""
+        losses, h = [], hidden
+        S = input_ids.shape[1]
+        for k, layer in enumerate(self.mtp_layers, start=1):
+            n = S - k  # MTP position j combines h_j with the embedding of token j+k
+            if n < 2:
+                break
+            emb = self.model.embed_tokens(input_ids[:, k:])
+            am = attention_mask[:, :n].bool() & attention_mask[:, k:].bool() if attention_mask is not None else None
+            seg = segment_ids[:, :n] if segment_ids is not None else None
+            h = layer(h[:, :n], emb, cos[:, :n], sin[:, :n], build_mask(n, am, seg, hidden.device), am)
+            logits = self.lm_head(layer.shared_head.norm(h[:, : n - 1])).float()
+            target = labels[:, k + 1 :]
+            if segment_ids is not None:  # never predict across a packing boundary
+                target = target.masked_fill(segment_ids[:, k + 1 :] != segment_ids[:, : n - 1], -100)
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
+        return torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------ balancing
+    def expert_load(self, accumulated: bool = False) -> torch.Tensor:
+        """Per-MoE-layer token counts per routed expert [n_moe_layers, E]: the last forward, or accumulated."""
+        rows = [(m.load if accumulated else m.last_load) for m in self.main_moe()]
+        return torch.stack(rows) if rows else torch.zeros(0)
+
+    def main_moe(self) -> list[MoE]:
+        return [layer.mlp for layer in self.main_layers if isinstance(layer.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_expert_bias(self, speed: float | None = None) -> torch.Tensor:
+        """Aux-loss-free balancing (V3 §2.1.2): after an optimiser step, raise the bias of underloaded experts and
+        lower that of overloaded ones by a fixed step, using the loads counted since the last update.
+        Returns the load imbalance (max/mean) per layer before the update."""
+        speed = self.config.bias_update_speed if speed is None else speed
+        imbalance = []
+        for m in [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]:
+            load = m.load
+            if load.sum() == 0:
+                continue
+            imbalance.append(load.max() / load.mean())
+            m.gate.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+            m.load.zero_()
+        return torch.stack(imbalance) if imbalance else torch.zeros(0)
+
+    def num_parameters(self) -> dict[str, int]:
+        from r1lab.model.info import count_parameters
+        return count_parameters(self.config)
+
+
+def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """Mean cross-entropy of logits[:, t] against labels[:, t + shift], ignoring -100."""
+    lg = logits[:, :-shift].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(lg, labels[:, shift:].reshape(-1), ignore_index=-100)
+
+
+def build_mask(S: int, attention_mask, segment_ids, device) -> torch.Tensor | None:
+    """Boolean attention mask [B, 1, S, S] (True = may attend) for a forward without cache, or None for plain
+    causal attention. Padding keys are hidden; a padding query sees itself only (so no row is all -inf)."""
+    if attention_mask is None and segment_ids is None:
+        return None
+    idx = torch.arange(S, device=device)
+    mask = (idx[None, :] <= idx[:, None])[None, None]                                  # causal [1,1,S,S]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask | torch.eye(S, dtype=torch.bool, device=device)
+
+
+class LatentCache:
+    """MLA's KV cache: only [kv latent | rotated RoPE key] per token and layer, preallocated. Each row has its own
+    length, so prompts need no left padding and rows can leave (`keep`) or join (`extend`) a running batch."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
+        self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.buf = [torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
+                    for _ in range(cfg.num_hidden_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._S = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buf[0].shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.buf[0].shape[0]
+
+    def mask(self, S: int) -> torch.Tensor:
+        """[B, S, 1, T]: query i of row b (at position lengths[b] + i) sees keys at positions <= its own."""
+        need = int(self.lengths.max()) + S if self.batch else S
+        if need > self.capacity:
+            raise ValueError(f"cache full: {need} tokens > capacity {self.capacity}; allocate a larger cache")
+        self._S, self._T = S, need
+        q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)        # [B, S]
+        return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(2)
+
+    def write(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
+        """Store entries [B, S, W] at each row's next positions; return the keys [B, T, W] for attention."""
+        buf = self.buf[layer]
+        if self._S == 1:
+            buf[torch.arange(buf.shape[0], device=buf.device), self.lengths] = entries[:, 0]
+        else:
+            pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)
+            buf.scatter_(1, pos[..., None].expand(-1, -1, self.width), entries)
+        return buf[:, : self._T]
+
+    def advance(self, n) -> None:
+        self.lengths += n
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows, in this order (finished sequences leave the batch; repeats duplicate)."""
+        self.buf = [b.index_select(0, rows) for b in self.buf]
+        self.lengths = self.lengths.index_select(0, rows)
+
+    def extend(self, other: "LatentCache") -> None:
+        """Append the rows of another cache (new requests joining a running batch)."""
+        cap = max(self.capacity, other.capacity)
+        pad = lambda b: F.pad(b, (0, 0, 0, cap - b.shape[1]))  # noqa: E731
+        self.buf = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.buf, other.buf)]
+        self.lengths = torch.cat([self.lengths, other.lengths])
+
+    def bytes_per_token(self) -> int:
+        return sum(b.shape[-1] * b.element_size() for b in self.buf)

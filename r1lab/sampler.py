@@ -1,0 +1,384 @@
+"""One generation engine for GRPO rollouts, evaluation, distillation and serving.
+
+Batched decoding with a KV cache: each prompt is encoded once (its `n` samples share the prefill), every step
+is one forward over the rows still running, and a row that finishes leaves the batch at once. Rows can join a
+running batch (`Batch.add`), which is how the server batches concurrent requests. Two small adapters hide the
+model family: `NativeBackend` (r1lab's DeepSeek-V3, latent cache with per-row lengths) and `HFBackend` (any
+`transformers` causal LM, left-padded DynamicCache).
+
+Log-probabilities are those of the distribution sampled from: log_softmax(logits / temperature), before top-p/top-k
+truncation (temperature 0 -> raw logits). The GRPO trainer computes its policy log-probs the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0         # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                   # 0 = off
+    n: int = 1                       # samples per prompt
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None   # None: the model's end-of-sequence ids
+
+    def validate(self) -> "SamplingParams":
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1 (got {self.n})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings (got {self.stop!r})")
+        return self
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    text: str                    # decoded reply, without the stop token or stop string
+    token_ids: list[int]         # generated ids, including the stop token when finish_reason is "stop"
+    logprobs: list[float]        # one per generated id
+    finish_reason: str           # "stop" or "length"
+    prompt_tokens: int = 0
+
+
+# ----------------------------------------------------------------------------- model adapters
+
+
+class NativeBackend:
+    """r1lab's DeepSeek-V3: MLA latent cache, rows at their own lengths (no left padding)."""
+
+    can_merge = True
+
+    def __init__(self, model):
+        from r1lab.model.deepseek import LatentCache
+
+        self.model, self.Cache = model, LatentCache
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.max_len = model.config.max_position_embeddings
+
+    def prefill(self, prompts: list[list[int]], capacity: int):
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(B, P, dtype=torch.long)
+        am = torch.zeros(B, P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+            am[i, : len(p)] = 1
+        ids, am = ids.to(self.device), am.to(self.device)
+        cache = self.Cache(self.model.config, B, capacity, dtype=self.dtype, device=self.device)
+        logits = self.model(ids, attention_mask=am, cache=cache).logits
+        last = (am.sum(1) - 1)
+        return cache, logits[torch.arange(B, device=self.device), last]
+
+    def decode(self, cache, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], cache=cache).logits[:, 0]
+
+    def keep(self, cache, rows: torch.Tensor):
+        cache.keep(rows)
+        return cache
+
+    def merge(self, a, b):
+        a.extend(b)
+        return a
+
+
+class HFBackend:
+    """Any `transformers` causal LM: left-padded prompts, attention mask and explicit positions, DynamicCache."""
+
+    def __init__(self, model, pad_id: int):
+        from transformers import DynamicCache
+
+        self.model, self.DynamicCache, self.pad_id = model, DynamicCache, pad_id
+        self.device = next(model.parameters()).device
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.max_len = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+        self.can_merge = True  # checked per cache at merge time
+
+    def prefill(self, prompts: list[list[int]], capacity: int):
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        am = torch.zeros(B, P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            am[i, P - len(p):] = 1
+        ids, am = ids.to(self.device), am.to(self.device)
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        cache = self.DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        state = {"cache": out.past_key_values, "mask": am, "pos": pos[:, -1] + 1}
+        return state, out.logits[:, -1]
+
+    def decode(self, state, tokens: torch.Tensor) -> torch.Tensor:
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"][:, None],
+                         past_key_values=state["cache"], use_cache=True)
+        state["cache"] = out.past_key_values
+        state["pos"] = state["pos"] + 1
+        return out.logits[:, -1]
+
+    def keep(self, state, rows: torch.Tensor):
+        state["cache"].batch_select_indices(rows)
+        state["mask"], state["pos"] = state["mask"][rows], state["pos"][rows]
+        return state
+
+    def merge(self, a, b):
+        """Join two left-padded batches: pad the shorter one on the left (plain DynamicLayer caches only)."""
+        from transformers.cache_utils import DynamicLayer
+
+        la, lb = a["mask"].shape[1], b["mask"].shape[1]
+        T = max(la, lb)
+        for s, L in ((a, la), (b, lb)):
+            if L < T:
+                for layer in s["cache"].layers:
+                    if type(layer) is not DynamicLayer:
+                        raise NotImplementedError(f"cannot join batches with a {type(layer).__name__} cache")
+                    layer.keys = F.pad(layer.keys, (0, 0, T - L, 0))
+                    layer.values = F.pad(layer.values, (0, 0, T - L, 0))
+                s["mask"] = F.pad(s["mask"], (T - L, 0))
+        for la_, lb_ in zip(a["cache"].layers, b["cache"].layers):
+            la_.keys, la_.values = torch.cat([la_.keys, lb_.keys]), torch.cat([la_.values, lb_.values])
+        a["mask"], a["pos"] = torch.cat([a["mask"], b["mask"]]), torch.cat([a["pos"], b["pos"]])
+        return a
+
+
+def make_backend(model, tokenizer):
+    from r1lab.model.deepseek import DeepseekV3
+
+    if isinstance(model, DeepseekV3):
+        return NativeBackend(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return HFBackend(model, pad if pad is not None else 0)
+
+
+# ----------------------------------------------------------------------------- sampling maths
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row with per-row temperature (0 = greedy), top-p and top-k. Returns (tokens, logprobs)
+    where logprobs are log_softmax(logits / temperature) at the chosen tokens."""
+    logits = logits.float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    logp = scaled.log_softmax(-1)
+    tokens = logits.argmax(-1)
+    if not bool(greedy.all()):
+        probs = logp.exp()
+        if bool((top_p < 1).any() or (top_k > 0).any()):
+            sp, si = probs.sort(-1, descending=True)
+            rank = torch.arange(sp.shape[1], device=sp.device)[None, :]
+            drop = (sp.cumsum(-1) - sp) >= top_p[:, None]                 # keep the smallest set reaching top_p
+            drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
+            drop[:, 0] = False
+            probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
+        rows = (~greedy).nonzero().flatten().tolist()
+        shared = all(generators[r] is generators[rows[0]] for r in rows)
+        if shared:
+            drawn = torch.multinomial(probs[rows], 1, generator=generators[rows[0]]).flatten()
+            tokens[rows] = drawn
+        else:
+            for r in rows:
+                tokens[r] = torch.multinomial(probs[r], 1, generator=generators[r])[0]
+    return tokens, logp.gather(1, tokens[:, None]).flatten()
+
+
+# ----------------------------------------------------------------------------- running batch
+
+
+@dataclass
+class Row:
+    """One sequence being generated."""
+    key: object                       # caller's handle (prompt index, request id, ...)
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_ids: frozenset
+    max_new: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_at: int | None = None        # character offset where a stop string begins
+
+
+class Batch:
+    """A running batch: `add` rows (prefilled together, merged into the running set), `step` decodes one token
+    for every row and returns the rows that finished. Cancelled or finished rows leave the batch immediately."""
+
+    def __init__(self, sampler: "Sampler"):
+        self.s = sampler
+        self.state = None
+        self.rows: list[Row] = []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, prompt_ids: list[list[int]], params: list[SamplingParams], keys: list, generators) -> list[Row]:
+        """Prefill prompts (each once, then repeated for its n samples) and join them to the running batch."""
+        new_rows, unique, owner = [], [], []
+        for ids, p, key, g in zip(prompt_ids, params, keys, generators):
+            max_new = min(p.max_new_tokens, self.s.backend.max_len - len(ids))
+            if max_new < 1:
+                raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room in the model's context "
+                                 f"of {self.s.backend.max_len}; shorten the prompt")
+            stop_ids = frozenset(p.stop_token_ids if p.stop_token_ids is not None else self.s.eos_ids)
+            unique.append(ids)
+            for j in range(p.n):
+                new_rows.append(Row((key, j) if p.n > 1 else key, ids, p, g, stop_ids, max_new))
+                owner.append(len(unique) - 1)
+        capacity = max(len(r.prompt_ids) + r.max_new for r in new_rows)
+        state, logits = self.s.backend.prefill(unique, capacity)
+        idx = torch.tensor(owner, device=logits.device)
+        if len(owner) != len(unique):
+            state = self.s.backend.keep(state, idx)
+        logits = logits[idx]
+        if self.state is None:
+            self.state, self.rows = state, new_rows
+        else:
+            self.state = self.s.backend.merge(self.state, state)
+            self.rows = self.rows + new_rows
+        self._accept(new_rows, logits, offset=len(self.rows) - len(new_rows))
+        return new_rows
+
+    def step(self) -> list[Row]:
+        """Decode one token for every running row; return the rows that finished at this step."""
+        if not self.rows:
+            return []
+        last = torch.tensor([r.token_ids[-1] for r in self.rows], device=self.s.backend.device)
+        logits = self.s.backend.decode(self.state, last)
+        return self._accept(self.rows, logits, offset=0)
+
+    def cancel(self, keys: set) -> None:
+        """Drop rows whose key is in `keys` (a client went away)."""
+        self._drop([i for i, r in enumerate(self.rows) if r.key in keys])
+
+    def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int) -> list[Row]:
+        dev = logits.device
+        temp = torch.tensor([r.params.temperature for r in rows], device=dev)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
+        top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
+        tokens, logps = sample_next(logits, temp, top_p, top_k, [r.generator for r in rows])
+        done = []
+        for i, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), logps.tolist())):
+            r.token_ids.append(t)
+            r.logprobs.append(lp)
+            if t in r.stop_ids:
+                r.finish_reason = "stop"
+            elif r.params.stop and self.s.stop_string_hit(r):
+                r.finish_reason = "stop"
+            elif len(r.token_ids) >= r.max_new:
+                r.finish_reason = "length"
+            if r.finish_reason:
+                done.append(offset + i)
+        finished = [self.rows[i] for i in done]
+        self._drop(done)
+        return finished
+
+    def _drop(self, idx: list[int]) -> None:
+        if not idx:
+            return
+        gone = set(idx)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if keep:
+            self.state = self.s.backend.keep(self.state, torch.tensor(keep, device=self.s.backend.device))
+        else:
+            self.state = None
+
+
+class Sampler:
+    """Batched generation for the native model or any `transformers` causal LM."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 256, eos_ids: Sequence[int] | None = None):
+        from r1lab.tokenizer import eos_ids as default_eos
+
+        self.model, self.tokenizer = model, tokenizer
+        self.backend = make_backend(model, tokenizer)
+        self.max_batch = max_batch
+        self.eos_ids = list(eos_ids) if eos_ids is not None else default_eos(tokenizer, getattr(model, "config", None))
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def stop_string_hit(self, row: Row) -> bool:
+        """Does a stop string end within the newest tokens? Only the tail is decoded; on a hit, record where."""
+        longest = max(len(s) for s in row.params.stop)
+        tail = self.decode(row.token_ids[-(longest + 4):])
+        if not any(s in tail for s in row.params.stop):
+            return False
+        text = self.decode(row.token_ids)
+        row.stop_at = min(i for i in (text.find(s) for s in row.params.stop) if i >= 0)
+        return True
+
+    def finish(self, row: Row, prompt_index: int) -> Completion:
+        ids = row.token_ids
+        if row.stop_at is not None:
+            text = self.decode(ids)[: row.stop_at]
+        else:
+            text = self.decode(ids[:-1] if row.finish_reason == "stop" else ids)
+        return Completion(prompt_index, text, list(ids), list(row.logprobs), row.finish_reason,
+                          len(row.prompt_ids))
+
+    def new_batch(self) -> Batch:
+        return Batch(self)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None,
+                 on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Complete every prompt `params.n` times; results are prompt-major (prompt 0's samples first).
+        Rows are admitted up to `max_batch` at a time and refilled as others finish."""
+        params = (params or SamplingParams()).validate()
+        gen = torch.Generator(device=self.backend.device)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        queue = deque((i, self.encode(p)) for i, p in enumerate(prompts))
+        per_prompt = max(1, params.n)
+        results: dict[tuple[int, int], Completion] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = self.new_batch()
+            while queue or len(batch):
+                room = self.max_batch - len(batch)
+                if queue and (not len(batch) or room >= max(per_prompt, self.max_batch // 4)):
+                    take = []
+                    while queue and (len(take) + 1) * per_prompt <= max(room, per_prompt):
+                        take.append(queue.popleft())
+                    finished = batch.add([ids for _, ids in take], [params] * len(take),
+                                         [i for i, _ in take], [gen] * len(take))
+                else:
+                    finished = batch.step()
+                for row in finished:
+                    i, j = row.key if params.n > 1 else (row.key, 0)
+                    c = self.finish(row, i)
+                    results[(i, j)] = c
+                    if on_finish:
+                        on_finish(c)
+        finally:
+            self.model.train(was_training)
+        return [results[k] for k in sorted(results)]
