@@ -20,3 +20,46 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"benchmark data not found at {SHARED_DATA}; set R1LAB_DATA to the folder with gsm8k/, math500/, ...")
     return SHARED_DATA
+
+
+def tiny_texts() -> list[str]:
+    """A small corpus for test tokenizers: arithmetic in the R1-Zero answer format."""
+    return [f"What is {a} + {b}? <think> {a} plus {b} </think> <answer> {a + b} </answer>"
+            for a in range(0, 60, 3) for b in range(0, 60, 7)]
+
+
+def tiny_model_config(vocab_size: int, **kw):
+    from r1lab.model.config import ModelConfig
+
+    base = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_hidden_layers=3, num_attention_heads=4, first_k_dense_replace=1, q_lora_rank=24,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                initializer_range=0.3, max_position_embeddings=256)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from r1lab.tokenizer import train_tokenizer
+
+    return train_tokenizer(tiny_texts(), vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_native_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved native MoE checkpoint (random weights, large init so greedy choices are far from ties)."""
+    from r1lab.model.checkpoint import save_model
+    from r1lab.model.deepseek import DeepseekV3
+
+    tok = tiny_tokenizer
+    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0, 0.05)
+    return save_model(model, tmp_path_factory.mktemp("native") / "model", tokenizer=tok)

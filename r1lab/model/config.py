@@ -137,8 +137,11 @@ class ModelConfig:
             kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
             kind = rope.get("rope_type", rope.get("type", "default"))
             kw["rope_scaling"] = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
-        if kw.get("rope_scaling") and "rope_type" not in kw["rope_scaling"] and "type" in kw["rope_scaling"]:
-            kw["rope_scaling"] = {**kw["rope_scaling"], "rope_type": kw["rope_scaling"]["type"]}
+        if kw.get("rope_scaling"):  # one spelling: rope_type (older files say type)
+            rs = kw["rope_scaling"]
+            kind = rs.get("rope_type", rs.get("type"))
+            kw["rope_scaling"] = None if kind == "default" else {
+                **{k: v for k, v in rs.items() if k != "type"}, "rope_type": kind}
         if d.get("n_routed_experts") is None:
             kw["n_routed_experts"] = 0
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:

@@ -164,7 +164,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k], expert ids [N, k], affinities [N, E])."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        dtype = torch.promote_types(x.dtype, torch.float32)  # routing in at least float32
+        scores = F.linear(x.to(dtype), self.weight.to(dtype)).sigmoid()
         choice = scores + self.e_score_correction_bias
         if cfg.n_group > 1:
             groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)

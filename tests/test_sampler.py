@@ -1,0 +1,163 @@
+"""The sampler against transformers' generate, a full forward, and hand-made distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from r1lab.model.load import load_model_and_tokenizer
+from r1lab.sampler import Sampler, SamplingParams, sample_next
+from r1lab.tokenizer import render_prompt
+
+transformers.logging.set_verbosity_error()
+
+PROMPTS = ["What is 3 + 4?", "1", "What is 12 + 57? <think>", "<answer>"]
+
+
+@pytest.fixture(scope="module")
+def native(tiny_native_dir):
+    return load_model_and_tokenizer(tiny_native_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_tokenizer):
+    cfg = transformers.Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, initializer_range=0.3,
+                                   eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer
+
+
+def _hf_greedy(model, tok, prompt, n):
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    return out[0, enc.input_ids.shape[1]:].tolist()
+
+
+def test_greedy_equals_transformers_generate_on_the_native_checkpoint(native, tiny_native_dir):
+    model, tok = native
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_native_dir).eval()
+    prompts = PROMPTS + [render_prompt(tok, "What is 5 + 9?", "r1")]
+    outs = Sampler(model, tok).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _hf_greedy(hf, tok, p, 24)
+
+
+def test_greedy_equals_transformers_generate_on_a_qwen2_model(qwen):
+    model, tok = qwen
+    outs = Sampler(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0))
+    for p, o in zip(PROMPTS, outs):
+        assert o.token_ids == _hf_greedy(model, tok, p, 24)
+
+
+def test_logprobs_are_those_of_a_full_forward_at_the_sampling_temperature(native):
+    model, tok = native
+    outs = Sampler(model, tok).generate(PROMPTS[:2], SamplingParams(max_new_tokens=12, temperature=0.7, seed=3))
+    for p, o in zip(PROMPTS[:2], outs):
+        ids = tok(p, add_special_tokens=False).input_ids
+        full = torch.tensor([ids + o.token_ids])
+        with torch.no_grad():
+            logits = model(full).logits[0, len(ids) - 1:-1] / 0.7
+        ref = logits.log_softmax(-1).gather(1, torch.tensor(o.token_ids)[:, None]).flatten()
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
+
+
+def test_same_seed_same_samples_and_n_samples_are_prompt_major(native):
+    model, tok = native
+    s = Sampler(model, tok)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=11)
+    a, b = s.generate(PROMPTS[:2], params), s.generate(PROMPTS[:2], params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.prompt_index for o in a] == [0, 0, 0, 1, 1, 1]
+    c = s.generate(PROMPTS[:2], SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=12))
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+def test_finish_reasons_eos_length_and_stop_strings(native):
+    model, tok = native
+    s = Sampler(model, tok)
+    free = s.generate(["1"], SamplingParams(max_new_tokens=30, temperature=0))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    # make the 5th greedy token an end-of-sequence token: the reply stops there, without it in the text
+    eos = free.token_ids[4]
+    stopped = Sampler(model, tok, eos_ids=[eos]).generate(["1"], SamplingParams(max_new_tokens=30, temperature=0))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+    assert stopped.text == tok.decode(stopped.token_ids[:-1])
+    # a stop string cuts the text before it
+    target = free.text[5:8]
+    cut = s.generate(["1"], SamplingParams(max_new_tokens=30, temperature=0, stop=[target]))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(target)]
+
+
+def test_finished_rows_leave_the_batch(native):
+    model, tok = native
+    s = Sampler(model, tok, eos_ids=[])
+    sizes = []
+    real = s.backend.decode
+    s.backend.decode = lambda state, tokens: (sizes.append(len(tokens)), real(state, tokens))[1]
+    prompts = ["1", "2", "3"]
+    outs = s.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    assert [len(o.token_ids) for o in outs] == [8, 8, 8]
+    s2 = Sampler(model, tok, eos_ids=[])
+    sizes.clear()
+    s2.backend.decode = lambda state, tokens: (sizes.append(len(tokens)), real(state, tokens))[1]
+    mixed = [SamplingParams(max_new_tokens=m, temperature=0) for m in (2, 5, 8)]
+    batch = s2.new_batch()
+    batch.add([s2.encode(p) for p in prompts], mixed, [0, 1, 2], [None] * 3)
+    while len(batch):
+        batch.step()
+    assert sizes == [3, 2, 2, 2, 1, 1, 1]  # rows stop costing compute once they are done
+
+
+def test_rows_joining_a_running_batch_match_rows_run_alone(native, qwen):
+    for model, tok in (native, qwen):
+        s = Sampler(model, tok, eos_ids=[])
+        alone = {p: s.generate([p], SamplingParams(max_new_tokens=8, temperature=0))[0].token_ids for p in PROMPTS}
+        batch = s.new_batch()
+        g = SamplingParams(max_new_tokens=8, temperature=0)
+        done = {}
+        for r in batch.add([s.encode(PROMPTS[0])], [g], [PROMPTS[0]], [None]):
+            done[r.key] = r.token_ids
+        for _ in range(3):
+            for r in batch.step():
+                done[r.key] = r.token_ids
+        batch.add([s.encode(p) for p in PROMPTS[1:]], [g] * 3, PROMPTS[1:], [None] * 3)
+        while len(batch):
+            for r in batch.step():
+                done[r.key] = r.token_ids
+        assert done == alone
+
+
+def test_top_k_and_top_p_never_pick_a_token_outside_the_kept_set():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    ones = torch.ones(4000)
+    tok, _ = sample_next(logits, ones, torch.full((4000,), 0.75), torch.zeros(4000, dtype=torch.long), [gen] * 4000)
+    assert set(tok.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75
+    share = (tok == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.03
+    tok, _ = sample_next(logits, ones, ones, torch.full((4000,), 3, dtype=torch.long), [gen] * 4000)
+    assert set(tok.tolist()) == {0, 1, 2}
+    tok, lp = sample_next(logits[:2], torch.zeros(2), ones[:2], torch.zeros(2, dtype=torch.long), [None, None])
+    assert tok.tolist() == [0, 0] and torch.allclose(lp, torch.log(torch.tensor([0.5, 0.5])))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"), (dict(n=0), "n must be"), (dict(stop=[""]), "stop strings"),
+])
+def test_bad_sampling_parameters_are_named(native, kw, msg):
+    model, tok = native
+    with pytest.raises(ValueError, match=msg):
+        Sampler(model, tok).generate(["1"], SamplingParams(**kw))
+
+
+def test_prompt_longer_than_the_context_is_refused(native):
+    model, tok = native
+    with pytest.raises(ValueError, match="context"):
+        Sampler(model, tok).generate([[5] * 300], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="empty prompt"):
+        Sampler(model, tok).generate([""], SamplingParams(max_new_tokens=4))
