@@ -189,14 +189,18 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
             drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
             drop[:, 0] = False
             probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
-        rows = (~greedy).nonzero().flatten().tolist()
-        shared = all(generators[r] is generators[rows[0]] for r in rows)
-        if shared:
-            drawn = torch.multinomial(probs[rows], 1, generator=generators[rows[0]]).flatten()
-            tokens[rows] = drawn
+        # Inverse-CDF sampling: one uniform per row (CPU random draws are slow; per-vocab-entry noise costs more
+        # than the model step at small sizes).
+        rows = (~greedy).nonzero().flatten()
+        cdf = probs[rows].cumsum(-1)
+        u = torch.empty(len(rows), 1, device=probs.device)
+        if all(generators[r] is generators[int(rows[0])] for r in rows.tolist()):
+            u.uniform_(generator=generators[int(rows[0])])
         else:
-            for r in rows:
-                tokens[r] = torch.multinomial(probs[r], 1, generator=generators[r])[0]
+            for j, r in enumerate(rows.tolist()):
+                u[j].uniform_(generator=generators[r])
+        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
+        tokens[rows] = drawn.flatten()
     return tokens, logp.gather(1, tokens[:, None]).flatten()
 
 

@@ -117,21 +117,27 @@ def test_router_matches_a_hand_worked_group_limited_choice():
     assert torch.allclose(w[0].sort().values, torch.tensor([0.1, 0.9]) / 1.0 * 2.0)
 
 
-def test_moe_output_matches_a_float64_per_token_reference():
+def _expert(moe, e, x):
+    gate, up = (moe.experts.gate_up_proj[e] @ x).chunk(2)
+    return moe.experts.down_proj[e] @ (F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])  # 1 token: few experts active, the per-expert path; 5: grouped
+def test_moe_output_matches_a_float64_per_token_reference(tokens):
     torch.manual_seed(0)
     cfg = tiny_model_config(50, n_routed_experts=8, n_group=2, topk_group=2, num_experts_per_tok=3)
     moe = MoE(cfg).double()
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64)
+    x = torch.randn(2, tokens, cfg.hidden_size, dtype=torch.float64)
     out = moe(x)
     ref = torch.zeros_like(x)
     for b in range(2):
-        for t in range(5):
+        for t in range(tokens):
             s = torch.sigmoid(moe.gate.weight @ x[b, t])
             chosen = s.topk(3).indices  # topk_group == n_group: every group is allowed
             w = s[chosen] / s[chosen].sum() * cfg.routed_scaling_factor
-            y = sum(wi * moe.experts[int(e)](x[b, t]) for wi, e in zip(w, chosen))
+            y = sum(wi * _expert(moe, int(e), x[b, t]) for wi, e in zip(w, chosen))
             ref[b, t] = y + moe.shared_experts(x[b, t])
     assert (out - ref).abs().max() < 1e-10
 
@@ -195,8 +201,8 @@ def test_mtp_loss_is_the_depth_one_next_next_token_loss():
     ids = torch.randint(0, 70, (2, 12))
     out = model(ids, labels=ids, return_hidden=True)
     mtp = model.mtp_layers[0]
-    cos, sin = model.rope(torch.arange(11).expand(2, 11), torch.float32)
-    h = mtp(out.hidden[:, :11], model.model.embed_tokens(ids[:, 1:]), cos, sin, None)
+    rot = model.rope(torch.arange(11).expand(2, 11))
+    h = mtp(out.hidden[:, :11], model.model.embed_tokens(ids[:, 1:]), rot, None)
     logits = model.lm_head(mtp.shared_head.norm(h))
     ref = F.cross_entropy(logits[:, :10].reshape(-1, 70), ids[:, 2:].reshape(-1))
     assert torch.allclose(out.mtp_loss, ref, atol=1e-6)

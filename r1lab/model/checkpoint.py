@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,7 +65,7 @@ def save_model(model: DeepseekV3, path: str | Path, tokenizer=None, extra: dict[
 
     def fill(tmp: Path):
         model.config.save(tmp / "config.json")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = to_disk_names({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -122,26 +123,49 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Accept fused expert tensors (transformers' in-memory layout) and drop the MTP module's copies of the
-    shared embedding and head (DeepSeek's released checkpoints carry them)."""
+def to_disk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split stacked experts into DeepSeek's per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, ...)."""
     out = {}
     for k, v in state.items():
-        if k.endswith("mlp.experts.gate_up_proj"):       # [E, 2I, D] -> per-expert gate/up
+        if k.endswith("mlp.experts.gate_up_proj"):         # [E, 2I, D]
             base = k[: -len("gate_up_proj")]
             for e, w in enumerate(v):
-                g, u = w.chunk(2, dim=0)
-                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = g, u
-        elif k.endswith("mlp.experts.down_proj"):         # [E, D, I]
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = (
+                    t.contiguous() for t in w.chunk(2, dim=0))
+        elif k.endswith("mlp.experts.down_proj"):          # [E, D, I]
             base = k[: -len("down_proj")]
             for e, w in enumerate(v):
-                out[f"{base}{e}.down_proj.weight"] = w
+                out[f"{base}{e}.down_proj.weight"] = w.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Stack per-expert tensors into r1lab's layout (fused files pass through), and drop the MTP module's copies
+    of the shared embedding and head (DeepSeek's released checkpoints carry them)."""
+    out, experts = {}, {}
+    for k, v in state.items():
+        m = _EXPERT.match(k)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
         elif k.endswith(".embed_tokens.weight") and k != "model.embed_tokens.weight":
             continue
         elif k.endswith(".shared_head.head.weight"):
             continue
         else:
             out[k] = v
+    for base, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        try:
+            out[base + "gate_up_proj"] = torch.stack(
+                [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(n)])
+            out[base + "down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n)])
+        except KeyError as e:
+            raise CheckpointError(f"expert weights incomplete under {base}: missing {e.args[0]}") from None
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     if any(k.endswith("weight_scale_inv") for k in out):
@@ -160,7 +184,7 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     with torch.device("meta"):
         model = DeepseekV3(cfg)
-    state = _to_native_names(read_weights(path), cfg)
+    state = to_native_names(read_weights(path), cfg)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     missing = [k for k in missing if not k.endswith("e_score_correction_bias")]

@@ -27,11 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # normalised in float32, like transformers
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float, float]:
@@ -67,15 +64,18 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float, float]:
     return inv_freq, float(cos_scale), float(softmax_mult)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dim of x [B, S, heads, d] by cos/sin [B, S, 1, d/2]. With `interleave` the pairs are
-    (x0,x1),(x2,x3),... as in DeepSeek's weights; the output is laid out de-interleaved (as `transformers` does),
-    which leaves every dot product between rotated queries and keys unchanged."""
+def apply_rope(x: torch.Tensor, rot: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x [B, S, heads, d] by the unit complex numbers rot [B, S, 1, d/2]. With `interleave`
+    the rotated pairs are (x0,x1),(x2,x3),... as in DeepSeek's weights, else (x_i, x_{i+d/2}) as in rotate_half.
+    The output keeps the input's layout; queries and keys are rotated alike, so their dot products match
+    `transformers` (which de-interleaves) exactly."""
+    shape = x.shape
     if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        xc = torch.view_as_complex(x.float().reshape(*shape[:-1], -1, 2))
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    xc = torch.complex(x1, x2) * rot
+    return torch.cat([xc.real, xc.imag], dim=-1).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -114,7 +114,7 @@ class MLA(nn.Module):
         _, _, softmax_mult = rope_frequencies(cfg)
         self.scale = cfg.qk_head_dim ** -0.5 * softmax_mult
 
-    def forward(self, x, cos, sin, mask, cache: "LatentCache | None" = None, layer: int = 0):
+    def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
         B, S, _ = x.shape
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
@@ -124,8 +124,8 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_pe = apply_rope(q_pe, cos, sin, self.cfg.rope_interleave)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.cfg.rope_interleave).squeeze(2)
+        q_pe = apply_rope(q_pe, rot, self.cfg.rope_interleave)
+        k_pe = apply_rope(k_pe.unsqueeze(2), rot, self.cfg.rope_interleave).squeeze(2)
 
         if cache is None:  # training / full forward: expand the latent into per-head keys and values
             kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.vdim)
@@ -138,13 +138,13 @@ class MLA(nn.Module):
         else:  # cached: attend in latent space; every head reads the same [latent | RoPE key] entries (MQA-like)
             keys = cache.write(layer, torch.cat([latent, k_pe], dim=-1))            # [B, T, rank + rope]
             w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.vdim, self.rank)
-            q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w[:, : self.nope])       # absorb W_UK into q
-            qf = torch.cat([q_lat, q_pe], dim=-1).reshape(B, S * self.n_heads, -1)  # [B, S*H, rank + rope]
-            scores = torch.bmm(qf, keys.transpose(1, 2)).float() * self.scale         # [B, S*H, T]
-            scores = scores.view(B, S, self.n_heads, -1).masked_fill(~mask, float("-inf"))
-            probs = scores.softmax(-1).to(keys.dtype).view(B, S * self.n_heads, -1)
-            o = torch.bmm(probs, keys[..., : self.rank]).view(B, S, self.n_heads, self.rank)
-            o = torch.einsum("bshr,hvr->bshv", o, w[:, self.nope:])                 # apply W_UV after attention
+            q_lat = torch.einsum("bshd,hdr->bhsr", q_nope, w[:, : self.nope])       # absorb W_UK: [B, H, S, rank]
+            qf = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, self.n_heads * S, -1)
+            scores = torch.bmm(qf, keys.transpose(1, 2)).float() * self.scale         # [B, H*S, T]
+            scores = scores.view(B, self.n_heads, S, -1).masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(-1).to(keys.dtype).view(B, self.n_heads * S, -1)
+            o = torch.bmm(probs, keys[..., : self.rank]).view(B, self.n_heads, S, self.rank)
+            o = torch.einsum("bhsr,hvr->bshv", o, w[:, self.nope:])                 # apply W_UV: [B, S, H, v]
         return self.o_proj(o.reshape(B, S, self.n_heads * self.vdim))
 
 
@@ -167,17 +167,53 @@ class Gate(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)  # routing in at least float32
         scores = F.linear(x.to(dtype), self.weight.to(dtype)).sigmoid()
         choice = scores + self.e_score_correction_bias
-        if cfg.n_group > 1:
+        if cfg.n_group > 1:  # keep only experts in the topk_group groups with the best top-2 sums
             groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            group_scores = groups.topk(2, dim=-1)[0].sum(-1)
-            keep = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~group_mask.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
+            keep = groups.topk(2, dim=-1)[0].sum(-1).topk(cfg.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.ones(groups.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+            choice = groups.masked_fill(group_mask[..., None], float("-inf")).view(-1, cfg.n_routed_experts)
         idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, idx, scores
+
+
+class Experts(nn.Module):
+    """The routed experts as stacked SwiGLU weights (transformers' in-memory layout; checkpoints store them per
+    expert). When most experts receive tokens they run as two grouped matmuls over per-expert buckets; when few
+    do (small decode batches of a many-expert model) only those experts run, one after another."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, dim))
+        self.down_proj = nn.Parameter(torch.empty(n, dim, inter))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, D]; idx, weights [N, k]; counts [E] tokens per expert -> weighted sum of expert outputs [N, D]."""
+        E, k = self.gate_up_proj.shape[0], idx.shape[1]
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        expert = flat[order]
+        w = weights.flatten()[order].unsqueeze(1).to(x.dtype)
+        per_expert = counts.tolist()  # the one host sync of the layer
+        if 2 * sum(c > 0 for c in per_expert) >= E:  # grouped: buckets padded to the fullest expert
+            start = counts.cumsum(0) - counts
+            slot = torch.arange(len(flat), device=x.device) - start[expert]
+            buckets = x.new_zeros(E, max(per_expert), x.shape[1])
+            buckets[expert, slot] = x[token]
+            gate, up = torch.bmm(buckets, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+            y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))[expert, slot]
+        else:
+            ys, start = [], 0
+            for e, c in enumerate(per_expert):
+                if c:
+                    gate, up = F.linear(x[token[start : start + c]], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    ys.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                    start += c
+            y = torch.cat(ys)
+        return torch.zeros_like(x).index_add_(0, token, y * w)
 
 
 class MoE(nn.Module):
@@ -188,7 +224,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -199,19 +235,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(flat)
-        k = idx.shape[1]
-        flat_idx = idx.flatten()
-        order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.cfg.n_routed_experts)
-        token_of = order // k
-        xs = flat[token_of]
-        outs, start = [], 0
-        for e, c in enumerate(counts.tolist()):  # one host sync per layer; only experts that got tokens run
-            if c:
-                outs.append(self.experts[e](xs[start : start + c]))
-                start += c
-        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(flat.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of, ys)
+        counts = torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts)
+        out = self.experts(flat, idx, weights, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
@@ -230,9 +255,9 @@ class MoE(nn.Module):
         """V3 eq. 17-20: alpha * sum_i f_i * P_i per sequence, averaged over the batch."""
         E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         B, T = shape[0], shape[1]
-        m = (token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=scores.device)).float()
+        m = (token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=scores.device)).to(scores.dtype)
         n_tok = m.sum(1).clamp(min=1)                                            # [B]
-        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, idx, 1.0).view(B, T, E)
+        chosen = torch.zeros(B * T, E, dtype=scores.dtype, device=scores.device).scatter_(1, idx, 1.0).view(B, T, E)
         f = (chosen * m[..., None]).sum(1) * E / (k * n_tok[:, None])            # [B, E]
         p_norm = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
         P = (p_norm * m[..., None]).sum(1) / n_tok[:, None]                      # [B, E]
@@ -252,8 +277,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(min(layer, cfg.num_hidden_layers - 1)) else MLP(
             cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache=None, token_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer)
+    def forward(self, x, rot, mask, cache=None, token_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rot, mask, cache, self.layer)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -277,9 +302,9 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, mask, token_mask=None):
+    def forward(self, h_prev, emb, rot, mask, token_mask=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, mask, None, token_mask)
+        return super().forward(x, rot, mask, None, token_mask)
 
 
 class Backbone(nn.Module):
@@ -363,10 +388,10 @@ class DeepseekV3(nn.Module):
         return self.model.layers[self.config.num_hidden_layers :]
 
     # ------------------------------------------------------------------ forward
-    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq
-        return ((freqs.cos() * self.cos_scale).to(dtype).unsqueeze(2),
-                (freqs.sin() * self.cos_scale).to(dtype).unsqueeze(2))
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations [B, S, 1, d/2] for these positions (times the YaRN cos/sin scale)."""
+        angles = positions[..., None].float() * self.inv_freq
+        return torch.polar(torch.full_like(angles, self.cos_scale), angles).unsqueeze(2)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -389,10 +414,10 @@ class DeepseekV3(nn.Module):
                     position_ids = torch.arange(S, device=x.device).expand(B, S)
             mask = build_mask(S, attention_mask, segment_ids, x.device)
             token_mask = attention_mask.bool() if attention_mask is not None else None
-        cos, sin = self.rope(position_ids, x.dtype)
+        rot = self.rope(position_ids)
 
         for layer in self.main_layers:
-            x = layer(x, cos, sin, mask, cache, token_mask)
+            x = layer(x, rot, mask, cache, token_mask)
         if cache is not None:
             cache.advance(attention_mask.sum(1) if attention_mask is not None else S)
         hidden = x
@@ -407,7 +432,7 @@ class DeepseekV3(nn.Module):
         out.lm_loss = shifted_ce(logits, labels[:, -logits.shape[1]:], 1)
         total = out.lm_loss
         if self.training and len(self.mtp_layers) and self.config.mtp_loss_weight > 0 and S > 2:
-            out.mtp_loss = self._mtp_loss(hidden, input_ids, labels, cos, sin, attention_mask, segment_ids)
+            out.mtp_loss = self._mtp_loss(hidden, input_ids, labels, rot, attention_mask, segment_ids)
             total = total + self.config.mtp_loss_weight * out.mtp_loss
         aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         if aux:
@@ -416,7 +441,7 @@ class DeepseekV3(nn.Module):
         out.loss = total
         return out
 
-    def _mtp_loss(self, hidden, input_ids, labels, cos, sin, attention_mask, segment_ids):
+    def _mtp_loss(self, hidden, input_ids, labels, rot, attention_mask, segment_ids):
         """Mean over depths of the cross-entropy for token i+k+1 at depth k (V3 eq. 24-25)."""
         losses, h = [], hidden
         S = input_ids.shape[1]
@@ -427,7 +452,7 @@ class DeepseekV3(nn.Module):
             emb = self.model.embed_tokens(input_ids[:, k:])
             am = attention_mask[:, :n].bool() & attention_mask[:, k:].bool() if attention_mask is not None else None
             seg = segment_ids[:, :n] if segment_ids is not None else None
-            h = layer(h[:, :n], emb, cos[:, :n], sin[:, :n], build_mask(n, am, seg, hidden.device), am)
+            h = layer(h[:, :n], emb, rot[:, :n], build_mask(n, am, seg, hidden.device), am)
             logits = self.lm_head(layer.shared_head.norm(h[:, : n - 1])).float()
             target = labels[:, k + 1 :]
             if segment_ids is not None:  # never predict across a packing boundary
@@ -505,13 +530,13 @@ class LatentCache:
         return self.buf[0].shape[0]
 
     def mask(self, S: int) -> torch.Tensor:
-        """[B, S, 1, T]: query i of row b (at position lengths[b] + i) sees keys at positions <= its own."""
+        """[B, 1, S, T]: query i of row b (at position lengths[b] + i) sees keys at positions <= its own."""
         need = int(self.lengths.max()) + S if self.batch else S
         if need > self.capacity:
             raise ValueError(f"cache full: {need} tokens > capacity {self.capacity}; allocate a larger cache")
         self._S, self._T = S, need
         q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)        # [B, S]
-        return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(2)
+        return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(1)
 
     def write(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
         """Store entries [B, S, W] at each row's next positions; return the keys [B, T, W] for attention."""
