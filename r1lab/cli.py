@@ -19,7 +19,6 @@ PLANNED: dict[str, str] = {
     "distill": "distil a reasoning teacher into a small student (rejection sampling + SFT)",
     "serve": "OpenAI-compatible API with reasoning_content, and a web chat page",
     "chat": "terminal chat that shows the model's thinking",
-    "cost": "parameters, FLOPs, memory and training cost of a model config",
     "import-gguf": "turn a GGUF file into a safetensors model directory",
 }
 
@@ -79,9 +78,45 @@ def _run_info(args):
         print(f"{k:>28}: {v:,}" if isinstance(v, int) else f"{k:>28}: {v}")
 
 
+# ----------------------------------------------------------------------------- cost
+
+def _add_cost(sub):
+    p = sub.add_parser("cost", help="parameters, FLOPs, KV cache, memory and training cost of a model config",
+                       description="Parameters, FLOPs, KV cache, memory and training cost of a model config, from the "
+                                   "config alone. Example: r1lab cost deepseek-v3-671b --tokens 14.8T --gpu H800 "
+                                   "--gpu-hours 2.788M --price 2")
+    p.add_argument("model", nargs="?", help="a preset (deepseek-v3-671b, deepseek-r1-distill-qwen-7b, ...), a model "
+                                            "directory or a config.json")
+    p.add_argument("--seq-len", "--context", dest="seq_len", type=int, default=4096,
+                   help="sequence length for attention FLOPs and activations; context for the KV cache (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences at once (KV cache, activations)")
+    p.add_argument("--tokens", help="training tokens, e.g. 14.8T")
+    p.add_argument("--gpu", help="GPU the training ran on, e.g. H800, H100, A100, RTX 3080")
+    p.add_argument("--gpu-hours", help="GPU-hours spent, e.g. 2.788M: prints the implied MFU")
+    p.add_argument("--mfu", help="assumed MFU in (0, 1]: prints the GPU-hours needed")
+    p.add_argument("--price", help="$ per GPU-hour: prints the cost")
+    p.add_argument("--peak-dtype", default="bf16", help="dtype of the peak that --mfu refers to (default bf16)")
+    p.add_argument("--fits", metavar="GPU", help="which models and quantisations fit this GPU for inference "
+                                                 "(all presets, or MODEL only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_run_cost)
+
+
+def _run_cost(args):
+    from r1lab import cost
+
+    try:
+        r = cost.report(args.model, seq_len=args.seq_len, batch=args.batch, tokens=args.tokens, gpu=args.gpu,
+                        gpu_hours=args.gpu_hours, mfu=args.mfu, price=args.price, peak_dtype=args.peak_dtype,
+                        fits_gpu=args.fits)
+    except (ValueError, FileNotFoundError) as e:
+        raise C.ConfigError(str(e)) from None
+    print(json.dumps(r, indent=2) if args.json else cost.render(r))
+
+
 # ----------------------------------------------------------------------------- main
 
-BUILDERS = [_add_generate, _add_info]
+BUILDERS = [_add_generate, _add_info, _add_cost]
 
 
 def build_parser() -> argparse.ArgumentParser:
