@@ -152,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     from r1lab.runtime import set_threads
 
     set_threads(args.threads)
+    from r1lab.model.checkpoint import CheckpointError
+
     try:
         args.run(args)
-    except C.ConfigError as e:
+    except (C.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        # Bad input: one line that names the problem; a bug elsewhere still shows its traceback.
         print(f"r1lab {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

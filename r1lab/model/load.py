@@ -44,3 +44,33 @@ def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype 
     if "/" in str(path) and not str(path).startswith((".", "/")):  # looks like a hub name
         return load_hf_model(path, device=device, dtype=dtype), load_tokenizer(path)
     raise CheckpointError(f"model directory not found: {path}")
+
+
+def model_info(path: str | Path) -> dict:
+    """Total and activated parameters and KV-cache bytes per token (at the checkpoint's dtype) of a model
+    directory, from its config.json, beside the count of the tensors actually stored (total + MTP modules)."""
+    import json
+
+    from safetensors import safe_open
+
+    from r1lab import cost
+
+    path = recover(Path(path))
+    cfg = read_config(path)
+    counts = cost.parameter_counts(cfg)
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), 4)
+    kv = cost.kv_cache_bytes_per_token(cfg, bytes_per_value=dtype_bytes)
+    stored = 0
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    for name in files:
+        if (path / name).is_file():
+            with safe_open(path / name, "pt") as f:
+                for k in f.keys():
+                    n = 1
+                    for d in f.get_slice(k).get_shape():
+                        n *= d
+                    stored += n
+    return {"model_type": cfg.get("model_type"), "params_total": counts["params_total"],
+            "params_active": counts["params_active"], "params_mtp": counts["params_mtp"],
+            "params_stored": stored, **kv, "kv_bytes_per_value": dtype_bytes}
