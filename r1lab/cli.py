@@ -11,8 +11,6 @@ from r1lab import config as C
 
 # Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
 PLANNED: dict[str, str] = {
-    "pretrain": "pretrain the tiny native base model on synthetic verifiable problems",
-    "eval": "evaluate a model with the R1 protocol (pass@1 over k samples, cons@k)",
     "grpo": "GRPO (R1-Zero) reinforcement learning with verifiable rewards",
     "pipeline": "the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
     "sft": "supervised fine-tuning on chat or prompt/completion JSONL",
@@ -114,9 +112,89 @@ def _run_cost(args):
     print(json.dumps(r, indent=2) if args.json else cost.render(r))
 
 
+# ----------------------------------------------------------------------------- pretrain / eval
+
+def _config_args(p, cls, skip=()):
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file with config values (flags override it)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run directory")
+    C.add_arguments(p, cls, skip=skip)
+
+
+def _add_pretrain(sub):
+    from r1lab.train.pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="pretrain the tiny native base model on synthetic verifiable problems",
+                       description="Train a tokenizer and a tiny DeepSeek-V3 on worked and bare-answer problems; "
+                                   "re-running with the same --out resumes.")
+    _config_args(p, PretrainConfig)
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args):
+    from r1lab.train.pretrain import PretrainConfig, pretrain
+
+    cfg = C.resolve(PretrainConfig, args, args.config)
+    model, tok, run = pretrain(cfg, resume=not args.fresh)
+    final = run.metrics()[-1].get("eval", {})
+    for task, m in final.items():
+        print(f"{task}: held-out greedy accuracy {100 * m['greedy']:.1f}%, thinks {100 * m['think_share']:.0f}% "
+              f"of the time, mean reply {m['mean_length']:.1f} tokens")
+    print(f"model written to {run.model_dir}")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a model with the R1 protocol (pass@1 over k samples, cons@k)",
+                       description="Greedy accuracy, pass@1 (mean over k samples at temperature 0.6, top-p 0.95), "
+                                   "cons@k (majority vote) and pass@k. MODEL is a model directory; with --base-url "
+                                   "it is the model name at an OpenAI-compatible endpoint.")
+    p.add_argument("model", help="model directory, or the model name served at --base-url")
+    p.add_argument("--task", default="arithmetic", help="arithmetic, countdown, linear, gsm8k, math500, aime24, amc23")
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=int, default=4, help="samples per problem")
+    p.add_argument("--limit", type=int, default=None, help="first N problems (synthetic: N held-out problems, default 200)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--template", default="auto", help="r1zero, r1, model, or auto")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the summary and per-problem records as JSON")
+    p.add_argument("--base-url", default=None, help="evaluate an OpenAI-compatible endpoint instead of a local model")
+    p.add_argument("--api-key", default=None, help="bearer token for --base-url (default: $OPENAI_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=16, help="parallel requests to --base-url")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args):
+    import os
+
+    from r1lab import eval as E
+
+    cfg = E.EvalConfig(task=args.task, split=args.split, limit=args.limit, k=args.k, temperature=args.temperature,
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy,
+                       template=args.template, seed=args.seed).validate()
+    problems = E.load_problems(cfg)
+    if args.base_url:
+        gen = E.endpoint_generator(args.base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                   concurrency=args.concurrency)
+    else:
+        from r1lab.model.load import load_model_and_tokenizer
+        from r1lab.runtime import parse_dtype, pick_device
+
+        model, tok = load_model_and_tokenizer(args.model, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
+        gen = E.local_generator(model, tok, E.resolve_template(cfg, tok))
+    result = E.evaluate(gen, problems, cfg)
+    print(E.render_table(result["summary"]))
+    if args.out:
+        E.write_report(result, args.out)
+        print(f"wrote {args.out}")
+
+
 # ----------------------------------------------------------------------------- main
 
-BUILDERS = [_add_generate, _add_info, _add_cost]
+BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

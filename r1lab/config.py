@@ -127,28 +127,30 @@ def merge(cfg: T, updates: dict, prefix: str = "") -> T:
 
 
 def _walk(cls, prefix=""):
-    """Yield (dotted_name, type, help) for every leaf field of a nested dataclass."""
+    """Yield (dotted_name, type, help, default) for every leaf field of a nested dataclass."""
     hints = _field_types(cls)
+    defaults = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _strip_optional(tp)
         if dataclasses.is_dataclass(inner):
             yield from _walk(inner, prefix + f.name + ".")
         else:
-            yield prefix + f.name, tp, f.metadata.get("help", "")
+            yield prefix + f.name, tp, f.metadata.get("help", ""), getattr(defaults, f.name)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
     """One flag per leaf field (`--a.b` for nested fields, `--a-b` also accepted); values are parsed later."""
     group = parser.add_argument_group(f"{cls.__name__} (defaults < --config YAML < flags)")
-    for name, tp, help_text in _walk(cls):
+    for name, tp, help_text, default in _walk(cls):
         if name in skip:
             continue
-        flags = ["--" + name]
+        flags = ["--" + name.replace("_", "-")]
         if "_" in name:
-            flags.append("--" + name.replace("_", "-"))
+            flags.append("--" + name)
+        shown = json.dumps(default) if isinstance(default, (list, dict)) else default
         group.add_argument(*flags, dest="cfg::" + name, default=None, metavar="V",
-                           help=f"{help_text} [{_type_name(tp)}]".strip())
+                           help=f"{help_text} [{_type_name(tp)}, default {shown}]".strip())
 
 
 def _type_name(tp) -> str:

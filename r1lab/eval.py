@@ -1,0 +1,281 @@
+"""Evaluation with the R1 protocol: greedy accuracy, pass@1 as the mean correctness of k samples at temperature
+0.6 / top-p 0.95, cons@k by majority vote, and the unbiased pass@k estimator (Chen et al., 2021).
+
+The same scoring runs on a local model (through the shared sampler) or on any OpenAI-compatible endpoint, so
+served models and external APIs are measured the same way. A problem whose gold answer cannot be judged is
+skipped and counted, never scored as right or wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from r1lab.reasoning import split_reasoning
+from r1lab.tasks import R1_MATH_INSTRUCTION, Problem, get_task
+from r1lab.tasks.answers import extract_answer, normalize_answer
+
+BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
+
+
+@dataclass
+class EvalConfig:
+    task: str = "arithmetic"
+    split: str = "test"
+    limit: int | None = None         # first N problems (benchmarks) / N held-out problems (synthetic)
+    k: int = 4                       # samples per problem for pass@1 and cons@k
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    greedy: bool = True              # also decode greedily (temperature 0)
+    template: str = "auto"           # r1zero | r1 | model | auto (r1zero for synthetic tasks, the model's own else)
+    seed: int = 0
+    max_batch: int = 256
+
+    def validate(self) -> "EvalConfig":
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1 (got {self.k})")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1 (got {self.limit})")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+        return self
+
+
+@dataclass
+class Sample:
+    text: str                         # the full reply (thinking and answer)
+    reasoning: str | None
+    content: str
+    tokens: int
+    answer: str | None = None
+    correct: bool | None = None
+
+    @property
+    def thinks(self) -> bool:
+        return bool(self.reasoning and self.reasoning.strip())
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of P(at least one of k samples is correct) from n samples with c correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+    """The most frequent extracted answer (normalised); ties go to the one seen first; None if none extracted."""
+    norm = [(normalize_answer(a), a) for a in answers if a is not None and a.strip()]
+    if not norm:
+        return None
+    counts = Counter(n for n, _ in norm)
+    best = max(counts.values())
+    return next(a for n, a in norm if counts[n] == best)
+
+
+# ----------------------------------------------------------------------------- problems and prompts
+
+
+def load_problems(cfg: EvalConfig) -> list[Problem]:
+    task = get_task(cfg.task)
+    if cfg.task in BENCHMARKS:
+        probs = task.problems(cfg.split)
+        return probs[: cfg.limit] if cfg.limit else probs
+    return task.problems(cfg.split, n=cfg.limit or 200, seed=cfg.seed)
+
+
+def user_turn(problem: Problem) -> str:
+    """The question as the user sends it: benchmarks get R1's math instruction."""
+    if problem.task in BENCHMARKS:
+        return f"{problem.prompt}\n{R1_MATH_INSTRUCTION}"
+    return problem.prompt
+
+
+def resolve_template(cfg: EvalConfig, tokenizer=None) -> str:
+    if cfg.template != "auto":
+        return cfg.template
+    if cfg.task not in BENCHMARKS:
+        return "r1zero"
+    return "model" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "r1"
+
+
+def to_sample(text: str, tokens: int) -> Sample:
+    reasoning, content = split_reasoning(text)
+    return Sample(text=text, reasoning=reasoning, content=content, tokens=tokens)
+
+
+# ----------------------------------------------------------------------------- generation sources
+
+Generate = Callable[[list[str], int, float, float, int], list[list[Sample]]]
+
+
+def local_generator(model, tokenizer, template: str, max_batch: int = 256) -> Generate:
+    """prompts (user turns), n, temperature, top_p, seed -> n Samples per prompt, from the shared sampler."""
+    from r1lab.sampler import Sampler, SamplingParams
+    from r1lab.tokenizer import render_prompt
+
+    sampler = Sampler(model, tokenizer, max_batch=max_batch)
+
+    def generate(prompts, n, temperature, top_p, seed, max_new_tokens=256):
+        rendered = [render_prompt(tokenizer, p, template) for p in prompts]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
+        outs = sampler.generate(rendered, params)
+        grouped = defaultdict(list)
+        for o in outs:
+            grouped[o.prompt_index].append(to_sample(o.text, len(o.token_ids)))
+        return [grouped[i] for i in range(len(prompts))]
+
+    return generate
+
+
+def endpoint_generator(base_url: str, model: str, api_key: str | None = None, concurrency: int = 16,
+                       timeout: float = 600.0) -> Generate:
+    """The same interface over an OpenAI-compatible /chat/completions endpoint (one request per sample, so
+    servers without `n` work too). `reasoning_content` is used when the server splits the thinking."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def one(client, sem, prompt, temperature, top_p, seed, max_new_tokens):
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
+                "top_p": top_p, "max_tokens": max_new_tokens, "seed": seed}
+        async with sem:
+            r = await client.post(url, json=body, headers=headers)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
+        data = r.json()
+        msg = data["choices"][0]["message"]
+        content = msg.get("content") or ""
+        reasoning = msg.get("reasoning_content")
+        tokens = (data.get("usage") or {}).get("completion_tokens", 0)
+        if reasoning is None:
+            s = to_sample(content, tokens)
+        else:
+            s = Sample(text=f"<think>\n{reasoning}\n</think>\n\n{content}", reasoning=reasoning, content=content,
+                       tokens=tokens)
+        return s
+
+    async def run(prompts, n, temperature, top_p, seed, max_new_tokens):
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            jobs = [one(client, sem, p, temperature, top_p, seed + j, max_new_tokens) for p in prompts for j in range(n)]
+            flat = await asyncio.gather(*jobs)
+        return [list(flat[i * n:(i + 1) * n]) for i in range(len(prompts))]
+
+    def generate(prompts, n, temperature, top_p, seed, max_new_tokens=256):
+        return asyncio.run(run(prompts, n, temperature, top_p, seed, max_new_tokens))
+
+    return generate
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score(samples: list[Sample], problem: Problem, check) -> list[Sample]:
+    for s in samples:
+        s.answer = extract_answer(s.content) if s.content else extract_answer(s.text)
+        s.correct = check(s.answer, problem)
+    return samples
+
+
+def evaluate(generate: Generate, problems: list[Problem], cfg: EvalConfig) -> dict:
+    """Run the protocol; returns {"summary": {...}, "records": [...]} (JSON-ready)."""
+    cfg.validate()
+    if not problems:
+        raise ValueError(f"no problems to evaluate for task {cfg.task!r} (check --task, --split and --limit)")
+    check = get_task(cfg.task).check
+    prompts = [user_turn(p) for p in problems]
+    sampled = generate(prompts, cfg.k, cfg.temperature, cfg.top_p, cfg.seed, cfg.max_new_tokens)
+    greedy = generate(prompts, 1, 0.0, 1.0, cfg.seed, cfg.max_new_tokens) if cfg.greedy else [[]] * len(problems)
+
+    records, skipped = [], 0
+    for p, samples, g in zip(problems, sampled, greedy):
+        score(samples, p, check)
+        score(g, p, check)
+        judged = [s.correct for s in samples]
+        if any(c is None for c in judged) or any(s.correct is None for s in g):
+            skipped += 1
+            records.append({"id": p.id, "skipped": True, "gold": p.answer, "meta": p.meta})
+            continue
+        c = sum(judged)
+        vote = majority_answer([s.answer for s in samples])
+        records.append({
+            "id": p.id, "prompt": p.prompt, "gold": p.answer, "meta": p.meta, "skipped": False,
+            "pass@1": c / cfg.k, "correct": c, "cons": bool(vote is not None and check(vote, p)), "vote": vote,
+            "greedy": asdict(g[0]) if g else None,
+            "samples": [asdict(s) for s in samples],
+        })
+    return {"summary": summarize(records, cfg, skipped), "records": records}
+
+
+def summarize(records: list[dict], cfg: EvalConfig, skipped: int) -> dict:
+    judged = [r for r in records if not r["skipped"]]
+    n = len(judged)
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else None
+
+    samples = [s for r in judged for s in r["samples"]]
+    summary = {
+        "task": cfg.task, "n": n, "skipped": skipped, "k": cfg.k,
+        "greedy": mean(r["greedy"]["correct"] for r in judged) if cfg.greedy else None,
+        "pass@1": mean(r["pass@1"] for r in judged),
+        "cons@k": mean(r["cons"] for r in judged),
+        "pass@k": {str(j): mean(pass_at_k(cfg.k, r["correct"], j) for r in judged)
+                   for j in sorted({1, 2, 4, 8, 16, 32, 64, cfg.k}) if j <= cfg.k},
+        "think_share": mean(bool(s["reasoning"] and s["reasoning"].strip()) for s in samples),
+        "mean_length": mean(s["tokens"] for s in samples),
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+    }
+    if cfg.greedy and judged:
+        summary["greedy_think_share"] = mean(bool(r["greedy"]["reasoning"] and r["greedy"]["reasoning"].strip())
+                                             for r in judged)
+        summary["greedy_mean_length"] = mean(r["greedy"]["tokens"] for r in judged)
+    for key in ("level", "subject"):  # MATH-500's breakdown
+        groups = defaultdict(list)
+        for r in judged:
+            if key in (r.get("meta") or {}):
+                groups[str(r["meta"][key])].append(r["pass@1"])
+        if groups:
+            summary[f"by_{key}"] = {g: {"n": len(v), "pass@1": sum(v) / len(v)} for g, v in sorted(groups.items())}
+    return summary
+
+
+def render_table(summary: dict) -> str:
+    def pct(x):
+        return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+    lines = [f"{summary['task']}: {summary['n']} problems ({summary['skipped']} skipped), k={summary['k']}, "
+             f"T={summary['temperature']}, top-p={summary['top_p']}",
+             f"  greedy       {pct(summary['greedy'])}",
+             f"  pass@1       {pct(summary['pass@1'])}   (mean over {summary['k']} samples)",
+             f"  cons@{summary['k']:<7} {pct(summary['cons@k'])}   (majority vote)"]
+    for j, v in summary["pass@k"].items():
+        if j != "1":
+            lines.append(f"  pass@{j:<7} {pct(v)}")
+    lines.append(f"  thinks       {pct(summary['think_share'])}   mean length {summary['mean_length'] or 0:.1f} tokens")
+    for key in ("by_level", "by_subject"):
+        if key in summary:
+            lines.append(f"  {key[3:]}:")
+            lines += [f"    {g:<28} {pct(v['pass@1'])}  (n={v['n']})" for g, v in summary[key].items()]
+    return "\n".join(lines)
+
+
+def write_report(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)

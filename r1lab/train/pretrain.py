@@ -1,0 +1,220 @@
+"""Pretrain the tiny native base model on synthetic verifiable problems in the R1-Zero format.
+
+The corpus mixes worked solutions (`<think> steps </think> <answer> x </answer>`) with bare answers (an empty
+think block), so the base model sometimes thinks and sometimes does not. That mix is what lets R1-Zero appear in
+miniature: RL then discovers that thinking pays. (With only worked examples GRPO rewarded stopping early; with
+too many bare answers the thinking skill stayed too weak to amplify.)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from r1lab.model.config import tiny_config
+from r1lab.model.deepseek import DeepseekV3
+from r1lab.tasks import Problem, get_task
+from r1lab.tokenizer import render_prompt, train_tokenizer
+from r1lab.train.packing import Packed, pack
+from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    task_args: dict = field(default_factory=dict)      # knobs per task, e.g. {"arithmetic": {"max_digits": 3}}
+    direct_fraction: float = 0.5     # share of examples that answer at once with an empty think block
+    template: str = "r1zero"
+    tokenizer: str | None = None     # a tokenizer directory to reuse; default: train one on the corpus
+    vocab_size: int = 512
+    model: dict = field(default_factory=dict)           # overrides of the tiny DeepSeek-V3 config
+    steps: int = 600
+    rows: int = 16                   # packed rows per step
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True                # bf16 autocast for matmuls (weights and optimiser stay float32)
+    eval_every: int = 200
+    eval_problems: int = 200
+    log_every: int = 10
+    save_every: int = 100
+    seed: int = 0
+
+    def validate(self) -> "PretrainConfig":
+        if not 0 <= self.direct_fraction <= 1:
+            raise ValueError(f"direct_fraction must be in [0, 1] (got {self.direct_fraction})")
+        for name in ("steps", "rows", "seq_len", "eval_problems", "log_every", "save_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        for t in self.tasks:
+            get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now, not at step 1
+        return self
+
+
+def completion_text(problem: Problem, direct: bool) -> str:
+    """The reply in R1-Zero format; `direct` answers with an empty think block."""
+    think = "" if direct or not problem.reasoning else problem.reasoning + " "
+    return f" <think> {think}</think> <answer> {problem.answer} </answer>"
+
+
+class Corpus:
+    """Training samples as a pure function of (seed, step): resuming at step s sees exactly the same data."""
+
+    def __init__(self, cfg: PretrainConfig, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        self.tasks = [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        rng = random.Random(seed)
+        per_task = [n // len(self.tasks) + (i < n % len(self.tasks)) for i in range(len(self.tasks))]
+        out = []
+        for task, m in zip(self.tasks, per_task):
+            if m:
+                out += task.problems("train", n=m, seed=rng.randrange(1 << 30))
+        rng.shuffle(out)
+        return out
+
+    def texts(self, seed: int, n: int) -> list[tuple[str, str]]:
+        """(prompt, completion) pairs with the worked/direct mix."""
+        rng = random.Random(seed ^ 0x5EED)
+        return [(render_prompt(self.tok, p.prompt, self.cfg.template),
+                 completion_text(p, rng.random() < self.cfg.direct_fraction) + self.tok.eos_token)
+                for p in self.problems(seed, n)]
+
+    def batch(self, step: int) -> Packed:
+        cfg, need = self.cfg, self.cfg.rows * self.cfg.seq_len
+        samples, total, chunk = [], 0, 0
+        while total < need:
+            pairs = self.texts((cfg.seed * 1_000_003 + step) * 1009 + chunk, 64)
+            enc_p = self.tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+            enc_c = self.tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+            for p, c in zip(enc_p, enc_c):
+                if len(p) + len(c) <= cfg.seq_len:
+                    samples.append((p + c, [0] * len(p) + [1] * len(c)))
+                    total += len(p) + len(c)
+            chunk += 1
+        packed = pack(samples, cfg.seq_len, pad_id=self.tok.pad_token_id)
+        keep = slice(0, cfg.rows)
+        return Packed(*(getattr(packed, f)[keep] for f in ("input_ids", "labels", "segment_ids", "position_ids",
+                                                            "attention_mask")))
+
+
+def build_tokenizer(cfg: PretrainConfig):
+    if cfg.tokenizer:
+        from r1lab.model.load import load_tokenizer
+        return load_tokenizer(cfg.tokenizer)
+    from r1lab.tokenizer import R1ZERO_PREAMBLE
+
+    probe = Corpus.__new__(Corpus)  # problems only; no tokenizer needed to draw them
+    probe.cfg, probe.tasks = cfg, [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
+    texts = [f"{R1ZERO_PREAMBLE} User: {p.prompt}. Assistant:{completion_text(p, False)}"
+             for p in probe.problems(cfg.seed + 7919, 3000)]
+    return train_tokenizer(texts, vocab_size=cfg.vocab_size)
+
+
+def build_model(cfg: PretrainConfig, tok) -> DeepseekV3:
+    mcfg = tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, max_position_embeddings=max(512, cfg.seq_len), **cfg.model)
+    torch.manual_seed(cfg.seed)
+    return DeepseekV3(mcfg)
+
+
+def quick_eval(model, tok, cfg: PretrainConfig, seed: int = 0) -> dict:
+    """Held-out greedy accuracy, think share and mean reply length (the test split training never draws)."""
+    from r1lab.eval import EvalConfig, evaluate, local_generator
+
+    result = {}
+    for name in cfg.tasks:
+        ecfg = EvalConfig(task=name, limit=cfg.eval_problems, k=1, template=cfg.template, seed=seed,
+                          max_new_tokens=cfg.seq_len // 2)
+        task = get_task(name, **cfg.task_args.get(name, {}))
+        problems = task.problems("test", n=cfg.eval_problems, seed=seed)
+        s = evaluate(local_generator(model, tok, cfg.template), problems, ecfg)["summary"]
+        result[name] = {"greedy": s["greedy"], "think_share": s["greedy_think_share"],
+                        "mean_length": s["greedy_mean_length"]}
+    return result
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
+    """Train (or resume) and return (model, tokenizer, run). The final model is written to `<out>/model`."""
+    from r1lab.cost import achieved_flops_report, training_flops_per_token
+    from r1lab.hardware import measure_matmul_peak
+    from r1lab.model.checkpoint import load_model
+    from r1lab.model.load import load_tokenizer
+
+    cfg.validate()
+    run = Run(cfg.out, cfg, resume=resume)
+    if run.done() and resume:
+        return load_model(run.model_dir), load_tokenizer(run.model_dir), run
+    state = run.load()
+    if state:
+        model, tok = load_model(run.checkpoint_dir), load_tokenizer(run.checkpoint_dir)
+    else:
+        tok = build_tokenizer(cfg)
+        model = build_model(cfg, tok)
+    model.train()
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+    corpus = Corpus(cfg, tok)
+    fpt = training_flops_per_token(model.config, cfg.seq_len)
+    peak = measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32)
+
+    bar = _bar(range(start, cfg.steps), progress, "pretrain")
+    tokens = 0
+    t_log = time.perf_counter()
+    for step in bar:
+        batch = corpus.batch(step)
+        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                        segment_ids=batch.segment_ids, labels=batch.labels)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        imbalance = model.update_expert_bias()
+        tokens += batch.n_tokens
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            dt = time.perf_counter() - t_log
+            row = dict(loss=out.loss.item(), lm_loss=out.lm_loss.item(), lr=lr, grad_norm=grad_norm.item(),
+                       mtp_loss=out.mtp_loss.item() if out.mtp_loss is not None else None,
+                       expert_imbalance=imbalance.mean().item() if len(imbalance) else None,
+                       **achieved_flops_report(tokens, dt, fpt, peak))
+            run.log(step + 1, **row)
+            if progress:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            tokens, t_log = 0, time.perf_counter()
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            model.eval()
+            run.log(step + 1, eval=quick_eval(model, tok, cfg))
+            model.train()
+            t_log = time.perf_counter()
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            run.save(model, tok, step + 1, opt)
+    model.eval()
+    run.log(cfg.steps, eval=quick_eval(model, tok, cfg))
+    run.finish(model, tok)
+    return model, tok, run
+
+
+def _bar(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, dynamic_ncols=True, initial=it.start if isinstance(it, range) else 0,
+                total=it.stop if isinstance(it, range) else None)

@@ -1,0 +1,162 @@
+"""A run directory: resolved config, metrics JSONL, the latest checkpoint with its trainer state, and resume.
+
+    runs/<name>/config.yaml        the resolved config (defaults < YAML < flags)
+    runs/<name>/metrics.jsonl      one JSON object per logged step
+    runs/<name>/checkpoint/        model dir + trainer_state.pt (optimiser, schedule, RNG, step), atomic
+    runs/<name>/model/             the final model, written when the stage completes
+
+Resuming from `checkpoint/` restores weights, optimiser, step and RNG, and truncates metrics logged after the
+checkpoint, so an interrupted run continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from r1lab import config as C
+from r1lab.model.checkpoint import CheckpointError, atomic_dir, load_state, recover, save_model, save_state
+
+STATE = "trainer_state.pt"
+
+
+class Run:
+    def __init__(self, out: str | Path, cfg=None, *, resume: bool = True):
+        self.dir = Path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.resume = resume
+        if cfg is not None:
+            C.save(cfg, self.dir / "config.yaml")
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoint"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / "model"
+
+    def done(self) -> bool:
+        """The stage finished before: its final model is there."""
+        return (recover(self.model_dir) / "config.json").is_file()
+
+    def save(self, model, tokenizer, step: int, optimizer=None, extra: dict | None = None) -> None:
+        """Atomically write weights + trainer state (optimiser, step, RNG) to `checkpoint/`."""
+        state = {"step": step, "rng": rng_state(), "extra": extra or {}}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        write_model(model, tokenizer, self.checkpoint_dir, extra_state=state)
+
+    def load(self) -> dict | None:
+        """The trainer state of the latest checkpoint (weights are loaded by the caller), or None."""
+        if not self.resume or not (recover(self.checkpoint_dir) / STATE).is_file():
+            return None
+        state = load_state(self.checkpoint_dir / STATE)
+        self.truncate_metrics(state["step"])
+        return state
+
+    def finish(self, model, tokenizer) -> Path:
+        write_model(model, tokenizer, self.model_dir)
+        return self.model_dir
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, step: int, **metrics) -> dict:
+        row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **_plain(metrics)}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.metrics_path)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after `step` (they will be logged again by the resumed run)."""
+        rows = [r for r in self.metrics() if r.get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.metrics_path)
+
+
+def write_model(model, tokenizer, path: Path, extra_state: dict | None = None) -> None:
+    """Save a native or transformers model (and tokenizer, and trainer state) as one atomic directory."""
+    from r1lab.model.deepseek import DeepseekV3
+
+    if isinstance(model, DeepseekV3):
+        def fill(tmp):
+            pass
+        save_model(model, path, tokenizer=tokenizer, extra={STATE: extra_state} if extra_state else None)
+        return
+
+    def fill(tmp: Path):
+        unwrapped = getattr(model, "module", model)
+        if hasattr(unwrapped, "merge_and_unload") and extra_state is None:
+            unwrapped = unwrapped.merge_and_unload()  # LoRA: a plain model on export
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra_state is not None:
+            torch.save(extra_state, tmp / STATE)
+
+    atomic_dir(path, fill)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}:{i} is not valid JSON; the metrics file is damaged") from None
+    return rows
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def _plain(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        elif isinstance(v, float):
+            v = float(f"{v:.6g}")
+        out[k] = v
+    return out
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_ratio * lr` at `total` steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (not on norms, biases or the balancing bias)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas)
