@@ -12,7 +12,6 @@ from r1lab import config as C
 # Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
 PLANNED: dict[str, str] = {
     "grpo": "GRPO (R1-Zero) reinforcement learning with verifiable rewards",
-    "pipeline": "the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
     "sft": "supervised fine-tuning on chat or prompt/completion JSONL",
     "distill": "distil a reasoning teacher into a small student (rejection sampling + SFT)",
     "serve": "OpenAI-compatible API with reasoning_content, and a web chat page",
@@ -192,9 +191,30 @@ def _run_eval(args):
         print(f"wrote {args.out}")
 
 
+# ----------------------------------------------------------------------------- pipeline
+
+def _add_pipeline(sub):
+    from r1lab.recipes import PipelineConfig
+
+    p = sub.add_parser("pipeline", help="the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
+                       description="R1-Zero in miniature with no arguments. Every stage writes under --out "
+                                   "(default runs/r1zero); re-running with the same --out resumes. Nested settings "
+                                   "take dotted flags (--grpo.steps 40) or a --config YAML file.")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file with pipeline settings (flags override it)")
+    C.add_arguments(p, PipelineConfig, skip=("pretrain.out", "grpo.out", "grpo.model"))
+    p.set_defaults(run=_run_pipeline)
+
+
+def _run_pipeline(args):
+    from r1lab.recipes import PipelineConfig, run_pipeline
+
+    cfg = C.resolve(PipelineConfig, args, args.config)
+    run_pipeline(cfg)
+
+
 # ----------------------------------------------------------------------------- main
 
-BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval]
+BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,8 +183,10 @@ def endpoint_generator(base_url: str, model: str, api_key: str | None = None, co
 
 
 def score(samples: list[Sample], problem: Problem, check) -> list[Sample]:
+    """Extract each sample's answer from its reply (not its thinking) and judge it; a thinking block that never
+    closes has no answer, exactly as in `r1lab.rewards.final_answer`."""
     for s in samples:
-        s.answer = extract_answer(s.content) if s.content else extract_answer(s.text)
+        s.answer = extract_answer(s.content)  # what follows the thinking, as the accuracy reward reads it
         s.correct = check(s.answer, problem)
     return samples
 

@@ -44,9 +44,12 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path):
     tok = P.build_tokenizer(cfg)
     a, b = P.Corpus(cfg, tok).batch(5), P.Corpus(cfg, tok).batch(5)
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, P.Corpus(cfg, tok).batch(6).input_ids)
-    # loss only on the replies
+    # loss only on the replies; each row starts with the template prefix shared by its examples
     prompt_tokens = (a.labels == -100) & (a.attention_mask == 1)
     assert prompt_tokens.sum() > 0 and (a.labels != -100).sum() > 0
+    prefix = P.Corpus(cfg, tok).shared_prefix()
+    assert len(prefix) > 20 and (a.input_ids[:, : len(prefix)] == torch.tensor(prefix)).all()
+    assert (a.segment[:, : len(prefix)] == 0).all() and a.segment.max() > 2
 
 
 def test_short_run_writes_model_metrics_and_flops(tmp_path):
@@ -66,10 +69,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
     real = P.Corpus.batch
 
-    def crash_at_5(self, step):
+    def crash_at_5(self, step, **kw):
         if step == 5:
             raise KeyboardInterrupt
-        return real(self, step)
+        return real(self, step, **kw)
 
     monkeypatch.setattr(P.Corpus, "batch", crash_at_5)
     with pytest.raises(KeyboardInterrupt):

@@ -90,22 +90,37 @@ class Corpus:
                  completion_text(p, rng.random() < self.cfg.direct_fraction) + self.tok.eos_token)
                 for p in self.problems(seed, n)]
 
-    def batch(self, step: int) -> Packed:
-        cfg, need = self.cfg, self.cfg.rows * self.cfg.seq_len
+    def shared_prefix(self) -> list[int]:
+        """Token ids every prompt starts with (BOS and the R1-Zero preamble): forwarded once per row."""
+        a, b = (render_prompt(self.tok, q, self.cfg.template) for q in ("1", "2"))
+        common = a[: next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
+        ids = self.tok(common, add_special_tokens=False)["input_ids"]
+        return ids[:-1]  # the last token may merge with what follows; keep only tokens surely shared
+
+    def batch(self, step: int, share_prefix: bool = True) -> Packed:
+        """`rows` packed rows of examples for this step; with `share_prefix` each row holds the template's shared
+        prefix once and its examples attend to it (use the 4D `mask()`), else plain packing (`segment_ids`)."""
+        cfg = self.cfg
+        prefix = self.shared_prefix() if share_prefix else []
+        need = cfg.rows * (cfg.seq_len - len(prefix))
         samples, total, chunk = [], 0, 0
         while total < need:
             pairs = self.texts((cfg.seed * 1_000_003 + step) * 1009 + chunk, 64)
             enc_p = self.tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
             enc_c = self.tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
             for p, c in zip(enc_p, enc_c):
-                if len(p) + len(c) <= cfg.seq_len:
+                if p[: len(prefix)] != prefix:
+                    raise ValueError("a prompt does not start with the shared template prefix; the tokenizer "
+                                     "splits the template differently (pretrain without prefix sharing)")
+                p = p[len(prefix):]
+                if len(prefix) + len(p) + len(c) <= cfg.seq_len:
                     samples.append((p + c, [0] * len(p) + [1] * len(c)))
                     total += len(p) + len(c)
             chunk += 1
-        packed = pack(samples, cfg.seq_len, pad_id=self.tok.pad_token_id)
+        packed = pack(samples, cfg.seq_len, pad_id=self.tok.pad_token_id, prefix=prefix)
         keep = slice(0, cfg.rows)
-        return Packed(*(getattr(packed, f)[keep] for f in ("input_ids", "labels", "segment_ids", "position_ids",
-                                                            "attention_mask")))
+        return Packed(packed.input_ids[keep], packed.position_ids[keep], packed.group[keep], packed.segment[keep],
+                      [], packed.labels[keep])
 
 
 def build_tokenizer(cfg: PretrainConfig):
@@ -169,6 +184,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
         set_rng_state(state["rng"])
         start = state["step"]
     corpus = Corpus(cfg, tok)
+    share = len(model.mtp_layers) == 0  # the MTP loss works on plain packed sequences only
     fpt = training_flops_per_token(model.config, cfg.seq_len)
     peak = measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32)
 
@@ -176,13 +192,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
     tokens = 0
     t_log = time.perf_counter()
     for step in bar:
-        batch = corpus.batch(step)
+        batch = corpus.batch(step, share_prefix=share)
         lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                        segment_ids=batch.segment_ids, labels=batch.labels)
+            if share:  # a 4D mask: samples see the shared preamble and themselves
+                out = model(batch.input_ids, attention_mask=batch.mask(), position_ids=batch.position_ids,
+                            labels=batch.labels, token_mask=batch.attention_mask)
+            else:      # MTP needs plain per-sample sequences
+                out = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                            segment_ids=batch.segment_ids, labels=batch.labels)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

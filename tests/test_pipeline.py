@@ -1,0 +1,56 @@
+"""The pipeline end to end on tiny settings: stages, summary.json keys, report files, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r1lab.cli import main
+from r1lab.recipes import PipelineConfig, run_pipeline
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
+
+
+def _argv(out):
+    return ["pipeline", "--out", str(out), "--pretrain.steps", "4", "--pretrain.rows", "2",
+            "--pretrain.eval-problems", "4", "--pretrain.model", json.dumps(TINY_MODEL), "--pretrain.vocab-size", "400",
+            "--pretrain.bf16", "false", "--pretrain.task-args", '{"arithmetic": {"max_digits": 1}}',
+            "--grpo.steps", "2", "--grpo.prompts-per-step", "2", "--grpo.num-generations", "3",
+            "--grpo.max-new-tokens", "8", "--grpo.bf16", "false",
+            "--grpo.task-args", '{"arithmetic": {"max_digits": 1}}', "--eval.limit", "4", "--eval.k", "2",
+            "--eval.max-new-tokens", "8"]
+
+
+def test_pipeline_runs_every_stage_and_writes_summary_and_report(tmp_path, capsys):
+    assert main(_argv(tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    assert "[5/5]" in out and "after RL" in out
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for side in ("base", "final"):
+        assert {"greedy", "pass@1", "think_share", "mean_length"} <= set(summary[side])
+    assert summary["wall_seconds"] > 0
+    for f in ("report.html", "report.md", "eval_base.json", "eval_final.json", "plots/before_after.png",
+              "plots/reward_mean.png", "pretrain/model/config.json", "grpo/model/config.json", "config.yaml"):
+        assert (run / f).exists(), f
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+
+def test_rerunning_the_same_directory_resumes_finished_stages(tmp_path, capsys):
+    main(_argv(tmp_path / "run"))
+    first = (tmp_path / "run" / "summary.json").read_text()
+    mtime = (tmp_path / "run" / "grpo" / "model" / "model.safetensors").stat().st_mtime
+    main(_argv(tmp_path / "run"))
+    assert (tmp_path / "run" / "grpo" / "model" / "model.safetensors").stat().st_mtime == mtime  # not retrained
+    a, b = json.loads(first), json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert a["base"] == b["base"] and a["final"] == b["final"]
+
+
+def test_unknown_recipe_and_bad_flags_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        run_pipeline(PipelineConfig(out=str(tmp_path), recipe="r2"))
+    assert main(["pipeline", "--grpo.steps", "many"]) == 2
+    assert "grpo.steps expects int" in capsys.readouterr().err
