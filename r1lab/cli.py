@@ -11,7 +11,6 @@ from r1lab import config as C
 
 # Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
 PLANNED: dict[str, str] = {
-    "grpo": "GRPO (R1-Zero) reinforcement learning with verifiable rewards",
     "sft": "supervised fine-tuning on chat or prompt/completion JSONL",
     "distill": "distil a reasoning teacher into a small student (rejection sampling + SFT)",
     "serve": "OpenAI-compatible API with reasoning_content, and a web chat page",
@@ -148,6 +147,7 @@ def _add_eval(sub):
                                    "it is the model name at an OpenAI-compatible endpoint.")
     p.add_argument("model", help="model directory, or the model name served at --base-url")
     p.add_argument("--task", default="arithmetic", help="arithmetic, countdown, linear, gsm8k, math500, aime24, amc23")
+    p.add_argument("--task-args", default="{}", help='knobs of a synthetic task as JSON, e.g. \'{"max_digits": 2}\'')
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=int, default=4, help="samples per problem")
     p.add_argument("--limit", type=int, default=None, help="first N problems (synthetic: N held-out problems, default 200)")
@@ -171,7 +171,12 @@ def _run_eval(args):
 
     from r1lab import eval as E
 
-    cfg = E.EvalConfig(task=args.task, split=args.split, limit=args.limit, k=args.k, temperature=args.temperature,
+    try:
+        task_args = json.loads(args.task_args)
+    except json.JSONDecodeError as e:
+        raise C.ConfigError(f"--task-args is not valid JSON ({e}): {args.task_args!r}") from None
+    cfg = E.EvalConfig(task=args.task, task_args=task_args, split=args.split, limit=args.limit, k=args.k,
+                       temperature=args.temperature,
                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy,
                        template=args.template, seed=args.seed).validate()
     problems = E.load_problems(cfg)
@@ -191,6 +196,24 @@ def _run_eval(args):
         print(f"wrote {args.out}")
 
 
+def _add_grpo(sub):
+    from r1lab.train.grpo import GRPOConfig
+
+    p = sub.add_parser("grpo", help="GRPO (R1-Zero) reinforcement learning with verifiable rewards",
+                       description="GRPO and its variants (Dr. GRPO, DAPO) on a model directory (--model): native "
+                                   "r1lab or any transformers causal LM. Re-running with the same --out resumes.")
+    _config_args(p, GRPOConfig)
+    p.set_defaults(run=_run_grpo)
+
+
+def _run_grpo(args):
+    from r1lab.train.grpo import GRPOConfig, grpo
+
+    cfg = C.resolve(GRPOConfig, args, args.config)
+    _, _, run = grpo(cfg, resume=not args.fresh)
+    print(f"model written to {run.model_dir}; metrics in {run.metrics_path}")
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 def _add_pipeline(sub):
@@ -201,7 +224,9 @@ def _add_pipeline(sub):
                                    "(default runs/r1zero); re-running with the same --out resumes. Nested settings "
                                    "take dotted flags (--grpo.steps 40) or a --config YAML file.")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with pipeline settings (flags override it)")
-    C.add_arguments(p, PipelineConfig, skip=("pretrain.out", "grpo.out", "grpo.model"))
+    # set by the pipeline itself: stage directories, the RL model, and the task (one top-level --task for all)
+    C.add_arguments(p, PipelineConfig, skip=("pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks",
+                                             "pretrain.task_args", "grpo.tasks", "grpo.task_args"))
     p.set_defaults(run=_run_pipeline)
 
 
@@ -214,7 +239,7 @@ def _run_pipeline(args):
 
 # ----------------------------------------------------------------------------- main
 
-BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_pipeline]
+BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_grpo, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:

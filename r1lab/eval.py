@@ -26,6 +26,7 @@ BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
 @dataclass
 class EvalConfig:
     task: str = "arithmetic"
+    task_args: dict = field(default_factory=dict)  # difficulty knobs of a synthetic task, e.g. {"max_digits": 2}
     split: str = "test"
     limit: int | None = None         # first N problems (benchmarks) / N held-out problems (synthetic)
     k: int = 4                       # samples per problem for pass@1 and cons@k
@@ -87,7 +88,7 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
 
 
 def load_problems(cfg: EvalConfig) -> list[Problem]:
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, **cfg.task_args)
     if cfg.task in BENCHMARKS:
         probs = task.problems(cfg.split)
         return probs[: cfg.limit] if cfg.limit else probs
@@ -196,7 +197,7 @@ def evaluate(generate: Generate, problems: list[Problem], cfg: EvalConfig) -> di
     cfg.validate()
     if not problems:
         raise ValueError(f"no problems to evaluate for task {cfg.task!r} (check --task, --split and --limit)")
-    check = get_task(cfg.task).check
+    check = get_task(cfg.task, **cfg.task_args).check
     prompts = [user_turn(p) for p in problems]
     sampled = generate(prompts, cfg.k, cfg.temperature, cfg.top_p, cfg.seed, cfg.max_new_tokens)
     greedy = generate(prompts, 1, 0.0, 1.0, cfg.seed, cfg.max_new_tokens) if cfg.greedy else [[]] * len(problems)

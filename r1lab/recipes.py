@@ -19,7 +19,6 @@ from r1lab.train.pretrain import PretrainConfig
 
 @dataclass
 class EvalSettings:
-    task: str = ""                   # default: the first RL task
     limit: int = 200
     k: int = 4
     temperature: float = 0.6
@@ -31,6 +30,8 @@ class EvalSettings:
 class PipelineConfig:
     out: str = "runs/r1zero"
     recipe: str = "r1zero"
+    task: str = "arithmetic"         # the task every stage uses: pretraining corpus, RL prompts, held-out eval
+    task_args: dict = field(default_factory=lambda: {"max_digits": 2})
     base_model: str = ""             # start from this model directory instead of pretraining one
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -64,17 +65,19 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     if cfg.base_model:
         base_dir = Path(cfg.base_model)
     else:
-        pcfg = C.merge(cfg.pretrain, {"out": str(out / "pretrain"), "seed": cfg.seed})
+        pcfg = C.merge(cfg.pretrain, {"out": str(out / "pretrain"), "seed": cfg.seed, "tasks": [cfg.task],
+                                      "task_args": {cfg.task: cfg.task_args}})
         log(f"[1/5] pretraining the tiny DeepSeek-V3 base model -> {pcfg.out}")
         stage("pretrain", lambda: _pretrain(pcfg, progress))
         base_dir = Path(pcfg.out) / "model"
 
-    gcfg = C.merge(cfg.grpo, {"out": str(out / "grpo"), "model": str(base_dir), "seed": cfg.seed})
-    ecfg = cfg.eval if cfg.eval.task else C.merge(cfg.eval, {"task": gcfg.tasks[0]})
+    gcfg = C.merge(cfg.grpo, {"out": str(out / "grpo"), "model": str(base_dir), "seed": cfg.seed,
+                              "tasks": [cfg.task], "task_args": {cfg.task: cfg.task_args}})
+    ecfg = cfg.eval
 
     # 2. evaluate the base model
-    log(f"[2/5] evaluating the base model ({ecfg.task}, {ecfg.limit} held-out problems, k={ecfg.k})")
-    base = stage("eval_base", lambda: _evaluate(base_dir, ecfg, gcfg, out / "eval_base.json"))
+    log(f"[2/5] evaluating the base model ({cfg.task}, {ecfg.limit} held-out problems, k={ecfg.k})")
+    base = stage("eval_base", lambda: _evaluate(base_dir, cfg, gcfg, out / "eval_base.json"))
 
     # 3. R1-Zero: GRPO on the base model
     log(f"[3/5] GRPO with the {gcfg.template} template and rewards {', '.join(gcfg.rewards)} -> {gcfg.out}")
@@ -82,13 +85,13 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
 
     # 4. evaluate the RL model
     log("[4/5] evaluating the RL model")
-    final = stage("eval_final", lambda: _evaluate(Path(gcfg.out) / "model", ecfg, gcfg, out / "eval_final.json"))
+    final = stage("eval_final", lambda: _evaluate(Path(gcfg.out) / "model", cfg, gcfg, out / "eval_final.json"))
 
     # 5. report
     log("[5/5] writing the report")
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 1)
     summary = {
-        "recipe": cfg.recipe, "task": ecfg.task,
+        "recipe": cfg.recipe, "task": cfg.task, "task_args": cfg.task_args,
         "base": _headline(base["summary"]), "final": _headline(final["summary"]),
         "wall_seconds": timings["total"], "stage_seconds": {k: v for k, v in timings.items() if k != "total"},
         "this_invocation_seconds": round(time.perf_counter() - t_start, 1),
@@ -115,8 +118,8 @@ def _grpo(gcfg: GRPOConfig, progress: bool):
     return grpo(gcfg, progress=progress)
 
 
-def _evaluate(model_dir: Path, ecfg: EvalSettings, gcfg: GRPOConfig, path: Path) -> dict:
-    """R1-protocol evaluation of a model directory on held-out problems (cached in `path`)."""
+def _evaluate(model_dir: Path, cfg: PipelineConfig, gcfg: GRPOConfig, path: Path) -> dict:
+    """R1-protocol evaluation of a model directory on the task's held-out problems (cached in `path`)."""
     cached = _load_json(path)
     if cached:
         return cached
@@ -124,8 +127,9 @@ def _evaluate(model_dir: Path, ecfg: EvalSettings, gcfg: GRPOConfig, path: Path)
     from r1lab.model.load import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir)
-    e = EvalConfig(task=ecfg.task, limit=ecfg.limit, k=ecfg.k, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                   max_new_tokens=ecfg.max_new_tokens, template=gcfg.template, seed=0)
+    ecfg = cfg.eval
+    e = EvalConfig(task=cfg.task, task_args=cfg.task_args, limit=ecfg.limit, k=ecfg.k, temperature=ecfg.temperature,
+                   top_p=ecfg.top_p, max_new_tokens=ecfg.max_new_tokens, template=gcfg.template, seed=0)
     result = evaluate(local_generator(model, tok, gcfg.template), load_problems(e), e)
     write_report(result, path)
     return result

@@ -67,6 +67,7 @@ class GRPOConfig:
     mask_truncated: bool = False      # DAPO overlong filtering: no loss on completions cut at max_new_tokens
     mu: int = 1                       # optimiser steps per rollout batch
     micro_batch_tokens: int = 16384   # training tokens per forward (gradient accumulation above that)
+    row_tokens: int = 1024            # packed row length; masked attention costs grow with its square
     bf16: bool = True
     eval_every: int = 0               # 0: only at the end
     eval_problems: int = 200
@@ -82,7 +83,7 @@ class GRPOConfig:
                              "must have the same length")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for group-relative advantages (got {self.num_generations})")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_tokens", "log_every",
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_tokens", "row_tokens", "log_every",
                      "save_every", "eval_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -158,17 +159,18 @@ class Layout:
 
 
 def build_layouts(prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], max_tokens: int,
-                  pad_id: int) -> list[Layout]:
-    """Groups packed into rows (a prompt shared by its G completions), rows split into micro-batches of about
-    `max_tokens` tokens. A completion's first token is predicted from its prompt's last token."""
+                  pad_id: int, row_tokens: int = 1024) -> list[Layout]:
+    """Groups packed into rows of about `row_tokens` (a prompt shared by its G completions; a longer group gets a
+    row of its own), rows split into micro-batches of about `max_tokens` tokens. A completion's first token is
+    predicted from its prompt's last token."""
     sizes = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompt_ids, completion_ids)]
-    cap = max(max_tokens // 4, max(sizes))
+    cap = max(row_tokens, max(sizes))
     rows = assign_rows(sizes, cap)
     G = len(completion_ids[0])
     layouts, current, used = [], [], 0
     for row in rows + [None]:
-        row_tokens = sum(sizes[g] for g in row) if row else 0
-        if current and (row is None or used + row_tokens > max_tokens):
+        n_row = sum(sizes[g] for g in row) if row else 0
+        if current and (row is None or used + n_row > max_tokens):
             members = [g for r in current for g in r]
             local = {g: i for i, g in enumerate(members)}
             packed = pack_groups([(prompt_ids[g], completion_ids[g]) for g in members], cap, pad_id,
@@ -177,7 +179,7 @@ def build_layouts(prompt_ids: list[list[int]], completion_ids: list[list[list[in
             current, used = [], 0
         if row is not None:
             current.append(row)
-            used += row_tokens
+            used += n_row
     return layouts
 
 
@@ -324,7 +326,7 @@ class GRPOTrainer:
             if not (cfg.mask_truncated and c.finish_reason == "length"):
                 mask[n, : len(c.token_ids)] = 1
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        layouts = build_layouts(ro.prompt_ids, completion_ids, cfg.micro_batch_tokens, pad)
+        layouts = build_layouts(ro.prompt_ids, completion_ids, cfg.micro_batch_tokens, pad, cfg.row_tokens)
         n_tokens = mask.sum().clamp(min=1)
         agg = L.get_aggregation(cfg.loss_agg)
         ref = None

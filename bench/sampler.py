@@ -1,0 +1,110 @@
+"""Generated tokens per second: r1lab's sampler against `transformers` `generate`, same model, same prompts.
+
+The model is the tiny default DeepSeek-V3 (random weights: speed does not depend on them), saved once and loaded
+by both: r1lab runs it natively, transformers as DeepseekV3ForCausalLM. Both sample at temperature 1 and are
+forced to produce exactly --new-tokens tokens (no early stop), so tokens/s compare like for like. Each
+measurement is the best of --repeats runs after a warm-up, the two engines alternating.
+
+    python bench/sampler.py [--batches 1 64] [--new-tokens 64] [--threads 2] [--out bench/results/sampler.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from r1lab.model.checkpoint import save_model
+from r1lab.model.config import tiny_config
+from r1lab.model.deepseek import DeepseekV3
+from r1lab.sampler import Sampler, SamplingParams
+from r1lab.tasks import get_task
+from r1lab.tokenizer import render_prompt, train_tokenizer
+
+
+def build(tmp: Path):
+    problems = get_task("arithmetic").problems("train", n=400, seed=0)
+    tok = train_tokenizer([f"What is {p.prompt} <think> {p.reasoning} </think> <answer> {p.answer} </answer>"
+                           for p in problems], vocab_size=512)
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id))
+    save_model(model, tmp / "tiny", tokenizer=tok)
+    prompts = [render_prompt(tok, p.prompt, "r1") for p in get_task("arithmetic").problems("test", n=64, seed=1)]
+    return tmp / "tiny", tok, prompts
+
+
+def time_r1lab(model, tok, prompts, new_tokens) -> float:
+    sampler = Sampler(model, tok, eos_ids=[])  # no early stop: exactly new_tokens each
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
+    t0 = time.perf_counter()
+    outs = sampler.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return dt
+
+
+def time_hf(model, tok, prompts, new_tokens) -> float:
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
+    return dt
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/sampler.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    from r1lab.model.load import load_model_and_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        path, tok, prompts = build(Path(d))
+        ours, tok = load_model_and_tokenizer(path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        rows = []
+        for B in args.batches:
+            batch = (prompts * (B // len(prompts) + 1))[:B]
+            time_r1lab(ours, tok, batch[:2], 4)
+            time_hf(hf, tok, batch[:2], 4)  # warm-up
+            t_ours, t_hf = [], []
+            for _ in range(args.repeats):
+                t_ours.append(time_r1lab(ours, tok, batch, args.new_tokens))
+                t_hf.append(time_hf(hf, tok, batch, args.new_tokens))
+            tokens = B * args.new_tokens
+            row = {"batch": B, "new_tokens": args.new_tokens, "r1lab_tokens_per_s": tokens / min(t_ours),
+                   "transformers_tokens_per_s": tokens / min(t_hf), "speedup": min(t_hf) / min(t_ours),
+                   "r1lab_seconds": t_ours, "transformers_seconds": t_hf}
+            rows.append(row)
+            print(f"batch {B:3d}: r1lab {row['r1lab_tokens_per_s']:8.0f} tok/s   transformers generate "
+                  f"{row['transformers_tokens_per_s']:8.0f} tok/s   r1lab is {row['speedup']:.2f}x", flush=True)
+    result = {"benchmark": "sampler", "model": "tiny default DeepSeek-V3 (random weights)",
+              "params_total": sum(p.numel() for p in ours.parameters()), "threads": args.threads,
+              "results": rows, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                            "python": sys.version.split()[0]},
+              "machine": platform.processor() or platform.machine()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
