@@ -11,11 +11,8 @@ from r1lab import config as C
 
 # Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
 PLANNED: dict[str, str] = {
-    "sft": "supervised fine-tuning on chat or prompt/completion JSONL",
-    "distill": "distil a reasoning teacher into a small student (rejection sampling + SFT)",
     "serve": "OpenAI-compatible API with reasoning_content, and a web chat page",
     "chat": "terminal chat that shows the model's thinking",
-    "import-gguf": "turn a GGUF file into a safetensors model directory",
 }
 
 
@@ -237,9 +234,87 @@ def _run_pipeline(args):
     run_pipeline(cfg)
 
 
+# ----------------------------------------------------------------------------- sft / distill / import-gguf
+
+def _add_sft(sub):
+    from r1lab.train.sft import SFTConfig
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat or prompt/completion JSONL",
+                       description="Fine-tune a model directory (--model: native r1lab or any transformers causal LM) "
+                                   "on --data JSONL: {\"messages\": [...]} chats (loss on assistant turns) or "
+                                   "{\"prompt\", \"completion\"} pairs. Samples are packed without seeing each "
+                                   "other; LoRA and gradient checkpointing take --hf.* flags. Re-running with the "
+                                   "same --out resumes.")
+    _config_args(p, SFTConfig)
+    p.set_defaults(run=_run_sft)
+
+
+def _run_sft(args):
+    from r1lab.train.sft import SFTConfig, sft
+
+    cfg = C.resolve(SFTConfig, args, args.config)
+    _, _, run = sft(cfg, resume=not args.fresh)
+    _print_sft(run)
+
+
+def _print_sft(run):
+    rows = run.metrics()
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    held = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    if losses:
+        print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps"
+              + (f"; held-out loss {held[-1]:.3f}" if held else ""))
+    print(f"model written to {run.model_dir}; metrics in {run.metrics_path}")
+
+
+def _add_distill(sub):
+    from r1lab.distill import DistillConfig
+
+    p = sub.add_parser("distill", help="distil a reasoning teacher into a small student (rejection sampling + SFT)",
+                       description="The teacher samples --k completions per problem; those correct, well-formed, in "
+                                   "one language, not duplicated and within the length cap are written to "
+                                   "OUT/data.jsonl (counts by rejection reason in OUT/data_stats.json); then the "
+                                   "student is fine-tuned on them (--sft.* flags). Re-running with the same --out "
+                                   "reuses the data and resumes training; --fresh samples again.")
+    _config_args(p, DistillConfig, skip=("sft.out", "sft.model", "sft.data"))
+    p.set_defaults(run=_run_distill)
+
+
+def _run_distill(args):
+    from r1lab.distill import DistillConfig, distill
+
+    cfg = C.resolve(DistillConfig, args, args.config)
+    _, _, run, counts = distill(cfg, resume=not args.fresh)
+    why = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items() if v) or "none"
+    print(f"kept {counts['kept']} of {counts['candidates']} teacher samples "
+          f"({counts['problems_with_kept']} of {counts['problems']} problems); rejected: {why}")
+    _print_sft(run)
+
+
+def _add_import_gguf(sub):
+    p = sub.add_parser("import-gguf", help="turn a GGUF file into a safetensors model directory",
+                       description="Dequantise a GGUF model (llama.cpp's format) into a plain transformers model "
+                                   "directory with its tokenizer and chat template, trainable and servable by r1lab. "
+                                   "The written directory is loaded back and checked before it replaces OUT_DIR.")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out_dir", help="model directory to write")
+    p.add_argument("--dtype", default="float32", help="weights as written: float32 (default), bfloat16 or float16")
+    p.set_defaults(run=_run_import_gguf)
+
+
+def _run_import_gguf(args):
+    from r1lab.model.gguf import import_gguf
+    from r1lab.model.load import model_info
+
+    path = import_gguf(args.file, args.out_dir, dtype=args.dtype)
+    info = model_info(path)
+    print(f"{info['model_type']} model with {info['params_stored']:,} parameters written to {path}")
+
+
 # ----------------------------------------------------------------------------- main
 
-BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_grpo, _add_pipeline]
+BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_grpo, _add_pipeline, _add_sft,
+            _add_distill, _add_import_gguf]
 
 
 def build_parser() -> argparse.ArgumentParser:

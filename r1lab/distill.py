@@ -1,0 +1,237 @@
+"""Distillation as in DeepSeek-R1: a teacher samples k completions per problem with the shared sampler, rejection
+sampling keeps the readable correct ones, and a student is fine-tuned on them (SFT, no RL).
+
+A sample is kept when it finished within `max_new_tokens`, is well-formed (one closed think block, then a
+non-empty answer), is judged correct by the task's verifier, keeps to one language in its reasoning, fits the
+length cap, and is not an exact duplicate of a kept sample for the same problem. The first test a sample fails is
+its rejection reason; the kept set is written as chat JSONL with the counts beside it.
+
+    <out>/data.jsonl          {"messages": [user, assistant "<think>\\n...\\n</think>\\n\\nanswer"], "id", "task"}
+    <out>/data_stats.json     candidates, kept, rejected by reason
+    <out>/sft/                the student's SFT run; <out>/sft/model is the distilled student
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from r1lab.eval import user_turn
+from r1lab.reasoning import THINK_END, THINK_START, split_reasoning
+from r1lab.rewards import LANGUAGE_SCRIPTS, accuracy, language_consistency
+from r1lab.tasks import Problem, get_task
+from r1lab.tokenizer import TEMPLATES
+from r1lab.train.sft import SFTConfig
+
+REASONS = ("truncated", "malformed", "incorrect", "unjudged", "language", "too_long", "duplicate", "over_limit")
+
+
+@dataclass
+class DistillConfig:
+    out: str = "runs/distill"
+    teacher: str = ""                 # teacher model directory (native r1lab or any transformers causal LM)
+    student: str = ""                 # student model directory to fine-tune
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    task_args: dict = field(default_factory=dict)
+    split: str = "train"
+    problems: int = 200               # problems per task, a seeded sample of the split
+    k: int = 4                        # teacher samples per problem
+    temperature: float = 0.6          # R1's sampling settings
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    teacher_template: str = "r1"      # how the teacher is prompted: r1 | r1zero | model
+    language: str = "en"              # the reasoning must be written in this language's script ...
+    language_threshold: float = 0.95  # ... for at least this share of its words
+    max_length: int = 0               # reject completions longer than this many tokens (0: only max_new_tokens)
+    max_per_problem: int = 0          # keep at most this many samples per problem (0: all that pass)
+    seed: int = 0
+    sft: SFTConfig = field(default_factory=SFTConfig)  # the student's fine-tuning (out, model, data are set here)
+
+    def validate(self) -> "DistillConfig":
+        if not self.teacher or not self.student:
+            raise ValueError("--teacher and --student are required: the model directories to distil from and into")
+        if self.teacher_template != "model" and self.teacher_template not in TEMPLATES:
+            raise ValueError(f"unknown teacher_template {self.teacher_template!r}; choose model, {', '.join(TEMPLATES)}")
+        if self.language not in LANGUAGE_SCRIPTS:
+            raise ValueError(f"unknown language {self.language!r}; choose one of {', '.join(LANGUAGE_SCRIPTS)}")
+        if not 0 <= self.language_threshold <= 1:
+            raise ValueError(f"language_threshold must be in [0, 1] (got {self.language_threshold})")
+        for name in ("problems", "k", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_length < 0 or self.max_per_problem < 0:
+            raise ValueError(f"max_length and max_per_problem must be >= 0 (got {self.max_length}, {self.max_per_problem})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        for t in self.tasks:
+            get_task(t, **self.task_args.get(t, {}))
+        self.student_sft("data.jsonl").validate(files=False)  # the student's settings, before any sampling
+        return self
+
+    def student_sft(self, data: str) -> SFTConfig:
+        """The student's SFT settings: `sft` with its run under `out/sft`, on `data`."""
+        from r1lab import config as C
+
+        return C.merge(self.sft, {"out": str(Path(self.out) / "sft"), "model": self.student, "data": str(data)})
+
+
+# ----------------------------------------------------------------------------- rejection sampling
+
+
+def well_formed(text: str) -> bool:
+    """R1's output format: reasoning closed by one `</think>` (opened by `<think>` or by the prompt, only whitespace
+    before it), then a non-empty answer with no reasoning tags in it."""
+    if text.count(THINK_END) != 1 or text.count(THINK_START) > 1:
+        return False
+    if THINK_START in text and (text.index(THINK_START) > text.index(THINK_END) or text.split(THINK_START)[0].strip()):
+        return False
+    _, answer = split_reasoning(text)
+    return bool(answer.strip())
+
+
+def r1_message(text: str) -> str:
+    """A well-formed completion in R1's format, `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`; the answer stays
+    as the teacher wrote it (\\boxed{} or <answer> tags), which is what the verifier reads."""
+    reasoning, answer = split_reasoning(text)
+    return f"{THINK_START}\n{reasoning or ''}\n{THINK_END}\n\n{answer}"
+
+
+def filter_samples(samples: Sequence[Sequence], problems: Sequence[Problem], *, language: str = "en",
+                   language_threshold: float = 0.95, max_length: int = 0,
+                   max_per_problem: int = 0) -> tuple[list[dict], dict]:
+    """Rejection sampling. samples[i] are the teacher's completions for problems[i] (objects with `text`,
+    `token_ids` and `finish_reason`, like the sampler's). Returns (kept chat records, counts): each rejected
+    sample is counted under the first test it fails, in the order of REASONS."""
+    if len(samples) != len(problems):
+        raise ValueError(f"{len(samples)} groups of samples for {len(problems)} problems; give one group per problem")
+    rejected = Counter({r: 0 for r in REASONS})
+    kept, candidates, with_kept = [], 0, 0
+    for group, p in zip(samples, problems):
+        seen, n_kept = set(), 0
+        for s in group:
+            candidates += 1
+            reason = _rejection(s, p, language, language_threshold, max_length)
+            message = r1_message(s.text) if reason is None else None
+            if reason is None and message in seen:
+                reason = "duplicate"
+            if reason is None and max_per_problem and n_kept >= max_per_problem:
+                reason = "over_limit"
+            if reason is not None:
+                rejected[reason] += 1
+                continue
+            seen.add(message)
+            n_kept += 1
+            kept.append({"messages": [{"role": "user", "content": user_turn(p)},
+                                      {"role": "assistant", "content": message}], "id": p.id, "task": p.task})
+        with_kept += n_kept > 0
+    counts = {"problems": len(problems), "candidates": candidates, "kept": len(kept),
+              "problems_with_kept": with_kept, "rejected": dict(rejected)}
+    return kept, counts
+
+
+def _rejection(s, p: Problem, language: str, threshold: float, max_length: int) -> str | None:
+    if s.finish_reason == "length":
+        return "truncated"
+    if not well_formed(s.text):
+        return "malformed"
+    verdict = accuracy([s.text], answer=[p.answer], task=[p.task], meta=[p.meta])[0]
+    if verdict is None:
+        return "unjudged"
+    if verdict < 1:
+        return "incorrect"
+    share = language_consistency([s.text], language=language)[0]
+    if share is not None and share < threshold:  # None: no words to judge (e.g. only digits and symbols)
+        return "language"
+    if max_length and len(s.token_ids) > max_length:
+        return "too_long"
+    return None
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def load_problems(cfg: DistillConfig) -> list[Problem]:
+    """`problems` per task from `split` (a seeded sample; a benchmark's in file order)."""
+    return [p for name in cfg.tasks
+            for p in get_task(name, **cfg.task_args.get(name, {})).problems(cfg.split, n=cfg.problems, seed=cfg.seed)]
+
+
+def sample_teacher(cfg: DistillConfig, problems: list[Problem], progress: bool = True) -> list[list]:
+    """k completions per problem from the teacher, through the shared sampler."""
+    from r1lab.model.load import load_model_and_tokenizer
+    from r1lab.runtime import pick_device
+    from r1lab.sampler import Sampler, SamplingParams
+    from r1lab.tokenizer import render_prompt
+
+    model, tok = load_model_and_tokenizer(cfg.teacher, device=pick_device(cfg.sft.device))
+    prompts = [render_prompt(tok, user_turn(p), cfg.teacher_template) for p in problems]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            n=cfg.k, seed=cfg.seed)
+    sampler = Sampler(model, tok)
+    chunk = max(1, sampler.max_batch // cfg.k)  # prompts per call: a full batch of rows, and a progress tick
+    starts = range(0, len(prompts), chunk)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=f"teacher ({chunk * cfg.k} samples per tick)", dynamic_ncols=True)
+    groups = []
+    for i in starts:
+        params.seed = cfg.seed * 1_000_003 + i
+        outs = sampler.generate(prompts[i:i + chunk], params)
+        groups += [outs[j * cfg.k:(j + 1) * cfg.k] for j in range(len(outs) // cfg.k)]
+    return groups
+
+
+def write_dataset(kept: list[dict], counts: dict, out: Path) -> tuple[Path, Path]:
+    """data.jsonl and data_stats.json, each replaced atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    data, stats = out / "data.jsonl", out / "data_stats.json"
+    for path, text in ((data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)),
+                       (stats, json.dumps(counts, indent=2) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return data, stats
+
+
+def sampling_settings(cfg: DistillConfig) -> dict:
+    """What decides the dataset: a re-run reuses it only when these are unchanged."""
+    names = ("teacher", "tasks", "task_args", "split", "problems", "k", "temperature", "top_p", "max_new_tokens",
+             "teacher_template", "language", "language_threshold", "max_length", "max_per_problem", "seed")
+    return json.loads(json.dumps({n: getattr(cfg, n) for n in names}))
+
+
+def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True):
+    """Sample, filter, write the dataset, then fine-tune the student; returns (student, tokenizer, sft run, counts).
+    Re-running with the same `out` reuses the written dataset and resumes the student's training."""
+    from r1lab import config as C
+    from r1lab.train.sft import sft
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    C.save(cfg, out / "config.yaml")
+    data, stats = out / "data.jsonl", out / "data_stats.json"
+    settings = sampling_settings(cfg)
+    if resume and data.is_file() and stats.is_file():
+        counts = json.loads(stats.read_text())
+        if counts.get("settings") != settings:
+            changed = sorted(k for k in settings if counts.get("settings", {}).get(k) != settings[k])
+            raise ValueError(f"{data} was sampled with other settings ({', '.join(changed)} differ); use --fresh to "
+                             f"sample again, or another --out")
+    else:
+        problems = load_problems(cfg)
+        kept, counts = filter_samples(sample_teacher(cfg, problems, progress), problems, language=cfg.language,
+                                      language_threshold=cfg.language_threshold, max_length=cfg.max_length,
+                                      max_per_problem=cfg.max_per_problem)
+        counts["settings"] = settings
+        write_dataset(kept, counts, out)
+    if not counts["kept"]:
+        raise ValueError(f"no teacher sample passed the filters ({counts['candidates']} candidates, rejected: "
+                         f"{ {k: v for k, v in counts['rejected'].items() if v} }); raise k or max_new_tokens, or "
+                         f"check teacher_template (see {stats})")
+    model, tok, run = sft(cfg.student_sft(data), resume=resume, progress=progress)
+    return model, tok, run, counts
