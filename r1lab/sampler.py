@@ -235,7 +235,9 @@ class Batch:
         return len(self.rows)
 
     def add(self, prompt_ids: list[list[int]], params: list[SamplingParams], keys: list, generators) -> list[Row]:
-        """Prefill prompts (each once, then repeated for its n samples) and join them to the running batch."""
+        """Prefill prompts (each once, then repeated for its n samples), sample each row's first token and join
+        them to the running batch. Returns the rows that finished at once (like `step`); all new rows are in
+        `self.rows` or among those."""
         new_rows, unique, owner = [], [], []
         for ids, p, key, g in zip(prompt_ids, params, keys, generators):
             max_new = min(p.max_new_tokens, self.s.backend.max_len - len(ids))
@@ -258,8 +260,7 @@ class Batch:
         else:
             self.state = self.s.backend.merge(self.state, state)
             self.rows = self.rows + new_rows
-        self._accept(new_rows, logits, offset=len(self.rows) - len(new_rows))
-        return new_rows
+        return self._accept(new_rows, logits, offset=len(self.rows) - len(new_rows))
 
     def step(self) -> list[Row]:
         """Decode one token for every running row; return the rows that finished at this step."""

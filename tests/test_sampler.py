@@ -65,6 +65,17 @@ def test_logprobs_are_those_of_a_full_forward_at_the_sampling_temperature(native
         assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
 
 
+def test_on_finish_is_called_once_per_completion_when_it_is_done(native):
+    model, tok = native
+    seen = []
+    outs = Sampler(model, tok, max_batch=4).generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2, seed=0),
+                                                    on_finish=seen.append)
+    assert len(seen) == len(outs) == 8
+    assert all(c.finish_reason in ("stop", "length") for c in seen)
+    assert sorted((c.prompt_index, tuple(c.token_ids)) for c in seen) == sorted(
+        (c.prompt_index, tuple(c.token_ids)) for c in outs)
+
+
 def test_same_seed_same_samples_and_n_samples_are_prompt_major(native):
     model, tok = native
     s = Sampler(model, tok)
@@ -119,12 +130,12 @@ def test_rows_joining_a_running_batch_match_rows_run_alone(native, qwen):
         batch = s.new_batch()
         g = SamplingParams(max_new_tokens=8, temperature=0)
         done = {}
-        for r in batch.add([s.encode(PROMPTS[0])], [g], [PROMPTS[0]], [None]):
-            done[r.key] = r.token_ids
+        assert batch.add([s.encode(PROMPTS[0])], [g], [PROMPTS[0]], [None]) == []  # nothing finishes at once
         for _ in range(3):
             for r in batch.step():
                 done[r.key] = r.token_ids
-        batch.add([s.encode(p) for p in PROMPTS[1:]], [g] * 3, PROMPTS[1:], [None] * 3)
+        for r in batch.add([s.encode(p) for p in PROMPTS[1:]], [g] * 3, PROMPTS[1:], [None] * 3):
+            done[r.key] = r.token_ids
         while len(batch):
             for r in batch.step():
                 done[r.key] = r.token_ids

@@ -66,6 +66,8 @@ class GRPOConfig:
     max_resample_rounds: int = 3
     mask_truncated: bool = False      # DAPO overlong filtering: no loss on completions cut at max_new_tokens
     mu: int = 1                       # optimiser steps per rollout batch
+    balance_experts: bool = False     # keep nudging MoE routing biases during RL (off: routing stays as pretrained,
+                                      # so the policy changes only through the gradient the rewards asked for)
     micro_batch_tokens: int = 16384   # training tokens per forward (gradient accumulation above that)
     row_tokens: int = 1024            # packed row length; masked attention costs grow with its square
     bf16: bool = True
@@ -359,7 +361,7 @@ class GRPOTrainer:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            if self.native:
+            if self.native and cfg.balance_experts:
                 _backbone_base(self.model).update_expert_bias()
         stats["trained_tokens"] = sum(lay.packed.n_tokens for lay in layouts)
         return stats
