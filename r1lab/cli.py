@@ -10,10 +10,7 @@ import sys
 from r1lab import config as C
 
 # Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
-PLANNED: dict[str, str] = {
-    "serve": "OpenAI-compatible API with reasoning_content, and a web chat page",
-    "chat": "terminal chat that shows the model's thinking",
-}
+PLANNED: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------- generate / info
@@ -311,10 +308,70 @@ def _run_import_gguf(args):
     print(f"{info['model_type']} model with {info['params_stored']:,} parameters written to {path}")
 
 
+# ----------------------------------------------------------------------------- serve / chat
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible API with reasoning_content, and a web chat page",
+                       description="Serve a model directory over an OpenAI-compatible API (/v1/chat/completions with "
+                                   "the thinking in reasoning_content, /v1/completions, /v1/models, /health) and a "
+                                   "web chat page at /. Concurrent requests share one continuously refilled batch.")
+    p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $R1LAB_API_KEY)")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
+    p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--log-level", default="info", help="uvicorn log level: warning, info, debug")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args):
+    import os
+
+    from r1lab.runtime import parse_dtype, pick_device
+    from r1lab.serve.app import serve
+
+    if not 0 <= args.port <= 65535:
+        raise C.ConfigError(f"--port must be in 0..65535 (got {args.port})")
+    if args.max_batch < 1:
+        raise C.ConfigError(f"--max-batch must be >= 1 (got {args.max_batch})")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("R1LAB_API_KEY"),
+          model_name=args.model_name, max_batch=args.max_batch, device=pick_device(args.device),
+          dtype=parse_dtype(args.dtype), log_level=args.log_level)
+
+
+def _add_chat(sub):
+    p = sub.add_parser("chat", help="terminal chat that shows the model's thinking",
+                       description="Talk to a model directory in the terminal: replies stream, the thinking dimmed "
+                                   "above the answer. /new starts over, /exit leaves, Ctrl-C stops a reply.")
+    p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 means greedy")
+    p.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply (default: up to 4096)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args):
+    from r1lab.runtime import parse_dtype, pick_device
+    from r1lab.serve.terminal import run_chat
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise C.ConfigError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
+    if not 0 <= args.temperature <= 2:
+        raise C.ConfigError(f"--temperature must be in [0, 2] (got {args.temperature})")
+    run_chat(args.model, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+             system=args.system, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
+
+
 # ----------------------------------------------------------------------------- main
 
 BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_grpo, _add_pipeline, _add_sft,
-            _add_distill, _add_import_gguf]
+            _add_distill, _add_import_gguf, _add_serve, _add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:
