@@ -127,11 +127,20 @@ def _run_pretrain(args):
 
     cfg = C.resolve(PretrainConfig, args, args.config)
     model, tok, run = pretrain(cfg, resume=not args.fresh)
+    if not _main_process():
+        return
     final = run.metrics()[-1].get("eval", {})
     for task, m in final.items():
         print(f"{task}: held-out greedy accuracy {100 * m['greedy']:.1f}%, thinks {100 * m['think_share']:.0f}% "
               f"of the time, mean reply {m['mean_length']:.1f} tokens")
     print(f"model written to {run.model_dir}")
+
+
+def _main_process() -> bool:
+    """False in the processes torchrun started beside rank 0: they train but do not report."""
+    from r1lab.train import dist
+
+    return dist.is_main()
 
 
 def _add_eval(sub):
@@ -205,6 +214,8 @@ def _run_grpo(args):
 
     cfg = C.resolve(GRPOConfig, args, args.config)
     _, _, run = grpo(cfg, resume=not args.fresh)
+    if not _main_process():
+        return
     print(f"model written to {run.model_dir}; metrics in {run.metrics_path}")
 
 
@@ -215,8 +226,11 @@ def _add_pipeline(sub):
 
     p = sub.add_parser("pipeline", help="the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
                        description="R1-Zero in miniature with no arguments. Every stage writes under --out "
-                                   "(default runs/r1zero); re-running with the same --out resumes. Nested settings "
-                                   "take dotted flags (--grpo.steps 40) or a --config YAML file.")
+                                   "(default runs/r1zero); re-running with the same --out resumes. --recipe r1 runs "
+                                   "DeepSeek-R1's four stages and --recipe distill compares distillation with RL on a "
+                                   "smaller student, both in <out>/<recipe>/ on top of the r1zero models (made first "
+                                   "when missing). Nested settings take dotted flags (--grpo.steps 40) or a --config "
+                                   "YAML file.")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with pipeline settings (flags override it)")
     # set by the pipeline itself: stage directories, the RL model, and the task (one top-level --task for all)
     C.add_arguments(p, PipelineConfig, skip=("pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks",
@@ -251,7 +265,8 @@ def _run_sft(args):
 
     cfg = C.resolve(SFTConfig, args, args.config)
     _, _, run = sft(cfg, resume=not args.fresh)
-    _print_sft(run)
+    if _main_process():
+        _print_sft(run)
 
 
 def _print_sft(run):

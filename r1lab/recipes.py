@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1lab import config as C
+from r1lab.recipes_r1 import DistillSettings, R1Settings
 from r1lab.train.grpo import GRPOConfig
 from r1lab.train.pretrain import PretrainConfig
 
@@ -31,20 +32,26 @@ class PipelineConfig:
     out: str = "runs/r1zero"
     recipe: str = "r1zero"
     task: str = "arithmetic"         # the task every stage uses: pretraining corpus, RL prompts, held-out eval
-    task_args: dict = field(default_factory=lambda: {"max_digits": 2})
+    task_args: dict = field(default_factory=lambda: {"min_digits": 2, "max_digits": 2, "ops": "+-"})
     base_model: str = ""             # start from this model directory instead of pretraining one
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    r1: R1Settings = field(default_factory=R1Settings)                  # --recipe r1 (r1lab.recipes_r1)
+    distill: DistillSettings = field(default_factory=DistillSettings)   # --recipe distill
 
 
-RECIPES = ("r1zero",)
+RECIPES = ("r1zero", "r1", "distill")
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
+    if cfg.recipe != "r1zero":  # built on this recipe's stages, in <out>/<recipe>/
+        from r1lab import recipes_r1
+
+        return {"r1": recipes_r1.run_r1, "distill": recipes_r1.run_distill}[cfg.recipe](cfg, progress, log)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "config.yaml")

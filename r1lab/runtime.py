@@ -9,7 +9,8 @@ import torch
 
 
 def default_threads() -> int:
-    """R1LAB_THREADS if set, else the cores this process may use (torch's default ignores CPU affinity)."""
+    """R1LAB_THREADS if set, else the cores this process may use (torch's default ignores CPU affinity), split
+    evenly between the processes torchrun started on this machine."""
     env = os.environ.get("R1LAB_THREADS")
     if env:
         n = int(env)
@@ -17,9 +18,10 @@ def default_threads() -> int:
             raise ValueError(f"R1LAB_THREADS must be >= 1 (got {env})")
         return n
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def set_threads(n: int | None = None) -> int:

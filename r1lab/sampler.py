@@ -194,11 +194,15 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         rows = (~greedy).nonzero().flatten()
         cdf = probs[rows].cumsum(-1)
         u = torch.empty(len(rows), 1, device=probs.device)
-        if all(generators[r] is generators[int(rows[0])] for r in rows.tolist()):
-            u.uniform_(generator=generators[int(rows[0])])
-        else:
-            for j, r in enumerate(rows.tolist()):
-                u[j].uniform_(generator=generators[r])
+        rl = rows.tolist()
+        if all(generators[r] is generators[rl[0]] for r in rl):
+            u.uniform_(generator=generators[rl[0]])
+        else:  # one draw per run of consecutive rows sharing a generator (a prompt's samples, a request's)
+            start = 0
+            for j in range(1, len(rl) + 1):
+                if j == len(rl) or generators[rl[j]] is not generators[rl[start]]:
+                    u[start:j].uniform_(generator=generators[rl[start]])
+                    start = j
         drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
         tokens[rows] = drawn.flatten()
     return tokens, logp.gather(1, tokens[:, None]).flatten()
@@ -355,12 +359,20 @@ class Sampler:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None,
-                 on_finish: Callable[[Completion], None] | None = None) -> list[Completion]:
+                 on_finish: Callable[[Completion], None] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
         """Complete every prompt `params.n` times; results are prompt-major (prompt 0's samples first).
-        Rows are admitted up to `max_batch` at a time and refilled as others finish."""
+        Rows are admitted up to `max_batch` at a time and refilled as others finish. With `seeds` (one per prompt)
+        each prompt samples from its own generator, so its completions do not depend on the prompts beside it."""
         params = (params or SamplingParams()).validate()
-        gen = torch.Generator(device=self.backend.device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if seeds is not None:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seeds gives {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
+            gens = [torch.Generator(device=self.backend.device).manual_seed(int(s)) for s in seeds]
+        else:
+            gen = torch.Generator(device=self.backend.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            gens = [gen] * len(prompts)
         queue = deque((i, self.encode(p)) for i, p in enumerate(prompts))
         per_prompt = max(1, params.n)
         results: dict[tuple[int, int], Completion] = {}
@@ -375,7 +387,7 @@ class Sampler:
                     while queue and (len(take) + 1) * per_prompt <= max(room, per_prompt):
                         take.append(queue.popleft())
                     finished = batch.add([ids for _, ids in take], [params] * len(take),
-                                         [i for i, _ in take], [gen] * len(take))
+                                         [i for i, _ in take], [gens[i] for i, _ in take])
                 else:
                     finished = batch.step()
                 for row in finished:

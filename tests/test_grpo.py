@@ -31,10 +31,10 @@ def _groups():
     return prompts, comps
 
 
-@pytest.mark.parametrize("which", ["native", "qwen2"])
+@pytest.mark.parametrize("which", ["native", "native-grouped", "qwen2"])
 @pytest.mark.parametrize("max_tokens", [12, 4096])  # many micro-batches, one micro-batch
 def test_shared_prefix_logprobs_equal_plain_forwards(which, max_tokens, tiny_native_dir, tiny_tokenizer):
-    if which == "native":
+    if which.startswith("native"):
         model, _ = load_model_and_tokenizer(tiny_native_dir)
     else:
         cfg = transformers.Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
@@ -43,7 +43,8 @@ def test_shared_prefix_logprobs_equal_plain_forwards(which, max_tokens, tiny_nat
         torch.manual_seed(0)
         model = transformers.Qwen2ForCausalLM(cfg).eval()
     prompts, comps = _groups()
-    layouts = GR.build_layouts(prompts, comps, max_tokens, pad_id=0)
+    layouts = (GR.build_group_batches(prompts, comps, max_tokens, pad_id=0) if which == "native-grouped"
+               else GR.build_layouts(prompts, comps, max_tokens, pad_id=0))
     got = torch.zeros(6, 6)
     with torch.no_grad():
         for lay in layouts:
@@ -54,7 +55,7 @@ def test_shared_prefix_logprobs_equal_plain_forwards(which, max_tokens, tiny_nat
             ref = _plain_logprobs(model, p, c, 0.7)
             assert torch.allclose(got[gi * 2 + j, : len(c)], ref, atol=1e-4), (gi, j)
     if max_tokens == 4096:
-        assert len(layouts) == 1 and layouts[0].packed.n_tokens == sum(len(p) + sum(map(len, cs))
+        assert len(layouts) == 1 and layouts[0].n_tokens == sum(len(p) + sum(map(len, cs))
                                                                         for p, cs in zip(prompts, comps))
 
 
@@ -188,3 +189,12 @@ def test_bad_settings_are_refused(tiny_native_dir, tmp_path):
         _cfg(tmp_path, "", ).validate()
     with pytest.raises(ValueError, match="loss aggregation"):
         _cfg(tmp_path, tiny_native_dir, loss_agg="sum").validate()
+
+
+def test_max_seconds_ends_the_run_after_the_step_that_reaches_it(tiny_native_dir, tmp_path):
+    _, _, run = GR.grpo(_cfg(tmp_path, tiny_native_dir, steps=50, max_seconds=1e-6), progress=False)
+    rows = read_metrics(run.metrics_path)
+    assert [r["step"] for r in rows] == [1] and rows[0]["total_seconds"] > 0
+    assert (run.model_dir / "config.json").is_file()
+    with pytest.raises(ValueError, match="max_seconds must be >= 0"):
+        GR.GRPOConfig(model="m", max_seconds=-1).validate()

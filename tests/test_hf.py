@@ -61,11 +61,8 @@ def test_chat_labels_on_smollm2_cover_the_reply_and_end_of_turn_only(smollm):
 def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir, tmp_path):
     from r1lab.train.grpo import GRPOConfig, GRPOTrainer
 
-    model, tok = load_model_and_tokenizer(smollm_dir)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(0)
-    peft_model = H.prepare_model(model, H.HFOptions(lora_rank=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]))
-    lora0 = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    before, _ = load_model_and_tokenizer(smollm_dir)
+    before = {k: v.clone() for k, v in before.state_dict().items()}
     # accuracy alone is 0 everywhere at 32 tokens; a length reward gives the groups different rewards to learn from
     reward = tmp_path / "length.py"
     reward.write_text(textwrap.dedent("""
@@ -75,14 +72,19 @@ def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir,
     cfg = GRPOConfig(out=str(tmp_path / "grpo"), model=str(smollm_dir), tasks=["gsm8k"], template="model",
                      rewards=["accuracy", f"{reward}:length"], reward_weights=[1.0, 1.0], steps=2,
                      prompts_per_step=2, num_generations=2, max_new_tokens=32, lr=1e-3, warmup=0, bf16=False,
-                     save_every=100)
-    trainer = GRPOTrainer(cfg, model=peft_model, tokenizer=tok, progress=False)
+                     save_every=100, hf=H.HFOptions(lora_rank=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]))
+    trainer = GRPOTrainer(cfg, progress=False)  # the policy is loaded with cfg.hf: LoRA adapters over a frozen base
+    assert hasattr(trainer.model, "get_base_model")
+    lora0 = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     seen = {}
-    trainer.run.finish = lambda m, t: seen.update(state={k: v.clone() for k, v in m.state_dict().items()})
-    trainer.train()
+    finish = trainer.run.finish
+    trainer.run.finish = lambda m, t: (seen.update(state={k: v.clone() for k, v in m.state_dict().items()}),
+                                       finish(m, t))
+    merged, _, run = trainer.train()
     after = seen["state"]
     rows = trainer.run.metrics()
     assert [r["step"] for r in rows] == [1, 2] and all(r["reward_std"] > 0 for r in rows)
+    assert {p.task for p in trainer.draw(0, 0, 2)} == {"gsm8k"}  # GSM8K train prompts
     assert set(lora0) == {k for k in after if "lora_" in k} and len(lora0) == 2 * 2 * 30
     moved = [k for k in lora0 if not torch.equal(lora0[k], after[k])]
     assert len(moved) == len(lora0)  # every adapter matrix changed (B starts at zero)
@@ -91,6 +93,13 @@ def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir,
     assert base.keys() == before.keys()
     for k in before:
         assert torch.equal(before[k], base[k]), k  # the base model is frozen
+    exported = transformers.AutoModelForCausalLM.from_pretrained(run.model_dir).state_dict()
+    assert exported.keys() == before.keys()  # a plain model with the adapters merged in
+    assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(exported["model.layers.0.self_attn.k_proj.weight"],
+                       before["model.layers.0.self_attn.k_proj.weight"])
+    assert not any(hasattr(m, "lora_A") for m in merged.modules())
 
 
 def test_lora_is_merged_on_export_into_a_plain_model(smollm_dir, tmp_path):
@@ -177,3 +186,57 @@ def test_bad_options_are_named(llama, tiny_native_dir):
     with pytest.raises(ValueError, match="native DeepSeek-V3 trains in full"):
         H.prepare_model(native, H.HFOptions(gradient_checkpointing=True))
     assert H.prepare_model(native, H.HFOptions(dtype="bfloat16")).lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.fixture()
+def llama_dir(tmp_path, llama, tiny_tokenizer):
+    llama.config.eos_token_id, llama.config.pad_token_id = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    llama.save_pretrained(tmp_path / "llama")
+    tiny_tokenizer.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def test_interrupted_lora_grpo_resumes_exactly_from_its_adapters(llama_dir, tmp_path, monkeypatch):
+    from r1lab.train import grpo as GR
+
+    reward = tmp_path / "length.py"  # a random model is never right: reward length so that groups differ
+    reward.write_text("def length(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
+
+    def cfg(out):
+        return GR.GRPOConfig(out=str(tmp_path / out), model=str(llama_dir), steps=3, prompts_per_step=2,
+                             num_generations=3, max_new_tokens=6, template="r1", bf16=False, save_every=2, lr=1e-2,
+                             warmup=0, task_args={"arithmetic": {"max_digits": 1}}, beta=0.1,
+                             rewards=[f"{reward}:length"], reward_weights=[1.0],
+                             hf=H.HFOptions(lora_rank=4, lora_alpha=8, lora_dropout=0.1))
+
+    ref, _, _ = GR.grpo(cfg("a"), progress=False)
+    real = GR.GRPOTrainer.rollout
+
+    def crash_at_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(GR.GRPOTrainer, "rollout", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        GR.grpo(cfg("b"), progress=False)
+    monkeypatch.setattr(GR.GRPOTrainer, "rollout", real)
+    assert (tmp_path / "b" / "checkpoint" / H.ADAPTER_CONFIG).is_file()  # the checkpoint holds the adapters only
+    resumed, _, run = GR.grpo(cfg("b"), progress=False)
+    sa, sb = ref.state_dict(), resumed.state_dict()
+    assert sa.keys() == sb.keys() and not any("lora" in k for k in sb)
+    moved = False
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+        moved |= not torch.equal(sb[k], llama_state(llama_dir)[k])
+    assert moved
+    assert [r["step"] for r in run.metrics()] == [1, 2, 3]
+    again, _, _ = GR.grpo(cfg("b"), progress=False)  # finished: the final model, metrics kept
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sb.items())
+    assert [r["step"] for r in run.metrics()] == [1, 2, 3]
+
+
+def llama_state(path, _cache={}):
+    if path not in _cache:
+        _cache[path] = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    return _cache[path]

@@ -225,6 +225,34 @@ def test_packed_segments_do_not_attend_to_each_other():
     assert (joint[7:] - sep_b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["dense", "moe_groups"])
+def test_grouped_forward_equals_each_completion_run_after_its_prompt(name):
+    """GRPO's grouped layout (prompts once, completions beside them) against the plain reference: every
+    completion forwarded alone right after its prompt, values and gradients."""
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_model_config(61, **CONFIGS[name])).train().double()  # float64: gradients compare tightly
+    _random_bias(model)
+    prompts = [torch.randint(0, 61, (n,)) for n in (5, 9)]
+    comps = [[torch.randint(0, 61, (n,)) for n in lens] for lens in ((4, 1, 6), (3, 7, 2))]
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=0)  # noqa: E731
+    flat = [c for cs in comps for c in cs]
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    hp, hc = model.grouped_hidden_states(pad(prompts), torch.tensor([5, 9]), pad(flat),
+                                         torch.tensor([len(c) for c in flat]), group)
+    loss_grouped = sum((hc[n, : len(c)] ** 2).sum() for n, c in enumerate(flat)) + (hp[1, :9] ** 2).sum()
+    g_grouped = torch.autograd.grad(loss_grouped, model.model.layers[1].self_attn.kv_b_proj.weight)[0]
+    loss_ref = 0
+    for n, c in enumerate(flat):
+        p = prompts[group[n]]
+        h = model.hidden_states(torch.cat([p, c])[None])[0]
+        assert (h[len(p):] - hc[n, : len(c)]).abs().max() < 1e-5
+        assert (h[: len(p)] - hp[group[n], : len(p)]).abs().max() < 1e-5
+        loss_ref = loss_ref + (h[len(p):] ** 2).sum()
+    loss_ref = loss_ref + (model.hidden_states(prompts[1][None])[0] ** 2).sum()
+    g_ref = torch.autograd.grad(loss_ref, model.model.layers[1].self_attn.kv_b_proj.weight)[0]
+    assert (g_grouped - g_ref).abs().max() < 1e-6 * g_ref.abs().max()
+
+
 def test_bf16_cast_keeps_balancing_bias_in_float32():
     model = DeepseekV3(tiny_model_config(30)).cast(torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16

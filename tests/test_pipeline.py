@@ -17,7 +17,7 @@ TINY_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16
 def _argv(out):
     return ["pipeline", "--out", str(out), "--pretrain.steps", "4", "--pretrain.rows", "2",
             "--pretrain.eval-problems", "4", "--pretrain.model", json.dumps(TINY_MODEL), "--pretrain.vocab-size", "400",
-            "--pretrain.bf16", "false", "--task-args", '{"max_digits": 1}',
+            "--pretrain.bf16", "false", "--task-args", '{"min_digits": 1, "max_digits": 1}',
             "--grpo.steps", "2", "--grpo.prompts-per-step", "2", "--grpo.num-generations", "3",
             "--grpo.max-new-tokens", "8", "--grpo.bf16", "false", "--eval.limit", "4", "--eval.k", "2",
             "--eval.max-new-tokens", "8"]

@@ -60,12 +60,15 @@ def recover(path: str | Path) -> Path:
     return path
 
 
-def save_model(model: DeepseekV3, path: str | Path, tokenizer=None, extra: dict[str, object] | None = None) -> Path:
-    """Write a native model (and tokenizer) as a directory that r1lab and `transformers` both load."""
+def save_model(model: DeepseekV3, path: str | Path, tokenizer=None, extra: dict[str, object] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a native model (and tokenizer) as a directory that r1lab and `transformers` both load; `state_dict`,
+    when given, replaces the model's own (whole weights gathered from FSDP shards)."""
 
     def fill(tmp: Path):
         model.config.save(tmp / "config.json")
-        state = to_disk_names({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+        weights = model.state_dict() if state_dict is None else state_dict
+        state = to_disk_names({k: v.detach().contiguous().cpu() for k, v in weights.items()})
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -162,13 +162,15 @@ class ModelConfig:
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
     """The embedded default: a DeepSeek-V3 in miniature (MLA + grouped MoE with shared experts and aux-loss-free
-    balancing; about 1M parameters active) that trains on a CPU in minutes. MTP is off by default: on a 2-core
+    balancing; about 1.3M parameters active) that trains on a CPU in minutes. MTP is off by default: on a 2-core
     CPU its extra block costs ~17% of a pretraining step; turn it on with num_nextn_predict_layers=1. Balancing
-    moves 10x faster than V3's 0.001, since the whole run is a few hundred steps."""
+    moves 10x faster than V3's 0.001, since the whole run is a few hundred steps. The kv latent is as wide as the
+    model (a narrower one, 32, left column arithmetic half-learned in the same time) and queries are not
+    compressed: at hidden size 128 a q rank of 128 would compress nothing (V2-Lite also runs without it)."""
     base = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, moe_intermediate_size=128,
         num_hidden_layers=4, num_attention_heads=4, first_k_dense_replace=1,
-        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         routed_scaling_factor=1.0, num_nextn_predict_layers=0, max_position_embeddings=512,
         tie_word_embeddings=True, bias_update_speed=1e-2,

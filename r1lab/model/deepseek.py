@@ -114,33 +114,57 @@ class MLA(nn.Module):
         _, _, softmax_mult = rope_frequencies(cfg)
         self.scale = cfg.qk_head_dim ** -0.5 * softmax_mult
 
-    def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
+    def _project(self, x, rot):
+        """Queries (no-RoPE and RoPE parts per head), the normalised kv latent and the shared RoPE key."""
         B, S, _ = x.shape
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, S, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_nope, q_pe = q.view(B, S, self.n_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
-        latent = self.kv_a_layernorm(latent)
         q_pe = apply_rope(q_pe, rot, self.cfg.rope_interleave)
         k_pe = apply_rope(k_pe.unsqueeze(2), rot, self.cfg.rope_interleave).squeeze(2)
+        return q_nope, q_pe, self.kv_a_layernorm(latent), k_pe
+
+    def _heads(self, q_nope, q_pe, latent, k_pe):
+        """Per-head queries, keys and values [B, H, S, d] with the latent expanded (training / full forward)."""
+        B, S = latent.shape[:2]
+        k_nope, v = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.vdim).split(
+            [self.nope, self.vdim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        return torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k, v.transpose(1, 2)
+
+    def _masked(self, q, k, v, bias):
+        """Attention with an additive bias [B, 1, S, T] (0 or -inf): on CPU ~2x faster than SDPA's masked path."""
+        B, H, S, T = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        scores = torch.baddbmm(bias.expand(B, H, S, T).reshape(B * H, S, T), q.reshape(B * H, S, -1),
+                               k.reshape(B * H, T, -1).transpose(1, 2), alpha=self.scale)
+        return torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * H, T, -1)).view(B, H, S, -1)
+
+    def grouped(self, xp, xc, rot_p, rot_c, bias_c, group):
+        """Prompts [P, Lp, D] attend causally to themselves; completions [N, Lc, D] attend to their prompt
+        (`group` [N] indexes it) and causally to themselves, through `bias_c` [N, 1, Lc, Lp + Lc]. Each prompt is
+        computed once for its G completions and no score is spent between completions (GRPO training)."""
+        qp, kp, vp = self._heads(*self._project(xp, rot_p))
+        qc, kc, vc = self._heads(*self._project(xc, rot_c))
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale)
+        k = torch.cat([kp.index_select(0, group), kc], dim=2)
+        v = torch.cat([vp.index_select(0, group), vc], dim=2)
+        oc = self._masked(qc, k, v, bias_c)
+        out = lambda o: self.o_proj(o.transpose(1, 2).flatten(2))  # noqa: E731
+        return out(op), out(oc)
+
+    def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
+        B, S, _ = x.shape
+        q_nope, q_pe, latent, k_pe = self._project(x, rot)
 
         if cache is None:  # training / full forward: expand the latent into per-head keys and values
-            kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.vdim)
-            k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-            qf = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-            v = v.transpose(1, 2)
+            qf, k, v = self._heads(q_nope, q_pe, latent, k_pe)
             if mask is None:  # plain causal: SDPA's fused kernel
                 o = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=self.scale)
-            else:  # an additive bias [B, 1, S, S] (0 or -inf): on CPU this beats SDPA's masked math path by ~2x
-                H = self.n_heads
-                scores = torch.baddbmm(mask.expand(B, H, S, S).reshape(B * H, S, S),
-                                       qf.reshape(B * H, S, -1), k.reshape(B * H, S, -1).transpose(1, 2),
-                                       alpha=self.scale)
-                o = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * H, S, -1)).view(B, H, S, -1)
+            else:
+                o = self._masked(qf, k, v, mask)
             o = o.transpose(1, 2)
         else:  # cached: attend in latent space; every head reads the same [latent | RoPE key] entries (MQA-like)
             keys = cache.write(layer, torch.cat([latent, k_pe], dim=-1))            # [B, T, rank + rope]
@@ -203,24 +227,29 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // k
         expert = flat[order]
-        w = weights.flatten()[order].unsqueeze(1).to(x.dtype)
+        w = weights.flatten()[order]
         per_expert = counts.tolist()  # the one host sync of the layer
         if 2 * sum(c > 0 for c in per_expert) >= E:  # grouped: buckets padded to the fullest expert
+            # Every bucket slot names its source token (padding slots name an extra zero row), so filling the
+            # buckets and summing back are 1-D index_select / index_add: much cheaper than 2-D scatters.
+            N, cap = x.shape[0], max(per_expert)
             start = counts.cumsum(0) - counts
-            slot = torch.arange(len(flat), device=x.device) - start[expert]
-            buckets = x.new_zeros(E, max(per_expert), x.shape[1])
-            buckets[expert, slot] = x[token]
+            pos = expert * cap + torch.arange(len(flat), device=x.device) - start[expert]
+            src = torch.full((E * cap,), N, dtype=torch.long, device=x.device).index_copy_(0, pos, token)
+            w_slot = torch.zeros(E * cap, dtype=w.dtype, device=x.device).index_copy_(0, pos, w)
+            buckets = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src).view(E, cap, -1)
             gate, up = torch.bmm(buckets, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-            y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))[expert, slot]
-        else:
-            ys, start = [], 0
-            for e, c in enumerate(per_expert):
-                if c:
-                    gate, up = F.linear(x[token[start : start + c]], self.gate_up_proj[e]).chunk(2, dim=-1)
-                    ys.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-                    start += c
-            y = torch.cat(ys)
-        return torch.zeros_like(x).index_add_(0, token, y * w)
+            y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2)).reshape(E * cap, -1)
+            y = (y * w_slot.unsqueeze(1).to(y.dtype)).to(x.dtype)
+            return x.new_zeros(N + 1, x.shape[1]).index_add_(0, src, y)[:N]
+        ys, start = [], 0
+        for e, c in enumerate(per_expert):
+            if c:
+                gate, up = F.linear(x[token[start : start + c]], self.gate_up_proj[e]).chunk(2, dim=-1)
+                ys.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                start += c
+        y = torch.cat(ys) * w.unsqueeze(1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -288,6 +317,17 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rot, mask, cache, self.layer)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+    def forward_grouped(self, xp, xc, rot_p, rot_c, bias_c, group, token_mask):
+        """`forward` for prompts and their completions held apart (see MLA.grouped); the FFN sees both as one set
+        of tokens, `token_mask` [P*Lp + N*Lc] marking the real ones."""
+        ap, ac = self.self_attn.grouped(self.input_layernorm(xp), self.input_layernorm(xc), rot_p, rot_c, bias_c,
+                                        group)
+        xp, xc = xp + ap, xc + ac
+        x = torch.cat([xp.flatten(0, 1), xc.flatten(0, 1)])
+        h = self.post_attention_layernorm(x)
+        x = x + (self.mlp(h[None], token_mask[None])[0] if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x[: xp.shape[0] * xp.shape[1]].view_as(xp), x[xp.shape[0] * xp.shape[1]:].view_as(xc)
 
 
 class SharedHead(nn.Module):
@@ -438,6 +478,28 @@ class DeepseekV3(nn.Module):
                       token_mask=None) -> torch.Tensor:
         """Final-norm hidden states [B, S, D]; `lm_head` on a subset of them gives those positions' logits."""
         return self.model.norm(self.body(input_ids, attention_mask, position_ids, None, segment_ids, token_mask)[0])
+
+    def grouped_hidden_states(self, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, completion_ids: torch.Tensor,
+                              completion_lens: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-norm hidden states of prompts [P, Lp] and of completions [N, Lc] (both right-padded) where
+        completion n continues prompt `group[n]`: the same numbers as packing [prompt | c1 | ... | cG] with a 4D
+        mask, at a fraction of the attention cost (prompts run once; completions do not score each other)."""
+        P, Lp = prompt_ids.shape
+        N, Lc = completion_ids.shape
+        dev = prompt_ids.device
+        xp, xc = self.model.embed_tokens(prompt_ids), self.model.embed_tokens(completion_ids)
+        start = prompt_lens.index_select(0, group)                                        # [N]
+        rot_p = self.rope(torch.arange(Lp, device=dev).expand(P, Lp))
+        rot_c = self.rope(start[:, None] + torch.arange(Lc, device=dev))
+        see_prompt = torch.arange(Lp, device=dev)[None, :] < start[:, None]               # [N, Lp]
+        see_self = torch.ones(Lc, Lc, dtype=torch.bool, device=dev).tril()                 # [Lc, Lc]
+        allowed = torch.cat([see_prompt[:, None, :].expand(N, Lc, Lp), see_self.expand(N, Lc, Lc)], dim=-1)
+        bias_c = attention_bias(allowed[:, None], xc.dtype)
+        real = torch.cat([(torch.arange(Lp, device=dev)[None] < prompt_lens[:, None]).flatten(),
+                          (torch.arange(Lc, device=dev)[None] < completion_lens[:, None]).flatten()])
+        for layer in self.main_layers:
+            xp, xc = layer.forward_grouped(xp, xc, rot_p, rot_c, bias_c, group, real)
+        return self.model.norm(xp), self.model.norm(xc)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,

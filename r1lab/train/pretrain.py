@@ -4,6 +4,9 @@ The corpus mixes worked solutions (`<think> steps </think> <answer> x </answer>`
 think block), so the base model sometimes thinks and sometimes does not. That mix is what lets R1-Zero appear in
 miniature: RL then discovers that thinking pays. (With only worked examples GRPO rewarded stopping early; with
 too many bare answers the thinking skill stayed too weak to amplify.)
+
+Under torchrun each process trains on a contiguous share of every step's `rows` (a global count), its loss weighted
+by its share of the step's label tokens, so N processes take the steps one process takes (`r1lab.train.dist`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.tasks import Problem, get_task
 from r1lab.tokenizer import render_prompt, train_tokenizer
+from r1lab.train import dist as D
 from r1lab.train.packing import Packed, pack
 from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
 
@@ -26,7 +30,7 @@ from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
 class PretrainConfig:
     out: str = "runs/pretrain"
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    task_args: dict = field(default_factory=dict)      # knobs per task, e.g. {"arithmetic": {"max_digits": 3}}
+    task_args: dict = field(default_factory=lambda: {"arithmetic": {"min_digits": 2, "max_digits": 2, "ops": "+-"}})
     direct_fraction: float = 0.5     # share of examples that answer at once with an empty think block
     template: str = "r1zero"
     tokenizer: str | None = None     # a tokenizer directory to reuse; default: train one on the corpus
@@ -35,7 +39,7 @@ class PretrainConfig:
     steps: int = 600
     rows: int = 16                   # packed rows per step
     seq_len: int = 256
-    lr: float = 3e-3
+    lr: float = 2e-3                 # 3e-3 left the column work half-learned at the same step count
     warmup: int = 30
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -46,6 +50,8 @@ class PretrainConfig:
     log_every: int = 10
     save_every: int = 100
     seed: int = 0
+    device: str = "cpu"              # cpu | cuda | auto (CUDA when present)
+    parallel: str = "ddp"            # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
 
     def validate(self) -> "PretrainConfig":
         if not 0 <= self.direct_fraction <= 1:
@@ -55,6 +61,7 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
+        D.check_parallel(self.parallel)
         for t in self.tasks:
             get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now, not at step 1
         return self
@@ -167,69 +174,103 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
     from r1lab.model.load import load_tokenizer
 
     cfg.validate()
+    device = D.setup(cfg.device)
+    if D.world() > cfg.rows:
+        raise ValueError(f"rows ({cfg.rows}) is smaller than the number of processes ({D.world()}); every process "
+                         "trains on a share of the step's rows: raise --rows")
     run = Run(cfg.out, cfg, resume=resume)
     if run.done() and resume:
-        return load_model(run.model_dir), load_tokenizer(run.model_dir), run
+        return load_model(run.model_dir, device=device), load_tokenizer(run.model_dir), run
     state = run.load()
     if state:
-        model, tok = load_model(run.checkpoint_dir), load_tokenizer(run.checkpoint_dir)
+        model, tok = load_model(run.checkpoint_dir, device=device), load_tokenizer(run.checkpoint_dir)
     else:
         tok = build_tokenizer(cfg)
-        model = build_model(cfg, tok)
+        model = build_model(cfg, tok).to(device)
     model.train()
+    forward = D.wrap(model, _forward, cfg.parallel)  # before the optimiser: FSDP shards the parameters
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        D.load_optimizer_state(opt, state["optimizer"])
         set_rng_state(state["rng"])
         start = state["step"]
     corpus = Corpus(cfg, tok)
     share = len(model.mtp_layers) == 0  # the MTP loss works on plain packed sequences only
     fpt = training_flops_per_token(model.config, cfg.seq_len)
-    peak = measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32)
+    peak = measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32, device=device)
 
-    bar = _bar(range(start, cfg.steps), progress, "pretrain")
+    bar = _bar(range(start, cfg.steps), progress and D.is_main(), "pretrain")
     tokens = 0
     t_log = time.perf_counter()
     for step in bar:
         batch = corpus.batch(step, share_prefix=share)
+        if D.active():
+            batch, weights = process_rows(batch)
         lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        dev = lambda t: t.to(device)  # noqa: E731
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             if share:  # a 4D mask: samples see the shared preamble and themselves
-                out = model(batch.input_ids, attention_mask=batch.mask(), position_ids=batch.position_ids,
-                            labels=batch.labels, token_mask=batch.attention_mask)
+                out = forward(dev(batch.input_ids), attention_mask=dev(batch.mask()),
+                              position_ids=dev(batch.position_ids), labels=dev(batch.labels),
+                              token_mask=dev(batch.attention_mask))
             else:      # MTP needs plain per-sample sequences
-                out = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                            segment_ids=batch.segment_ids, labels=batch.labels)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                out = forward(dev(batch.input_ids), attention_mask=dev(batch.attention_mask),
+                              position_ids=dev(batch.position_ids), segment_ids=dev(batch.segment_ids),
+                              labels=dev(batch.labels))
+        loss, lm_loss = out.loss, out.lm_loss
+        if D.active():  # this process's share of the step's loss (token means by tokens, the balance loss by rows)
+            aux = out.aux_loss if out.aux_loss is not None else 0.0
+            loss = (out.loss - aux) * weights[0] + aux * weights[1]
+            lm_loss = lm_loss * weights[0]
+        D.backward(loss)
+        grad_norm = D.clip_grad_norm(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        D.sync_expert_load(model)
         imbalance = model.update_expert_bias()
         tokens += batch.n_tokens
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             dt = time.perf_counter() - t_log
-            row = dict(loss=out.loss.item(), lm_loss=out.lm_loss.item(), lr=lr, grad_norm=grad_norm.item(),
-                       mtp_loss=out.mtp_loss.item() if out.mtp_loss is not None else None,
+            loss_v, lm_v, tokens = D.all_sum([loss.item(), lm_loss.item(), tokens])
+            mtp = D.all_sum(out.mtp_loss.item()) / D.world() if out.mtp_loss is not None else None
+            row = dict(loss=loss_v, lm_loss=lm_v, lr=lr, grad_norm=grad_norm.item(), mtp_loss=mtp,
                        expert_imbalance=imbalance.mean().item() if len(imbalance) else None,
-                       **achieved_flops_report(tokens, dt, fpt, peak))
+                       **achieved_flops_report(tokens, dt, fpt, peak * D.world()))
             run.log(step + 1, **row)
-            if progress:
+            if progress and D.is_main():
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             tokens, t_log = 0, time.perf_counter()
         if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             model.eval()
-            run.log(step + 1, eval=quick_eval(model, tok, cfg))
+            with D.full_weights(forward):  # every process evaluates (the same problems)
+                run.log(step + 1, eval=quick_eval(model, tok, cfg))
             model.train()
             t_log = time.perf_counter()
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             run.save(model, tok, step + 1, opt)
     model.eval()
-    run.log(cfg.steps, eval=quick_eval(model, tok, cfg))
+    with D.full_weights(forward):
+        run.log(cfg.steps, eval=quick_eval(model, tok, cfg))
     run.finish(model, tok)
     return model, tok, run
+
+
+def _forward(model, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+def process_rows(batch: Packed) -> tuple[Packed, tuple[float, float]]:
+    """This process's share of the step's rows, and the weights of its losses: its share of the step's label
+    tokens (for token means) and of its rows (for the per-row balance loss)."""
+    mine = D.share(batch.input_ids.shape[0])
+    part = Packed(batch.input_ids[mine], batch.position_ids[mine], batch.group[mine], batch.segment[mine], [],
+                  batch.labels[mine])
+    n_mine = int((part.labels[:, 1:] != -100).sum())
+    n_all = D.all_sum(n_mine)
+    return part, (n_mine / max(1.0, n_all), (mine.stop - mine.start) / batch.input_ids.shape[0])
 
 
 def _bar(it, enabled: bool, desc: str):

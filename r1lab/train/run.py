@@ -6,7 +6,8 @@
     runs/<name>/model/             the final model, written when the stage completes
 
 Resuming from `checkpoint/` restores weights, optimiser, step and RNG, and truncates metrics logged after the
-checkpoint, so an interrupted run continues exactly as if it had not stopped.
+checkpoint, so an interrupted run continues exactly as if it had not stopped. Under torchrun every process calls
+these methods and rank 0 alone writes (checkpoints gathered whole: they resume on any number of processes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from r1lab import config as C
 from r1lab.model.checkpoint import CheckpointError, atomic_dir, load_state, recover, save_model, save_state
+from r1lab.train import dist as D
 
 STATE = "trainer_state.pt"
 
@@ -31,8 +33,12 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
-        if cfg is not None:
-            C.save(cfg, self.dir / "config.yaml")
+        if D.is_main():
+            recover(self.checkpoint_dir)  # once, before other processes look
+            recover(self.model_dir)
+            if cfg is not None:
+                C.save(cfg, self.dir / "config.yaml")
+        D.barrier()
         self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ checkpoints
@@ -51,27 +57,45 @@ class Run:
     def save(self, model, tokenizer, step: int, optimizer=None, extra: dict | None = None) -> None:
         """Atomically write weights + trainer state (optimiser, step, RNG) to `checkpoint/`."""
         state = {"step": step, "rng": rng_state(), "extra": extra or {}}
+        if D.active():  # each process's RNG, for a resume on as many processes
+            state["rng_ranks"] = D.gather(rng_state())
         if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
-        write_model(model, tokenizer, self.checkpoint_dir, extra_state=state)
+            state["optimizer"] = D.optimizer_state(optimizer)
+        weights = D.model_state(model)
+        if D.is_main():
+            write_model(model, tokenizer, self.checkpoint_dir, extra_state=state, state_dict=weights)
+        D.barrier()
 
     def load(self) -> dict | None:
         """The trainer state of the latest checkpoint (weights are loaded by the caller), or None."""
-        if not self.resume or not (recover(self.checkpoint_dir) / STATE).is_file():
+        state = None
+        if self.resume and (recover(self.checkpoint_dir) / STATE).is_file():
+            state = load_state(self.checkpoint_dir / STATE)
+        steps = D.gather(state["step"] if state else None)
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"processes see different checkpoints in {self.checkpoint_dir} (steps {steps} by "
+                                  "rank); put --out on a filesystem that every node shares")
+        if state is None:
             return None
-        state = load_state(self.checkpoint_dir / STATE)
+        ranks = state.pop("rng_ranks", None)
+        if D.active() and ranks and len(ranks) == D.world():
+            state["rng"] = ranks[D.rank()]
         self.truncate_metrics(state["step"])
         return state
 
     def finish(self, model, tokenizer) -> Path:
-        write_model(model, tokenizer, self.model_dir)
+        weights = D.model_state(model)
+        if D.is_main():
+            write_model(model, tokenizer, self.model_dir, state_dict=weights)
+        D.barrier()
         return self.model_dir
 
     # ------------------------------------------------------------------ metrics
     def log(self, step: int, **metrics) -> dict:
         row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **_plain(metrics)}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if D.is_main():
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         return row
 
     def metrics(self) -> list[dict]:
@@ -79,27 +103,34 @@ class Run:
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after `step` (they will be logged again by the resumed run)."""
+        if not D.is_main():
+            return
         rows = [r for r in self.metrics() if r.get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(self.metrics_path)
 
 
-def write_model(model, tokenizer, path: Path, extra_state: dict | None = None) -> None:
-    """Save a native or transformers model (and tokenizer, and trainer state) as one atomic directory."""
+def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, state_dict: dict | None = None) -> None:
+    """Save a native or transformers model (and tokenizer, and trainer state) as one atomic directory;
+    `state_dict` replaces the model's own (whole weights gathered from FSDP shards)."""
     from r1lab.model.deepseek import DeepseekV3
 
     if isinstance(model, DeepseekV3):
         def fill(tmp):
             pass
-        save_model(model, path, tokenizer=tokenizer, extra={STATE: extra_state} if extra_state else None)
+        save_model(model, path, tokenizer=tokenizer, extra={STATE: extra_state} if extra_state else None,
+                   state_dict=state_dict)
         return
 
     def fill(tmp: Path):
         unwrapped = getattr(model, "module", model)
         if hasattr(unwrapped, "merge_and_unload") and extra_state is None:
             unwrapped = unwrapped.merge_and_unload()  # LoRA: a plain model on export
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is not None:
+            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra_state is not None:

@@ -8,6 +8,8 @@ Data, one JSON object per line:
   message lists instead, they are a chat whose completion turns are learned.
 Samples are packed into rows of `seq_len` tokens in which no sample attends to another (`r1lab.train.packing`),
 for r1lab's native model and any `transformers` causal LM (LoRA and gradient checkpointing via `HFOptions`).
+Under torchrun each process takes a share of every micro-batch's rows; `rows` stays the global count, and the loss
+is divided by the global number of reply tokens, so N processes take the steps one process takes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from r1lab.model.hf import HFOptions, base_model, is_native, load_trainable, trainable_parameters
 from r1lab.reasoning import THINK_START
 from r1lab.tokenizer import TEMPLATES, apply_template
+from r1lab.train import dist as D
 from r1lab.train.packing import Packed, pack
 from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
 
@@ -41,7 +44,7 @@ class SFTConfig:
     template: str = "model"           # chat template for messages: model (the tokenizer's own) | r1 | r1zero
     epochs: int = 2                   # the R1 recipe fine-tuned for 2 epochs
     seq_len: int = 1024               # packed row length; longer samples are dropped and counted
-    rows: int = 4                     # packed rows per micro-batch
+    rows: int = 4                     # packed rows per micro-batch (over all processes under torchrun)
     grad_accum: int = 1               # micro-batches per optimiser step
     lr: float = 5e-5
     warmup: int = 10
@@ -51,6 +54,7 @@ class SFTConfig:
     bf16: bool = True                 # bf16 autocast for matmuls (weights as hf.dtype says)
     hf: HFOptions = field(default_factory=HFOptions)
     device: str = "auto"              # auto: CUDA when present, else CPU
+    parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
     eval_every: int = 0               # steps between held-out losses; 0: at the end only
     log_every: int = 1
     save_every: int = 50
@@ -78,6 +82,7 @@ class SFTConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         self.hf.validate()
+        D.check_parallel(self.parallel, self.hf.lora)
         return self
 
 
@@ -284,6 +289,11 @@ def token_losses(model, batch: Packed) -> torch.Tensor:
     return out.index_put((r.to(dev), c.to(dev)), ce)
 
 
+def _micro_batch_loss(model, batch: Packed):
+    """(summed reply-token cross-entropy, balance loss or None): the training forward that DDP or FSDP wraps."""
+    return token_losses(model, batch).sum(), _aux_loss(model)
+
+
 def _aux_loss(model) -> torch.Tensor | None:
     """The native MoE's sequence-wise balance loss of the last forward, when its config asks for one."""
     if not is_native(model):
@@ -294,18 +304,20 @@ def _aux_loss(model) -> torch.Tensor | None:
 
 @torch.no_grad()
 def held_out_loss(model, packed: Packed, rows: int, bf16: bool, device) -> float:
-    """Mean cross-entropy per reply token over the held-out rows (no dropout)."""
+    """Mean cross-entropy per reply token over the held-out rows (no dropout); processes split the rows."""
     was = model.training
     model.eval()
     total, n = 0.0, 0
     try:
-        for i in range(0, packed.input_ids.shape[0], rows):
+        starts = range(0, packed.input_ids.shape[0], rows)
+        for i in starts[D.share(len(starts))]:
             batch = select_rows(packed, torch.arange(i, min(i + rows, packed.input_ids.shape[0])))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 total += token_losses(model, batch).sum().item()
             n += int((batch.labels != -100).sum())
     finally:
         model.train(was)
+    total, n = D.all_sum([total, n])
     return total / max(1, n)
 
 
@@ -317,10 +329,9 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
     from r1lab.cost import achieved_flops_report, training_flops_per_token
     from r1lab.hardware import measure_matmul_peak
     from r1lab.model.load import load_model_and_tokenizer
-    from r1lab.runtime import pick_device
 
     cfg.validate()
-    device = pick_device(cfg.device)
+    device = D.setup(cfg.device)
     run = Run(cfg.out, cfg, resume=resume)
     if run.done() and resume:
         model, tok = load_model_and_tokenizer(run.model_dir, device=device)
@@ -332,10 +343,11 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
     model, tok = load_trainable(cfg.model, cfg.hf, device=device, resume_from=run.checkpoint_dir if state else None)
     data = build_data(cfg, tok)
     model.train()
+    forward = D.wrap(model, _micro_batch_loss, cfg.parallel)  # before the optimiser: FSDP shards the parameters
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        D.load_optimizer_state(opt, state["optimizer"])
         set_rng_state(state["rng"])
         start = state["step"]
     n_rows = data.train.input_ids.shape[0]
@@ -353,7 +365,7 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         fpt = None
 
     bar = range(start, total)
-    if progress:
+    if progress and D.is_main():
         from tqdm import tqdm
         bar = tqdm(bar, desc="sft", initial=start, total=total, dynamic_ncols=True)
     tokens, t_log = 0, time.perf_counter()
@@ -361,42 +373,55 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         epoch, k = divmod(step, steps_per_epoch)
         order = data.order(epoch, cfg.seed)
         micro = range(k * cfg.grad_accum, min((k + 1) * cfg.grad_accum, micro_per_epoch))
-        batches = [select_rows(data.train, order[m * cfg.rows:(m + 1) * cfg.rows]) for m in micro]
-        n_labels = sum(int((b.labels != -100).sum()) for b in batches)
+        parts = [order[m * cfg.rows:(m + 1) * cfg.rows] for m in micro]
+        mine = [p[D.share(len(p))] for p in parts]  # this process's rows of each micro-batch (all of them alone)
+        batches = [select_rows(data.train, r) if len(r) else None for r in mine]
+        n_labels = int(D.all_sum(sum(int((b.labels != -100).sum()) for b in batches if b is not None)))
         lr = cosine_lr(step, total, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = 0.0
-        for b in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                ce = token_losses(model, b).sum()
-                aux = _aux_loss(model)
-            loss = ce / n_labels + (aux / len(batches) if aux is not None else 0.0)
-            loss.backward()
+        loss_sum, step_tokens = 0.0, 0
+        for i, b in enumerate(batches):
+            with D.accumulate(forward, sync=i == len(batches) - 1):
+                if b is None:  # fewer rows than processes: a pass that adds nothing keeps DDP/FSDP in step
+                    with D.uncounted(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        ce, aux = forward(select_rows(data.train, order[:1]))
+                    D.backward((ce + (aux if aux is not None else 0.0)) * 0.0)
+                    continue
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    ce, aux = forward(b)
+                weight = len(mine[i]) / len(parts[i])  # the balance loss is a mean over the micro-batch's rows
+                loss = ce / n_labels + (aux * weight / len(batches) if aux is not None else 0.0)
+                D.backward(loss)
             loss_sum += ce.item()
-            tokens += b.n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            step_tokens += b.n_tokens
+        loss_sum, step_tokens = D.all_sum([loss_sum, step_tokens])
+        tokens += step_tokens
+        grad_norm = D.clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if is_native(model):
+            D.sync_expert_load(base_model(model))
             base_model(model).update_expert_bias()
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             row = dict(loss=loss_sum / n_labels, lr=lr, grad_norm=grad_norm.item(), epoch=done / steps_per_epoch,
                        label_tokens=n_labels)
             if fpt:
-                row.update(achieved_flops_report(tokens, time.perf_counter() - t_log, fpt, peak))
+                row.update(achieved_flops_report(tokens, time.perf_counter() - t_log, fpt, peak * D.world()))
             run.log(done, **row)
-            if progress:
+            if progress and D.is_main():
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             tokens, t_log = 0, time.perf_counter()
         if data.held_out is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            run.log(done, eval_loss=held_out_loss(model, data.held_out, cfg.rows, cfg.bf16, device))
+            with D.full_weights(forward):
+                run.log(done, eval_loss=held_out_loss(model, data.held_out, cfg.rows, cfg.bf16, device))
             t_log = time.perf_counter()
         if done % cfg.save_every == 0 and done < total:
             run.save(model, tok, done, opt)
     if data.held_out is not None:
-        run.log(total, eval_loss=held_out_loss(model, data.held_out, cfg.rows, cfg.bf16, device))
+        with D.full_weights(forward):
+            run.log(total, eval_loss=held_out_loss(model, data.held_out, cfg.rows, cfg.bf16, device))
     model.eval()
     run.finish(model, tok)  # a LoRA model is merged into its base here
     return base_model(model), tok, run

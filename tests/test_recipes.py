@@ -1,0 +1,184 @@
+"""The r1 and distill recipes end to end on tiny settings: stage directories, an eval per stage, summary keys and the
+distillation-versus-RL comparison at about equal wall time; a bad recipe name is named."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import r1lab.distill as D
+from r1lab.cli import main
+from r1lab.recipes import RECIPES
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
+STUDENT = dict(num_hidden_layers=1, hidden_size=24, intermediate_size=48, num_attention_heads=2, kv_lora_rank=8,
+               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+
+
+def _argv(out, recipe):
+    return ["pipeline", "--recipe", recipe, "--out", str(out), "--task-args", '{"min_digits": 1, "max_digits": 1}',
+            "--pretrain.steps", "4", "--pretrain.rows", "2", "--pretrain.seq-len", "128",
+            "--pretrain.eval-problems", "4", "--pretrain.model", json.dumps(TINY_MODEL),
+            "--pretrain.vocab-size", "400", "--pretrain.bf16", "false",
+            "--grpo.steps", "2", "--grpo.prompts-per-step", "4", "--grpo.num-generations", "4",
+            "--grpo.max-new-tokens", "24", "--grpo.bf16", "false",
+            "--eval.limit", "8", "--eval.k", "2", "--eval.max-new-tokens", "24",
+            "--r1.cold-start-problems", "16", "--r1.rl-steps", "2", "--r1.rejection-problems", "16",
+            "--r1.final-rl-steps", "2", "--r1.sft-epochs", "1", "--r1.sft-rows", "4",
+            "--distill.student", json.dumps(STUDENT), "--distill.pretrain-steps", "4", "--distill.problems", "16",
+            "--distill.sft-epochs", "1", "--distill.sft-rows", "4"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One r1zero run that both recipes build on."""
+    out = tmp_path_factory.mktemp("recipes") / "run"
+    assert main(_argv(out, "r1zero")) == 0
+    return out
+
+
+@pytest.fixture()
+def worked_teacher(monkeypatch):
+    """The real teacher's samples plus, per problem, one worked solution and one wrong answer: a tiny model that
+    passes the filters by itself would need minutes of pretraining, and the stages need data to go on."""
+    real = D.sample_teacher
+
+    def sample_teacher(cfg, problems, progress=True):
+        groups = real(cfg, problems, progress)
+        for g, p in zip(groups, problems):
+            for answer in (p.answer, str(int(p.answer) + 1)):
+                text = f" <think> {p.reasoning} </think> <answer> {answer} </answer>"
+                g.append(SimpleNamespace(text=text, token_ids=[0] * len(text.split()), finish_reason="stop"))
+        return groups
+
+    monkeypatch.setattr(D, "sample_teacher", sample_teacher)
+
+
+def _headline_ok(h):
+    assert 0 <= h["pass@1"] <= 1 and 0 <= h["greedy"] <= 1 and 0 <= h["think_share"] <= 1, h
+
+
+def test_r1_recipe_runs_four_evaluated_stages_and_reports(run_dir, worked_teacher, capsys):
+    assert main(_argv(run_dir, "r1")) == 0
+    out = capsys.readouterr().out
+    assert "[4/4]" in out and "The R1 recipe in miniature" in out
+    r1 = run_dir / "r1"
+    summary = json.loads((r1 / "summary.json").read_text())
+    assert list(summary["stages"]) == ["base", "r1zero", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
+    for name, h in summary["stages"].items():
+        _headline_ok(h)
+    for stage, model in [("cold_start", "cold_start/sft/model"), ("reasoning_rl", "reasoning_rl/model"),
+                         ("rejection_sft", "rejection_sft/sft/model"), ("final_rl", "final_rl/model")]:
+        assert (r1 / model / "config.json").is_file(), stage
+        ev = json.loads((r1 / f"eval_{stage}.json").read_text())
+        assert ev["summary"]["pass@1"] == summary["stages"][stage]["pass@1"] and ev["summary"]["n"] == 8
+    base = json.loads((run_dir / "eval_base.json").read_text())["summary"]
+    assert summary["stages"]["base"]["pass@1"] == base["pass@1"]  # the same held-out eval as r1zero
+    for name in ("cold_start", "rejection_sft"):
+        d = summary["data"][name]
+        rows = (r1 / name / "data.jsonl").read_text().splitlines()
+        assert d["kept"] == len(rows) >= 1 and d["kept"] <= d["passed"] <= d["candidates"]
+        reply = json.loads(rows[0])["messages"][-1]["content"]
+        assert reply.startswith(" <think> ") and "</think> <answer>" in reply  # the r1zero format
+    cold = [json.loads(r)["messages"][-1]["content"] for r in (r1 / "cold_start/data.jsonl").read_text().splitlines()]
+    assert all(not c.startswith(" <think> </think>") for c in cold)  # cold-start replies all reason
+    g = json.loads((r1 / "reasoning_rl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/language/mean" in g  # the language-consistency reward of stage 2
+    for f in ("report.md", "report.html", "plots/stages.png", "config.yaml", "timings.json"):
+        assert (r1 / f).exists(), f
+    assert "data:image/png;base64," in (r1 / "report.html").read_text()
+
+    mtime = (r1 / "final_rl" / "model" / "model.safetensors").stat().st_mtime
+    assert main(_argv(run_dir, "r1")) == 0  # resumes: every stage found finished
+    assert (r1 / "final_rl" / "model" / "model.safetensors").stat().st_mtime == mtime
+    assert json.loads((r1 / "summary.json").read_text())["stages"] == summary["stages"]
+
+
+def test_distill_recipe_compares_distillation_with_rl_at_equal_time(run_dir, worked_teacher, capsys):
+    assert main(_argv(run_dir, "distill")) == 0
+    out = capsys.readouterr().out
+    assert "Distillation vs RL" in out and "distillation minus RL" in out
+    d = run_dir / "distill"
+    summary = json.loads((d / "summary.json").read_text())
+    assert list(summary["stages"]) == ["teacher", "student_base", "distilled", "student_rl"]
+    for h in summary["stages"].values():
+        _headline_ok(h)
+    student = json.loads((d / "student_pretrain" / "model" / "config.json").read_text())
+    assert student["first_k_dense_replace"] == student["num_hidden_layers"] == 1  # dense
+    assert student["hidden_size"] == 24
+    assert summary["student"]["params_total"] < summary["teacher"]["params_active"]  # smaller than the teacher
+    for model in ("distilled/sft/model", "student_rl/model"):
+        assert (d / model / "config.json").is_file(), model
+    c = summary["distill_vs_rl"]
+    assert c["distill_pass@1"] == summary["stages"]["distilled"]["pass@1"]
+    assert c["rl_pass@1"] == summary["stages"]["student_rl"]["pass@1"]
+    assert c["winner"] in ("distillation", "rl", "neither") and c["problems"] == 8
+    assert abs(c["difference"] - (c["distill_pass@1"] - c["rl_pass@1"])) < 1e-9
+    assert c["rl_steps"] >= 1 and c["distill_samples"] >= 1
+    # GRPO ran until the distillation's wall time was spent: one step's overshoot and the loading at most
+    assert c["rl_train_seconds"] >= c["distill_seconds"] - 0.2 or c["rl_steps"] == 1000
+    assert abs(c["rl_seconds"] - c["distill_seconds"]) <= max(5.0, 0.5 * c["distill_seconds"]), c
+    for f in ("report.md", "report.html", "plots/stages.png", "plots/student_rl/reward_mean.png"):
+        assert (d / f).exists(), f
+    assert "Distillation versus RL" in (d / "report.md").read_text()
+
+
+def test_a_bad_recipe_name_is_named_with_the_choices(tmp_path, capsys):
+    assert RECIPES == ("r1zero", "r1", "distill")
+    assert main(["pipeline", "--recipe", "r2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'r2'; choose one of r1zero, r1, distill" in err
+    assert not (tmp_path / "x").exists()  # refused before any stage ran
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def test_kept_replies_are_written_exactly_as_the_base_model_was_pretrained():
+    from r1lab.distill import r1_message
+    from r1lab.recipes_r1 import r1zero_reply
+    from r1lab.tasks import get_task
+    from r1lab.train.pretrain import completion_text
+
+    for p in get_task("arithmetic", max_digits=2).problems("train", n=5, seed=0):
+        for direct in (False, True):
+            sampled = completion_text(p, direct)  # what a model pretrained on this format samples
+            assert r1zero_reply(r1_message(sampled)) == sampled
+
+
+def _record(pid, reasoning):
+    return {"id": pid, "messages": [{"role": "user", "content": pid},
+                                    {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n<answer> 1 </answer>"}]}
+
+
+def test_the_longest_reasoning_is_kept_per_problem_in_problem_order():
+    from r1lab.recipes_r1 import select_longest
+
+    kept = [_record("a", "x"), _record("a", "xxx"), _record("b", ""), _record("a", "xx"), _record("b", "y")]
+    reasoning = lambda rs: [(r["id"], r["messages"][1]["content"].split("\n")[1]) for r in rs]  # noqa: E731
+    assert reasoning(select_longest(kept, 2)) == [("a", "xxx"), ("a", "xx"), ("b", "y"), ("b", "")]
+    assert reasoning(select_longest(kept, 1)) == [("a", "xxx"), ("b", "y")]
+    assert reasoning(select_longest([_record("b", "")], 1, need_reasoning=True)) == []
+
+
+def test_the_comparison_is_paired_over_problems_and_says_when_it_cannot_tell():
+    from r1lab.recipes_r1 import compare, verdict
+
+    def result(values):
+        recs = [{"id": str(i), "pass@1": v, "skipped": False} for i, v in enumerate(values)]
+        return {"summary": {"pass@1": sum(values) / len(values)}, "records": recs}
+
+    a, b = [1.0, 1.0, 0.5, 1.0, 0.0, 1.0], [0.0, 0.5, 0.5, 0.0, 0.0, 0.5]
+    c = compare(result(a), result(b))
+    diffs = [x - y for x, y in zip(a, b)]  # reference: the paired t-style interval by hand
+    mean = sum(diffs) / 6
+    sd = (sum((d - mean) ** 2 for d in diffs) / 5) ** 0.5
+    assert c["difference"] == pytest.approx(mean) and c["interval95"] == pytest.approx(1.96 * sd / 6 ** 0.5)
+    assert c["winner"] == "distillation" and "distillation wins" in verdict(c)
+    assert compare(result(b), result(a))["winner"] == "rl"
+    tie = compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0]))
+    assert tie["winner"] == "neither" and "no clear difference" in verdict(tie)
