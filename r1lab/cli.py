@@ -9,9 +9,6 @@ import sys
 
 from r1lab import config as C
 
-# Subcommands that a later piece of work fills in: they are listed in --help and exit non-zero when run.
-PLANNED: dict[str, str] = {}
-
 
 # ----------------------------------------------------------------------------- generate / info
 
@@ -396,19 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for build in BUILDERS:
         build(sub)
-    for name, text in PLANNED.items():
-        if name in sub.choices:
-            continue
-        p = sub.add_parser(name, help=f"{text} [not implemented yet]", add_help=True,
-                           description=f"{text}. Not implemented yet in this version of r1lab.")
-        p.set_defaults(run=_planned(name))
     return parser
-
-
-def _planned(name):
-    def run(args):
-        raise SystemExit(f"r1lab {name}: not implemented yet in this version of r1lab (see the project issues).")
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import torch
 
@@ -47,6 +48,29 @@ def pick_device(name: str | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX.
+    Elsewhere (AVX2-only x86, most ARM) torch emulates bf16 matmuls, about 100x slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def use_bf16(asked: bool | None, device: torch.device) -> bool:
+    """The `bf16` setting of a trainer: None (the default) means bf16 autocast where the device does bf16 natively,
+    else float32; True on a device without it is honoured, with a warning, since it is slow there."""
+    if asked is None:
+        return native_bf16(device)
+    if asked and not native_bf16(device):
+        print(f"warning: bf16 was asked for, but this {device.type} has no native bf16 matmuls; they will run far "
+              "slower than float32 (leave --bf16 unset to choose automatically)", file=sys.stderr)
+    return bool(asked)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

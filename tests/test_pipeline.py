@@ -36,6 +36,10 @@ def test_pipeline_runs_every_stage_and_writes_summary_and_report(tmp_path, capsy
               "plots/reward_mean.png", "pretrain/model/config.json", "grpo/model/config.json", "config.yaml"):
         assert (run / f).exists(), f
     assert "data:image/png;base64," in (run / "report.html").read_text()
+    # the compute section: each training stage's measured throughput against this machine's measured matmul peak
+    md = (run / "report.md").read_text()
+    lines = [line for line in md.split("## Compute", 1)[1].splitlines() if line.startswith(("pretrain", "grpo"))]
+    assert len(lines) == 2 and all("tokens/s" in line and "% of the measured matmul peak" in line for line in lines)
 
 
 def test_rerunning_the_same_directory_resumes_finished_stages(tmp_path, capsys):

@@ -36,6 +36,7 @@ from r1lab.sampler import Completion, Sampler, SamplingParams
 from r1lab.tasks import Problem, get_task
 from r1lab.model.hf import HFOptions
 from r1lab.tokenizer import render_prompt
+from r1lab.runtime import use_bf16
 from r1lab.train import dist as D
 from r1lab.train import losses as L
 from r1lab.train.advantages import get_advantage, zero_variance_groups
@@ -80,7 +81,7 @@ class GRPOConfig:
     micro_batch_tokens: int = 16384   # training tokens per forward (gradient accumulation above that)
     row_tokens: int = 256             # packed row length (a group longer than this gets a row alone): masked
                                       # attention grows with the square of it; 256 vs 1024 made updates 1.7x faster
-    bf16: bool = True
+    bf16: bool | None = None          # bf16 autocast; None: where the device does bf16 natively (runtime.use_bf16)
     hf: HFOptions = field(default_factory=HFOptions)  # transformers models: LoRA, gradient checkpointing, dtype
     device: str = "auto"              # auto: CUDA when present, else CPU
     parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
@@ -350,11 +351,12 @@ class GRPOTrainer:
 
         self.cfg = cfg.validate()
         device = D.setup(cfg.device)  # under torchrun: join the process group before anything is written
+        self.bf16 = use_bf16(cfg.bf16, device)
         self.run = Run(cfg.out, cfg, resume=resume)
         self.progress = progress
         # measured before any seeding or RNG restore: the measurement draws random numbers (once per process)
         finished = self.run.done() and resume
-        self.peak = None if finished else measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32,
+        self.peak = None if finished else measure_matmul_peak(torch.bfloat16 if self.bf16 else torch.float32,
                                                               device=device)
         self.state = None if finished else self.run.load()  # a finished run keeps all its metrics
         torch.manual_seed(cfg.seed)  # LoRA's initial adapters
@@ -473,7 +475,7 @@ class GRPOTrainer:
         agg = L.get_aggregation(cfg.loss_agg)
         ref = None
         if self.ref is not None:
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
                 ref = torch.zeros(N, T, device=dev)
                 for lay in layouts:
                     lp, _ = token_logprobs(self.ref, lay, cfg.temperature)
@@ -488,7 +490,7 @@ class GRPOTrainer:
                     if lay is None:
                         self._idle_pass()
                         continue
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
                         lp, ent = self.policy(lay, cfg.temperature, entropy=epoch == 0)
                     logp = to_matrix(lp.float(), lay, (N, T))
                     m = to_matrix(torch.ones_like(lp, dtype=torch.float), lay, (N, T)) * mask
@@ -527,7 +529,7 @@ class GRPOTrainer:
     def _idle_pass(self) -> None:
         """A forward and backward that add nothing, for a process with fewer micro-batches than another."""
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        with D.uncounted(self.model), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        with D.uncounted(self.model), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             lp, _ = self.policy(self.layouts([[pad]], [[[pad]]])[0], self.cfg.temperature)
         D.backward(lp.sum() * 0.0)
 
@@ -538,7 +540,7 @@ class GRPOTrainer:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for lay in D.even_out(layouts):
             with D.uncounted(self.model), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                          enabled=self.cfg.bf16):
+                                                          enabled=self.bf16):
                 lp, _ = self.policy(lay if lay is not None else self.layouts([[pad]], [[[pad]]])[0],
                                     self.cfg.temperature)
             if lay is not None:

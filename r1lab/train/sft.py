@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from r1lab.model.hf import HFOptions, base_model, is_native, load_trainable, trainable_parameters
 from r1lab.reasoning import THINK_START
 from r1lab.tokenizer import TEMPLATES, apply_template
+from r1lab.runtime import use_bf16
 from r1lab.train import dist as D
 from r1lab.train.packing import Packed, pack
 from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
@@ -51,7 +52,8 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool = True                 # bf16 autocast for matmuls (weights as hf.dtype says)
+    bf16: bool | None = None          # bf16 autocast for matmuls (weights as hf.dtype says); None: where the
+                                      # device does bf16 natively (runtime.use_bf16), else float32
     hf: HFOptions = field(default_factory=HFOptions)
     device: str = "auto"              # auto: CUDA when present, else CPU
     parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
@@ -332,12 +334,13 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
 
     cfg.validate()
     device = D.setup(cfg.device)
+    bf16 = use_bf16(cfg.bf16, device)
     run = Run(cfg.out, cfg, resume=resume)
     if run.done() and resume:
         model, tok = load_model_and_tokenizer(run.model_dir, device=device)
         return model, tok, run
     # measured before any seeding: the measurement draws random numbers (once per process)
-    peak = measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32, device=device)
+    peak = measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=device)
     state = run.load()
     torch.manual_seed(cfg.seed)  # LoRA's initial adapters and dropout
     model, tok = load_trainable(cfg.model, cfg.hf, device=device, resume_from=run.checkpoint_dir if state else None)
@@ -384,11 +387,11 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         for i, b in enumerate(batches):
             with D.accumulate(forward, sync=i == len(batches) - 1):
                 if b is None:  # fewer rows than processes: a pass that adds nothing keeps DDP/FSDP in step
-                    with D.uncounted(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with D.uncounted(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         ce, aux = forward(select_rows(data.train, order[:1]))
                     D.backward((ce + (aux if aux is not None else 0.0)) * 0.0)
                     continue
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     ce, aux = forward(b)
                 weight = len(mine[i]) / len(parts[i])  # the balance loss is a mean over the micro-batch's rows
                 loss = ce / n_labels + (aux * weight / len(batches) if aux is not None else 0.0)
@@ -415,13 +418,13 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
             tokens, t_log = 0, time.perf_counter()
         if data.held_out is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             with D.full_weights(forward):
-                run.log(done, eval_loss=held_out_loss(model, data.held_out, cfg.rows, cfg.bf16, device))
+                run.log(done, eval_loss=held_out_loss(model, data.held_out, cfg.rows, bf16, device))
             t_log = time.perf_counter()
         if done % cfg.save_every == 0 and done < total:
             run.save(model, tok, done, opt)
     if data.held_out is not None:
         with D.full_weights(forward):
-            run.log(total, eval_loss=held_out_loss(model, data.held_out, cfg.rows, cfg.bf16, device))
+            run.log(total, eval_loss=held_out_loss(model, data.held_out, cfg.rows, bf16, device))
     model.eval()
     run.finish(model, tok)  # a LoRA model is merged into its base here
     return base_model(model), tok, run
