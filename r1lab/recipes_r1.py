@@ -228,14 +228,19 @@ R1_STAGES = [("cold_start", "1 cold-start SFT"), ("reasoning_rl", "2 reasoning R
              ("rejection_sft", "3 rejection sampling + SFT"), ("final_rl", "4 final RL")]
 
 
-def run_r1(cfg: "PipelineConfig", progress: bool = True, log=print) -> dict:
+def _begin(cfg: "PipelineConfig", name: str, progress: bool, log) -> tuple[Path, Path, Path, Stages, float]:
+    """Checks, the r1zero models (made when missing), the recipe's directory and its stage timings."""
     validate(cfg)
-    base, r1zero = _r1zero_stages(cfg, progress, log)
-    s, out = cfg.r1, Path(cfg.out) / "r1"
+    base, rl = _r1zero_stages(cfg, progress, log)
+    out = Path(cfg.out) / name
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "config.yaml")
-    st = Stages(out)
-    t_start = time.perf_counter()
+    return base, rl, out, Stages(out), time.perf_counter()
+
+
+def run_r1(cfg: "PipelineConfig", progress: bool = True, log=print) -> dict:
+    base, r1zero, out, st, t_start = _begin(cfg, "r1", progress, log)
+    s = cfg.r1
     evals = {}
 
     def evaluate(name: str, model: Path):
@@ -318,13 +323,8 @@ def student_pretrain_config(cfg: "PipelineConfig", base: Path, out: Path):
 def run_distill(cfg: "PipelineConfig", progress: bool = True, log=print) -> dict:
     from r1lab.recipes import _headline, _load_json as load
 
-    validate(cfg)
-    base, teacher = _r1zero_stages(cfg, progress, log)
-    s, out = cfg.distill, Path(cfg.out) / "distill"
-    out.mkdir(parents=True, exist_ok=True)
-    C.save(cfg, out / "config.yaml")
-    st = Stages(out)
-    t_start = time.perf_counter()
+    base, teacher, out, st, t_start = _begin(cfg, "distill", progress, log)
+    s = cfg.distill
 
     pcfg = student_pretrain_config(cfg, base, out / "student_pretrain")
     student = Path(pcfg.out) / "model"

@@ -63,3 +63,19 @@ def tiny_native_dir(tmp_path_factory, tiny_tokenizer) -> Path:
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.normal_(0, 0.05)
     return save_model(model, tmp_path_factory.mktemp("native") / "model", tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved random transformers Llama (GQA) with the tiny tokenizer: the stand-in for any HF causal LM."""
+    import transformers
+
+    tok = tiny_tokenizer
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama") / "model"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

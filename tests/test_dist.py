@@ -119,16 +119,8 @@ def same_weights(dir_a, dir_b, atol=TOL) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, tiny_tokenizer):
-    tok = tiny_tokenizer
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama") / "model"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def llama_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")

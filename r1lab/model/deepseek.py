@@ -142,18 +142,19 @@ class MLA(nn.Module):
                                k.reshape(B * H, T, -1).transpose(1, 2), alpha=self.scale)
         return torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * H, T, -1)).view(B, H, S, -1)
 
-    def grouped(self, xp, xc, rot_p, rot_c, bias_c, group):
-        """Prompts [P, Lp, D] attend causally to themselves; completions [N, Lc, D] attend to their prompt
-        (`group` [N] indexes it) and causally to themselves, through `bias_c` [N, 1, Lc, Lp + Lc]. Each prompt is
-        computed once for its G completions and no score is spent between completions (GRPO training)."""
-        qp, kp, vp = self._heads(*self._project(xp, rot_p))
-        qc, kc, vc = self._heads(*self._project(xc, rot_c))
+    def grouped(self, x, rot, lay: "GroupedLayout"):
+        """Attention for GRPO's grouped layout on the real tokens x [R, D] (prompts' then completions'): prompts
+        attend causally to themselves; each completion attends to its prompt and causally to itself. Projections
+        run on real tokens only; only the score computation sees the padded [P, Lp] / [N, Lc] views. Each prompt
+        is computed once for its G completions and no score is spent between completions."""
+        q, k, v = (t[0].transpose(0, 1) for t in self._heads(*self._project(x[None], rot[None])))  # [R, H, d]
+        qp, kp, vp = (lay.pad(t[: lay.n_prompt], prompts=True) for t in (q, k, v))              # [P, H, Lp, d]
+        qc, kc, vc = (lay.pad(t[lay.n_prompt:], prompts=False) for t in (q, k, v))              # [N, H, Lc, d]
         op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale)
-        k = torch.cat([kp.index_select(0, group), kc], dim=2)
-        v = torch.cat([vp.index_select(0, group), vc], dim=2)
-        oc = self._masked(qc, k, v, bias_c)
-        out = lambda o: self.o_proj(o.transpose(1, 2).flatten(2))  # noqa: E731
-        return out(op), out(oc)
+        g = lay.group
+        oc = self._masked(qc, torch.cat([kp.index_select(0, g), kc], dim=2),
+                          torch.cat([vp.index_select(0, g), vc], dim=2), lay.bias_c)
+        return self.o_proj(torch.cat([lay.unpad(op, prompts=True), lay.unpad(oc, prompts=False)]).flatten(1))
 
     def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
         B, S, _ = x.shape
@@ -318,16 +319,11 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
-    def forward_grouped(self, xp, xc, rot_p, rot_c, bias_c, group, token_mask):
-        """`forward` for prompts and their completions held apart (see MLA.grouped); the FFN sees both as one set
-        of tokens, `token_mask` [P*Lp + N*Lc] marking the real ones."""
-        ap, ac = self.self_attn.grouped(self.input_layernorm(xp), self.input_layernorm(xc), rot_p, rot_c, bias_c,
-                                        group)
-        xp, xc = xp + ap, xc + ac
-        x = torch.cat([xp.flatten(0, 1), xc.flatten(0, 1)])
+    def forward_grouped(self, x, rot, lay: "GroupedLayout"):
+        """`forward` on the real tokens [R, D] of prompts and their completions held apart (see MLA.grouped)."""
+        x = x + self.self_attn.grouped(self.input_layernorm(x), rot, lay)
         h = self.post_attention_layernorm(x)
-        x = x + (self.mlp(h[None], token_mask[None])[0] if isinstance(self.mlp, MoE) else self.mlp(h))
-        return x[: xp.shape[0] * xp.shape[1]].view_as(xp), x[xp.shape[0] * xp.shape[1]:].view_as(xc)
+        return x + (self.mlp(h[None])[0] if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class SharedHead(nn.Module):
@@ -481,25 +477,22 @@ class DeepseekV3(nn.Module):
 
     def grouped_hidden_states(self, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, completion_ids: torch.Tensor,
                               completion_lens: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-norm hidden states of prompts [P, Lp] and of completions [N, Lc] (both right-padded) where
-        completion n continues prompt `group[n]`: the same numbers as packing [prompt | c1 | ... | cG] with a 4D
-        mask, at a fraction of the attention cost (prompts run once; completions do not score each other)."""
-        P, Lp = prompt_ids.shape
-        N, Lc = completion_ids.shape
-        dev = prompt_ids.device
-        xp, xc = self.model.embed_tokens(prompt_ids), self.model.embed_tokens(completion_ids)
-        start = prompt_lens.index_select(0, group)                                        # [N]
-        rot_p = self.rope(torch.arange(Lp, device=dev).expand(P, Lp))
-        rot_c = self.rope(start[:, None] + torch.arange(Lc, device=dev))
-        see_prompt = torch.arange(Lp, device=dev)[None, :] < start[:, None]               # [N, Lp]
-        see_self = torch.ones(Lc, Lc, dtype=torch.bool, device=dev).tril()                 # [Lc, Lc]
-        allowed = torch.cat([see_prompt[:, None, :].expand(N, Lc, Lp), see_self.expand(N, Lc, Lc)], dim=-1)
-        bias_c = attention_bias(allowed[:, None], xc.dtype)
-        real = torch.cat([(torch.arange(Lp, device=dev)[None] < prompt_lens[:, None]).flatten(),
-                          (torch.arange(Lc, device=dev)[None] < completion_lens[:, None]).flatten()])
+        """Final-norm hidden states of prompts [P, Lp] and of completions [N, Lc] (both right-padded, zeros at the
+        padding) where completion n continues prompt `group[n]`: the same numbers as packing [prompt | c1 | ... |
+        cG] with a 4D mask, at a fraction of the cost (prompts run once, completions do not score each other, and
+        nothing but the scores is computed for padding)."""
+        lay = GroupedLayout(prompt_lens, completion_lens, group, prompt_ids.shape[1], completion_ids.shape[1],
+                            self.model.embed_tokens.weight.dtype)
+        start = prompt_lens.index_select(0, group)[:, None]                                # [N, 1]
+        pos_p = torch.arange(lay.Lp, device=start.device).expand(len(prompt_lens), lay.Lp)
+        pos_c = start + torch.arange(lay.Lc, device=start.device)
+        x = self.model.embed_tokens(torch.cat([lay.real(prompt_ids, True), lay.real(completion_ids, False)]))
+        rot = self.rope(torch.cat([lay.real(pos_p, True), lay.real(pos_c, False)])[None])[0]  # [R, 1, d/2]
         for layer in self.main_layers:
-            xp, xc = layer.forward_grouped(xp, xc, rot_p, rot_c, bias_c, group, real)
-        return self.model.norm(xp), self.model.norm(xc)
+            x = layer.forward_grouped(x, rot, lay)
+        x = self.model.norm(x)
+        return (lay.pad(x[: lay.n_prompt], True, heads=False),
+                lay.pad(x[lay.n_prompt:], False, heads=False))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -608,6 +601,38 @@ def build_mask(S: int, attention_mask, segment_ids, device) -> torch.Tensor | No
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask | torch.eye(S, dtype=torch.bool, device=device)
+
+
+class GroupedLayout:
+    """Where the real tokens of right-padded prompts [P, Lp] and completions [N, Lc] sit, for GRPO's grouped
+    forward: `real` gathers them (prompts' first), `pad`/`unpad` move per-token tensors to and from the padded
+    views attention needs, and `bias_c` [N, 1, Lc, Lp + Lc] lets completion n see the real tokens of prompt
+    `group[n]` and, causally, itself."""
+
+    def __init__(self, prompt_lens, completion_lens, group, Lp: int, Lc: int, dtype):
+        dev = prompt_lens.device
+        self.P, self.N, self.Lp, self.Lc, self.group = len(prompt_lens), len(completion_lens), Lp, Lc, group
+        self.idx_p = (torch.arange(Lp, device=dev)[None] < prompt_lens[:, None]).flatten().nonzero()[:, 0]
+        self.idx_c = (torch.arange(Lc, device=dev)[None] < completion_lens[:, None]).flatten().nonzero()[:, 0]
+        self.n_prompt = len(self.idx_p)
+        see_prompt = torch.arange(Lp, device=dev)[None, :] < prompt_lens.index_select(0, group)[:, None]  # [N, Lp]
+        see_self = torch.ones(Lc, Lc, dtype=torch.bool, device=dev).tril()
+        allowed = torch.cat([see_prompt[:, None, :].expand(self.N, Lc, Lp), see_self.expand(self.N, Lc, Lc)], -1)
+        self.bias_c = attention_bias(allowed[:, None], dtype)
+
+    def real(self, t: torch.Tensor, prompts: bool) -> torch.Tensor:
+        """[B, L, ...] -> its real tokens [R, ...]."""
+        return t.flatten(0, 1).index_select(0, self.idx_p if prompts else self.idx_c)
+
+    def pad(self, t: torch.Tensor, prompts: bool, heads: bool = True) -> torch.Tensor:
+        """Real tokens [R, H, d] -> [B, H, L, d] (or [R, D] -> [B, L, D] without heads), zeros at the padding."""
+        B, L, idx = (self.P, self.Lp, self.idx_p) if prompts else (self.N, self.Lc, self.idx_c)
+        out = t.new_zeros(B * L, *t.shape[1:]).index_copy(0, idx, t).view(B, L, *t.shape[1:])
+        return out.transpose(1, 2) if heads else out
+
+    def unpad(self, t: torch.Tensor, prompts: bool) -> torch.Tensor:
+        """[B, H, L, d] -> its real tokens [R, H, d]."""
+        return self.real(t.transpose(1, 2), prompts)
 
 
 class LatentCache:
