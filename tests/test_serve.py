@@ -495,3 +495,17 @@ def test_engine_rejects_more_samples_than_rows(ref):
         engine.submit(Job([1, 2], SamplingParams(n=3), lambda ev: None))
     with pytest.raises(ValueError, match="max_batch"):
         Engine(ref[0], max_batch=0)
+
+
+def test_streamed_chunks_stay_one_line_whatever_the_model_writes():
+    """Generated text with Unicode line separators must not split an SSE data line for splitlines-based readers."""
+    import httpx
+
+    from r1lab.serve.protocol import sse
+
+    text = "a\u2028b\u2029c\x85d\re\nf"
+    frame = sse({"choices": [{"delta": {"content": text}}]}).decode()
+    decoder = httpx._decoders.LineDecoder()
+    lines = [line for line in decoder.decode(frame) + decoder.flush() if line]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: "):])["choices"][0]["delta"]["content"] == text
+

@@ -239,5 +239,7 @@ def model_card(name: str, created: int, context: int) -> dict:
 def sse(data: Any) -> bytes:
     import json
 
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # ASCII only: generated text can hold U+2028, U+2029 or U+0085, which line readers built on str.splitlines
+    # (httpx's aiter_lines among them) take for line ends, cutting the JSON of a chunk in two
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
