@@ -49,7 +49,7 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path):
     assert prompt_tokens.sum() > 0 and (a.labels != -100).sum() > 0
     prefix = P.Corpus(cfg, tok).shared_prefix()
     assert len(prefix) > 20 and (a.input_ids[:, : len(prefix)] == torch.tensor(prefix)).all()
-    assert (a.segment[:, : len(prefix)] == 0).all() and a.segment.max() > 2
+    assert (a.segment[:, : len(prefix)] == 0).all() and a.segment.max() >= 2  # several examples per row
 
 
 def test_short_run_writes_model_metrics_and_flops(tmp_path):
