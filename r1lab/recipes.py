@@ -32,7 +32,7 @@ class PipelineConfig:
     out: str = "runs/r1zero"
     recipe: str = "r1zero"
     task: str = "arithmetic"         # the task every stage uses: pretraining corpus, RL prompts, held-out eval
-    task_args: dict = field(default_factory=lambda: {"min_digits": 2, "max_digits": 2, "ops": "+-"})
+    task_args: dict | None = None    # the task's knobs; None: TASK_DEFAULTS for the task (none for benchmarks)
     base_model: str = ""             # start from this model directory instead of pretraining one
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -43,11 +43,21 @@ class PipelineConfig:
 
 
 RECIPES = ("r1zero", "r1", "distill")
+# The embedded default's difficulty: two-digit + and -, where a 2M-parameter model learns column work in minutes.
+TASK_DEFAULTS = {"arithmetic": {"min_digits": 2, "max_digits": 2, "ops": "+-"}}
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
+    if cfg.task_args is None:
+        cfg = C.merge(cfg, {"task_args": TASK_DEFAULTS.get(cfg.task, {})})
+    from r1lab.tasks import get_task
+
+    try:  # an unknown task or knob is named now, before any stage runs
+        get_task(cfg.task, **cfg.task_args)
+    except TypeError as e:
+        raise ValueError(f"{e}; fix --task-args (or task_args in the YAML) for task {cfg.task!r}") from None
     if cfg.recipe != "r1zero":  # built on this recipe's stages, in <out>/<recipe>/
         from r1lab import recipes_r1
 

@@ -57,3 +57,28 @@ def test_unknown_recipe_and_bad_flags_are_named(tmp_path, capsys):
         run_pipeline(PipelineConfig(out=str(tmp_path), recipe="r2"))
     assert main(["pipeline", "--grpo.steps", "many"]) == 2
     assert "grpo.steps expects int" in capsys.readouterr().err
+
+
+def test_a_yaml_config_runs_a_transformers_model_on_a_benchmark(tmp_path, tiny_llama_dir, shared_data, capsys):
+    """The shipped example config (a transformers base model, GSM8K, LoRA), sized down by flags over it."""
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "pipeline-smollm2-gsm8k.yaml"
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(example), "--out", str(out), "--base-model", str(tiny_llama_dir),
+                 "--grpo.template", "r1zero", "--grpo.steps", "1", "--grpo.prompts-per-step", "2",
+                 "--grpo.num-generations", "2", "--grpo.max-new-tokens", "8", "--grpo.bf16", "false",
+                 "--grpo.hf.gradient-checkpointing", "false", "--eval.limit", "3", "--eval.k", "2",
+                 "--eval.max-new-tokens", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "gsm8k" and summary["task_args"] == {}
+    base = json.loads((out / "eval_base.json").read_text())
+    assert base["summary"]["n"] == 3 and all(r["gold"] and r["samples"] for r in base["records"])
+    assert json.loads((out / "grpo" / "model" / "config.json").read_text())["model_type"] == "llama"  # LoRA merged
+    assert not (out / "pretrain").exists()
+
+
+def test_task_knobs_are_checked_before_any_stage(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--task", "gsm8k", "--task-args", '{"max_digits": 3}']) == 2
+    assert "max_digits" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -132,9 +132,9 @@ def get_task(name: str, **knobs) -> Task:
     if isinstance(factory, str):
         module, attr = factory.split(":")
         factory = getattr(importlib.import_module(module), attr)
-    if name in _BENCHMARKS and isinstance(_REGISTRY[name], str):
-        return factory(name, **knobs)
     try:
+        if name in _BENCHMARKS and isinstance(_REGISTRY[name], str):
+            return factory(name, **knobs)
         return factory(**knobs)
     except TypeError as e:
         raise TypeError(f"task {name!r}: {e}") from e
