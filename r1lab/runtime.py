@@ -63,10 +63,11 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def use_bf16(asked: bool | None, device: torch.device) -> bool:
-    """The `bf16` setting of a trainer: None (the default) means bf16 autocast where the device does bf16 natively,
-    else float32; True on a device without it is honoured, with a warning, since it is slow there."""
+    """The `bf16` setting of a trainer. None (the default): bf16 autocast on GPUs that do bf16, float32 on CPUs, so
+    a CPU run gives the same numbers whichever CPU it is on (bf16 pays little at CPU model sizes; ask for it with
+    True). True on a device without native bf16 is honoured, with a warning, since it is slow there."""
     if asked is None:
-        return native_bf16(device)
+        return device.type == "cuda" and native_bf16(device)
     if asked and not native_bf16(device):
         print(f"warning: bf16 was asked for, but this {device.type} has no native bf16 matmuls; they will run far "
               "slower than float32 (leave --bf16 unset to choose automatically)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Process-wide settings: bf16 only where the device multiplies bf16 natively, threads."""
+"""Process-wide settings: bf16 by default only on GPUs that have it, threads."""
 
 from __future__ import annotations
 
@@ -16,10 +16,17 @@ def _cpu_features(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
-def test_default_bf16_follows_the_cpu(monkeypatch, avx512_bf16, amx, native):
+def test_cpus_default_to_float32_whatever_their_bf16(monkeypatch, capsys, avx512_bf16, amx, native):
     _cpu_features(monkeypatch, avx512_bf16, amx)
     assert RT.native_bf16(CPU) is native
-    assert RT.use_bf16(None, CPU) is native
+    assert RT.use_bf16(None, CPU) is False  # the same numbers on every CPU
+    assert RT.use_bf16(True, CPU) is True and ("no native bf16" in capsys.readouterr().err) is not native
+
+
+@pytest.mark.parametrize("gpu_bf16", [True, False])
+def test_gpus_default_to_bf16_where_they_have_it(monkeypatch, gpu_bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    assert RT.use_bf16(None, torch.device("cuda")) is gpu_bf16
 
 
 def test_asking_for_bf16_without_native_support_is_honoured_with_a_warning(monkeypatch, capsys):

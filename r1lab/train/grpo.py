@@ -81,7 +81,7 @@ class GRPOConfig:
     micro_batch_tokens: int = 16384   # training tokens per forward (gradient accumulation above that)
     row_tokens: int = 256             # packed row length (a group longer than this gets a row alone): masked
                                       # attention grows with the square of it; 256 vs 1024 made updates 1.7x faster
-    bf16: bool | None = None          # bf16 autocast; None: where the device does bf16 natively (runtime.use_bf16)
+    bf16: bool | None = None          # bf16 autocast; None: on GPUs with bf16, float32 on CPUs (runtime.use_bf16)
     hf: HFOptions = field(default_factory=HFOptions)  # transformers models: LoRA, gradient checkpointing, dtype
     device: str = "auto"              # auto: CUDA when present, else CPU
     parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)

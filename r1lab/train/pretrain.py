@@ -46,8 +46,8 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool | None = None         # bf16 autocast for matmuls (weights and optimiser stay float32); None: where
-                                     # the device does bf16 natively (runtime.use_bf16), else float32
+    bf16: bool | None = None         # bf16 autocast for matmuls (weights and optimiser stay float32); None: on GPUs
+                                     # with bf16, float32 on CPUs (runtime.use_bf16)
     eval_every: int = 200
     eval_problems: int = 200
     log_every: int = 10

@@ -52,8 +52,8 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool | None = None          # bf16 autocast for matmuls (weights as hf.dtype says); None: where the
-                                      # device does bf16 natively (runtime.use_bf16), else float32
+    bf16: bool | None = None          # bf16 autocast for matmuls (weights as hf.dtype says); None: on GPUs with
+                                      # bf16, float32 on CPUs (runtime.use_bf16)
     hf: HFOptions = field(default_factory=HFOptions)
     device: str = "auto"              # auto: CUDA when present, else CPU
     parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
