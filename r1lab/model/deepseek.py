@@ -172,9 +172,9 @@ class MLA(nn.Module):
             w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.vdim, self.rank)
             q_lat = torch.einsum("bshd,hdr->bhsr", q_nope, w[:, : self.nope])       # absorb W_UK: [B, H, S, rank]
             qf = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, self.n_heads * S, -1)
-            scores = torch.bmm(qf, keys.transpose(1, 2)).float() * self.scale         # [B, H*S, T]
-            scores = scores.view(B, self.n_heads, S, -1).masked_fill(~mask, float("-inf"))
-            probs = scores.softmax(-1).to(keys.dtype).view(B, self.n_heads * S, -1)
+            # mask: the additive bias the model built once for all layers, [B, 1, T] (decoding) or [B, H*S, T]
+            scores = torch.baddbmm(mask, qf, keys.transpose(1, 2), alpha=self.scale)   # [B, H*S, T]
+            probs = scores.float().softmax(-1).to(keys.dtype)
             o = torch.bmm(probs, keys[..., : self.rank]).view(B, self.n_heads, S, self.rank)
             o = torch.einsum("bhsr,hvr->bshv", o, w[:, self.nope:])                 # apply W_UV: [B, S, H, v]
         return self.o_proj(o.reshape(B, S, self.n_heads * self.vdim))
@@ -230,7 +230,10 @@ class Experts(nn.Module):
         expert = flat[order]
         w = weights.flatten()[order]
         per_expert = counts.tolist()  # the one host sync of the layer
-        if 2 * sum(c > 0 for c in per_expert) >= E:  # grouped: buckets padded to the fullest expert
+        # Grouped (two bmm over buckets padded to the fullest expert) when few tokens make per-op overhead the cost
+        # (decoding) or when padding wastes little; else one matmul per used expert on its exact tokens, since an
+        # unbalanced router (random init, fixed biases) can pad the buckets 4x (measured: GRPO update 1.6x faster).
+        if len(flat) <= 1024 or E * max(per_expert) <= 1.25 * len(flat):
             # Every bucket slot names its source token (padding slots name an extra zero row), so filling the
             # buckets and summing back are 1-D index_select / index_add: much cheaper than 2-D scatters.
             N, cap = x.shape[0], max(per_expert)
@@ -462,7 +465,10 @@ class DeepseekV3(nn.Module):
             mask = build_mask(S, attention_mask, segment_ids, x.device)
             token_mask = attention_mask.bool() if attention_mask is not None else None
         rot = self.rope(position_ids)
-        if cache is None and mask is not None:
+        if cache is not None:  # laid out as MLA's cached attention reads it: a row per (head, query)
+            mask = attention_bias(mask, x.dtype)[:, 0]                                    # [B, S, T]
+            mask = mask if S == 1 else mask.repeat(1, self.config.num_attention_heads, 1)
+        elif mask is not None:
             mask = attention_bias(mask, x.dtype)
         for layer in self.main_layers:
             x = layer(x, rot, mask, cache, token_mask)
