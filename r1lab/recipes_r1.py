@@ -223,6 +223,13 @@ def _sft(out: Path, model: Path, cfg: "PipelineConfig", epochs: int, lr: float, 
     return out / "sft" / "model"
 
 
+def _teach(out: Path, teacher: Path, student: Path, cfg: "PipelineConfig", s: "R1Settings | DistillSettings",
+           problems: int, per_problem: int, need_reasoning: bool, seed: int, progress: bool) -> Path:
+    """A data stage: the teacher's filtered samples (`make_sft_data`), then SFT of the student on them."""
+    make_sft_data(out, teacher, cfg, problems, s.k, per_problem, need_reasoning, seed, progress)
+    return _sft(out, student, cfg, s.sft_epochs, s.sft_lr, s.sft_rows, progress)
+
+
 # ----------------------------------------------------------------------------- r1
 
 
@@ -252,9 +259,8 @@ def run_r1(cfg: "PipelineConfig", progress: bool = True, log=print) -> dict:
     d = out / "cold_start"
     log(f"[1/4] cold start: the R1-Zero model answers {s.cold_start_problems} train problems x {s.k}; the longest "
         f"correct replies fine-tune the base model -> {d}")
-    st.run("cold_start", d / "sft" / "model", lambda: (
-        make_sft_data(d, r1zero, cfg, s.cold_start_problems, s.k, s.cold_start_per_problem, True, cfg.seed + 1, progress),
-        _sft(d, base, cfg, s.sft_epochs, s.sft_lr, s.sft_rows, progress)))
+    st.run("cold_start", d / "sft" / "model", lambda: _teach(
+        d, r1zero, base, cfg, s, s.cold_start_problems, s.cold_start_per_problem, True, cfg.seed + 1, progress))
     evaluate("cold_start", d / "sft" / "model")
 
     g2 = _grpo_config(cfg, out / "reasoning_rl", d / "sft" / "model", s.rl_steps, s.language_weight)
@@ -265,10 +271,9 @@ def run_r1(cfg: "PipelineConfig", progress: bool = True, log=print) -> dict:
     d3 = out / "rejection_sft"
     log(f"[3/4] rejection sampling: the stage-2 model answers {s.rejection_problems} train problems x {s.k}; "
         f"the correct, readable replies fine-tune the base model -> {d3}")
-    st.run("rejection_sft", d3 / "sft" / "model", lambda: (
-        make_sft_data(d3, Path(g2.out) / "model", cfg, s.rejection_problems, s.k, s.rejection_per_problem, False,
-                      cfg.seed + 2, progress),
-        _sft(d3, base, cfg, s.sft_epochs, s.sft_lr, s.sft_rows, progress)))
+    st.run("rejection_sft", d3 / "sft" / "model", lambda: _teach(
+        d3, Path(g2.out) / "model", base, cfg, s, s.rejection_problems, s.rejection_per_problem, False, cfg.seed + 2,
+        progress))
     evaluate("rejection_sft", d3 / "sft" / "model")
 
     g4 = _grpo_config(cfg, out / "final_rl", d3 / "sft" / "model", s.final_rl_steps, s.language_weight,
@@ -344,9 +349,8 @@ def run_distill(cfg: "PipelineConfig", progress: bool = True, log=print) -> dict
     d = out / "distilled"
     log(f"[2/4] distillation: the R1-Zero RL model answers {s.problems} train problems x {s.k}; the student is "
         f"fine-tuned on the correct replies -> {d}")
-    st.run("distill", d / "sft" / "model", lambda: (
-        make_sft_data(d, teacher, cfg, s.problems, s.k, s.per_problem, False, cfg.seed + 3, progress),
-        _sft(d, student, cfg, s.sft_epochs, s.sft_lr, s.sft_rows, progress)))
+    st.run("distill", d / "sft" / "model", lambda: _teach(
+        d, teacher, student, cfg, s, s.problems, s.per_problem, False, cfg.seed + 3, progress))
     st.run("eval_distilled", out / "eval_distilled.json",
            lambda: _evaluate(d / "sft" / "model", cfg, out / "eval_distilled.json"))
 

@@ -482,11 +482,13 @@ class DeepseekV3(nn.Module):
         return self.model.norm(self.body(input_ids, attention_mask, position_ids, None, segment_ids, token_mask)[0])
 
     def grouped_hidden_states(self, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, completion_ids: torch.Tensor,
-                              completion_lens: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                              completion_lens: torch.Tensor, group: torch.Tensor, padded: bool = True
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-norm hidden states of prompts [P, Lp] and of completions [N, Lc] (both right-padded, zeros at the
         padding) where completion n continues prompt `group[n]`: the same numbers as packing [prompt | c1 | ... |
         cG] with a 4D mask, at a fraction of the cost (prompts run once, completions do not score each other, and
-        nothing but the scores is computed for padding)."""
+        nothing but the scores is computed for padding). `padded=False`: the real tokens only, [Rp, D] and [Rc, D],
+        row by row."""
         lay = GroupedLayout(prompt_lens, completion_lens, group, prompt_ids.shape[1], completion_ids.shape[1],
                             self.model.embed_tokens.weight.dtype)
         start = prompt_lens.index_select(0, group)[:, None]                                # [N, 1]
@@ -496,9 +498,8 @@ class DeepseekV3(nn.Module):
         rot = self.rope(torch.cat([lay.real(pos_p, True), lay.real(pos_c, False)])[None])[0]  # [R, 1, d/2]
         for layer in self.main_layers:
             x = layer.forward_grouped(x, rot, lay)
-        x = self.model.norm(x)
-        return (lay.pad(x[: lay.n_prompt], True, heads=False),
-                lay.pad(x[lay.n_prompt:], False, heads=False))
+        hp, hc = self.model.norm(x).split([lay.n_prompt, len(x) - lay.n_prompt])
+        return (lay.pad(hp, True, heads=False), lay.pad(hc, False, heads=False)) if padded else (hp, hc)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,

@@ -317,11 +317,14 @@ def _grouped_hidden(base, b: GroupBatch) -> torch.Tensor:
     """Hidden states predicting each completion token [M]: the prompt's last for the first token, then the
     completion's own."""
     dev = base.lm_head.weight.device
-    hp, hc = base.grouped_hidden_states(b.prompt_ids.to(dev), b.prompt_lens.to(dev), b.completion_ids.to(dev),
-                                        b.completion_lens.to(dev), b.group.to(dev))
-    last = hp[torch.arange(hp.shape[0], device=dev), b.prompt_lens.to(dev) - 1]
-    h = torch.cat([last.index_select(0, b.group.to(dev))[:, None], hc[:, :-1]], dim=1)
-    return h[torch.arange(h.shape[1], device=dev)[None] < b.completion_lens.to(dev)[:, None]]
+    p_lens, c_lens, group = b.prompt_lens.to(dev), b.completion_lens.to(dev), b.group.to(dev)
+    hp, hc = base.grouped_hidden_states(b.prompt_ids.to(dev), p_lens, b.completion_ids.to(dev), c_lens, group,
+                                        padded=False)                       # real tokens only, row by row
+    last = hp.index_select(0, p_lens.cumsum(0) - 1)                             # [P] each prompt's last token
+    n = torch.arange(len(c_lens), device=dev).repeat_interleave(c_lens)         # [M] completion of each token
+    pos = b.pos.to(dev)
+    prev = (c_lens.cumsum(0) - c_lens)[n] + pos - 1                             # the token before, in hc
+    return torch.cat([hc, last]).index_select(0, torch.where(pos == 0, len(hc) + group[n], prev))
 
 
 def _logprobs(h, head, cap, target, temperature: float, entropy: bool):
