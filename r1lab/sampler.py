@@ -83,9 +83,9 @@ class NativeBackend:
             am[i, : len(p)] = 1
         ids, am = ids.to(self.device), am.to(self.device)
         cache = self.Cache(self.model.config, B, capacity, dtype=self.dtype, device=self.device)
-        logits = self.model(ids, attention_mask=am, cache=cache).logits
-        last = (am.sum(1) - 1)
-        return cache, logits[torch.arange(B, device=self.device), last]
+        hidden = self.model.body(ids, attention_mask=am, cache=cache)[0]
+        last = hidden[torch.arange(B, device=self.device), am.sum(1) - 1]   # only each prompt's last position
+        return cache, self.model.lm_head(self.model.model.norm(last))
 
     def decode(self, cache, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens[:, None], cache=cache).logits[:, 0]

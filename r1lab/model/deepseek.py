@@ -159,6 +159,9 @@ class MLA(nn.Module):
     def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
         B, S, _ = x.shape
         q_nope, q_pe, latent, k_pe = self._project(x, rot)
+        if cache is not None and cache.fresh:  # a prefill with no past: store the latent, attend as without cache
+            cache.write(layer, torch.cat([latent, k_pe], dim=-1))
+            cache = None
 
         if cache is None:  # training / full forward: expand the latent into per-head keys and values
             qf, k, v = self._heads(q_nope, q_pe, latent, k_pe)
@@ -169,14 +172,19 @@ class MLA(nn.Module):
             o = o.transpose(1, 2)
         else:  # cached: attend in latent space; every head reads the same [latent | RoPE key] entries (MQA-like)
             keys = cache.write(layer, torch.cat([latent, k_pe], dim=-1))            # [B, T, rank + rope]
-            w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.vdim, self.rank)
-            q_lat = torch.einsum("bshd,hdr->bhsr", q_nope, w[:, : self.nope])       # absorb W_UK: [B, H, S, rank]
-            qf = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, self.n_heads * S, -1)
+            H = self.n_heads
+            w = self.kv_b_proj.weight.view(H, self.nope + self.vdim, self.rank)
+            # per-head products as one bmm over heads (cheaper than einsum's permutes at decode sizes)
+            q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w[:, : self.nope])  # absorb W_UK
+            q_lat = q_lat.view(H, B, S, self.rank).transpose(0, 1)                    # [B, H, S, rank]
+            qf = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * S, -1)
             # mask: the additive bias the model built once for all layers, [B, 1, T] (decoding) or [B, H*S, T]
             scores = torch.baddbmm(mask, qf, keys.transpose(1, 2), alpha=self.scale)   # [B, H*S, T]
             probs = scores.float().softmax(-1).to(keys.dtype)
-            o = torch.bmm(probs, keys[..., : self.rank]).view(B, self.n_heads, S, self.rank)
-            o = torch.einsum("bhsr,hvr->bshv", o, w[:, self.nope:])                 # apply W_UV: [B, S, H, v]
+            o = torch.bmm(probs, keys[..., : self.rank])                              # [B, H*S, rank]
+            o = torch.bmm(o.view(B, H, S * self.rank).transpose(0, 1).reshape(H, B * S, self.rank),
+                          w[:, self.nope:].transpose(1, 2))                           # apply W_UV: [H, B*S, v]
+            o = o.view(H, B, S, self.vdim).permute(1, 2, 0, 3)
         return self.o_proj(o.reshape(B, S, self.n_heads * self.vdim))
 
 
@@ -465,7 +473,10 @@ class DeepseekV3(nn.Module):
             mask = build_mask(S, attention_mask, segment_ids, x.device)
             token_mask = attention_mask.bool() if attention_mask is not None else None
         rot = self.rope(position_ids)
-        if cache is not None:  # laid out as MLA's cached attention reads it: a row per (head, query)
+        if cache is not None and cache.fresh:
+            # No past: MLA expands the latent as without a cache (cheaper than latent-space attention for S > 1)
+            mask = attention_bias(mask, x.dtype)                                          # [B, 1, S, S]
+        elif cache is not None:  # laid out as MLA's cached attention reads it: a row per (head, query)
             mask = attention_bias(mask, x.dtype)[:, 0]                                    # [B, S, T]
             mask = mask if S == 1 else mask.repeat(1, self.config.num_attention_heads, 1)
         elif mask is not None:
@@ -651,7 +662,7 @@ class LatentCache:
         self.buf = [torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
                     for _ in range(cfg.num_hidden_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self._S = 0
+        self._S, self.fresh = 0, True
 
     @property
     def capacity(self) -> int:
@@ -667,6 +678,7 @@ class LatentCache:
         if need > self.capacity:
             raise ValueError(f"cache full: {need} tokens > capacity {self.capacity}; allocate a larger cache")
         self._S, self._T = S, need
+        self.fresh = need == S  # every row empty: nothing cached yet
         q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)        # [B, S]
         return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(1)
 
