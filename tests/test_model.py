@@ -90,6 +90,32 @@ def test_cached_decoding_matches_full_forward_for_rows_of_different_lengths():
     assert cache.lengths.tolist() == [n + extra for n in lens]
 
 
+def test_prefill_in_chunks_matches_full_forward():
+    """The first chunk meets an empty cache (attends with expanded heads); later multi-token chunks attend in latent
+    space over the cached rows: both must give the full forward's logits."""
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_model_config(97)).eval()
+    lens, cuts = [9, 5, 12], [4, 3, 7]
+    seqs = [torch.randint(0, 97, (n,)) for n in lens]
+
+    def chunk(parts):
+        ids = torch.zeros(3, max(len(p) for p in parts), dtype=torch.long)
+        am = torch.zeros_like(ids)
+        for i, p in enumerate(parts):
+            ids[i, : len(p)], am[i, : len(p)] = p, 1
+        return ids, am
+
+    with torch.no_grad():
+        ref = [model(s[None]).logits[0] for s in seqs]
+        cache = LatentCache(model.config, 3, 16)
+        first = model(*chunk([s[:c] for s, c in zip(seqs, cuts)]), cache=cache).logits
+        second = model(*chunk([s[c:] for s, c in zip(seqs, cuts)]), cache=cache).logits
+    for i, (n, c) in enumerate(zip(lens, cuts)):
+        assert (first[i, :c] - ref[i][:c]).abs().max() <= 1e-4
+        assert (second[i, : n - c] - ref[i][c:]).abs().max() <= 1e-4
+    assert cache.lengths.tolist() == lens
+
+
 def test_cache_holds_only_latent_and_rope_key():
     cfg = tiny_model_config(50)
     cache = LatentCache(cfg, batch=1, capacity=4)
