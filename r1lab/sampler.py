@@ -3,8 +3,9 @@
 Batched decoding with a KV cache: each prompt is encoded once (its `n` samples share the prefill), every step
 is one forward over the rows still running, and a row that finishes leaves the batch at once. Rows can join a
 running batch (`Batch.add`), which is how the server batches concurrent requests. Two small adapters hide the
-model family: `NativeBackend` (r1lab's DeepSeek-V3, latent cache with per-row lengths) and `HFBackend` (any
-`transformers` causal LM, left-padded DynamicCache).
+model family: `NativeBackend` (r1lab's DeepSeek-V3, latent cache with per-row lengths; Llama-family transformers
+models run the same way through `r1lab.model.llama.FastDecoder`) and `HFBackend` (any other `transformers` causal
+LM, left-padded DynamicCache).
 
 Log-probabilities are those of the distribution sampled from: log_softmax(logits / temperature), before top-p/top-k
 truncation (temperature 0 -> raw logits). The GRPO trainer computes its policy log-probs the same way.
@@ -62,14 +63,15 @@ class Completion:
 
 
 class NativeBackend:
-    """r1lab's DeepSeek-V3: MLA latent cache, rows at their own lengths (no left padding)."""
+    """r1lab's DeepSeek-V3 (MLA latent cache), or a Llama-family model through `FastDecoder` (per-head KV cache):
+    rows at their own lengths (no left padding)."""
 
     can_merge = True
 
     def __init__(self, model):
         from r1lab.model.deepseek import LatentCache
 
-        self.model, self.Cache = model, LatentCache
+        self.model, self.Cache = model, getattr(model, "Cache", LatentCache)  # or a FastDecoder's KVCache
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.max_len = model.config.max_position_embeddings
@@ -161,9 +163,13 @@ class HFBackend:
 
 def make_backend(model, tokenizer):
     from r1lab.model.deepseek import DeepseekV3
+    from r1lab.model.llama import fast_decoder
 
     if isinstance(model, DeepseekV3):
         return NativeBackend(model)
+    fast = fast_decoder(model)
+    if fast is not None:  # a Llama-family transformers model: its modules, r1lab's per-row cache
+        return NativeBackend(fast)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return HFBackend(model, pad if pad is not None else 0)
 

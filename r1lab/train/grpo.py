@@ -232,13 +232,13 @@ def _index(packed: Packed, members, prompt_ids, completion_ids, G) -> Layout:
     return Layout(packed, torch.cat(pred), torch.cat(tgt), torch.cat(seq), torch.cat(tpos))
 
 
-# ----------------------------------------------------------------------------- grouped layout (native models)
+# ------------------------------------------------------------------ grouped layout (native and Llama-family models)
 
 
 @dataclass
 class GroupBatch:
-    """Prompts [P, Lp] and their completions [N, Lc] held apart, both right-padded (native models: each prompt runs
-    once and completions do not score each other; see DeepseekV3.grouped_hidden_states)."""
+    """Prompts [P, Lp] and their completions [N, Lc] held apart, both right-padded (see `grouped_model`: each prompt
+    runs once and completions do not score each other; see DeepseekV3.grouped_hidden_states)."""
     prompt_ids: torch.Tensor
     prompt_lens: torch.Tensor
     completion_ids: torch.Tensor
@@ -302,7 +302,7 @@ def token_logprobs(model, lay: "Layout | GroupBatch", temperature: float, entrop
     """log pi(token) at the sampling temperature for every completion token of the layout [M] (and entropy)."""
     hidden_fn, head, cap, native = _backbone(model)
     if isinstance(lay, GroupBatch):
-        return _logprobs(_grouped_hidden(_backbone_base(model), lay), head, cap, lay.target, temperature, entropy)
+        return _logprobs(_grouped_hidden(grouped_model(model), lay), head, cap, lay.target, temperature, entropy)
     mask = lay.packed.mask()
     if not native:  # transformers adds 4D masks to the scores in eager attention: make it additive
         dtype = next(model.parameters()).dtype
@@ -311,6 +311,15 @@ def token_logprobs(model, lay: "Layout | GroupBatch", temperature: float, entrop
     h = hidden_fn(lay.packed.input_ids.to(dev), mask.to(dev), lay.packed.position_ids.to(dev),
                   lay.packed.attention_mask.to(dev))
     return _logprobs(h.reshape(-1, h.shape[-1])[lay.pred_index.to(dev)], head, cap, lay.target, temperature, entropy)
+
+
+def grouped_model(model):
+    """What runs GRPO's grouped layout for `model`: the native DeepSeek-V3 itself, a Llama-family transformers model
+    through `FastDecoder`, or None (other models train on packed rows)."""
+    from r1lab.model.llama import fast_decoder
+
+    base = _backbone_base(model)
+    return base if type(base).__name__ == "DeepseekV3" else fast_decoder(model)
 
 
 def _grouped_hidden(base, b: GroupBatch) -> torch.Tensor:
@@ -372,6 +381,10 @@ class GRPOTrainer:
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.native = type(_backbone_base(model)).__name__ == "DeepseekV3"
+        # prompts once per group in training: native models, and Llama-family ones unless FSDP shards their layers
+        # (FastDecoder calls a layer's modules, not its forward, where FSDP gathers the shards)
+        self.grouped = self.native or (grouped_model(model) is not None
+                                       and not (D.active() and cfg.parallel == "fsdp"))
         self.ref = None
         if cfg.beta > 0:  # the initial policy, frozen (a resumed run rebuilds it from the starting model)
             self.ref = (load_model_and_tokenizer(cfg.model, device=self.device)[0] if self.state
@@ -521,11 +534,12 @@ class GRPOTrainer:
         return stats
 
     def layouts(self, prompt_ids: list[list[int]], completion_ids: list[list[list[int]]]) -> list:
-        """Training micro-batches: native models keep prompts and completions apart (prompts run once, no attention
-        across completions); transformers models pack [prompt | c1 | ... | cG] rows with a 4D mask."""
+        """Training micro-batches: native and Llama-family models keep prompts and completions apart (prompts run
+        once, no attention across completions); other transformers models pack [prompt | c1 | ... | cG] rows with a
+        4D mask."""
         cfg = self.cfg
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        if self.native:
+        if self.grouped:
             return build_group_batches(prompt_ids, completion_ids, cfg.micro_batch_tokens, pad)
         return build_layouts(prompt_ids, completion_ids, cfg.micro_batch_tokens, pad, cfg.row_tokens)
 
