@@ -1,7 +1,8 @@
 """Seconds per GRPO step: r1lab's GRPOTrainer against TRL's GRPOTrainer, same model, prompts, reward and settings.
 
-Both train the same tiny random-initialised model (saved once, loaded twice): a Qwen2ForCausalLM, which both run
-through `transformers`, and r1lab's tiny DeepSeek-V3, which TRL runs as DeepseekV3ForCausalLM and r1lab natively.
+Both train the same tiny random-initialised model (saved once, loaded twice): a Qwen2ForCausalLM, whose modules both
+run from `transformers` (TRL through the model's forward, r1lab through FastDecoder: its own KV cache and grouped
+training layout), and r1lab's tiny DeepSeek-V3, which TRL runs as DeepseekV3ForCausalLM and r1lab natively.
 A step is 16 arithmetic prompts x 8 samples = 128 completions of at most 64 new tokens at temperature 1, a
 text-hash reward, beta 0, one optimiser step per batch, float32, the same torch thread count. A random model
 rarely emits EOS, so the EOS logit is raised (a constant embedding direction read by the EOS row of the output
@@ -183,6 +184,7 @@ def run_pair(path: Path, args) -> dict:
     r1_clock = Clock()
     r1.sampler.generate = r1_clock.wrap(r1.sampler.generate, "generate")
     r1.opt.step = r1_clock.wrap(r1.opt.step, "optimizer")
+    r1.policy = r1_clock.wrap(r1.policy, "forward")  # the trainer's bound training forward (token log-probs)
 
     # ---- the same prompts, step by step, for TRL (r1lab draws step s's prompts from a seeded stream)
     rows = []
@@ -223,7 +225,7 @@ def run_pair(path: Path, args) -> dict:
     def r1lab_step(step: int) -> None:
         prof = cProfile.Profile() if args.profile and step == total - 1 else None
         with patched(G, "score", r1_clock, "reward"), patched(G, "build_layouts", r1_clock, "layout"), \
-                patched(G, "token_logprobs", r1_clock, "forward"):
+                patched(G, "build_group_batches", r1_clock, "layout"):
             if prof:
                 prof.enable()
             t0 = time.perf_counter()

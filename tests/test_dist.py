@@ -254,6 +254,17 @@ def test_a_one_process_grpo_checkpoint_resumes_on_two_with_fsdp(grpo_one, tmp_pa
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
+def test_grpo_on_a_llama_model_takes_the_same_steps_on_its_fast_path_and_packed_under_fsdp(tmp_path, llama_dir,
+                                                                                           share_reward):
+    """One process samples and trains through FastDecoder (grouped layout); two FSDP processes, whose sharded blocks
+    only gather through their own forward, sample with the model's forward and train on packed rows."""
+    _, one = launch(tmp_path, grpo_args(llama_dir, share_reward, tmp_path / "one"), n=1)
+    _, two = launch(tmp_path, grpo_args(llama_dir, share_reward, tmp_path / "fsdp", parallel="fsdp"))
+    assert len(by_step(one, "loss")) == 3
+    close(one, two, ("reward_mean", "reward_std", "mean_length", "loss", "grad_norm", "entropy", "clip_frac"))
+    same_weights(tmp_path / "one" / "model", tmp_path / "fsdp" / "model", atol=2e-4)
+
+
 # ----------------------------------------------------------------------------- helpers, vLLM guard
 
 
