@@ -10,7 +10,7 @@ from conftest import tiny_model_config
 
 from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import ModelConfig
-from r1lab.model.deepseek import DeepseekV3, LatentCache, MoE
+from r1lab.model.deepseek import DeepseekV3, Experts, LatentCache, MoE
 
 transformers.logging.set_verbosity_error()
 
@@ -148,9 +148,15 @@ def _expert(moe, e, x):
     return moe.experts.down_proj[e] @ (F.silu(gate) * up)
 
 
-# 1 and 5 tokens: padded buckets (few tokens); 32 (a decode batch) and 300: routed unevenly, one matmul per expert
+# 1 and 5 tokens: padded buckets (few tokens); 32 (a decode batch) and 300: routed unevenly, one matmul per expert;
+# and each of them with every expert run densely (chosen for small unevenly routed batches on several threads)
+@pytest.mark.parametrize("dense", [False, True], ids=["routed", "dense"])
 @pytest.mark.parametrize("tokens", [1, 5, 32, 300])
-def test_moe_output_matches_a_float64_per_token_reference(tokens):
+def test_moe_output_matches_a_float64_per_token_reference(tokens, dense, monkeypatch):
+    if dense:
+        monkeypatch.setattr(Experts, "_dense_is_cheaper", lambda self, *a: True)
+    else:
+        monkeypatch.setattr(Experts, "_dense_is_cheaper", lambda self, *a: False)
     torch.manual_seed(0)
     cfg = tiny_model_config(50, n_routed_experts=8, n_group=2, topk_group=2, num_experts_per_tok=3)
     moe = MoE(cfg).double()
@@ -173,6 +179,22 @@ def test_moe_output_matches_a_float64_per_token_reference(tokens):
     if tokens in (32, 300):  # the exact per-expert path was taken: padding would cost more than the loop
         padding = len(load) * load.max() - load.sum()
         assert padding > max(0.25 * load.sum(), 20 * (load > 0).sum())
+
+
+def test_dense_experts_are_chosen_only_where_they_cost_less():
+    ex = Experts(8, 4, 4)
+    skewed = [62, 9, 9, 9, 10, 7, 9, 13]     # a decode batch of 64 tokens (k=2) crowding onto one expert
+    balanced = [16, 17, 15, 16, 16, 16, 17, 15]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ex._dense_is_cheaper(64, 2, skewed)          # measured: 445 us dense vs 812 us routed
+        assert not ex._dense_is_cheaper(64, 2, balanced)    # padded buckets are cheaper
+        assert not ex._dense_is_cheaper(4600, 2, [1150] * 8)  # a training batch: E/k times the arithmetic
+        torch.set_num_threads(1)
+        assert not ex._dense_is_cheaper(64, 2, skewed)      # measured: 762 us dense vs 723 us routed
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_expert_loads_are_observable_per_layer():
