@@ -105,9 +105,16 @@ class HFBackend:
     """Any `transformers` causal LM: left-padded prompts, attention mask and explicit positions, DynamicCache."""
 
     def __init__(self, model, pad_id: int):
+        import inspect
+
         from transformers import DynamicCache
 
+        from r1lab.model.hf import base_model
+
         self.model, self.DynamicCache, self.pad_id = model, DynamicCache, pad_id
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes in 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(base_model(model).forward).parameters \
+            else "past_key_values"
         self.device = next(model.parameters()).device
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_len = getattr(cfg, "max_position_embeddings", None) or 1 << 30
@@ -123,16 +130,15 @@ class HFBackend:
         ids, am = ids.to(self.device), am.to(self.device)
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         cache = self.DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        state = {"cache": out.past_key_values, "mask": am, "pos": pos[:, -1] + 1}
+        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: cache})
+        state = {"cache": cache, "mask": am, "pos": pos[:, -1] + 1}  # the model fills the cache in place
         return state, out.logits[:, -1]
 
     def decode(self, state, tokens: torch.Tensor) -> torch.Tensor:
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"][:, None],
-                         past_key_values=state["cache"], use_cache=True)
-        state["cache"] = out.past_key_values
+                         use_cache=True, **{self.cache_arg: state["cache"]})
         state["pos"] = state["pos"] + 1
         return out.logits[:, -1]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from r1lab.model.deepseek import GroupedLayout, LatentCache, attention_bias
 
@@ -52,7 +53,7 @@ class KVCache(LatentCache):
         self.buf = [torch.zeros(batch, kv, capacity, d, dtype=dtype, device=device)
                     for _ in range(2 * cfg.num_hidden_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self._S = 0
+        self._S, self.fresh = 0, True
 
     @property
     def capacity(self) -> int:
@@ -184,8 +185,7 @@ class FastDecoder:
                                                       else "is_gradient_checkpointing", False)
         for layer in self.model.layers:
             if checkpointed:
-                x = torch.utils.checkpoint.checkpoint(self._grouped_layer, layer, x, cos, sin, lay,
-                                                      use_reentrant=False)
+                x = checkpoint(self._grouped_layer, layer, x, cos, sin, lay, use_reentrant=False)
             else:
                 x = self._grouped_layer(layer, x, cos, sin, lay)
         return self.model.norm(x).split([lay.n_prompt, len(x) - lay.n_prompt])
