@@ -681,6 +681,8 @@ class LatentCache:
     """MLA's KV cache: only [kv latent | rotated RoPE key] per token and layer, preallocated. Each row has its own
     length, so prompts need no left padding and rows can leave (`keep`) or join (`extend`) a running batch."""
 
+    seq_dim = 1  # where positions run in each buffer [B, capacity, width] (r1lab.model.llama.KVCache: 2)
+
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.buf = [torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
@@ -690,7 +692,7 @@ class LatentCache:
 
     @property
     def capacity(self) -> int:
-        return self.buf[0].shape[1]
+        return self.buf[0].shape[self.seq_dim]
 
     @property
     def batch(self) -> int:
@@ -727,9 +729,10 @@ class LatentCache:
     def extend(self, other: "LatentCache") -> None:
         """Append the rows of another cache (new requests joining a running batch)."""
         cap = max(self.capacity, other.capacity)
-        pad = lambda b: F.pad(b, (0, 0, 0, cap - b.shape[1]))  # noqa: E731
+        pad = lambda b: torch.cat([b, b.new_zeros(*b.shape[: self.seq_dim], cap - b.shape[self.seq_dim],  # noqa: E731
+                                                  *b.shape[self.seq_dim + 1:])], dim=self.seq_dim)
         self.buf = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.buf, other.buf)]
         self.lengths = torch.cat([self.lengths, other.lengths])
 
     def bytes_per_token(self) -> int:
-        return sum(b.shape[-1] * b.element_size() for b in self.buf)
+        return sum(b[0].select(self.seq_dim - 1, 0).numel() * b.element_size() for b in self.buf)

@@ -45,7 +45,10 @@ def fast_decoder(model) -> "FastDecoder | None":
 
 class KVCache(LatentCache):
     """Per-head keys and values [B, H_kv, capacity, d] per layer, preallocated, each row at its own length: the
-    row bookkeeping (`mask`, `advance`, `keep`) is the latent cache's; `buf` holds keys and values in turn."""
+    row bookkeeping (`mask`, `advance`, `keep`, `extend`) is the latent cache's; `buf` holds keys and values in
+    turn."""
+
+    seq_dim = 2
 
     def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -54,10 +57,6 @@ class KVCache(LatentCache):
                     for _ in range(2 * cfg.num_hidden_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self._S, self.fresh = 0, True
-
-    @property
-    def capacity(self) -> int:
-        return self.buf[0].shape[2]
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H_kv, S, d] at each row's next positions; return the keys and values [B, H_kv, T, d]."""
@@ -70,15 +69,6 @@ class KVCache(LatentCache):
                 buf.scatter_(2, pos[:, None, :, None].expand_as(new), new)
             out.append(buf[:, :, : self._T])
         return out[0], out[1]
-
-    def extend(self, other: "KVCache") -> None:
-        cap = max(self.capacity, other.capacity)
-        pad = lambda b: F.pad(b, (0, 0, 0, cap - b.shape[2]))  # noqa: E731
-        self.buf = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.buf, other.buf)]
-        self.lengths = torch.cat([self.lengths, other.lengths])
-
-    def bytes_per_token(self) -> int:
-        return sum(b.shape[1] * b.shape[3] * b.element_size() for b in self.buf)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
