@@ -86,6 +86,51 @@ def test_sampler_logprobs_are_the_old_policy(tiny_native_dir, tmp_path):
                 assert abs(v - ro.flat[n].logprobs[i]) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
+    """A transformers model outside the Llama family: the generic sampler backend and packed training rows."""
+    tok = tiny_tokenizer
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2") / "model"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_transformers_models_sample_and_train_on_the_path_that_fits_them(family, tiny_llama_dir, tiny_gpt2_dir,
+                                                                         tmp_path):
+    """Llama-family models run on FastDecoder (r1lab's cache, grouped layout), others on their own forward (packed
+    rows); either way the first update's training forward reproduces the sampler's log-probs."""
+    from r1lab.model.llama import FastDecoder
+    from r1lab.sampler import HFBackend
+
+    reward = _write_reward(tmp_path, """
+        def share(completions, completion_ids, **kw):  # spread inside every group, so the update is not zero
+            return [sum(t % 3 == 0 for t in ids) / len(ids) for ids in completion_ids]
+    """)
+    t = GR.GRPOTrainer(_cfg(tmp_path, tiny_llama_dir if family == "llama" else tiny_gpt2_dir,
+                            rewards=[f"{reward}:share"], reward_weights=[1.0]), progress=False)
+    assert t.grouped == (family == "llama")
+    assert isinstance(t.sampler.backend.model, FastDecoder) if family == "llama" else \
+        isinstance(t.sampler.backend, HFBackend)
+    ro = t.rollout(0)
+    layouts = t.layouts(ro.prompt_ids, [[c.token_ids for c in g] for g in ro.completions])
+    assert all(isinstance(lay, GR.GroupBatch if family == "llama" else GR.Layout) for lay in layouts)
+    with torch.no_grad():
+        for lay in layouts:
+            lp, _ = t.policy(lay, t.cfg.temperature)
+            for v, n, i in zip(lp.tolist(), lay.seq.tolist(), lay.pos.tolist()):
+                assert abs(v - ro.flat[n].logprobs[i]) < 1e-4
+    before = [p.detach().clone() for p in t.model.parameters()]
+    stats = t.update(ro, lr=1e-2)
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
 def test_gradient_accumulation_equals_one_batch(tiny_native_dir, tmp_path):
     grads = []
     for mb in (8, 100_000):
