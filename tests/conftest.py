@@ -65,6 +65,14 @@ def tiny_native_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_model(model, tmp_path_factory.mktemp("native") / "model", tokenizer=tok)
 
 
+def save_hf(model, tokenizer, tmp_path_factory, name: str) -> Path:
+    """A random transformers model and its tokenizer saved in a fresh temporary directory."""
+    path = tmp_path_factory.mktemp(name) / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A saved random transformers Llama (GQA) with the tiny tokenizer: the stand-in for any HF causal LM."""
@@ -75,7 +83,4 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2)
     torch.manual_seed(0)  # the tiny byte-level tokenizer makes a GSM8K prompt ~700 tokens: hence the 2048 context
-    path = tmp_path_factory.mktemp("llama") / "model"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_hf(transformers.LlamaForCausalLM(cfg), tok, tmp_path_factory, "llama")

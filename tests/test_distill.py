@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import save_hf
 from r1lab import distill as D
 from r1lab.cli import main
 from r1lab.sampler import Completion
@@ -130,10 +131,7 @@ def student_dir(tmp_path_factory, tiny_tokenizer):
                                    max_position_embeddings=512, eos_token_id=tiny_tokenizer.eos_token_id,
                                    pad_token_id=tiny_tokenizer.pad_token_id)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("student") / "model"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_hf(transformers.LlamaForCausalLM(cfg), tiny_tokenizer, tmp_path_factory, "student")
 
 
 def test_a_tiny_teacher_is_distilled_into_a_student_end_to_end(tmp_path, teacher_dir, student_dir, capsys,

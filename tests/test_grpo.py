@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import save_hf
 from r1lab.model.load import load_model_and_tokenizer
 from r1lab.train import grpo as GR
 from r1lab.train.run import read_metrics
@@ -94,10 +95,7 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gpt2") / "model"
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_hf(transformers.GPT2LMHeadModel(cfg), tok, tmp_path_factory, "gpt2")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
