@@ -77,12 +77,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           fused: bool | None = None) -> torch.Tensor:
     """Grouped-query attention with an additive bias [B, 1, S, T]: q [B, H, S, d], k and v [B, H_kv, T, d] (query
-    heads j*g .. j*g+g-1 read kv head j, as repeat_kv lays them out) -> [B, H, S, d]. Each kv head is read once for
-    its g query heads (no repeated keys); baddbmm with the bias is ~2x SDPA's masked path on CPU."""
+    heads j*g .. j*g+g-1 read kv head j, as repeat_kv lays them out) -> [B, H, S, d]. On CPU each kv head is read
+    once for its g query heads with baddbmm, ~2x SDPA's masked path there; `fused` (the default off CPU) uses SDPA,
+    whose GPU kernels never hold the [B, H, S, T] scores."""
     B, H, S, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
+    if fused if fused is not None else q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=H != Hkv)
     g = H // Hkv
     scores = torch.baddbmm(bias[:, None].expand(B, Hkv, g, S, T).reshape(B * Hkv, g * S, T),
                            q.reshape(B * Hkv, g * S, d), k.reshape(B * Hkv, T, d).transpose(1, 2), alpha=scale)
