@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
-import math
 import platform
 import pstats
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -35,6 +32,7 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
+from record import versions, write_json
 
 BENCH_FILE = Path(__file__).resolve()
 
@@ -160,7 +158,6 @@ def profile_summary(prof: cProfile.Profile, n: int = 14) -> list[dict]:
 
 
 def run_pair(path: Path, args) -> dict:
-    import transformers
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -355,7 +352,6 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     import datasets
     import transformers
-    import trl
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -378,12 +374,10 @@ def main(argv=None) -> dict:
                            "eos_target_length": args.target_length, "warmup_steps": args.warmup,
                            "measured_steps": args.steps},
               "results": results,
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "trl": trl.__version__, "python": sys.version.split()[0]},
+              "versions": versions("torch", "transformers", "trl"),
               "machine": platform.processor() or platform.machine()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out}")
+    print()
+    write_json(args.out, result)
     return result
 
 

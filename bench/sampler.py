@@ -13,15 +13,14 @@ cheapest routing: transformers' runs spread from 1.0 s to 1.7 s that way).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from record import versions, write_json
 import transformers
 
 from r1lab.model.checkpoint import save_model
@@ -102,12 +101,9 @@ def main(argv=None) -> dict:
                   f"(median; best of each {row['speedup_best']:.2f}x)", flush=True)
     result = {"benchmark": "sampler", "model": "tiny default DeepSeek-V3 (random weights)",
               "params_total": sum(p.numel() for p in ours.parameters()), "threads": args.threads,
-              "results": rows, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                            "python": sys.version.split()[0]},
+              "results": rows, "versions": versions("torch", "transformers"),
               "machine": platform.processor() or platform.machine()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

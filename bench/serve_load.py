@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import versions, write_json
 
 from r1lab.model.checkpoint import save_model
 from r1lab.model.config import tiny_config
@@ -154,9 +155,6 @@ def main() -> int:
                       flush=True)
 
     ratio = modes["concurrent"]["requests_per_s"] / max(modes["one_at_a_time"]["requests_per_s"], 1e-9)
-    import fastapi
-    import transformers
-    import uvicorn
 
     report = {
         "benchmark": "serve_load", "model": args.model or "tiny default DeepSeek-V3 (random weights)",
@@ -168,14 +166,10 @@ def main() -> int:
                     "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__},
+        "versions": versions("torch", "transformers", "fastapi", "uvicorn"),
     }
     print(f"throughput ratio (concurrent / one at a time): {ratio:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, report)
     return 0 if report["targets"]["zero_errors_concurrent"] else 1
 
 

@@ -101,23 +101,29 @@ def write_report(run_dir: str | Path, summary: dict) -> tuple[Path, Path]:
     md += ["", f"Stage times (s): {json.dumps(summary['stage_seconds'])}", ""]
     (run_dir / "report.md").write_text("\n".join(md))
 
-    def img(p: Path) -> str:
-        data = base64.b64encode(p.read_bytes()).decode()
-        return f'<img alt="{p.stem}" src="data:image/png;base64,{data}">'
-
     parts = [f"<h1>r1lab report: {html.escape(summary['recipe'])}</h1>", f"<pre>{html.escape(table)}</pre>",
-             img(ba), "<h2>GRPO over steps</h2>", "<div class=grid>" + "".join(img(p) for p in curve_paths) + "</div>"]
+             _img(ba), "<h2>GRPO over steps</h2>", "<div class=grid>" + "".join(map(_img, curve_paths)) + "</div>"]
     if examples:
         parts.append("<h2>Replies to the same held-out problem, before and after RL</h2>")
         parts += [f"<h3>{html.escape(t)}</h3><pre>{html.escape(x)}</pre>" for t, x in examples]
     if eff:
         parts.append("<h2>Compute</h2><pre>" + html.escape("\n".join(eff)) + "</pre>")
     parts.append(f"<p>Stage times (s): {html.escape(json.dumps(summary['stage_seconds']))}</p>")
+    return run_dir / "report.md", _write_html(run_dir, parts)
+
+
+def _img(p: Path) -> str:
+    """A PNG inlined into the HTML report."""
+    return f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+
+
+def _write_html(run_dir: Path, parts: list[str]) -> Path:
+    """report.html: the page's parts in the report's one style sheet."""
     page = ("<!doctype html><meta charset=utf-8><title>r1lab report</title><style>body{font-family:system-ui,"
             "sans-serif;max-width:1100px;margin:2em auto;color:#1b1f24}pre{background:#f4f6f8;padding:1em;"
             "overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}</style>" + "".join(parts))
     (run_dir / "report.html").write_text(page)
-    return run_dir / "report.md", run_dir / "report.html"
+    return run_dir / "report.html"
 
 
 def _examples(run_dir: Path, n: int = 2) -> list[tuple[str, str]]:
@@ -199,20 +205,13 @@ def write_stage_report(run_dir: str | Path, summary: dict, table: str, rl_runs: 
     md += [f"Stage seconds (wall, CPU): {json.dumps(summary['stage_seconds'])}", ""]
     (run_dir / "report.md").write_text("\n".join(md))
 
-    def img(p: Path) -> str:
-        return f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-
-    parts = [f"<h1>r1lab report: {html.escape(summary['recipe'])}</h1>", f"<pre>{html.escape(table)}</pre>", img(bars)]
+    parts = [f"<h1>r1lab report: {html.escape(summary['recipe'])}</h1>", f"<pre>{html.escape(table)}</pre>", _img(bars)]
     if "distill_vs_rl" in summary:
         parts += ["<h2>Distillation versus RL on the same student</h2>", f"<p>{html.escape(_comparison_text(summary))}</p>"]
     for title, paths in curves.items():
-        parts += [f"<h2>{html.escape(title)} over steps</h2>", "<div class=grid>" + "".join(map(img, paths)) + "</div>"]
+        parts += [f"<h2>{html.escape(title)} over steps</h2>", "<div class=grid>" + "".join(map(_img, paths)) + "</div>"]
     parts.append(f"<p>Stage seconds (wall, CPU): {html.escape(json.dumps(summary['stage_seconds']))}</p>")
-    page = ("<!doctype html><meta charset=utf-8><title>r1lab report</title><style>body{font-family:system-ui,"
-            "sans-serif;max-width:1100px;margin:2em auto;color:#1b1f24}pre{background:#f4f6f8;padding:1em;"
-            "overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}</style>" + "".join(parts))
-    (run_dir / "report.html").write_text(page)
-    return run_dir / "report.md", run_dir / "report.html"
+    return run_dir / "report.md", _write_html(run_dir, parts)
 
 
 def _comparison_text(summary: dict) -> str:

@@ -84,3 +84,21 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2)
     torch.manual_seed(0)  # the tiny byte-level tokenizer makes a GSM8K prompt ~700 tokens: hence the 2048 context
     return save_hf(transformers.LlamaForCausalLM(cfg), tok, tmp_path_factory, "llama")
+
+
+def grpo_interrupted_at(cfg, step: int) -> None:
+    """Run GRPO with `cfg` as if the process died when step `step` began (after the steps before it, and their
+    checkpoints, were done)."""
+    from r1lab.train import grpo as GR
+
+    real = GR.GRPOTrainer.rollout
+
+    def crash(self, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(self, s)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GR.GRPOTrainer, "rollout", crash)
+        with pytest.raises(KeyboardInterrupt):
+            GR.grpo(cfg, progress=False)

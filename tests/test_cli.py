@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from r1lab.cli import main
 from r1lab.cost import parameter_counts

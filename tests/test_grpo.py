@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import save_hf
+from conftest import grpo_interrupted_at, save_hf
 from r1lab.model.load import load_model_and_tokenizer
 from r1lab.train import grpo as GR
 from r1lab.train.run import read_metrics
@@ -175,7 +175,7 @@ def test_truncated_completions_get_no_loss_when_masked(tiny_native_dir, tmp_path
     assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0
 
 
-def test_a_run_logs_the_promised_metrics_and_resumes_exactly(tiny_native_dir, tmp_path, monkeypatch):
+def test_a_run_logs_the_promised_metrics_and_resumes_exactly(tiny_native_dir, tmp_path):
     ref_model, _, run = GR.grpo(_cfg(tmp_path / "a", tiny_native_dir, steps=4), progress=False)
     row = read_metrics(run.metrics_path)[0]
     for key in ("reward_mean", "reward_std", "reward/accuracy/mean", "reward/format/mean", "accuracy",
@@ -183,17 +183,7 @@ def test_a_run_logs_the_promised_metrics_and_resumes_exactly(tiny_native_dir, tm
                 "sample_tokens_per_s", "sample_seconds", "train_seconds", "train_mfu", "lr", "grad_norm"):
         assert key in row, key
 
-    real = GR.GRPOTrainer.rollout
-
-    def crash_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(GR.GRPOTrainer, "rollout", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        GR.grpo(_cfg(tmp_path / "b", tiny_native_dir, steps=4), progress=False)
-    monkeypatch.setattr(GR.GRPOTrainer, "rollout", real)
+    grpo_interrupted_at(_cfg(tmp_path / "b", tiny_native_dir, steps=4), step=3)
     resumed, _, run = GR.grpo(_cfg(tmp_path / "b", tiny_native_dir, steps=4), progress=False)
     for (k, a), (_, b) in zip(ref_model.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k

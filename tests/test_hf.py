@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 import transformers
+from conftest import grpo_interrupted_at
 from smollm import smollm_dir  # noqa: F401  (fixture)
 
 from r1lab.cli import main
@@ -196,7 +197,7 @@ def llama_dir(tmp_path, llama, tiny_tokenizer):
     return tmp_path / "llama"
 
 
-def test_interrupted_lora_grpo_resumes_exactly_from_its_adapters(llama_dir, tmp_path, monkeypatch):
+def test_interrupted_lora_grpo_resumes_exactly_from_its_adapters(llama_dir, tmp_path):
     from r1lab.train import grpo as GR
 
     reward = tmp_path / "length.py"  # a random model is never right: reward length so that groups differ
@@ -210,17 +211,7 @@ def test_interrupted_lora_grpo_resumes_exactly_from_its_adapters(llama_dir, tmp_
                              hf=H.HFOptions(lora_rank=4, lora_alpha=8, lora_dropout=0.1))
 
     ref, _, _ = GR.grpo(cfg("a"), progress=False)
-    real = GR.GRPOTrainer.rollout
-
-    def crash_at_2(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(GR.GRPOTrainer, "rollout", crash_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        GR.grpo(cfg("b"), progress=False)
-    monkeypatch.setattr(GR.GRPOTrainer, "rollout", real)
+    grpo_interrupted_at(cfg("b"), step=2)
     assert (tmp_path / "b" / "checkpoint" / H.ADAPTER_CONFIG).is_file()  # the checkpoint holds the adapters only
     resumed, _, run = GR.grpo(cfg("b"), progress=False)
     sa, sb = ref.state_dict(), resumed.state_dict()

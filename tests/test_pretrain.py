@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1lab.model.checkpoint import load_model
 from r1lab.tasks import Problem
 from r1lab.train import pretrain as P
 from r1lab.train.run import read_metrics

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r1lab import config as C
-from r1lab.model.checkpoint import CheckpointError, atomic_dir, load_state, recover, save_model, save_state
+from r1lab.model.checkpoint import CheckpointError, atomic_dir, load_state, recover, save_model
 from r1lab.train import dist as D
 
 STATE = "trainer_state.pt"
