@@ -238,14 +238,14 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D]; idx, weights [N, k]; counts [E] tokens per expert -> weighted sum of expert outputs [N, D]."""
         E, k = self.gate_up_proj.shape[0], idx.shape[1]
+        per_expert = counts.tolist()  # the one host sync of the layer
+        if self._dense_is_cheaper(x.shape[0], k, per_expert):  # before sorting: the dense path needs no order
+            return self._dense(x, idx, weights)
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         token = order // k
         expert = flat[order]
         w = weights.flatten()[order]
-        per_expert = counts.tolist()  # the one host sync of the layer
-        if self._dense_is_cheaper(x.shape[0], k, per_expert):
-            return self._dense(x, idx, weights)
         # Grouped (two bmm over buckets padded to the fullest expert) when the padding costs less than running the
         # used experts one by one on their exact tokens: an expert's own matmuls cost about 20 token slots of
         # per-op overhead (CPU, measured), and an unbalanced router (random init, fixed biases) can pad the buckets
@@ -732,8 +732,8 @@ class LatentCache:
     def extend(self, other: "LatentCache") -> None:
         """Append the rows of another cache (new requests joining a running batch)."""
         cap = max(self.capacity, other.capacity)
-        pad = lambda b: torch.cat([b, b.new_zeros(*b.shape[: self.seq_dim], cap - b.shape[self.seq_dim],  # noqa: E731
-                                                  *b.shape[self.seq_dim + 1:])], dim=self.seq_dim)
+        after = (0, 0) * (self.buf[0].dim() - 1 - self.seq_dim)  # F.pad counts from the last dimension
+        pad = lambda b: F.pad(b, after + (0, cap - b.shape[self.seq_dim]))  # noqa: E731
         self.buf = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.buf, other.buf)]
         self.lengths = torch.cat([self.lengths, other.lengths])
 
