@@ -32,7 +32,7 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
-from record import versions, write_json
+from record import settle_allocator, versions, write_json
 
 BENCH_FILE = Path(__file__).resolve()
 
@@ -350,6 +350,7 @@ def main(argv=None) -> dict:
     if args.warmup < 0 or args.steps < 1:
         ap.error(f"--warmup must be >= 0 and --steps >= 1 (got {args.warmup}, {args.steps})")
     torch.set_num_threads(args.threads)
+    allocator = settle_allocator()
     import datasets
     import transformers
 
@@ -374,7 +375,7 @@ def main(argv=None) -> dict:
                            "eos_target_length": args.target_length, "warmup_steps": args.warmup,
                            "measured_steps": args.steps},
               "results": results,
-              "versions": versions("torch", "transformers", "trl"),
+              "allocator": allocator, "versions": versions("torch", "transformers", "trl"),
               "machine": platform.processor() or platform.machine()}
     print()
     write_json(args.out, result)

@@ -4,8 +4,9 @@ The model is the tiny default DeepSeek-V3 (random weights: speed does not depend
 by both: r1lab runs it natively, transformers as DeepseekV3ForCausalLM. Both sample at temperature 1 and are
 forced to produce exactly --new-tokens tokens (no early stop), so tokens/s compare like for like. After a warm-up
 the two engines alternate for --repeats runs, run r sampling with seed r in both; the figures are the medians
-(the sampled tokens route the MoE differently from run to run, and a best-of picks whichever engine drew the
-cheapest routing: transformers' runs spread from 1.0 s to 1.7 s that way).
+(the sampled tokens route the MoE differently from run to run, so a best-of would pick whichever engine drew the
+cheapest routing). Before timing, the process's malloc policy is fixed (`record.settle_allocator`): under glibc's
+moving defaults transformers' speed at batch 64 swung by 1.6x with the process's history.
 
     python bench/sampler.py [--batches 1 64] [--new-tokens 64] [--threads 2] [--out bench/results/sampler.json]
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from record import versions, write_json
+from record import settle_allocator, versions, write_json
 import transformers
 
 from r1lab.model.checkpoint import save_model
@@ -75,6 +76,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="bench/results/sampler.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = settle_allocator()
     transformers.logging.set_verbosity_error()
     from r1lab.model.load import load_model_and_tokenizer
 
@@ -101,7 +103,7 @@ def main(argv=None) -> dict:
                   f"(median; best of each {row['speedup_best']:.2f}x)", flush=True)
     result = {"benchmark": "sampler", "model": "tiny default DeepSeek-V3 (random weights)",
               "params_total": sum(p.numel() for p in ours.parameters()), "threads": args.threads,
-              "results": rows, "versions": versions("torch", "transformers"),
+              "results": rows, "allocator": allocator, "versions": versions("torch", "transformers"),
               "machine": platform.processor() or platform.machine()}
     write_json(args.out, result)
     return result

@@ -183,40 +183,61 @@ def make_backend(model, tokenizer):
 # ----------------------------------------------------------------------------- sampling maths
 
 
-def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class RowControls:
+    """The running rows' sampling settings as tensors, plus what `sample_next` would otherwise read back from them
+    at every step: which rows sample (the rest are greedy), whether any of those truncates (top-p / top-k), and
+    the runs of consecutive sampled rows that share a generator. Built when the rows change, not per token."""
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    sampled: torch.Tensor | None     # indices of the rows that sample; None: every row samples
+    truncate: bool
+    draws: list[tuple[int, int, torch.Generator | None]]  # (start, stop, generator) over the sampled rows
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           device="cpu") -> "RowControls":
+        rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        draws, start = [], 0
+        for j in range(1, len(rows) + 1):
+            if j == len(rows) or generators[rows[j]] is not generators[rows[start]]:
+                draws.append((start, j, generators[rows[start]]))
+                start = j
+        return cls(torch.tensor([p.temperature for p in params], device=device),
+                   torch.tensor([p.top_p for p in params], device=device),
+                   torch.tensor([p.top_k for p in params], device=device),
+                   None if len(rows) == len(params) else torch.tensor(rows, dtype=torch.long, device=device),
+                   any(params[i].top_p < 1 or params[i].top_k > 0 for i in rows), draws)
+
+
+def sample_next(logits: torch.Tensor, rows: RowControls) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row with per-row temperature (0 = greedy), top-p and top-k. Returns (tokens, logprobs)
     where logprobs are log_softmax(logits / temperature) at the chosen tokens."""
     logits = logits.float()
-    greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    logp = scaled.log_softmax(-1)
-    tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
-        probs = logp.exp()
-        if bool((top_p < 1).any() or (top_k > 0).any()):
-            sp, si = probs.sort(-1, descending=True)
-            rank = torch.arange(sp.shape[1], device=sp.device)[None, :]
-            drop = (sp.cumsum(-1) - sp) >= top_p[:, None]                 # keep the smallest set reaching top_p
-            drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
-            drop[:, 0] = False
-            probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
-        # Inverse-CDF sampling: one uniform per row (CPU random draws are slow; per-vocab-entry noise costs more
-        # than the model step at small sizes).
-        rows = (~greedy).nonzero().flatten()
-        cdf = probs[rows].cumsum(-1)
-        u = torch.empty(len(rows), 1, device=probs.device)
-        rl = rows.tolist()
-        if all(generators[r] is generators[rl[0]] for r in rl):
-            u.uniform_(generator=generators[rl[0]])
-        else:  # one draw per run of consecutive rows sharing a generator (a prompt's samples, a request's)
-            start = 0
-            for j in range(1, len(rl) + 1):
-                if j == len(rl) or generators[rl[j]] is not generators[rl[start]]:
-                    u[start:j].uniform_(generator=generators[rl[start]])
-                    start = j
-        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
-        tokens[rows] = drawn.flatten()
+    greedy = rows.temperature <= 0
+    logp = (logits / rows.temperature.masked_fill(greedy, 1.0)[:, None]).log_softmax(-1)
+    if not rows.draws:
+        return (tokens := logits.argmax(-1)), logp.gather(1, tokens[:, None]).flatten()
+    probs, top_p, top_k = logp.exp(), rows.top_p, rows.top_k
+    if rows.sampled is not None:
+        probs, top_p, top_k = (t.index_select(0, rows.sampled) for t in (probs, top_p, top_k))
+    if rows.truncate:
+        sp, si = probs.sort(-1, descending=True)
+        rank = torch.arange(sp.shape[1], device=sp.device)[None, :]
+        drop = (sp.cumsum(-1) - sp) >= top_p[:, None]                      # keep the smallest set reaching top_p
+        drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
+    # Inverse-CDF sampling: one uniform per row (CPU random draws are slow; per-vocab-entry noise costs more than
+    # the model step at small sizes), one draw per run of rows sharing a generator (a prompt's samples, a request's).
+    cdf = probs.cumsum(-1)
+    u = torch.empty(len(probs), 1, device=probs.device)
+    for start, stop, gen in rows.draws:
+        u[start:stop].uniform_(generator=gen)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1).flatten()
+    if rows.sampled is not None:
+        tokens = logits.argmax(-1).index_copy_(0, rows.sampled, tokens)
     return tokens, logp.gather(1, tokens[:, None]).flatten()
 
 
@@ -246,6 +267,7 @@ class Batch:
         self.s = sampler
         self.state = None
         self.rows: list[Row] = []
+        self.controls: RowControls | None = None  # of self.rows; rebuilt when they change
 
     def __len__(self):
         return len(self.rows)
@@ -276,7 +298,8 @@ class Batch:
         else:
             self.state = self.s.backend.merge(self.state, state)
             self.rows = self.rows + new_rows
-        return self._accept(new_rows, logits, offset=len(self.rows) - len(new_rows))
+        self.controls = None
+        return self._accept(new_rows, logits, offset=len(self.rows) - len(new_rows), controls=self._controls(new_rows))
 
     def step(self) -> list[Row]:
         """Decode one token for every running row; return the rows that finished at this step."""
@@ -284,18 +307,19 @@ class Batch:
             return []
         last = torch.tensor([r.token_ids[-1] for r in self.rows], device=self.s.backend.device)
         logits = self.s.backend.decode(self.state, last)
-        return self._accept(self.rows, logits, offset=0)
+        if self.controls is None:
+            self.controls = self._controls(self.rows)
+        return self._accept(self.rows, logits, offset=0, controls=self.controls)
 
     def cancel(self, keys: set) -> None:
         """Drop rows whose key is in `keys` (a client went away)."""
         self._drop([i for i, r in enumerate(self.rows) if r.key in keys])
 
-    def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int) -> list[Row]:
-        dev = logits.device
-        temp = torch.tensor([r.params.temperature for r in rows], device=dev)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-        top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
-        tokens, logps = sample_next(logits, temp, top_p, top_k, [r.generator for r in rows])
+    def _controls(self, rows: list[Row]) -> RowControls:
+        return RowControls.of([r.params for r in rows], [r.generator for r in rows], self.s.backend.device)
+
+    def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int, controls: RowControls) -> list[Row]:
+        tokens, logps = sample_next(logits, controls)
         done = []
         for i, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), logps.tolist())):
             r.token_ids.append(t)
@@ -318,6 +342,7 @@ class Batch:
         gone = set(idx)
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
+        self.controls = None
         if keep:
             self.state = self.s.backend.keep(self.state, torch.tensor(keep, device=self.s.backend.device))
         else:

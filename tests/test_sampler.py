@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from r1lab.model.load import load_model_and_tokenizer
-from r1lab.sampler import Sampler, SamplingParams, sample_next
+from r1lab.sampler import RowControls, Sampler, SamplingParams, sample_next
 from r1lab.tokenizer import render_prompt
 
 transformers.logging.set_verbosity_error()
@@ -145,15 +145,31 @@ def test_rows_joining_a_running_batch_match_rows_run_alone(native, qwen):
 def test_top_k_and_top_p_never_pick_a_token_outside_the_kept_set():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
-    ones = torch.ones(4000)
-    tok, _ = sample_next(logits, ones, torch.full((4000,), 0.75), torch.zeros(4000, dtype=torch.long), [gen] * 4000)
+
+    def rows(n=4000, **kw):
+        return RowControls.of([SamplingParams(**kw)] * n, [gen] * n)
+
+    tok, _ = sample_next(logits, rows(top_p=0.75))
     assert set(tok.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75
     share = (tok == 0).float().mean().item()
     assert abs(share - 0.5 / 0.8) < 0.03
-    tok, _ = sample_next(logits, ones, ones, torch.full((4000,), 3, dtype=torch.long), [gen] * 4000)
+    tok, _ = sample_next(logits, rows(top_k=3))
     assert set(tok.tolist()) == {0, 1, 2}
-    tok, lp = sample_next(logits[:2], torch.zeros(2), ones[:2], torch.zeros(2, dtype=torch.long), [None, None])
+    tok, lp = sample_next(logits[:2], rows(2, temperature=0))
     assert tok.tolist() == [0, 0] and torch.allclose(lp, torch.log(torch.tensor([0.5, 0.5])))
+
+
+def test_greedy_and_sampled_rows_mix_in_one_step():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=t) for t in (0, 1.0, 0, 0.7, 1.0, 0)]
+    tok, lp = sample_next(logits, RowControls.of(params, [torch.Generator().manual_seed(i) for i in range(6)]))
+    assert tok[[0, 2, 5]].tolist() == logits[[0, 2, 5]].argmax(-1).tolist()
+    for i, p in enumerate(params):  # each row draws what it would draw alone with its own generator
+        alone, alone_lp = sample_next(logits[i : i + 1], RowControls.of([p], [torch.Generator().manual_seed(i)]))
+        assert tok[i] == alone[0] and torch.allclose(lp[i], alone_lp[0])
+    ref = torch.log_softmax(logits[3].double() / 0.7, -1)[tok[3]]  # float64: log-probs of the sampled distribution
+    assert abs(lp[3].item() - ref.item()) < 1e-5
 
 
 @pytest.mark.parametrize("kw, msg", [
