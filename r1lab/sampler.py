@@ -217,9 +217,17 @@ def sample_next(logits: torch.Tensor, rows: RowControls) -> tuple[torch.Tensor, 
     logits = logits.float()
     greedy = rows.temperature <= 0
     logp = (logits / rows.temperature.masked_fill(greedy, 1.0)[:, None]).log_softmax(-1)
-    if not rows.draws:
-        return (tokens := logits.argmax(-1)), logp.gather(1, tokens[:, None]).flatten()
-    probs, top_p, top_k = logp.exp(), rows.top_p, rows.top_k
+    tokens = _draw(logp.exp(), rows) if rows.draws else logits.argmax(-1)
+    if rows.draws and rows.sampled is not None:  # greedy rows among them
+        tokens = logits.argmax(-1).index_copy_(0, rows.sampled, tokens)
+    return tokens, logp.gather(1, tokens[:, None]).flatten()
+
+
+def _draw(probs: torch.Tensor, rows: RowControls) -> torch.Tensor:
+    """A token for each row that samples, from probs [B, V] truncated by its top-p / top-k. Inverse-CDF sampling
+    with one uniform per row (CPU random draws are slow; per-vocab-entry noise costs more than the model step at
+    small sizes), one draw per run of rows sharing a generator (a prompt's samples, a request's)."""
+    top_p, top_k = rows.top_p, rows.top_k
     if rows.sampled is not None:
         probs, top_p, top_k = (t.index_select(0, rows.sampled) for t in (probs, top_p, top_k))
     if rows.truncate:
@@ -229,16 +237,11 @@ def sample_next(logits: torch.Tensor, rows: RowControls) -> tuple[torch.Tensor, 
         drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
         drop[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
-    # Inverse-CDF sampling: one uniform per row (CPU random draws are slow; per-vocab-entry noise costs more than
-    # the model step at small sizes), one draw per run of rows sharing a generator (a prompt's samples, a request's).
     cdf = probs.cumsum(-1)
     u = torch.empty(len(probs), 1, device=probs.device)
     for start, stop, gen in rows.draws:
         u[start:stop].uniform_(generator=gen)
-    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1).flatten()
-    if rows.sampled is not None:
-        tokens = logits.argmax(-1).index_copy_(0, rows.sampled, tokens)
-    return tokens, logp.gather(1, tokens[:, None]).flatten()
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1).flatten()
 
 
 # ----------------------------------------------------------------------------- running batch
