@@ -32,7 +32,9 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
-from record import settle_allocator, versions, write_json
+from record import versions, write_json
+
+from r1lab.runtime import settle_allocator
 
 BENCH_FILE = Path(__file__).resolve()
 
@@ -350,7 +352,7 @@ def main(argv=None) -> dict:
     if args.warmup < 0 or args.steps < 1:
         ap.error(f"--warmup must be >= 0 and --steps >= 1 (got {args.warmup}, {args.steps})")
     torch.set_num_threads(args.threads)
-    allocator = settle_allocator()
+    allocator = settle_allocator()  # the same policy as the r1lab command's, for both systems
     import datasets
     import transformers
 

@@ -5,8 +5,9 @@ by both: r1lab runs it natively, transformers as DeepseekV3ForCausalLM. Both sam
 forced to produce exactly --new-tokens tokens (no early stop), so tokens/s compare like for like. After a warm-up
 the two engines alternate for --repeats runs, run r sampling with seed r in both; the figures are the medians
 (the sampled tokens route the MoE differently from run to run, so a best-of would pick whichever engine drew the
-cheapest routing). Before timing, the process's malloc policy is fixed (`record.settle_allocator`): under glibc's
-moving defaults transformers' speed at batch 64 swung by 1.6x with the process's history.
+cheapest routing). Before timing, the process's malloc policy is fixed (`r1lab.runtime.settle_allocator`, as
+the `r1lab` command does): under glibc's moving defaults transformers' speed at batch 64 swung by 1.6x with the
+process's history.
 
     python bench/sampler.py [--batches 1 64] [--new-tokens 64] [--threads 2] [--out bench/results/sampler.json]
 """
@@ -21,12 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from record import settle_allocator, versions, write_json
+from record import versions, write_json
 import transformers
 
 from r1lab.model.checkpoint import save_model
 from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
+from r1lab.runtime import settle_allocator
 from r1lab.sampler import Sampler, SamplingParams
 from r1lab.tasks import get_task
 from r1lab.tokenizer import render_prompt, train_tokenizer
@@ -76,7 +78,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="bench/results/sampler.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    allocator = settle_allocator()
+    allocator = settle_allocator()  # the same policy as the r1lab command's, for both systems
     transformers.logging.set_verbosity_error()
     from r1lab.model.load import load_model_and_tokenizer
 

@@ -404,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    from r1lab.runtime import set_threads
+    from r1lab.runtime import set_threads, settle_allocator
 
     set_threads(args.threads)
+    settle_allocator()
     from r1lab.model.checkpoint import CheckpointError
 
     try:
