@@ -45,7 +45,7 @@ def settle_allocator() -> str:
     heap's top) and blocks under 256 MiB come from the heap, so a steady loop of large tensors pays no page
     faults. glibc's default moves these thresholds as the process frees large blocks, and speed then depends on
     the process's history: sampling a transformers DeepSeek-V3 through the generic (DynamicCache) path at batch 64
-    took 1.4-1.7 s per run by default and 1.14 s under this policy. Left alone where it does not apply (not
+    took 1.4-1.8 s per run by default and 1.13-1.18 s under this policy. Left alone where it does not apply (not
     glibc), where the user set glibc's malloc variables, or with R1LAB_MALLOC=system. Returns what was done."""
     if os.environ.get("R1LAB_MALLOC", "tuned") == "system":
         return "left as it is (R1LAB_MALLOC=system)"
