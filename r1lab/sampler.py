@@ -96,6 +96,10 @@ class NativeBackend:
         cache.keep(rows)
         return cache
 
+    def drop(self, cache, gone: list[int]):
+        """Remove finished rows; returns the cache and the new row order (indices of the old rows)."""
+        return cache, cache.drop(gone)
+
     def merge(self, a, b):
         a.extend(b)
         return a
@@ -147,6 +151,11 @@ class HFBackend:
         state["mask"], state["pos"] = state["mask"][rows], state["pos"][rows]
         return state
 
+    def drop(self, state, gone: list[int]):
+        gone_set = set(gone)
+        order = [i for i in range(len(state["pos"])) if i not in gone_set]
+        return self.keep(state, torch.tensor(order, device=self.device)), order
+
     def merge(self, a, b):
         """Join two left-padded batches: pad the shorter one on the left (plain DynamicLayer caches only)."""
         from transformers.cache_utils import DynamicLayer
@@ -187,23 +196,29 @@ def make_backend(model, tokenizer):
 class RowControls:
     """The running rows' sampling settings as tensors, plus what `sample_next` would otherwise read back from them
     at every step: which rows sample (the rest are greedy), whether any of those truncates (top-p / top-k), and
-    the runs of consecutive sampled rows that share a generator. Built when the rows change, not per token."""
+    which sampled rows draw from each generator. Built when the rows change, not per token."""
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
     sampled: torch.Tensor | None     # indices of the rows that sample; None: every row samples
     truncate: bool
-    draws: list[tuple[int, int, torch.Generator | None]]  # (start, stop, generator) over the sampled rows
+    draws: list[tuple[torch.Generator | None, slice | torch.Tensor]]  # a generator, its rows among the sampled
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           device="cpu") -> "RowControls":
+           device="cpu", order: Sequence[int] | None = None) -> "RowControls":
+        """`order` ranks the rows (their creation order): a generator's uniforms go to its rows in that order, so
+        what a row draws does not depend on where it sits in the batch."""
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
-        draws, start = [], 0
-        for j in range(1, len(rows) + 1):
-            if j == len(rows) or generators[rows[j]] is not generators[rows[start]]:
-                draws.append((start, j, generators[rows[start]]))
-                start = j
+        groups: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+        for j, i in enumerate(rows):
+            groups.setdefault(id(generators[i]), (generators[i], []))[1].append(j)
+        draws = []
+        for gen, pos in groups.values():
+            if order is not None:
+                pos.sort(key=lambda j: order[rows[j]])
+            contiguous = pos == list(range(pos[0], pos[0] + len(pos)))
+            draws.append((gen, slice(pos[0], pos[0] + len(pos)) if contiguous else torch.tensor(pos, device=device)))
         return cls(torch.tensor([p.temperature for p in params], device=device),
                    torch.tensor([p.top_p for p in params], device=device),
                    torch.tensor([p.top_k for p in params], device=device),
@@ -226,7 +241,7 @@ def sample_next(logits: torch.Tensor, rows: RowControls) -> tuple[torch.Tensor, 
 def _draw(probs: torch.Tensor, rows: RowControls) -> torch.Tensor:
     """A token for each row that samples, from probs [B, V] truncated by its top-p / top-k. Inverse-CDF sampling
     with one uniform per row (CPU random draws are slow; per-vocab-entry noise costs more than the model step at
-    small sizes), one draw per run of rows sharing a generator (a prompt's samples, a request's)."""
+    small sizes), one draw per generator (a prompt's samples, a request's) for all its rows."""
     top_p, top_k = rows.top_p, rows.top_k
     if rows.sampled is not None:
         probs, top_p, top_k = (t.index_select(0, rows.sampled) for t in (probs, top_p, top_k))
@@ -239,8 +254,11 @@ def _draw(probs: torch.Tensor, rows: RowControls) -> torch.Tensor:
         probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)
     u = torch.empty(len(probs), 1, device=probs.device)
-    for start, stop, gen in rows.draws:
-        u[start:stop].uniform_(generator=gen)
+    for gen, pos in rows.draws:
+        if isinstance(pos, slice):
+            u[pos].uniform_(generator=gen)
+        else:
+            u.index_copy_(0, pos, torch.empty(len(pos), 1, device=u.device).uniform_(generator=gen))
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1).flatten()
 
 
@@ -260,6 +278,7 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     stop_at: int | None = None        # character offset where a stop string begins
+    seq: int = 0                      # creation order within the batch (rows move when others leave)
 
 
 class Batch:
@@ -271,6 +290,7 @@ class Batch:
         self.state = None
         self.rows: list[Row] = []
         self.controls: RowControls | None = None  # of self.rows; rebuilt when they change
+        self.created = 0
 
     def __len__(self):
         return len(self.rows)
@@ -290,6 +310,8 @@ class Batch:
             for j in range(p.n):
                 new_rows.append(Row((key, j) if p.n > 1 else key, ids, p, g, stop_ids, max_new))
                 owner.append(len(unique) - 1)
+        for r in new_rows:
+            r.seq, self.created = self.created, self.created + 1
         capacity = max(len(r.prompt_ids) + r.max_new for r in new_rows)
         state, logits = self.s.backend.prefill(unique, capacity)
         idx = torch.tensor(owner, device=logits.device)
@@ -319,7 +341,8 @@ class Batch:
         self._drop([i for i, r in enumerate(self.rows) if r.key in keys])
 
     def _controls(self, rows: list[Row]) -> RowControls:
-        return RowControls.of([r.params for r in rows], [r.generator for r in rows], self.s.backend.device)
+        return RowControls.of([r.params for r in rows], [r.generator for r in rows], self.s.backend.device,
+                              order=[r.seq for r in rows])
 
     def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int, controls: RowControls) -> list[Row]:
         tokens, logps = sample_next(logits, controls)
@@ -342,14 +365,12 @@ class Batch:
     def _drop(self, idx: list[int]) -> None:
         if not idx:
             return
-        gone = set(idx)
-        keep = [i for i in range(len(self.rows)) if i not in gone]
-        self.rows = [self.rows[i] for i in keep]
         self.controls = None
-        if keep:
-            self.state = self.s.backend.keep(self.state, torch.tensor(keep, device=self.s.backend.device))
-        else:
-            self.state = None
+        if len(set(idx)) == len(self.rows):
+            self.rows, self.state = [], None
+            return
+        self.state, order = self.s.backend.drop(self.state, idx)
+        self.rows = [self.rows[i] for i in order]
 
 
 class Sampler:

@@ -177,3 +177,21 @@ def test_the_kv_cache_keeps_and_joins_rows():
     a.extend(b)
     assert a.batch == 4 and a.capacity == 16 and a.lengths.tolist() == [5, 5, 3, 0]
     assert a.bytes_per_token() == 2 * 2 * 2 * 24 * 4  # layers x (k, v) x kv heads x head_dim x float32
+
+
+@pytest.mark.parametrize("cache", ["latent", "kv"])
+def test_dropping_rows_moves_the_last_survivors_into_their_slots(cache):
+    from r1lab.model.config import tiny_config
+    from r1lab.model.deepseek import LatentCache
+
+    c = LatentCache(tiny_config(64), 6, 8) if cache == "latent" else KVCache(build("qwen3").config, 6, 8)
+    for b in c.buf:
+        b.copy_(torch.arange(6.0).view(6, *[1] * (b.dim() - 1)).expand_as(b))  # row i holds the value i
+    c.lengths[:] = torch.tensor([10, 11, 12, 13, 14, 15])
+    before = [b.clone() for b in c.buf]
+    order = c.drop([1, 4])
+    assert order == [0, 5, 2, 3]  # row 5 fills slot 1; slot 4 is past the new end
+    assert c.batch == 4 and c.lengths.tolist() == [10, 15, 12, 13]
+    for b, old in zip(c.buf, before):
+        torch.testing.assert_close(b, old[order])
+    assert c.drop([0, 1, 2]) == [3] and c.lengths.tolist() == [13] and c.buf[0].eq(3).all()

@@ -142,6 +142,30 @@ def test_rows_joining_a_running_batch_match_rows_run_alone(native, qwen):
         assert done == alone
 
 
+def test_seeded_rows_draw_the_same_whichever_rows_leave_before_them(native, qwen):
+    """Rows that finish are replaced by the batch's last rows (no copy of the whole cache), so rows move; a
+    generator's draws go to its rows in their creation order, and each prompt samples what it samples alone."""
+    for model, tok in (native, qwen):
+        s = Sampler(model, tok, eos_ids=[])
+        lengths = {"1": 2, "2 + 3": 5, "45": 3, "6 * 7": 8}
+        # "1" leaves first with 2 rows; the last prompt's last 2 rows take their slots, ahead of its first row
+        params = {p: SamplingParams(max_new_tokens=m, temperature=1.0, n=2 if p == "1" else 3)
+                  for p, m in lengths.items()}
+
+        def run(prompts):
+            batch, done = s.new_batch(), {}
+            gens = [torch.Generator().manual_seed(len(p)) for p in prompts]
+            rows = batch.add([s.encode(p) for p in prompts], [params[p] for p in prompts], prompts, gens)
+            while rows or len(batch):
+                done.update({r.key: r.token_ids for r in rows})
+                rows = batch.step()
+            return done
+
+        together = run(list(lengths))
+        for p in lengths:
+            assert {k: v for k, v in together.items() if k[0] == p} == run([p])
+
+
 def test_top_k_and_top_p_never_pick_a_token_outside_the_kept_set():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)

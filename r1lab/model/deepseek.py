@@ -685,6 +685,7 @@ class LatentCache:
     length, so prompts need no left padding and rows can leave (`keep`) or join (`extend`) a running batch."""
 
     seq_dim = 1  # where positions run in each buffer [B, capacity, width] (r1lab.model.llama.KVCache: 2)
+    _slots: torch.Tensor | None = None  # this step's write positions in the flattened buffers (`step_slots`)
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -706,7 +707,7 @@ class LatentCache:
         need = int(self.lengths.max()) + S if self.batch else S
         if need > self.capacity:
             raise ValueError(f"cache full: {need} tokens > capacity {self.capacity}; allocate a larger cache")
-        self._S, self._T = S, need
+        self._S, self._T, self._slots = S, need, None
         self.fresh = need == S  # every row empty: nothing cached yet
         q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)        # [B, S]
         return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(1)
@@ -715,19 +716,49 @@ class LatentCache:
         """Store entries [B, S, W] at each row's next positions; return the keys [B, T, W] for attention."""
         buf = self.buf[layer]
         if self._S == 1:
-            buf[torch.arange(buf.shape[0], device=buf.device), self.lengths] = entries[:, 0]
+            buf.view(-1, self.width).index_copy_(0, self.step_slots(), entries[:, 0])
         else:
             pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)
             buf.scatter_(1, pos[..., None].expand(-1, -1, self.width), entries)
         return buf[:, : self._T]
 
+    def step_slots(self) -> torch.Tensor:
+        """Where each row's next entry goes in a buffer flattened to [rows x heads x capacity, d] (one per row and
+        head), computed once per decoding step for all layers: one index_copy_ per write instead of building a
+        2-D index each time."""
+        if self._slots is None:
+            heads = self.buf[0].shape[1] if self.seq_dim == 2 else 1
+            first = torch.arange(self.batch * heads, device=self.lengths.device) * self.capacity
+            self._slots = first + self.lengths.repeat_interleave(heads)
+        return self._slots
+
     def advance(self, n) -> None:
         self.lengths += n
+        self._slots = None
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only these rows, in this order (finished sequences leave the batch; repeats duplicate)."""
+        """Keep only these rows, in this order (repeats duplicate): a new copy of every buffer."""
         self.buf = [b.index_select(0, rows) for b in self.buf]
         self.lengths = self.lengths.index_select(0, rows)
+
+    def drop(self, gone: list[int]) -> list[int]:
+        """Remove these rows (finished sequences) by moving the last surviving rows into their slots: one row's
+        cache is copied per removed row, where `keep` would copy the whole batch at every step a row finishes
+        (13% of GRPO's sampling time on the Qwen2 bench). Returns the new row order as indices of the old rows."""
+        n, gone_set = self.batch - len(set(gone)), set(gone)
+        holes = sorted(g for g in gone_set if g < n)
+        movers = [r for r in range(n, self.batch) if r not in gone_set]       # as many as there are holes
+        order = list(range(n))
+        if holes:
+            dst, src = (torch.tensor(i, device=self.lengths.device) for i in (holes, movers))
+            for b in self.buf:
+                b.index_copy_(0, dst, b.index_select(0, src))
+            self.lengths.index_copy_(0, dst, self.lengths.index_select(0, src))
+            for h, m in zip(holes, movers):
+                order[h] = m
+        self.buf = [b[:n] for b in self.buf]  # views of the same storage: later rows only shrink it again
+        self.lengths = self.lengths[:n]
+        return order
 
     def extend(self, other: "LatentCache") -> None:
         """Append the rows of another cache (new requests joining a running batch)."""

@@ -63,7 +63,7 @@ class KVCache(LatentCache):
         out = []
         for buf, new in ((self.buf[2 * layer], k), (self.buf[2 * layer + 1], v)):
             if self._S == 1:
-                buf[torch.arange(buf.shape[0], device=buf.device), :, self.lengths] = new[:, :, 0]
+                buf.view(-1, buf.shape[-1]).index_copy_(0, self.step_slots(), new[:, :, 0].reshape(-1, buf.shape[-1]))
             else:
                 pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)             # [B, S]
                 buf.scatter_(2, pos[:, None, :, None].expand_as(new), new)
