@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a measurement runs
+    import torch
 
 GiB = 1024 ** 3
 T = 1e12

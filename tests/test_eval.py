@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 
 import pytest
 
-from r1lab.eval import EvalConfig, Sample, evaluate, local_generator, majority_answer, pass_at_k, to_sample
+from r1lab.eval import EvalConfig, evaluate, local_generator, majority_answer, pass_at_k, to_sample
 from r1lab.tasks import Problem, get_task
 
 
@@ -43,7 +42,6 @@ def _fake(replies: dict[str, list[str]]):
 
 
 def test_summary_on_a_hand_worked_example():
-    task = get_task("arithmetic")
     probs = [Problem("a", "arithmetic", "What is 1 + 1?", "2"), Problem("b", "arithmetic", "What is 2 + 2?", "4")]
     replies = {
         "What is 1 + 1?": ["<think> 1+1=2 </think> <answer> 2 </answer>", "<answer> 3 </answer>",
