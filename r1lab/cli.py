@@ -404,13 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    from r1lab.model.checkpoint import CheckpointError
     from r1lab.runtime import set_threads, settle_allocator
 
-    set_threads(args.threads)
-    settle_allocator()
-    from r1lab.model.checkpoint import CheckpointError
-
     try:
+        set_threads(args.threads)
+        settle_allocator()
         args.run(args)
     except (C.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         # Bad input: one line that names the problem; a bug elsewhere still shows its traceback.

@@ -37,7 +37,7 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def settle_allocator() -> str:
@@ -47,9 +47,12 @@ def settle_allocator() -> str:
     the process's history: sampling a transformers DeepSeek-V3 through the generic (DynamicCache) path at batch 64
     took 1.4-1.8 s per run by default and 1.13-1.18 s under this policy. Left alone where it does not apply (not
     glibc), where the user set glibc's malloc variables, or with R1LAB_MALLOC=system. Returns what was done."""
-    if os.environ.get("R1LAB_MALLOC", "tuned") == "system":
+    choice = os.environ.get("R1LAB_MALLOC", "tuned")
+    if choice not in ("tuned", "system"):
+        raise ValueError(f"R1LAB_MALLOC must be 'tuned' (the default) or 'system' (glibc's own policy), got {choice!r}")
+    if choice == "system":
         return "left as it is (R1LAB_MALLOC=system)"
-    if any(v in os.environ for v in MALLOC_ENV):
+    if any(v in os.environ for v in MALLOC_ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "left as it is (glibc malloc variables set in the environment)"
     name = ctypes.util.find_library("c")
     if platform.libc_ver()[0] != "glibc" or not name:

@@ -86,3 +86,6 @@ def test_the_allocator_is_left_alone_where_the_user_chose(monkeypatch):
     monkeypatch.delenv("R1LAB_MALLOC")
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
     assert "environment" in RT.settle_allocator()
+    monkeypatch.setenv("R1LAB_MALLOC", "sytem")
+    with pytest.raises(ValueError, match="R1LAB_MALLOC must be 'tuned'.*'system'.*got 'sytem'"):
+        RT.settle_allocator()

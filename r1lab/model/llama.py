@@ -62,8 +62,9 @@ class KVCache(LatentCache):
         """Store k, v [B, H_kv, S, d] at each row's next positions; return the keys and values [B, H_kv, T, d]."""
         out = []
         for buf, new in ((self.buf[2 * layer], k), (self.buf[2 * layer + 1], v)):
-            if self._S == 1:
-                buf.view(-1, buf.shape[-1]).index_copy_(0, self.step_slots(), new[:, :, 0].reshape(-1, buf.shape[-1]))
+            if self._S == 1:  # [B x H_kv x capacity, d] rows, one flat index for the step
+                d = buf.shape[-1]
+                buf.view(-1, d).index_copy_(0, self.step_slots(), new[:, :, 0].reshape(-1, d))
             else:
                 pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)             # [B, S]
                 buf.scatter_(2, pos[:, None, :, None].expand_as(new), new)
