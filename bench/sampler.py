@@ -6,8 +6,8 @@ forced to produce exactly --new-tokens tokens (no early stop), so tokens/s compa
 the two engines alternate for --repeats runs, run r sampling with seed r in both; the figures are the medians
 (the sampled tokens route the MoE differently from run to run, so a best-of would pick whichever engine drew the
 cheapest routing). Before timing, the process's malloc policy is fixed (`r1lab.runtime.settle_allocator`, as
-the `r1lab` command does): under glibc's moving defaults transformers' speed at batch 64 swung by 1.6x with the
-process's history.
+the `r1lab` command does): under glibc's moving defaults transformers' speed at batch 64 varied by 1.4x from run
+to run, and it stayed below its speed under the fixed policy.
 
     python bench/sampler.py [--batches 1 64] [--new-tokens 64] [--threads 2] [--out bench/results/sampler.json]
 """

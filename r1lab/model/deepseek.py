@@ -685,13 +685,17 @@ class LatentCache:
     length, so prompts need no left padding and rows can leave (`keep`) or join (`extend`) a running batch."""
 
     seq_dim = 1  # where positions run in each buffer [B, capacity, width] (r1lab.model.llama.KVCache: 2)
-    _slots: torch.Tensor | None = None  # this step's write positions in the flattened buffers (`step_slots`)
+    _slots: torch.Tensor | None = None  # this step's write positions in the flattened buffers (reset by `mask`)
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self.buf = [torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
-                    for _ in range(cfg.num_hidden_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._start([torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
+                     for _ in range(cfg.num_hidden_layers)])
+
+    def _start(self, buf: list[torch.Tensor]) -> None:
+        """Empty rows over these preallocated buffers (rows first, positions along `seq_dim`)."""
+        self.buf = buf
+        self.lengths = torch.zeros(buf[0].shape[0], dtype=torch.long, device=buf[0].device)
         self._S, self.fresh = 0, True
 
     @property
@@ -727,14 +731,13 @@ class LatentCache:
         head), computed once per decoding step for all layers: one index_copy_ per write instead of building a
         2-D index each time."""
         if self._slots is None:
-            heads = self.buf[0].shape[1] if self.seq_dim == 2 else 1
+            heads = math.prod(self.buf[0].shape[1 : self.seq_dim])  # dims between rows and positions
             first = torch.arange(self.batch * heads, device=self.lengths.device) * self.capacity
             self._slots = first + self.lengths.repeat_interleave(heads)
         return self._slots
 
     def advance(self, n) -> None:
         self.lengths += n
-        self._slots = None
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows, in this order (repeats duplicate): a new copy of every buffer."""
@@ -745,7 +748,8 @@ class LatentCache:
         """Remove these rows (finished sequences) by moving the last surviving rows into their slots: one row's
         cache is copied per removed row, where `keep` would copy the whole batch at every step a row finishes
         (13% of GRPO's sampling time on the Qwen2 bench). Returns the new row order as indices of the old rows."""
-        n, gone_set = self.batch - len(set(gone)), set(gone)
+        gone_set = set(gone)
+        n = self.batch - len(gone_set)
         holes = sorted(g for g in gone_set if g < n)
         movers = [r for r in range(n, self.batch) if r not in gone_set]       # as many as there are holes
         order = list(range(n))

@@ -45,18 +45,16 @@ def fast_decoder(model) -> "FastDecoder | None":
 
 class KVCache(LatentCache):
     """Per-head keys and values [B, H_kv, capacity, d] per layer, preallocated, each row at its own length: the
-    row bookkeeping (`mask`, `advance`, `keep`, `extend`) is the latent cache's; `buf` holds keys and values in
-    turn."""
+    row bookkeeping (`mask`, `advance`, `keep`, `drop`, `extend`, `step_slots`) is the latent cache's; `buf` holds
+    keys and values in turn."""
 
     seq_dim = 2
 
     def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.buf = [torch.zeros(batch, kv, capacity, d, dtype=dtype, device=device)
-                    for _ in range(2 * cfg.num_hidden_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self._S, self.fresh = 0, True
+        self._start([torch.zeros(batch, kv, capacity, d, dtype=dtype, device=device)
+                     for _ in range(2 * cfg.num_hidden_layers)])
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H_kv, S, d] at each row's next positions; return the keys and values [B, H_kv, T, d]."""
