@@ -91,3 +91,61 @@ def test_stream_sends_reasoning_before_the_tag_is_complete_and_holds_back_only_a
     assert not s.in_reasoning
     assert s.feed("15") == ("", "15")
     assert s.finish() == ("", "")
+
+
+# ----------------------------------------------------------------------------- R1-Zero's answer tags
+
+
+@pytest.mark.parametrize("text,expected", [
+    # what a model trained on the R1-Zero template writes after "Assistant:"
+    (" <think> 7+8=15, write 5 carry 1. 4+3+1=8, so 85 </think> <answer> 85 </answer>",
+     ("7+8=15, write 5 carry 1. 4+3+1=8, so 85", "85")),
+    (" <think> </think> <answer> 85 </answer>", ("", "85")),
+    ("<answer> 85 </answer>", (None, "85")),                           # no thinking at all
+    (" <think> so 85 </think> <answer> 8", ("so 85", "8")),            # cut off inside the answer
+    (" <think> still going", ("still going", "")),                    # cut off while thinking
+    (" <think> a </think> so <answer> 85 </answer> done", ("a", "so  85  done")),  # text around the tags stays
+    (" <think> a </think> 85 </answer>", ("a", "85 </answer>")),       # a closing tag alone is text
+    (" <think> a </think> <answer> 1 </answer> <answer> 2 </answer>", ("a", "1  <answer> 2 </answer>")),
+    ("<think> a <answer> 85 </answer>", ("a <answer> 85 </answer>", "")),  # answer tags inside thinking stay
+])
+def test_answer_tags_are_split_out_of_the_content(text, expected):
+    assert split_reasoning(text, answer_tags=True) == expected
+    assert split_reasoning(text) == (expected[0], split_reasoning(text)[1])  # without the flag: content as written
+    assert "<answer>" in split_reasoning(" <think> a </think> <answer> 85 </answer>")[1]
+
+
+def test_prefilled_r1_reply_with_answer_tags_splits_the_same():
+    assert split_reasoning("7+8=15\n</think>\n\n<answer>15</answer>", prefilled=True, answer_tags=True) == \
+        ("7+8=15", "15")
+    assert split_reasoning("7+8=15\n</think>\n\nThe answer is 15.", prefilled=True, answer_tags=True) == \
+        ("7+8=15", "The answer is 15.")
+
+
+ANSWERED = [
+    " <think> 7+8=15, write 5 carry 1. 4+3+1=8, so 85 </think> <answer> 85 </answer>",
+    " <think> </think> <answer> 85 </answer>",
+    "<answer>85</answer>",
+    " <think> a </think> so <answer> 8<5 </answer> done </answ",
+    " <think> a </think> <answer> </ans </answer>",
+    " <think> a </think> <answe",
+    " <think> a </think> 85 </answer> <answer> 1",
+]
+
+
+@pytest.mark.parametrize("text", ANSWERED)
+def test_streamed_answer_deltas_add_up_to_the_whole_split_and_never_show_a_tag(text):
+    """Every chunking of the text: the deltas shown so far are always a prefix of the whole split's parts."""
+    want = split_reasoning(text, answer_tags=True)
+    rng = random.Random(0)
+    for trial in range(40):
+        sizes = [1] * len(text) if trial == 0 else [rng.randint(1, 6) for _ in range(len(text))]
+        stream, reasoning, content, i = ReasoningStream(answer_tags=True), "", "", 0
+        for n in sizes:
+            r, c = stream.feed(text[i:i + n])
+            i += n
+            reasoning, content = reasoning + r, content + c
+            # what was shown so far is a prefix of the final split: no piece of a removed tag ever showed
+            assert (want[0] or "").startswith(reasoning) and want[1].startswith(content), (text, sizes)
+        r, c = stream.finish()
+        assert (reasoning + r, content + c) == (want[0] or "", want[1]), (text, sizes)
