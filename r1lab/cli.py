@@ -141,28 +141,24 @@ def _main_process() -> bool:
 
 
 def _add_eval(sub):
+    from r1lab.eval import EvalConfig
+
     p = sub.add_parser("eval", help="evaluate a model with the R1 protocol (pass@1 over k samples, cons@k)",
                        description="Greedy accuracy, pass@1 (mean over k samples at temperature 0.6, top-p 0.95), "
-                                   "cons@k (majority vote) and pass@k. MODEL is a model directory; with --base-url "
-                                   "it is the model name at an OpenAI-compatible endpoint.")
-    p.add_argument("model", help="model directory, or the model name served at --base-url")
-    p.add_argument("--task", default="arithmetic", help="arithmetic, countdown, linear, gsm8k, math500, aime24, amc23")
-    p.add_argument("--task-args", default="{}", help='knobs of a synthetic task as JSON, e.g. \'{"max_digits": 2}\'')
-    p.add_argument("--split", default="test")
-    p.add_argument("--k", type=int, default=4, help="samples per problem")
-    p.add_argument("--limit", type=int, default=None, help="first N problems (synthetic: N held-out problems, default 200)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--template", default="auto", help="r1zero, r1, model, or auto")
-    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
-    p.add_argument("--seed", type=int, default=0)
+                                   "cons@k (majority vote) and pass@k. MODEL is a model directory, or a run directory "
+                                   "(`r1lab pipeline`'s --out, or a trainer's): then its final model is evaluated on "
+                                   "the task, task knobs, template and eval settings the run used, unless flags say "
+                                   "otherwise. With --base-url, MODEL is the model name at an OpenAI-compatible "
+                                   "endpoint.")
+    p.add_argument("model", help="model or run directory, or the model name served at --base-url")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file with eval settings (flags override it)")
     p.add_argument("--out", default=None, help="write the summary and per-problem records as JSON")
     p.add_argument("--base-url", default=None, help="evaluate an OpenAI-compatible endpoint instead of a local model")
     p.add_argument("--api-key", default=None, help="bearer token for --base-url (default: $OPENAI_API_KEY)")
     p.add_argument("--concurrency", type=int, default=16, help="parallel requests to --base-url")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    C.add_arguments(p, EvalConfig)
     p.set_defaults(run=_run_eval)
 
 
@@ -171,14 +167,13 @@ def _run_eval(args):
 
     from r1lab import eval as E
 
-    try:
-        task_args = json.loads(args.task_args)
-    except json.JSONDecodeError as e:
-        raise C.ConfigError(f"--task-args is not valid JSON ({e}): {args.task_args!r}") from None
-    cfg = E.EvalConfig(task=args.task, task_args=task_args, split=args.split, limit=args.limit, k=args.k,
-                       temperature=args.temperature,
-                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy,
-                       template=args.template, seed=args.seed).validate()
+    if args.concurrency < 1:
+        raise C.ConfigError(f"--concurrency must be >= 1 (got {args.concurrency})")
+    model_dir, trained, source = (args.model, {}, None) if args.base_url else E.run_settings(args.model)
+    cfg = C.resolve(E.EvalConfig, args, args.config, base=C.merge(E.EvalConfig(), trained)).validate()
+    if source is not None:
+        shown = ", ".join(f"{k} {json.dumps(v)}" for k, v in trained.items())
+        print(f"evaluating {model_dir} with the settings of its run ({source}): {shown}; flags override them")
     problems = E.load_problems(cfg)
     if args.base_url:
         gen = E.endpoint_generator(args.base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
@@ -187,8 +182,8 @@ def _run_eval(args):
         from r1lab.model.load import load_model_and_tokenizer
         from r1lab.runtime import parse_dtype, pick_device
 
-        model, tok = load_model_and_tokenizer(args.model, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
-        gen = E.local_generator(model, tok, E.resolve_template(cfg, tok))
+        model, tok = load_model_and_tokenizer(model_dir, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
+        gen = E.local_generator(model, tok, E.resolve_template(cfg, tok), max_batch=cfg.max_batch)
     result = E.evaluate(gen, problems, cfg)
     print(E.render_table(result["summary"]))
     if args.out:
@@ -406,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from r1lab.model.checkpoint import CheckpointError
     from r1lab.runtime import set_threads, settle_allocator
+    from r1lab.train.run import TrainingError
 
     try:
         set_threads(args.threads)
@@ -415,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one line that names the problem; a bug elsewhere still shows its traceback.
         print(f"r1lab {args.command}: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # training diverged: what was kept, and what to do
+        print(f"r1lab {args.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,12 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value or key that cannot be used; the message says which and what to do."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with the one-line help that `--help` prints: `lr: float = opt(5e-5, "peak learning rate")`;
+    mutable defaults go through `factory` (`tasks: list[str] = opt(factory=lambda: ["arithmetic"], help=...)`)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -59,7 +66,12 @@ def _coerce(value: Any, tp, name: str):
                 raise ValueError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if inner is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):  # inf or nan in a learning rate, weight or clip turns weights into NaN
+                raise ConfigError(f"{name} must be a finite number (got {value!r})")
+            return number
         if inner is str:
             return str(value)
         if origin is typing.Literal:
@@ -107,6 +119,18 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
+
+
+def require_finite(cfg, prefix: str = "") -> None:
+    """Refuse inf and nan anywhere in a config (nested, and in lists): they turn weights into NaN silently."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            require_finite(value, prefix + f.name + ".")
+            continue
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{prefix}{f.name} must be a finite number (got {x})")
 
 
 def to_dict(cfg) -> dict:

@@ -12,11 +12,14 @@ import asyncio
 import json
 import math
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
+
+from r1lab.config import opt
 
 from r1lab.reasoning import split_reasoning
+from r1lab.sampler import R1_TEMPERATURE, R1_TOP_P
 from r1lab.tasks import R1_MATH_INSTRUCTION, Problem, get_task
 from r1lab.tasks.answers import extract_answer, normalize_answer
 
@@ -25,18 +28,21 @@ BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
 
 @dataclass
 class EvalConfig:
-    task: str = "arithmetic"
-    task_args: dict = field(default_factory=dict)  # difficulty knobs of a synthetic task, e.g. {"max_digits": 2}
-    split: str = "test"
-    limit: int | None = None         # first N problems (benchmarks) / N held-out problems (synthetic)
-    k: int = 4                       # samples per problem for pass@1 and cons@k
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    greedy: bool = True              # also decode greedily (temperature 0)
-    template: str = "auto"           # r1zero | r1 | model | auto (r1zero for synthetic tasks, the model's own else)
-    seed: int = 0
-    max_batch: int = 256
+    task: str = opt("arithmetic", "arithmetic, countdown, linear, gsm8k, math500, aime24, amc23 (or a registered task)")
+    task_args: dict = opt(factory=dict, help='knobs of a synthetic task as JSON, e.g. \'{"max_digits": 2}\'')
+    split: str = opt("test", "the split to evaluate: test (held out) or train")
+    limit: int | None = opt(None, "first N problems of a benchmark, or N held-out problems of a synthetic task "
+                                  "(default: all, or 200)")
+    k: int = opt(4, "samples per problem for pass@1 (their mean) and cons@k (their majority vote)")
+    temperature: float = opt(R1_TEMPERATURE, "sampling temperature of the k samples (the R1 protocol: 0.6)")
+    top_p: float = opt(R1_TOP_P, "nucleus sampling of the k samples (the R1 protocol: 0.95)")
+    max_new_tokens: int = opt(256, "most tokens per reply")
+    greedy: bool = opt(True, "also decode each problem greedily (temperature 0)")
+    template: Literal["auto", "r1zero", "r1", "model"] = opt(
+        "auto", "prompt format: auto (the model's own chat template when it has one, else r1zero for synthetic "
+                "tasks and r1 for benchmarks), r1zero, r1, or model")
+    seed: int = opt(0, "seed of the samples (and of the synthetic problems drawn)")
+    max_batch: int = opt(256, "most sequences a local model decodes together")
 
     def validate(self) -> "EvalConfig":
         if self.k < 1:
@@ -45,6 +51,15 @@ class EvalConfig:
             raise ValueError(f"--limit must be >= 1 (got {self.limit})")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1 (got {self.max_batch})")
+        if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1:
+            raise ValueError(f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {self.temperature}, "
+                             f"{self.top_p})")
+        try:  # an unknown task or knob is named now
+            get_task(self.task, **self.task_args)
+        except TypeError as e:
+            raise ValueError(f"{e}; fix --task-args for task {self.task!r}") from None
         return self
 
 
@@ -103,11 +118,55 @@ def user_turn(problem: Problem) -> str:
 
 
 def resolve_template(cfg: EvalConfig, tokenizer=None) -> str:
+    """`auto`: the model's own chat template (r1lab's trainers save the one they trained with), else r1zero for
+    synthetic tasks and r1 for benchmarks."""
     if cfg.template != "auto":
         return cfg.template
-    if cfg.task not in BENCHMARKS:
-        return "r1zero"
-    return "model" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "r1"
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return "model"
+    return "r1zero" if cfg.task not in BENCHMARKS else "r1"
+
+
+# the final model of each recipe, inside a `r1lab pipeline` output directory
+RECIPE_MODELS = {"r1zero": "grpo/model", "r1": "r1/final_rl/model", "distill": "distill/distilled/sft/model"}
+
+
+def run_settings(path: str | Path) -> tuple[Path, dict, Path | None]:
+    """(model directory, evaluation settings, the config.yaml they came from) for a model directory or a run
+    directory: a pipeline's output (its final model, its task and its eval settings) or one trainer's run (its
+    final model, its first task and that task's knobs, its template and reply length). A plain model directory
+    outside any run gives no settings."""
+    import yaml
+
+    from r1lab.model.checkpoint import CheckpointError
+
+    path = Path(path)
+    run = path if (path / "config.yaml").is_file() else path.parent if (path.parent / "config.yaml").is_file() else None
+    if run is None:
+        return path, {}, None
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{run / 'config.yaml'} is not valid YAML ({e}); pass the model directory itself") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{run / 'config.yaml'} is not a run config; pass the model directory itself")
+    if "recipe" in cfg and "grpo" in cfg:  # a pipeline's output directory (runs/r1zero)
+        e = cfg.get("eval") or {}
+        settings = {"task": cfg.get("task"), "task_args": cfg.get("task_args") or {},
+                    "template": (cfg.get("grpo") or {}).get("template"), "limit": e.get("limit"), "k": e.get("k"),
+                    "temperature": e.get("temperature"), "top_p": e.get("top_p"),
+                    "max_new_tokens": e.get("max_new_tokens"), "seed": 0}
+        model = run / RECIPE_MODELS.get(cfg["recipe"], "grpo/model") if path == run else path
+    else:  # a trainer's run directory (pretrain, sft, grpo)
+        tasks = cfg.get("tasks") or []
+        task = tasks[0] if tasks else None
+        settings = {"task": task, "task_args": (cfg.get("task_args") or {}).get(task, {}) if task else None,
+                    "template": cfg.get("template"), "max_new_tokens": cfg.get("max_new_tokens")}
+        model = run / "model" if path == run else path
+    if not (model / "config.json").is_file():
+        raise CheckpointError(f"{run} has no final model yet ({model} is missing): let the run finish, or "
+                              f"evaluate a checkpoint directory directly")
+    return model, {k: v for k, v in settings.items() if v is not None}, run / "config.yaml"
 
 
 def to_sample(text: str, tokens: int) -> Sample:

@@ -27,10 +27,9 @@ def plot_curves(rows: list[dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for key, title, pct in CURVES:
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if not pts:
+        steps, vals = curve_points(rows, key)
+        if not steps:
             continue
-        steps, vals = zip(*pts)
         fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=110)
         ax.plot(steps, [100 * v for v in vals] if pct else vals, color="#3b6fb6", lw=1.2, alpha=0.45)
         if len(vals) >= 5:  # a moving average makes the trend readable
@@ -48,6 +47,12 @@ def plot_curves(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def curve_points(rows: list[dict], key: str) -> tuple[tuple, tuple]:
+    """(steps, values) of one metric, one point per step (the last row logged for it), in step order."""
+    by_step = {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+    return tuple(zip(*sorted(by_step.items()))) or ((), ())
 
 
 def plot_before_after(summary: dict, out_dir: Path) -> Path:

@@ -75,9 +75,19 @@ def pick_device(name: str | None = None) -> torch.device:
     """`auto` picks CUDA when present, else CPU; an unavailable device is an error, not a fallback."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+        raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this torch has no usable MPS (Apple GPU) device; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: r1lab runs on cpu, cuda or mps")
     return dev
 
 

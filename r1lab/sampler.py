@@ -22,6 +22,11 @@ import torch
 import torch.nn.functional as F
 
 
+# DeepSeek's sampling settings for R1 models: the R1 evaluation protocol, and what serving and distillation default to.
+R1_TEMPERATURE = 0.6
+R1_TOP_P = 0.95
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256

@@ -38,11 +38,15 @@ R1_TEMPLATE = (
     "{% if add_generation_prompt %}" + ASSISTANT + "<think>\n{% endif %}"
 )
 
+# An earlier assistant turn is written back as the model writes a direct answer: an empty think block and the answer
+# in its tags (a chat client sends back the answer alone; a reply with its tags keeps its answer part).
 R1ZERO_TEMPLATE = (
     "{{ bos_token }}" + R1ZERO_PREAMBLE +
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %} User: {{ m['content'] }}. Assistant:"
-    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'].split('</think>')[-1].strip() %}"
+    "{% if not c.startswith('<answer>') %}{% set c = '<answer> ' + c + ' </answer>' %}{% endif %}"
+    " <think> </think> {{ c }}{{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
 
@@ -80,6 +84,26 @@ def _strip_tags(texts: Iterable[str]) -> Iterator[str]:
         for tag in TAGS:
             t = t.replace(tag, " ")
         yield t
+
+
+def carry_template(tokenizer, template: str):
+    """Make `template` ('r1' or 'r1zero') the tokenizer's default chat template, so that the model directory it is
+    saved with renders the prompts training used, for `r1lab serve`, `chat`, `eval` and any `transformers` user.
+    Both r1lab templates stay available by name, and a template the tokenizer had before is kept as 'original'.
+    'model' (train with the tokenizer's own template) changes nothing. Returns the tokenizer."""
+    if template == "model":
+        return tokenizer
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)} or 'model'")
+    before = getattr(tokenizer, "chat_template", None)
+    named = dict(before) if isinstance(before, dict) else {}
+    if isinstance(before, str) and before not in TEMPLATES.values():
+        named["original"] = before
+    elif isinstance(before, dict) and named.get("default") not in TEMPLATES.values():
+        named["original"] = named["default"]
+    named.pop("default", None)
+    tokenizer.chat_template = {"default": TEMPLATES[template], **named, **TEMPLATES}
+    return tokenizer
 
 
 def render_prompt(tokenizer, prompt: str, template: str = "r1", system: str | None = None) -> str:

@@ -82,3 +82,48 @@ def test_task_knobs_are_checked_before_any_stage(tmp_path, capsys):
     assert main(["pipeline", "--out", str(tmp_path / "run"), "--task", "gsm8k", "--task-args", '{"max_digits": 3}']) == 2
     assert "max_digits" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    assert main(_argv(out)) == 0
+    return out
+
+
+def test_eval_of_a_run_directory_reproduces_the_report_with_the_runs_settings(finished_run, capsys):
+    """`r1lab eval RUN_DIR` evaluates the run's final model on the task, knobs, template and eval settings the run
+    used (and says so), so the figures equal the report's, not some other task's."""
+    capsys.readouterr()
+    assert main(["eval", str(finished_run), "--out", str(finished_run / "again.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluating {finished_run / 'grpo' / 'model'}" in out and "config.yaml" in out
+    assert '"max_digits": 1' in out and "template \"r1zero\"" in out
+    again = json.loads((finished_run / "again.json").read_text())["summary"]
+    report = json.loads((finished_run / "summary.json").read_text())["final"]
+    assert again["n"] == 4 and again["k"] == 2 and again["max_new_tokens"] == 8
+    assert (again["pass@1"], again["greedy"]) == (report["pass@1"], report["greedy"])
+    # flags still win over the run's settings
+    assert main(["eval", str(finished_run), "--k", "1", "--limit", "2", "--greedy", "false"]) == 0
+    assert "2 problems (0 skipped), k=1" in capsys.readouterr().out
+
+
+def test_the_main_jobs_model_carries_the_template_it_was_trained_with(finished_run):
+    """Serve, chat, eval and any transformers user render the R1-Zero prompt that GRPO trained on."""
+    from transformers import AutoTokenizer
+
+    from r1lab.tokenizer import render_prompt
+
+    for stage in ("pretrain", "grpo"):
+        tok = AutoTokenizer.from_pretrained(finished_run / stage / "model")
+        rendered = tok.apply_chat_template([{"role": "user", "content": "What is 4 + 5?"}], tokenize=False,
+                                           add_generation_prompt=True)
+        assert rendered == render_prompt(tok, "What is 4 + 5?", "r1zero")
+        assert rendered.endswith("User: What is 4 + 5?. Assistant:")
+
+
+def test_eval_of_a_run_without_a_final_model_says_so(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("tasks: [arithmetic]\ntemplate: r1zero\n")
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no final model yet" in err and len(err.strip().splitlines()) == 1

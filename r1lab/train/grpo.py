@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from r1lab import config as C
 from r1lab.reasoning import split_reasoning
 from r1lab.rewards import get_reward
 from r1lab.sampler import Completion, Sampler, SamplingParams
 from r1lab.tasks import Problem, get_task
 from r1lab.model.hf import HFOptions
-from r1lab.tokenizer import render_prompt
+from r1lab.tokenizer import carry_template, render_prompt
 from r1lab.runtime import use_bf16
 from r1lab.train import dist as D
 from r1lab.train import losses as L
@@ -94,6 +95,7 @@ class GRPOConfig:
     seed: int = 0
 
     def validate(self) -> "GRPOConfig":
+        C.require_finite(self)
         if not self.model:
             raise ValueError("--model is required: a model directory to train")
         if len(self.rewards) != len(self.reward_weights):
@@ -378,6 +380,8 @@ class GRPOTrainer:
             model, tokenizer = load_trainable(cfg.model, cfg.hf, device=device, resume_from=self.run.checkpoint_dir)
         elif model is None:
             model, tokenizer = load_trainable(cfg.model, cfg.hf, device=device)
+        if not finished:
+            carry_template(tokenizer, cfg.template)  # the model directory renders the prompts it was trained on
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.native = type(_backbone_base(model)).__name__ == "DeepseekV3"
@@ -398,6 +402,7 @@ class GRPOTrainer:
             D.load_optimizer_state(self.opt, self.state["optimizer"])
             set_rng_state(self.state["rng"])
             self.start = self.state["step"]
+        self.step = self.start  # the step being taken (named in errors)
         self.seconds = self.state["extra"].get("seconds", 0.0) if self.state else 0.0  # training time so far
         if cfg.rollout == "vllm":
             if self.native:
@@ -522,6 +527,7 @@ class GRPOTrainer:
                 if ent is not None:
                     stats["entropy"] += ((to_matrix(ent.float(), lay, (N, T)) * m).sum() / n_tokens).item()
             stats["grad_norm"] = D.clip_grad_norm(self.model.parameters(), cfg.grad_clip).item()
+            self.run.check_finite(self.step + 1, loss=stats["loss"], grad_norm=stats["grad_norm"])
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             if self.native and cfg.balance_experts:
@@ -583,6 +589,7 @@ class GRPOTrainer:
             from tqdm import tqdm
             bar = tqdm(steps, desc="grpo", initial=self.start, total=cfg.steps, dynamic_ncols=True)
         for step in bar:
+            self.step = step
             t0 = time.perf_counter()
             self.model.eval()
             with D.full_weights(self.policy):  # FSDP: the sampler needs whole weights
@@ -605,9 +612,10 @@ class GRPOTrainer:
                             achieved_flops_report(stats["trained_tokens"], t2 - t1, fpt, peak * D.world()).items()})
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or out_of_time:
                 self.run.log(step + 1, **row, total_seconds=self.seconds)
-            if show:
-                bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
-                                len=f"{row['mean_length']:.0f}", think=f"{row['think_share']:.2f}")
+            if show:  # a step where nothing could be judged has no reward or accuracy to show
+                bar.set_postfix({k: "-" if row[key] is None else f"{row[key]:{fmt}}" for k, key, fmt in (
+                    ("reward", "reward_mean", ".2f"), ("acc", "accuracy", ".2f"), ("len", "mean_length", ".0f"),
+                    ("think", "think_share", ".2f"))})
             if out_of_time:  # max_seconds reached: this step is the last
                 break
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from r1lab import config as C
 from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.tasks import Problem, get_task
-from r1lab.tokenizer import render_prompt, train_tokenizer
+from r1lab.tokenizer import carry_template, render_prompt, train_tokenizer
 from r1lab.runtime import use_bf16
 from r1lab.train import dist as D
 from r1lab.train.packing import Packed, pack
@@ -58,6 +59,7 @@ class PretrainConfig:
     parallel: str = "ddp"            # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
 
     def validate(self) -> "PretrainConfig":
+        C.require_finite(self)
         if not 0 <= self.direct_fraction <= 1:
             raise ValueError(f"direct_fraction must be in [0, 1] (got {self.direct_fraction})")
         for name in ("steps", "rows", "seq_len", "eval_problems", "log_every", "save_every", "eval_every"):
@@ -107,6 +109,15 @@ class Corpus:
         common = a[: next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
         ids = self.tok(common, add_special_tokens=False)["input_ids"]
         return ids[:-1]  # the last token may merge with what follows; keep only tokens surely shared
+
+    def check_fits(self, n: int = 64) -> None:
+        """Refuse a seq_len that no example fits (packing would wait forever for one): name the length that would."""
+        pairs = self.texts(self.cfg.seed * 1_000_003 - 1, n)
+        lengths = sorted(len(self.tok(p + c, add_special_tokens=False)["input_ids"]) for p, c in pairs)
+        if lengths[0] > self.cfg.seq_len:
+            raise ValueError(f"no example fits in seq_len {self.cfg.seq_len}: with the template the shortest of {n} "
+                             f"drawn examples has {lengths[0]} tokens and the longest {lengths[-1]}; use --seq-len "
+                             f"{lengths[-1]} or more")
 
     def batch(self, step: int, share_prefix: bool = True) -> Packed:
         """`rows` packed rows of examples for this step; with `share_prefix` each row holds the template's shared
@@ -192,6 +203,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
     else:
         tok = build_tokenizer(cfg)
         model = build_model(cfg, tok).to(device)
+    carry_template(tok, cfg.template)  # the model directory renders the prompts it was trained on
     model.train()
     forward = D.wrap(model, _forward, cfg.parallel)  # before the optimiser: FSDP shards the parameters
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -201,6 +213,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
         set_rng_state(state["rng"])
         start = state["step"]
     corpus = Corpus(cfg, tok)
+    corpus.check_fits()
     share = len(model.mtp_layers) == 0  # the MTP loss works on plain packed sequences only
     fpt = training_flops_per_token(model.config, cfg.seq_len)
     peak = measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=device)
@@ -232,6 +245,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
             lm_loss = lm_loss * weights[0]
         D.backward(loss)
         grad_norm = D.clip_grad_norm(model.parameters(), cfg.grad_clip)
+        run.check_finite(step + 1, loss=loss.item(), grad_norm=grad_norm.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         D.sync_expert_load(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from r1lab.train import dist as D
 STATE = "trainer_state.pt"
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on safely (a non-finite loss or gradient); the message says what was kept and what to do."""
+
+
 class Run:
     def __init__(self, out: str | Path, cfg=None, *, resume: bool = True):
         self.dir = Path(out)
@@ -34,12 +39,17 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
         if D.is_main():
+            sweep_temporaries(self.dir)  # a write killed mid-way left a full-size temporary: this run owns the dir
             recover(self.checkpoint_dir)  # once, before other processes look
             recover(self.model_dir)
+            if not resume:  # --fresh: start over, so no earlier checkpoint or final model can be mistaken for ours
+                for d in (self.checkpoint_dir, self.model_dir):
+                    shutil.rmtree(d, ignore_errors=True)
             if cfg is not None:
                 C.save(cfg, self.dir / "config.yaml")
         D.barrier()
         self._t0 = time.perf_counter()
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, once saved or loaded
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -65,6 +75,7 @@ class Run:
         if D.is_main():
             write_model(model, tokenizer, self.checkpoint_dir, extra_state=state, state_dict=weights)
         D.barrier()
+        self.saved_step = step
 
     def load(self) -> dict | None:
         """The trainer state of the latest checkpoint (weights are loaded by the caller), or None."""
@@ -75,13 +86,27 @@ class Run:
         if len(set(steps)) > 1:
             raise CheckpointError(f"processes see different checkpoints in {self.checkpoint_dir} (steps {steps} by "
                                   "rank); put --out on a filesystem that every node shares")
-        if state is None:
+        if state is None:  # a start from step 0: rows an earlier (killed or --fresh) run logged here are stale
+            self.truncate_metrics(-1)
             return None
         ranks = state.pop("rng_ranks", None)
         if D.active() and ranks and len(ranks) == D.world():
             state["rng"] = ranks[D.rank()]
         self.truncate_metrics(state["step"])
+        self.saved_step = state["step"]
         return state
+
+    def check_finite(self, step: int, **values) -> None:
+        """Stop before an optimiser step that would write NaN or inf into the weights: nothing of step `step` is
+        applied, and the checkpoint on disk (if any) stays the last good one."""
+        bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
+        if not bad:
+            return
+        kept = (f"the last good checkpoint, step {self.saved_step}, is in {self.checkpoint_dir} (re-running resumes "
+                "from it)" if self.saved_step is not None else "no checkpoint was written yet")
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise TrainingError(f"step {step}: {what}; stopped before updating the weights, and {kept}. Lower --lr or "
+                            "check the data and rewards")
 
     def finish(self, model, tokenizer) -> Path:
         weights = D.model_state(model)
@@ -102,7 +127,8 @@ class Run:
         return read_metrics(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after `step` (they will be logged again by the resumed run)."""
+        """Keep only rows logged up to `step` (the checkpoint's), so the file matches the checkpoint exactly: the
+        resumed run logs the later steps again. -1 empties it."""
         if not D.is_main():
             return
         rows = [r for r in self.metrics() if r.get("step", 0) <= step]
@@ -140,18 +166,37 @@ def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, s
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics file. A torn last line (the process died, or the disk filled, while writing it) is left
+    out: the resume that follows rewrites the file up to its checkpoint. A bad line before the last is damage."""
     path = Path(path)
     if not path.is_file():
         return []
+    lines = path.read_text(errors="replace").splitlines()
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}:{i} is not valid JSON; the metrics file is damaged") from None
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError
+            rows.append(row)
+        except ValueError:
+            if i == len(lines):
+                break
+            raise CheckpointError(f"{path}:{i} is not valid JSON; the metrics file is damaged (delete it to start "
+                                  "its log over, or use --fresh)") from None
     return rows
+
+
+def sweep_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what interrupted atomic writes left in a run directory (`.checkpoint.tmp-*`, `.model.tmp-*`,
+    `metrics.tmp`); returns what was removed."""
+    gone = []
+    for p in list(run_dir.glob(".*.tmp-*")) + list(run_dir.glob("*.tmp")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
 
 
 def rng_state() -> dict:

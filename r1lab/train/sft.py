@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from r1lab import config as C
 from r1lab.model.hf import HFOptions, base_model, is_native, load_trainable, trainable_parameters
 from r1lab.reasoning import THINK_START
-from r1lab.tokenizer import TEMPLATES, apply_template
+from r1lab.tokenizer import TEMPLATES, apply_template, carry_template
 from r1lab.runtime import use_bf16
 from r1lab.train import dist as D
 from r1lab.train.packing import Packed, pack
@@ -64,6 +65,7 @@ class SFTConfig:
 
     def validate(self, files: bool = True) -> "SFTConfig":
         """Check the settings; `files=False` skips the data files (a caller that writes them later)."""
+        C.require_finite(self)
         if not self.model:
             raise ValueError("--model is required: the model directory to fine-tune")
         if not self.data:
@@ -344,6 +346,7 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
     state = run.load()
     torch.manual_seed(cfg.seed)  # LoRA's initial adapters and dropout
     model, tok = load_trainable(cfg.model, cfg.hf, device=device, resume_from=run.checkpoint_dir if state else None)
+    carry_template(tok, cfg.template)  # the model directory renders the prompts it was trained on
     data = build_data(cfg, tok)
     model.train()
     forward = D.wrap(model, _micro_batch_loss, cfg.parallel)  # before the optimiser: FSDP shards the parameters
@@ -358,7 +361,6 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     if start == 0:
-        run.truncate_metrics(-1)  # a fresh start: rows of an earlier run in this directory are stale
         trainable, params = trainable_parameters(model)
         run.log(0, **data.stats, steps=total, steps_per_epoch=steps_per_epoch, trainable_params=trainable,
                 params=params)
@@ -401,6 +403,7 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         loss_sum, step_tokens = D.all_sum([loss_sum, step_tokens])
         tokens += step_tokens
         grad_norm = D.clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        run.check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         if is_native(model):
