@@ -7,16 +7,18 @@ the previous checkpoint whole. Nothing is unpickled: weights are safetensors, op
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from r1lab.model.config import ModelConfig
@@ -94,9 +96,12 @@ def read_config(path: str | Path) -> dict:
     if not f.is_file():
         raise CheckpointError(f"{f} is missing: a model directory needs config.json (and model.safetensors)")
     try:
-        return json.loads(f.read_text())
+        cfg = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is corrupt ({e}); restore it or re-save the model") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object of settings; restore it or re-save the model")
+    return cfg
 
 
 def is_native(path: str | Path) -> bool:
@@ -104,26 +109,117 @@ def is_native(path: str | Path) -> bool:
     return read_config(path).get("model_type") == "deepseek_v3"
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a directory: one model.safetensors or shards listed in model.safetensors.index.json."""
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a directory: the shards named in model.safetensors.index.json, else model.safetensors."""
     index = path / "model.safetensors.index.json"
+    names = ["model.safetensors"]
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is corrupt ({e}); re-save the model") from None
-    else:
-        files = ["model.safetensors"]
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is corrupt ({type(e).__name__}: {e}); re-save the model") from None
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise CheckpointError(f"{index} names shards that are not file names in the directory ({names[:3]}); "
+                                  "re-save the model")
+    for name in names:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing; the model directory is incomplete (re-save or re-download it)")
+    return [path / name for name in names]
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _read_header(f: Path) -> dict[str, torch.Tensor]:
+    """A file's tensors as meta tensors of the stored shapes and dtypes (safe_open checks that the header covers
+    the whole file, so a truncated file fails here too)."""
+    out = {}
+    with safe_open(f, "pt") as fh:
+        for k in fh.keys():
+            s = fh.get_slice(k)
+            if s.get_dtype() not in _DTYPES:
+                raise ValueError(f"{k} is stored as {s.get_dtype()}, a dtype r1lab does not read")
+            out[k] = torch.empty(s.get_shape(), dtype=_DTYPES[s.get_dtype()], device="meta")
+    return out
+
+
+def read_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a directory (see `weight_files`). meta=True reads the headers only: tensors on the meta device
+    with the stored shapes and dtypes, enough to check a checkpoint without loading it."""
     state = {}
-    for name in files:
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing; the model directory is incomplete (re-save or re-download it)")
+    for f in weight_files(path):
         try:
-            state.update(load_file(f))
+            part = _read_header(f) if meta else load_file(f)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f} is corrupt or truncated ({e}); restore it from a good copy") from None
+        twice = sorted(state.keys() & part.keys())
+        if twice:
+            raise CheckpointError(f"{f} stores {twice[0]} again (another shard has it); re-save the model")
+        state.update(part)
     return state
+
+
+# ----------------------------------------------------------------------------- DeepSeek's FP8 release
+
+def fp8_block_size(cfg: dict, config_file: Path) -> tuple[int, int] | None:
+    """The weight block of DeepSeek's FP8 format from config.json's `quantization_config` ([128, 128] in the
+    release; 128x128 when the key is absent, None for one scale per tensor)."""
+    q = cfg.get("quantization_config")
+    if q is None:
+        return (128, 128)
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        raise CheckpointError(f"{config_file}: quantization_config {q!r} is not supported; r1lab reads unquantised "
+                              "weights and DeepSeek's block FP8 (quant_method 'fp8'); dequantise the model first")
+    block = q.get("weight_block_size", [128, 128])
+    if block is None:
+        return None
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"{config_file}: quantization_config.weight_block_size must be two positive integers "
+                              f"like [128, 128] (got {block!r})")
+    return block[0], block[1]
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """DeepSeek's `weight_dequant`: each [bm, bn] block of the FP8 weight times its float32 inverse scale
+    (scale_inv is [ceil(out/bm), ceil(in/bn)]; edge blocks are the remainders), in float32."""
+    M, N = weight.shape
+    bm, bn = block or (M, N)
+    s = scale_inv.float().reshape(-(-M // bm), -(-N // bn))
+    return weight.float() * s.repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
+
+
+def dequantize_fp8(state: dict[str, torch.Tensor], block: tuple[int, int] | None, where: Path) -> dict[str, torch.Tensor]:
+    """Replace every FP8 weight and its `{name}_scale_inv` by the float32 weight they encode; other tensors pass."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("_scale_inv"):
+            w = state.get(k[: -len("_scale_inv")])
+            if w is None or w.dtype not in _FP8:
+                what = "no weight" if w is None else f"a weight stored as {w.dtype}, not FP8"
+                raise CheckpointError(f"{where}: {k} is an inverse scale for {what}; the checkpoint is inconsistent "
+                                      "(restore it or re-download it)")
+            continue
+        if v.dtype not in _FP8:
+            out[k] = v
+            continue
+        s = state.get(k + "_scale_inv")
+        if s is None:
+            raise CheckpointError(f"{where}: {k} is FP8 but {k}_scale_inv is not stored; the checkpoint is incomplete "
+                                  "(restore it or re-download it)")
+        if v.dim() != 2:
+            raise CheckpointError(f"{where}: {k} is FP8 with shape {tuple(v.shape)}; DeepSeek's format quantises "
+                                  "matrices only (restore the checkpoint)")
+        bm, bn = block or tuple(v.shape)
+        blocks = (-(-v.shape[0] // bm), -(-v.shape[1] // bn))
+        if s.numel() != blocks[0] * blocks[1] or (s.dim() == 2 and tuple(s.shape) != blocks):
+            raise CheckpointError(f"{where}: {k} of shape {tuple(v.shape)} needs a {blocks} inverse scale for "
+                                  f"{bm}x{bn} blocks (quantization_config.weight_block_size), got {tuple(s.shape)}")
+        out[k] = dequantize_block_fp8(v, s, block)
+    return out
 
 
 def to_disk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,38 +265,76 @@ def to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             out[base + "down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n)])
         except KeyError as e:
             raise CheckpointError(f"expert weights incomplete under {base}: missing {e.args[0]}") from None
+        except RuntimeError as e:  # experts of different shapes
+            raise CheckpointError(f"expert weights under {base} differ in shape ({e}); restore the checkpoint") from None
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    if any(k.endswith("weight_scale_inv") for k in out):
-        raise CheckpointError("this checkpoint holds FP8 block-quantised weights (weight_scale_inv); "
-                              "convert it to bf16 first (DeepSeek's fp8_cast_bf16.py)")
     return out
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> DeepseekV3:
-    """Load a native DeepSeek-V3 directory (written by r1lab or by `transformers`)."""
-    path = recover(Path(path))
-    cfg_dict = read_config(path)
+def native_config(path: Path, cfg_dict: dict) -> ModelConfig:
+    """The ModelConfig of a native directory; a wrong value in config.json (quantization_config included) is one
+    CheckpointError naming it."""
+    fp8_block_size(cfg_dict, path / "config.json")
     try:
-        cfg = ModelConfig.from_hf_dict(cfg_dict)
+        return ModelConfig.from_hf_dict(cfg_dict)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{path / 'config.json'}: {e}; correct it in config.json") from None
+
+
+def mtp_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Where DeepSeek stores the MTP modules: the layers after the last main one (`model.layers.{L + k}.`)."""
+    L = cfg.num_hidden_layers
+    return tuple(f"model.layers.{L + k}." for k in range(cfg.num_nextn_predict_layers))
+
+
+def check_native(path: Path, cfg_dict: dict, stored: dict[str, torch.Tensor]) -> tuple[DeepseekV3, dict]:
+    """The model a native directory describes (on the meta device) and its stored tensors in r1lab's names, checked
+    against it: FP8 blocks dequantised, an MTP module that was never saved left out, every name and shape matched.
+    `stored` may be meta tensors (headers only), so `r1lab info` runs the same checks without loading weights."""
+    cfg = native_config(path, cfg_dict)
+    state = dequantize_fp8(stored, fp8_block_size(cfg_dict, path / "config.json"), path)
+    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefixes(cfg)) for k in state):
+        # transformers builds DeepSeek-V3 without the MTP module yet keeps num_nextn_predict_layers: 1 in config.json
+        print(f"r1lab: {path} stores no multi-token-prediction weights (model.layers.{cfg.num_hidden_layers}.*); "
+              f"loading without the MTP module (num_nextn_predict_layers {cfg.num_nextn_predict_layers} -> 0)",
+              file=sys.stderr)
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    state = to_native_names(state, cfg)
     with torch.device("meta"):
         model = DeepseekV3(cfg)
-    state = to_native_names(read_weights(path), cfg)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    missing = [k for k in missing if not k.endswith("e_score_correction_bias")]
+    weights = path / ("model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file()
+                      else "model.safetensors")
+    missing = [k for k in expected if k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+               and not k.endswith("e_score_correction_bias")]
     unexpected = [k for k in state if k not in expected]
+    mtp_missing = [k for k in missing if k.startswith(mtp_prefixes(cfg))]
+    if mtp_missing and len(mtp_missing) == len(missing) and not unexpected:
+        raise CheckpointError(
+            f"{weights}: the multi-token-prediction module ({', '.join(p + '*' for p in mtp_prefixes(cfg))}) is "
+            f"incomplete: {len(mtp_missing)} tensors missing ({', '.join(mtp_missing[:3])}"
+            f"{', ...' if len(mtp_missing) > 3 else ''}); restore the files, or remove all its tensors to load without it")
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / 'model.safetensors'} does not match {path / 'config.json'}: "
+            f"{weights} does not match {path / 'config.json'}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     for k, v in state.items():
+        if not v.dtype.is_floating_point:
+            raise CheckpointError(f"{weights}: {k} is stored as {v.dtype}; model weights are floating point "
+                                  "(restore the checkpoint)")
         if v.shape != expected[k].shape:
-            raise CheckpointError(f"{path / 'model.safetensors'}: {k} has shape {tuple(v.shape)}, "
+            raise CheckpointError(f"{weights}: {k} has shape {tuple(v.shape)}, "
                                   f"config.json implies {tuple(expected[k].shape)}")
+    return model, state
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> DeepseekV3:
+    """Load a native DeepSeek-V3 directory: written by r1lab, by `transformers` (which saves no MTP weights: the
+    model loads without the module), or as DeepSeek publishes it (MTP as the layer after the last, FP8 blocks)."""
+    path = recover(Path(path))
+    model, state = check_native(path, read_config(path), read_weights(path))
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=False)
     model.init_buffers(loaded=state.keys())

@@ -77,6 +77,20 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"invalid model config: {msg}")
 
+        for f in dataclasses.fields(self):  # config.json is hand-edited: a string or a list where a number belongs
+            value = getattr(self, f.name)
+            need(_fits(value, f.type), f"{f.name} must be {_described(f.type)} (got {value!r})")
+        if self.rope_scaling is not None:
+            for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                      "mscale_all_dim", "attention_factor"):
+                v = self.rope_scaling.get(k)
+                need(v is None or _fits(v, "float"), f"rope_scaling.{k} must be a number (got {v!r})")
+        need(self.hidden_act == "silu", f"hidden_act must be 'silu', the only activation DeepSeek-V3 uses "
+                                        f"(got {self.hidden_act!r})")
+        for name in ("rms_norm_eps", "rope_theta", "max_position_embeddings", "routed_scaling_factor"):
+            need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
+        need(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
+             f"n_routed_experts and n_shared_experts must be >= 0 (got {self.n_routed_experts}, {self.n_shared_experts})")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
@@ -85,7 +99,8 @@ class ModelConfig:
         need(self.q_lora_rank is None or self.q_lora_rank > 0, f"q_lora_rank must be None or > 0 (got {self.q_lora_rank})")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
              f"first_k_dense_replace must be in [0, num_hidden_layers] (got {self.first_k_dense_replace})")
-        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        need(self.num_nextn_predict_layers >= 0,
+             f"num_nextn_predict_layers must be >= 0 (got {self.num_nextn_predict_layers})")
         if self.n_routed_experts:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 for a MoE model")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
@@ -132,6 +147,10 @@ class ModelConfig:
             raise ValueError(f"not a DeepSeek-V3 config (model_type={mt!r}); load it as a transformers model instead")
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        for key in ("rope_parameters", "rope_scaling"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ValueError(f"invalid model config: {key} must be an object like "
+                                 f"{{\"rope_type\": \"yarn\", \"factor\": 40}} or null (got {d[key]!r})")
         rope = d.get("rope_parameters")
         if rope:
             kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
@@ -158,6 +177,30 @@ class ModelConfig:
             return cls.from_hf_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); re-save the checkpoint") from None
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a value has a field's type (`int`, `float`, `int | None`, `int | list[int] | None`, ...); a bool
+    is not a number here, though Python counts it as one."""
+    def one(t: str) -> bool:
+        if t == "None":
+            return value is None
+        if t in ("bool", "str", "dict"):
+            return isinstance(value, {"bool": bool, "str": str, "dict": dict}[t])
+        if isinstance(value, bool):
+            return False
+        if t == "list[int]":
+            return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+        return isinstance(value, int) if t == "int" else t == "float" and isinstance(value, (int, float))
+
+    return any(one(t.strip()) for t in annotation.split("|"))
+
+
+def _described(annotation: str) -> str:
+    """`int | None` -> 'an integer or null': a field's type in config.json's words."""
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+             "dict": "an object", "None": "null", "list[int]": "a list of integers"}
+    return " or ".join(words[t.strip()] for t in annotation.split("|"))
 
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
