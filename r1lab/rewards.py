@@ -74,20 +74,29 @@ def accuracy(completions: Sequence[Completion], answer: Sequence[str], task: Seq
 def format_reward(completions: Sequence[Completion], **kw) -> list[float | None]:
     """R1-Zero's format reward: 1.0 for `<think>...</think> <answer>...</answer>` with exactly one think block, a
     non-empty answer after it and only whitespace elsewhere, else 0.0. An empty think block is well-formed. A
-    missing opening tag is accepted when the closing one is there: the prompt prefilled `<think>`."""
-    out = []
-    for completion in completions:
-        text = completion_text(completion).strip()
-        if not text.startswith(THINK_START):
-            text = THINK_START + text  # the prefilled case; a completion with no closing tag still fails below
-        m = _FORMAT.fullmatch(text)
-        ok = m is not None and m.group(2).strip() != "" and not any(
-            t in m.group(1) + m.group(2) for t in (THINK_START, THINK_END, "<answer>", "</answer>"))
-        out.append(float(ok))
-    return out
+    missing opening tag is accepted when the closing one is there: the prompt prefilled `<think>`. Linear time; a
+    completion over FORMAT_MAX_CHARS characters scores 0.0 unread (no context window holds one)."""
+    return [float(_well_formed(completion_text(completion))) for completion in completions]
 
 
-_FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.DOTALL)
+FORMAT_MAX_CHARS = 1 << 20  # 1 Mi characters, ~250k tokens: longer replies are degenerate, not well-formed
+_TAGS = (THINK_START, THINK_END, "<answer>", "</answer>")
+
+
+def _well_formed(text: str) -> bool:
+    """`<think>A</think> <answer>B</answer>`, B not blank, no tag inside A or B: found with str.find (a lazy regex
+    backtracks quadratically on replies that repeat the tags)."""
+    if len(text) > FORMAT_MAX_CHARS:
+        return False
+    text = text.strip()
+    if not text.startswith(THINK_START):
+        text = THINK_START + text  # the prefilled case; a completion with no closing tag still fails below
+    end = text.find(THINK_END)
+    rest = text[end + len(THINK_END):].lstrip() if end != -1 else ""
+    if not (rest.startswith("<answer>") and rest.endswith("</answer>") and len(rest) >= len("<answer></answer>")):
+        return False
+    thinking, answer = text[len(THINK_START):end], rest[len("<answer>"):-len("</answer>")]
+    return answer.strip() != "" and not any(t in thinking or t in answer for t in _TAGS)
 
 
 def overlong(max_len: int = 256, cache_len: int = 64) -> RewardFn:
