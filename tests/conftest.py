@@ -82,6 +82,19 @@ def tiny_native_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_model(model, tmp_path_factory.mktemp("native") / "model", tokenizer=tok)
 
 
+@pytest.fixture(scope="session")
+def tiny_native_dir_long(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved native MoE checkpoint without MTP whose context fits R1-template prompts (512 positions)."""
+    from r1lab.model.checkpoint import save_model
+    from r1lab.model.deepseek import DeepseekV3
+
+    tok = tiny_tokenizer
+    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return save_model(DeepseekV3(cfg), tmp_path_factory.mktemp("native_long") / "model", tokenizer=tok)
+
+
 def save_hf(model, tokenizer, tmp_path_factory, name: str) -> Path:
     """A random transformers model and its tokenizer saved in a fresh temporary directory."""
     path = tmp_path_factory.mktemp(name) / "model"
@@ -119,3 +132,17 @@ def grpo_interrupted_at(cfg, step: int) -> None:
         mp.setattr(GR.GRPOTrainer, "rollout", crash)
         with pytest.raises(KeyboardInterrupt):
             GR.grpo(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved random transformers GPT-2, a model outside the Llama family: the generic sampler backend and packed
+    training rows."""
+    import transformers
+
+    tok = tiny_tokenizer
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return save_hf(transformers.GPT2LMHeadModel(cfg), tok, tmp_path_factory, "gpt2")

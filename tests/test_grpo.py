@@ -87,17 +87,6 @@ def test_sampler_logprobs_are_the_old_policy(tiny_native_dir, tmp_path):
                 assert abs(v - ro.flat[n].logprobs[i]) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
-    """A transformers model outside the Llama family: the generic sampler backend and packed training rows."""
-    tok = tiny_tokenizer
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    return save_hf(transformers.GPT2LMHeadModel(cfg), tok, tmp_path_factory, "gpt2")
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_transformers_models_sample_and_train_on_the_path_that_fits_them(family, tiny_llama_dir, tiny_gpt2_dir,
                                                                          tmp_path):
