@@ -278,6 +278,9 @@ def _damage(path, how: str):
         save_file(state, f)
     elif how == "config not an object":
         (path / "config.json").write_text("[1, 2]")
+    elif how == "a million layers":
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10 ** 6}))
 
 
 @pytest.mark.parametrize("how, expect", [
@@ -287,6 +290,7 @@ def _damage(path, how: str):
     ("weights of another shape", "model.norm.weight has shape (7,), config.json implies (32,)"),
     ("integer weights", "model.norm.weight is stored as torch.int64"),
     ("config not an object", "config.json holds a JSON list"),
+    ("a million layers", "model.safetensors stores layers 0..3 (4 in all), config.json says num_hidden_layers 1000000"),
 ])
 def test_info_names_a_damaged_directory_in_one_line(tmp_path, capsys, how, expect):
     path = _native_dir(tmp_path)
@@ -307,6 +311,7 @@ def test_info_names_a_damaged_directory_in_one_line(tmp_path, capsys, how, expec
     ("rope_scaling", "yarn", "rope_scaling must be an object"),
     ("rope_parameters", 5, "rope_parameters must be an object"),
     ("quantization_config", "fp8", "quantization_config 'fp8' is not supported"),
+    ("torch_dtype", ["bf16"], "torch_dtype must be a dtype name like \"bfloat16\" (got ['bf16'])"),
 ])
 @pytest.mark.parametrize("command", ["info", "generate"])
 def test_wrong_typed_config_values_are_one_line_naming_key_value_and_file(tmp_path, capsys, tiny_tokenizer,

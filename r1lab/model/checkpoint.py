@@ -99,6 +99,8 @@ def read_config(path: str | Path) -> dict:
         cfg = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is corrupt ({e}); restore it or re-save the model") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f} ({e.strerror}); check its permissions") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object of settings; restore it or re-save the model")
     return cfg
@@ -118,6 +120,8 @@ def weight_files(path: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is corrupt ({type(e).__name__}: {e}); re-save the model") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {index} ({e.strerror}); check its permissions") from None
         if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
             raise CheckpointError(f"{index} names shards that are not file names in the directory ({names[:3]}); "
                                   "re-save the model")
@@ -240,10 +244,12 @@ def to_disk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                    where: Path | str = "model.safetensors") -> dict[str, torch.Tensor]:
     """Stack per-expert tensors into r1lab's layout (fused files pass through), and drop the MTP module's copies
     of the shared embedding and head (DeepSeek's released checkpoints carry them)."""
     out, experts = {}, {}
@@ -264,9 +270,11 @@ def to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
                 [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(n)])
             out[base + "down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n)])
         except KeyError as e:
-            raise CheckpointError(f"expert weights incomplete under {base}: missing {e.args[0]}") from None
+            e_, part = e.args[0]
+            raise CheckpointError(f"{where}: expert weights incomplete: {base}{e_}.{part}.weight is missing") from None
         except RuntimeError as e:  # experts of different shapes
-            raise CheckpointError(f"expert weights under {base} differ in shape ({e}); restore the checkpoint") from None
+            raise CheckpointError(f"{where}: expert weights under {base} differ in shape ({e}); restore the "
+                                  "checkpoint") from None
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -276,6 +284,10 @@ def native_config(path: Path, cfg_dict: dict) -> ModelConfig:
     """The ModelConfig of a native directory; a wrong value in config.json (quantization_config included) is one
     CheckpointError naming it."""
     fp8_block_size(cfg_dict, path / "config.json")
+    for key in ("dtype", "torch_dtype"):
+        if not isinstance(cfg_dict.get(key, ""), str):
+            raise CheckpointError(f"{path / 'config.json'}: {key} must be a dtype name like \"bfloat16\" "
+                                  f"(got {cfg_dict[key]!r}); correct it in config.json")
     try:
         return ModelConfig.from_hf_dict(cfg_dict)
     except (ValueError, TypeError) as e:
@@ -293,19 +305,30 @@ def check_native(path: Path, cfg_dict: dict, stored: dict[str, torch.Tensor]) ->
     against it: FP8 blocks dequantised, an MTP module that was never saved left out, every name and shape matched.
     `stored` may be meta tensors (headers only), so `r1lab info` runs the same checks without loading weights."""
     cfg = native_config(path, cfg_dict)
-    state = dequantize_fp8(stored, fp8_block_size(cfg_dict, path / "config.json"), path)
-    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefixes(cfg)) for k in state):
+    weights = path / ("model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file()
+                      else "model.safetensors")
+    state = dequantize_fp8(stored, fp8_block_size(cfg_dict, path / "config.json"), weights)
+    layers = {int(m.group(1)) for m in map(_LAYER.match, state) if m}
+    L = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers and layers == set(range(L)):
         # transformers builds DeepSeek-V3 without the MTP module yet keeps num_nextn_predict_layers: 1 in config.json
-        print(f"r1lab: {path} stores no multi-token-prediction weights (model.layers.{cfg.num_hidden_layers}.*); "
+        print(f"r1lab: {path} stores no multi-token-prediction weights (model.layers.{L}.*); "
               f"loading without the MTP module (num_nextn_predict_layers {cfg.num_nextn_predict_layers} -> 0)",
               file=sys.stderr)
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
-    state = to_native_names(state, cfg)
-    with torch.device("meta"):
-        model = DeepseekV3(cfg)
+    if layers != set(range(L + cfg.num_nextn_predict_layers)):  # checked before building, say, 10^6 layers
+        held = f"layers {min(layers)}..{max(layers)} ({len(layers)} in all)" if layers else "no layers"
+        raise CheckpointError(f"{weights} stores {held}, config.json says num_hidden_layers {L} + "
+                              f"num_nextn_predict_layers {cfg.num_nextn_predict_layers}; "
+                              "the weights and config.json belong to different models")
+    state = to_native_names(state, cfg, weights)
+    try:
+        with torch.device("meta"):
+            model = DeepseekV3(cfg)
+    except (RuntimeError, OverflowError) as e:  # sizes too large even to describe
+        raise CheckpointError(f"{path / 'config.json'} describes a model that cannot be built ({e}); "
+                              "correct config.json") from None
     expected = model.state_dict()
-    weights = path / ("model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file()
-                      else "model.safetensors")
     missing = [k for k in expected if k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")
                and not k.endswith("e_score_correction_bias")]
     unexpected = [k for k in state if k not in expected]

@@ -85,10 +85,13 @@ class ModelConfig:
                       "mscale_all_dim", "attention_factor"):
                 v = self.rope_scaling.get(k)
                 need(v is None or _fits(v, "float"), f"rope_scaling.{k} must be a number (got {v!r})")
+                need(v is None or k.startswith(("mscale", "attention")) or v > 0,
+                     f"rope_scaling.{k} must be > 0 (got {v!r})")
         need(self.hidden_act == "silu", f"hidden_act must be 'silu', the only activation DeepSeek-V3 uses "
                                         f"(got {self.hidden_act!r})")
-        for name in ("rms_norm_eps", "rope_theta", "max_position_embeddings", "routed_scaling_factor"):
+        for name in ("rms_norm_eps", "max_position_embeddings", "routed_scaling_factor"):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
+        need(self.rope_theta > 1, f"rope_theta must be > 1, the RoPE base (got {self.rope_theta})")
         need(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
              f"n_routed_experts and n_shared_experts must be >= 0 (got {self.n_routed_experts}, {self.n_shared_experts})")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",

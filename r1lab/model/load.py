@@ -24,8 +24,8 @@ def load_tokenizer(path: str | Path):
         raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json); save the tokenizer with the model")
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, StrictDataclassError) as e:  # the last: a config.json value of the wrong type
-        raise CheckpointError(f"cannot load the tokenizer from {path}: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - transformers trips on bad config.json values in many ways
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {_one_line(e)}") from None
 
 
 def load_hf_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32, **kw):
@@ -34,7 +34,7 @@ def load_hf_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
-    except (OSError, StrictDataclassError) as e:
+    except (OSError, ValueError, StrictDataclassError) as e:
         raise CheckpointError(f"cannot load a transformers causal LM from {path}: {_one_line(e)}") from None
     return model.to(device).eval()
 
