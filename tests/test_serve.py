@@ -147,7 +147,8 @@ def test_streamed_chat_rebuilds_the_plain_reply_reasoning_first(client, thinking
 def test_stream_ends_with_done_and_carries_no_usage_unless_asked(server):
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"},
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}) as r:
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
+                            "ignore_eos": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"

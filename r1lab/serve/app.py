@@ -3,28 +3,40 @@
 Endpoints: `POST /v1/chat/completions` (the thinking in `reasoning_content`, the answer in `content`; plain or
 SSE), `POST /v1/completions` (raw text), `GET /v1/models`, `GET /health`, and the web chat page at `/`. The same
 API paths also answer without the `/v1` prefix, as DeepSeek's do. Request handlers validate, render the chat
-template, and hand a `Job` to the engine; tokens come back through a per-request asyncio queue.
+template and tokenise (in a worker thread), and hand a `Job` to the engine; tokens come back through a per-request
+asyncio queue.
+
+What a client may cost the server is bounded (`ServerLimits`): the request head and body must arrive in time, the
+body is capped, connections are counted, and only known Host names are answered (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import ipaddress
 import json
 import logging
+import re
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from r1lab.reasoning import ReasoningStream, split_reasoning
+from r1lab.reasoning import ReasoningStream
 from r1lab.serve import protocol as P
 from r1lab.serve.engine import Event, Job
 from r1lab.serve.service import DEFAULT_MAX_TOKENS, ModelService, Prepared
@@ -34,6 +46,37 @@ log = logging.getLogger("r1lab.serve")
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.25      # how often a non-streaming request checks that its client is still there
 OPEN_PATHS = ("/", "/health", "/favicon.ico")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+MAX_HEAD_BYTES = 16 * 1024    # request line and headers (h11's default, fixed here)
+
+
+@dataclass
+class ServerLimits:
+    """What one client may cost the server; the defaults suit a server on a laptop or a LAN."""
+    max_body_mb: float = field(default=1.0, metadata={"help": "largest request body in MiB (413 beyond); raise it "
+                                                               "for long-context models"})
+    header_timeout: float = field(default=10.0, metadata={"help": "seconds a client has to send a request's line "
+                                                                  "and headers before the connection is closed"})
+    body_timeout: float = field(default=30.0, metadata={"help": "seconds a client has to send a whole request "
+                                                                "body (408 beyond)"})
+    max_connections: int = field(default=512, metadata={"help": "open connections (or requests in progress) "
+                                                                "beyond which new requests get 503"})
+    keep_alive: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open"})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={
+        "help": "Host names answered besides localhost and the bound host ('*.example.com' patterns; '*': any)"})
+
+    def validate(self) -> "ServerLimits":
+        for name in ("max_body_mb", "header_timeout", "body_timeout", "keep_alive"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1 (got {self.max_connections})")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -96,6 +139,158 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _BodyLimits:
+    """ASGI middleware: a request body must arrive whole within `timeout` seconds and hold at most `max_bytes`
+    (else 408 / 413 in OpenAI's error shape, and the connection closes). The app then reads it from memory."""
+
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _refuse(413, self._too_large(int(declared)), scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        try:
+            while more:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size, more = size + len(chunks[-1]), message.get("more_body", False)
+                if size > self.max_bytes:
+                    await _refuse(413, self._too_large(None), scope, receive, send)
+                    return
+        except asyncio.TimeoutError:
+            message = (f"The request body did not arrive within {self.timeout:g} s (got {size:,} bytes); send it "
+                       "at once, or start the server with a longer --body-timeout.")
+            await _refuse(408, message, scope, receive, send)
+            return
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            if body is None:
+                return await receive()  # after the body: the client's disconnect, when it comes
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int | None) -> str:
+        got = f" ({size:,} bytes)" if size is not None else ""
+        return (f"The request body is too large{got}: this server accepts at most {self.max_bytes:,} bytes. Shorten "
+                "the request, or start the server with a larger --max-body-mb.")
+
+
+class _HostCheck(TrustedHostMiddleware):
+    """Starlette's Host allow-list, answering in OpenAI's error shape, with IP literals allowed when the server listens
+    on every interface. It defeats DNS rebinding, where a page on a name the attacker controls re-points that name at
+    this machine: its requests carry that name as their Host. An IP literal means the browser addressed this server
+    by number, and so is same-origin with it."""
+
+    def __init__(self, app, allowed_hosts: list[str], any_ip: bool):
+        super().__init__(app, allowed_hosts, www_redirect=False)
+        self.any_ip = any_ip
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self.allow_any:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        host = _host_name(header)
+        if host is not None and self._allows(host):
+            await self.app(scope, receive, send)
+            return
+        message = (f"This server does not answer to the Host {header!r}; it answers to "
+                   f"{', '.join(self.allowed_hosts)}{' and IP addresses' if self.any_ip else ''}. Start it with "
+                   f"--allowed-host {host or 'NAME'} to answer to that name too.")
+        await _refuse(400, message, scope, receive, send)
+
+    def _allows(self, host: str) -> bool:
+        if self.any_ip and _is_ip(host):
+            return True
+        return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in self.allowed_hosts)
+
+
+def _host_name(header: str) -> str | None:
+    """The name in a Host header, lowercased, without port or IPv6 brackets; None if it is not one."""
+    m = _HOST.fullmatch(header)
+    if m is None or (m["ipv6"] is not None and not _is_ip(m["ipv6"])):
+        return None
+    return (m["ipv6"] or m["name"]).lower()
+
+
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\s:/\\@?#\[\]]+))(?::[0-9]{1,5})?")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def allowed_host_names(bind_host: str, extra=()) -> tuple[list[str], bool]:
+    """(Host names the server answers to, whether any IP literal is also answered) for a server bound to
+    `bind_host`: localhost, the bound name or address, this machine's name when bound to every interface, `extra`."""
+    wildcard = bind_host in WILDCARD_HOSTS
+    names = list(LOCAL_HOSTS) + [socket.gethostname() if wildcard else bind_host] + list(extra)
+    names = [n.strip().strip("[]").lower() for n in names]
+    return list(dict.fromkeys(n for n in names if n)), wildcard
+
+
+async def _refuse(status: int, message: str, scope, receive, send) -> None:
+    """Answer a client error in OpenAI's shape and close the connection (the rest of its request is not read)."""
+    body = P.error_body(message, code={408: "timeout", 413: "request_too_large"}.get(status))
+    await JSONResponse(body, status, headers={"Connection": "close"})(scope, receive, send)
+
+
+class _HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on the request head: a connection whose request line and headers are
+    not complete `header_timeout` seconds after it opened (or after the first byte of a later request) is closed, with
+    a 408 if part of a head came. uvicorn closes idle keep-alive connections, but not one whose head trickles in."""
+
+    def __init__(self, *args, header_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._stop_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        if self.conn.trailing_data[0]:
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        self.transport.close()
+
+
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith("/static/")
 
@@ -109,9 +304,11 @@ def _error(status: int, body: dict) -> JSONResponse:
 
 def create_app(model_source, api_key: str | None = None, model_name: str | None = None, max_batch: int = 64,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServerLimits | None = None) -> FastAPI:
     """The server for a model directory or a `(model, tokenizer)` pair. The engine thread starts with the app
-    (its lifespan) and stops with it. `app.state.service` exposes the model service and its engine."""
+    (its lifespan) and stops with it. `app.state.service` exposes the model service and its engine;
+    `app.state.limits` the limits that `server_config` applies to the connections."""
+    limits = (limits or ServerLimits()).validate()
     if isinstance(model_source, (tuple, list)):
         model, tokenizer = model_source
         default_name = Path(str(getattr(model.config, "name_or_path", "") or "")).name
@@ -132,8 +329,9 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
             await asyncio.to_thread(service.engine.close)
 
     app = FastAPI(title="r1lab", version=P.FINGERPRINT, lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.service = service
-    if api_key:
+    app.state.service, app.state.limits = service, limits
+    app.add_middleware(_BodyLimits, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
+    if api_key:  # added last, so it runs first: an unauthenticated client's body is never read
         app.add_middleware(_BearerAuth, key=api_key)
 
     # -------------------------------------------------------------- errors: always OpenAI's body, never a crash
@@ -188,7 +386,7 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions", include_in_schema=False)
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
-        prep = service.prepare(body)
+        prep = await asyncio.to_thread(service.prepare, body)  # rendering and tokenising a long chat takes a while
         if body.stream:
             return _stream_chat(service, prep, body)
         return await _complete_chat(service, prep, request)
@@ -196,7 +394,7 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
     @app.post("/v1/completions")
     @app.post("/completions", include_in_schema=False)
     async def completions(body: P.CompletionRequest, request: Request):
-        prep = service.prepare(body)
+        prep = await asyncio.to_thread(service.prepare, body)
         if body.stream:
             return _stream_text(service, prep, body)
         return await _complete_text(service, prep, request)
@@ -249,7 +447,7 @@ async def _complete_chat(service: ModelService, prep: Prepared, request: Request
         return JSONResponse(P.error_body("client disconnected"), 499)
     choices, completion, reasoning_total = [], 0, 0
     for ev in finals:
-        reasoning, content = split_reasoning(ev.full_text, prefilled=prep.prefilled)
+        reasoning, content = prep.split(ev.full_text)
         choices.append(P.chat_choice(ev.choice, reasoning, content, ev.finish_reason))
         completion += len(ev.token_ids)
         reasoning_total += service.reasoning_tokens(ev.token_ids, reasoning is not None)
@@ -314,7 +512,7 @@ def _stream_chat(service: ModelService, prep: Prepared, req: P.ChatCompletionReq
         return P.sse(P.chat_chunk(rid, service.name, created, [choice] if choice else [], usage, with_usage))
 
     async def render(events):
-        splitters = [ReasoningStream(prefilled=prep.prefilled) for _ in range(n)]
+        splitters = [prep.stream() for _ in range(n)]
         for j in range(n):
             yield chunk(P.chunk_choice(j, {"role": "assistant", "content": ""}))
         completion = reasoning_total = 0
@@ -327,7 +525,7 @@ def _stream_chat(service: ModelService, prep: Prepared, req: P.ChatCompletionReq
                 if content:
                     yield chunk(P.chunk_choice(j, {"content": content}))
                 if ev is not None:
-                    has_reasoning = split_reasoning(ev.full_text, prefilled=prep.prefilled)[0] is not None
+                    has_reasoning = prep.split(ev.full_text)[0] is not None
                     completion += len(ev.token_ids)
                     reasoning_total += service.reasoning_tokens(ev.token_ids, has_reasoning)
                     yield chunk(P.chunk_choice(j, {}, ev.finish_reason))
@@ -378,6 +576,20 @@ def _stream_text(service: ModelService, prep: Prepared, req: P.CompletionRequest
 # ----------------------------------------------------------------------------- running it
 
 
+def server_config(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_shutdown_s: int = 3):
+    """uvicorn's settings for `app` bound to host:port, with the app's `ServerLimits` on its connections: the
+    request-head deadline (our h11 protocol), keep-alive, the connection limit, and the Host allow-list for `host`."""
+    import uvicorn
+
+    limits: ServerLimits = app.state.limits
+    names, any_ip = allowed_host_names(host, limits.allowed_hosts)
+    return uvicorn.Config(
+        _HostCheck(app, names, any_ip), host=host, port=port, log_level=log_level,
+        http=functools.partial(_HeadTimeoutH11, header_timeout=limits.header_timeout),
+        limit_concurrency=limits.max_connections, timeout_keep_alive=limits.keep_alive,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_graceful_shutdown=graceful_shutdown_s)
+
+
 class BackgroundServer:
     """Serve an app with uvicorn on a background thread (tests, benchmarks, notebooks): `with BackgroundServer(app)
     as s: s.url`. Port 0 picks a free port."""
@@ -385,8 +597,7 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(server_config(app, host, port, log_level, graceful_shutdown_s=2))
         self.app, self.host = app, host
         self.thread = threading.Thread(target=self.server.run, name="r1lab-uvicorn", daemon=True)
         self.port = port
@@ -412,16 +623,19 @@ class BackgroundServer:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 64, device="cpu", dtype=torch.float32,
-          log_level: str = "info") -> None:
+          log_level: str = "info", limits: ServerLimits | None = None) -> None:
     """`r1lab serve`: load the model, print where to find it, serve until interrupted."""
     import uvicorn
 
+    limits = (limits or ServerLimits()).validate()
     app = create_app(model_dir, api_key=api_key, model_name=model_name, max_batch=max_batch, device=device,
-                     dtype=dtype)
+                     dtype=dtype, limits=limits)
     name = app.state.service.name
-    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    shown = "localhost" if host in WILDCARD_HOSTS else f"[{host}]" if ":" in host else host
+    names, any_ip = allowed_host_names(host, limits.allowed_hosts)
     print(f"r1lab: serving {name} (context {app.state.service.context} tokens, up to {max_batch} rows per step)\n"
           f"  web chat  http://{shown}:{port}/\n"
-          f"  API       http://{shown}:{port}/v1   (OpenAI-compatible; model name {json.dumps(name)})"
+          f"  API       http://{shown}:{port}/v1   (OpenAI-compatible; model name {json.dumps(name)})\n"
+          f"  answers to Host {', '.join(names)}{' and IP addresses' if any_ip else ''} (more: --allowed-host NAME)"
           + ("\n  API key required: Authorization: Bearer ..." if api_key else ""), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    uvicorn.Server(server_config(app, host, port, log_level)).run()

@@ -114,6 +114,8 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         self.sampler, self.max_batch = sampler, max_batch
         self.context = sampler.backend.max_len
+        cfg = sampler.model.config
+        self.vocab_size = int((cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).vocab_size)
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -144,9 +146,15 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, job: Job) -> Job:
-        if job.params.n > self.max_batch:
-            raise ValueError(f"n={job.params.n} is more than the {self.max_batch} rows this server runs at once")
-        job.params.validate()
+        """Queue a job; ValueError (on the caller's thread) if it could fail inside the running batch, where it would
+        fail every other job too."""
+        p = job.params.validate()
+        if p.n > self.max_batch:
+            raise ValueError(f"n={p.n} is more than the {self.max_batch} rows this server runs at once")
+        if not p.top_k < 1 << 63:
+            raise ValueError(f"top_k must fit in 64 bits (got {p.top_k}); 0 keeps every token")
+        if not job.prompt_ids or not all(type(t) is int and 0 <= t < self.vocab_size for t in job.prompt_ids):
+            raise ValueError(f"the prompt must be token ids in [0, {self.vocab_size}) (got {len(job.prompt_ids)} ids)")
         with self._cond:
             self._waiting.append(job)
             self._cond.notify_all()

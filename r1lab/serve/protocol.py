@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 import r1lab
 
 MAX_STOP = 4           # OpenAI accepts up to 4 stop sequences
-MAX_N = 16             # choices per request; each is a row in the running batch
+MAX_STOP_CHARS = 256   # per stop sequence: the sampler decodes that many tokens back at every step to look for it
+MAX_N = 16             # choices per request; each is a row in the running batch (and at most --max-batch)
+MAX_MESSAGES = 10_000  # messages per chat, prompts per completion request: a count checked before the items are,
+MAX_PROMPTS = 2_048    # so a body of a million tiny items fails at once instead of holding the event loop
 FINGERPRINT = f"r1lab-{r1lab.__version__}"
 
 REASONING_IN_INPUT = ("The reasoning_content is an intermediate result for display purposes only and will not be "
@@ -111,11 +114,12 @@ Seed = Annotated[StrictInt, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
 
 
 class SamplingFields(_Body):
-    """The sampling parameters both endpoints share. `top_k` and `ignore_eos` are extensions (as in vLLM)."""
+    """The sampling parameters both endpoints share. `top_k` and `ignore_eos` are extensions (as in vLLM): top_k 0
+    or -1 is off, and a top_k at or above the vocabulary size keeps every token, as off does."""
     model: str | None = None
     temperature: Annotated[StrictFloat, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
     top_p: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     max_tokens: StrictInt | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     seed: Seed | None = None
@@ -132,6 +136,8 @@ class SamplingFields(_Body):
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
         if any(s == "" for s in items):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop sequences may have at most {MAX_STOP_CHARS} characters")
         return v
 
     def stop_list(self) -> list[str]:
@@ -141,6 +147,13 @@ class SamplingFields(_Body):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough(cls, v):
+        if isinstance(v, list) and len(v) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages are allowed (got {len(v)})")
+        return v
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(value, its field name): max_completion_tokens wins over the deprecated max_tokens."""
@@ -160,6 +173,8 @@ class CompletionRequest(SamplingFields):
             return v
         if not isinstance(v, list) or not v:
             raise ValueError("prompt must be a string, a non-empty list of strings, or token ids")
+        if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request (got {len(v)})")
         if all(isinstance(x, str) for x in v):
             return v
         if all(type(x) is int for x in v):

@@ -1,5 +1,10 @@
 """The model behind the API: renders chats with the model's template, checks requests against its context and
-vocabulary, turns them into sampling parameters and engine jobs. Used by the HTTP app and the terminal chat."""
+vocabulary, turns them into sampling parameters and engine jobs. Used by the HTTP app and the terminal chat.
+
+Everything a request asks for is checked here, before it reaches the running batch, where one bad row would fail
+every request in it. `prepare` renders and tokenises, which takes a while for a long prompt: the app runs it in a
+worker thread.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1lab.reasoning import THINK_END, THINK_START
+from r1lab.reasoning import THINK_END, THINK_START, ReasoningStream, split_reasoning
 from r1lab.sampler import Sampler, SamplingParams
 from r1lab.serve import protocol as P
 from r1lab.serve.engine import Engine, Job
@@ -25,6 +30,14 @@ class Prepared:
     params: SamplingParams
     prefilled: bool            # the prompt ends inside `<think>`: the completion starts with reasoning
 
+    def split(self, text: str) -> tuple[str | None, str]:
+        """(reasoning_content, content) of a reply: the thinking apart, the answer without R1-Zero's answer tags."""
+        return split_reasoning(text, prefilled=self.prefilled, answer_tags=True)
+
+    def stream(self) -> ReasoningStream:
+        """`split` for a reply as it streams."""
+        return ReasoningStream(prefilled=self.prefilled, answer_tags=True)
+
 
 class ModelService:
     """One model behind the API: prompt rendering, request checks against its context, and the engine."""
@@ -33,9 +46,9 @@ class ModelService:
         self.tokenizer, self.name = tokenizer, name
         self.sampler = Sampler(model, tokenizer, max_batch=max_batch)
         self.engine = Engine(self.sampler, max_batch=max_batch)
-        self.context = self.engine.context
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.vocab_size = int(cfg.vocab_size)
+        self.context, self.vocab_size = self.engine.context, self.engine.vocab_size
+        # no token is longer than this, so a text of more than context x this many characters cannot fit
+        self.token_chars = max(map(len, tokenizer.get_vocab()))
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
 
@@ -70,6 +83,12 @@ class ModelService:
                 what = "messages contain" if param == "messages" else "prompt contains"
                 raise P.APIError(400, f"The {what} invalid Unicode ({e.reason} at character {e.start}); send UTF-8 "
                                       "text.", param=param) from None
+            if len(prompt) > self.context * self.token_chars:  # refused before tokenising: that takes a while
+                raise P.APIError(400, f"This model's maximum context length is {self.context} tokens, but the "
+                                      f"{'messages render to' if param == 'messages' else 'prompt has'} {len(prompt):,} "
+                                      f"characters, more than {self.context} tokens of at most {self.token_chars} "
+                                      f"characters can hold. Shorten the {param}.",
+                                 param=param, code="context_length_exceeded")
             ids = self.sampler.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise P.APIError(400, "The prompt is empty; give at least one token of text.", param=param)
@@ -86,6 +105,10 @@ class ModelService:
         if req.model is not None and req.model != self.name:
             raise P.APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.name}` "
                                   "(see GET /v1/models).", param="model", code="model_not_found")
+        if req.n > self.engine.max_batch:
+            raise P.APIError(400, f"Invalid 'n': {req.n}. This server decodes at most {self.engine.max_batch} "
+                                  f"sequences at once (--max-batch); ask for n <= {self.engine.max_batch}.",
+                             param="n", code="invalid_value")
         if isinstance(req, P.ChatCompletionRequest):
             text = self.render(req.messages)
             prompts = [self.encode(text, "messages")]
@@ -102,9 +125,10 @@ class ModelService:
         top_p = DEFAULT_TOP_P if req.top_p is None else req.top_p
         if top_p == 0:  # OpenAI allows 0: only the most likely token
             temperature, top_p = 0.0, 1.0
+        top_k = req.top_k if req.top_k is not None and 0 < req.top_k < self.vocab_size else 0  # else: every token
         params = SamplingParams(
             max_new_tokens=min(max_tokens or min(self.default_max_tokens, room), room), temperature=temperature,
-            top_p=top_p, top_k=req.top_k or 0, n=req.n, seed=req.seed, stop=req.stop_list(),
+            top_p=top_p, top_k=top_k, n=req.n, seed=req.seed, stop=req.stop_list(),
             stop_token_ids=[] if req.ignore_eos else None)
         if len(prompts) * req.n > 8 * self.engine.max_batch:
             raise P.APIError(400, f"{len(prompts)} prompts x n={req.n} is too many choices for one request "

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from r1lab.reasoning import ReasoningStream
 from r1lab.serve import protocol as P
 from r1lab.serve.service import ModelService
 
@@ -79,7 +78,7 @@ class TerminalChat:
             return Turn("", "", 0, "error")
         events: queue.Queue = queue.Queue()
         (job,) = self.service.jobs(prep, events.put)
-        splitter = ReasoningStream(prefilled=prep.prefilled)
+        splitter = prep.stream()
         reasoning, content, tokens, finish = [], [], 0, None
         started = time.perf_counter()
         self.service.engine.submit(job)
