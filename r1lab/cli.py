@@ -158,6 +158,9 @@ def _add_eval(sub):
     p.add_argument("--concurrency", type=int, default=16, help="parallel requests to --base-url")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--sandbox", choices=("bwrap", "process"), default=None,
+                   help="where code tasks run programs: bwrap (default: bubblewrap isolation) or process (resource "
+                        "limits only, no filesystem or network isolation; also R1LAB_SANDBOX)")
     C.add_arguments(p, EvalConfig)
     p.set_defaults(run=_run_eval)
 
@@ -169,6 +172,9 @@ def _run_eval(args):
 
     if args.concurrency < 1:
         raise C.ConfigError(f"--concurrency must be >= 1 (got {args.concurrency})")
+    from r1lab.sandbox import set_default_backend
+
+    set_default_backend(args.sandbox)
     model_dir, trained, source = (args.model, {}, None) if args.base_url else E.run_settings(args.model)
     cfg = C.resolve(E.EvalConfig, args, args.config, base=C.merge(E.EvalConfig(), trained)).validate()
     if source is not None:

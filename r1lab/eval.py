@@ -24,11 +24,13 @@ from r1lab.tasks import R1_MATH_INSTRUCTION, Problem, get_task
 from r1lab.tasks.answers import extract_answer, normalize_answer
 
 BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
+CODE_BENCHMARKS = ("humaneval",)  # judged by running tests in the sandbox; no math instruction
 
 
 @dataclass
 class EvalConfig:
-    task: str = opt("arithmetic", "arithmetic, countdown, linear, gsm8k, math500, aime24, amc23 (or a registered task)")
+    task: str = opt("arithmetic", "arithmetic, countdown, linear, pyfunc, gsm8k, math500, aime24, amc23, humaneval "
+                                  "(or a registered task)")
     task_args: dict = opt(factory=dict, help='knobs of a synthetic task as JSON, e.g. \'{"max_digits": 2}\'')
     split: str = opt("test", "the split to evaluate: test (held out) or train")
     limit: int | None = opt(None, "first N problems of a benchmark, or N held-out problems of a synthetic task "
@@ -103,11 +105,21 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
 
 
 def load_problems(cfg: EvalConfig) -> list[Problem]:
-    task = get_task(cfg.task, **cfg.task_args)
-    if cfg.task in BENCHMARKS:
+    task = require_sandbox(get_task(cfg.task, **cfg.task_args))
+    if cfg.task in BENCHMARKS + CODE_BENCHMARKS:
         probs = task.problems(cfg.split)
         return probs[: cfg.limit] if cfg.limit else probs
     return task.problems(cfg.split, n=cfg.limit or 200, seed=cfg.seed)
+
+
+def require_sandbox(task):
+    """The task, once the sandbox can run here if the task runs code: refused before any generation, since
+    without one no reply could be judged (SandboxUnavailable names the fix and the opt-in)."""
+    if getattr(task, "runs_code", False):
+        from r1lab.sandbox import require
+
+        require()
+    return task
 
 
 def user_turn(problem: Problem) -> str:
@@ -124,7 +136,7 @@ def resolve_template(cfg: EvalConfig, tokenizer=None) -> str:
         return cfg.template
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return "model"
-    return "r1zero" if cfg.task not in BENCHMARKS else "r1"
+    return "r1zero" if cfg.task not in BENCHMARKS + CODE_BENCHMARKS else "r1"
 
 
 # the final model of each recipe, inside a `r1lab pipeline` output directory
@@ -242,11 +254,11 @@ def endpoint_generator(base_url: str, model: str, api_key: str | None = None, co
 # ----------------------------------------------------------------------------- scoring
 
 
-def score(samples: list[Sample], problem: Problem, check) -> list[Sample]:
+def score(samples: list[Sample], problem: Problem, check, extract=extract_answer) -> list[Sample]:
     """Extract each sample's answer from its reply (not its thinking) and judge it; a thinking block that never
-    closes has no answer, exactly as in `r1lab.rewards.final_answer`."""
+    closes has no answer, exactly as in `r1lab.rewards.final_answer`. Code tasks extract their program instead."""
     for s in samples:
-        s.answer = extract_answer(s.content)  # what follows the thinking, as the accuracy reward reads it
+        s.answer = extract(s.content)  # what follows the thinking, as the accuracy reward reads it
         s.correct = check(s.answer, problem)
     return samples
 
@@ -256,15 +268,16 @@ def evaluate(generate: Generate, problems: list[Problem], cfg: EvalConfig) -> di
     cfg.validate()
     if not problems:
         raise ValueError(f"no problems to evaluate for task {cfg.task!r} (check --task, --split and --limit)")
-    check = get_task(cfg.task, **cfg.task_args).check
+    task = require_sandbox(get_task(cfg.task, **cfg.task_args))
+    check, extract = task.check, getattr(task, "extract", extract_answer)
     prompts = [user_turn(p) for p in problems]
     sampled = generate(prompts, cfg.k, cfg.temperature, cfg.top_p, cfg.seed, cfg.max_new_tokens)
     greedy = generate(prompts, 1, 0.0, 1.0, cfg.seed, cfg.max_new_tokens) if cfg.greedy else [[]] * len(problems)
 
     records, skipped = [], 0
     for p, samples, g in zip(problems, sampled, greedy):
-        score(samples, p, check)
-        score(g, p, check)
+        score(samples, p, check, extract)
+        score(g, p, check, extract)
         judged = [s.correct for s in samples]
         if any(c is None for c in judged) or any(s.correct is None for s in g):
             skipped += 1

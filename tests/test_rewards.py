@@ -171,7 +171,7 @@ def test_weighted_sum_errors():
 # --- registry -----------------------------------------------------------------------------------------------
 
 def test_get_reward_by_name_and_with_parameters():
-    assert set(list_rewards()) == {"accuracy", "format", "overlong", "language"}
+    assert set(list_rewards()) == {"accuracy", "format", "overlong", "language", "code", "code_fraction"}
     assert get_reward("accuracy") is accuracy and get_reward("format") is format_reward
     assert get_reward("overlong", max_len=4, cache_len=2)(["x"], completion_ids=[[0] * 3]) == [-0.5]
     assert get_reward("language", language="zh")(["<think>我们 sum</think>"]) == [2 / 3]

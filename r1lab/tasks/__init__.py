@@ -1,5 +1,6 @@
-"""Problems with verifiable answers: synthetic generators (arithmetic, countdown, linear equations) and math
-benchmarks (GSM8K, MATH-500, AIME 2024, AMC 2023), behind one `Task` interface and a registry by name.
+"""Problems with verifiable answers: synthetic generators (arithmetic, countdown, linear equations, small Python
+functions) and benchmarks (GSM8K, MATH-500, AIME 2024, AMC 2023, HumanEval), behind one `Task` interface and a
+registry by name. Code tasks also have `extract(content)`, which takes the program out of a reply (see tasks/code.py).
 
 Synthetic tasks hold out a test split that training can never draw: each problem's canonical key (its operands,
 order-normalised where the problem is symmetric) lands in "train" or "test" by a hash bucket (`split_of`), and
@@ -104,6 +105,8 @@ _REGISTRY: dict[str, str | Callable[..., Task]] = {
     "arithmetic": "r1lab.tasks.arithmetic:Arithmetic",
     "countdown": "r1lab.tasks.countdown:Countdown",
     "linear": "r1lab.tasks.linear:LinearEquation",
+    "pyfunc": "r1lab.tasks.pyfunc:PyFunc",
+    "humaneval": "r1lab.tasks.humaneval:HumanEval",
     "gsm8k": "r1lab.tasks.benchmarks:Benchmark",
     "math500": "r1lab.tasks.benchmarks:Benchmark",
     "aime24": "r1lab.tasks.benchmarks:Benchmark",
