@@ -43,7 +43,8 @@ import typing  # noqa: F401
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 38, 36
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 8, 38, 36
+CAP_DAC_READ_SEARCH = 2
 EXIT_EOF = 3  # the judge's exit code when the pool closed the pipe: the zygote stops
 TAIL = 4096  # bytes of stdout and stderr sent back
 ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -70,10 +71,10 @@ def prctl(option, value):
     _check(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl {option}")
 
 
-def drop_capabilities():
-    """Empty the effective, permitted and inheritable sets (capset with version 3 and zeroed data)."""
+def drop_capabilities(keep=0):
+    """Set the effective and permitted sets to `keep` (a mask of the first 32 capabilities), inheritable to none."""
     header = struct.pack("Ii", 0x20080522, 0)
-    data = ctypes.create_string_buffer(24)
+    data = ctypes.create_string_buffer(struct.pack("6I", keep, keep, 0, 0, 0, 0), 24)
     _check(libc.capset(ctypes.c_char_p(header), data), "capset")
 
 
@@ -193,9 +194,14 @@ def become_program(job, cfg, files, record_fd, work):
         resource.setrlimit(getattr(resource, name), (int(soft), int(hard)))
     uid = cfg["uid"]
     if uid >= 0:
+        process_mode = cfg["mode"] != "bwrap"
+        if process_mode:
+            prctl(PR_SET_KEEPCAPS, 1)
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # from root to an unprivileged uid: the kernel clears every capability
+        if process_mode:  # the host's files stay readable (the runtime may sit under /root), never writable
+            drop_capabilities(keep=1 << CAP_DAC_READ_SEARCH)
     elif cfg["mode"] == "bwrap":
         drop_capabilities()
     prctl(PR_SET_NO_NEW_PRIVS, 1)
