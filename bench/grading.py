@@ -1,6 +1,6 @@
 """Answers graded per second on MATH-500: `answers.grade` on each gold against its reference solution's boxed answer
-("right": mostly the same string, some written differently) and against the next problem's gold ("wrong": every
-pair needs math-verify unless both are plain numbers).
+("right": mostly the same string, some written differently), the gold in braces ("braced": equal, but only
+math-verify can tell) and the next problem's gold ("wrong": math-verify decides unless both are plain numbers).
 
 Each measurement runs in a fresh interpreter, so no cache is warm: `cold` is the first pass over the 500 pairs
 (including, where grading uses a worker process, its start-up), `warm` a second pass over the same pairs. `threads`
@@ -31,8 +31,9 @@ def pairs(data: str) -> dict[str, list[tuple[str, str]]]:
 
     problems = load_benchmark("math500", data_dir=data)
     right = [(extract_answer(p.meta["solution"]), p.answer) for p in problems]
+    braced = [("{" + p.answer + "}", p.answer) for p in problems]
     wrong = [(problems[(i + 1) % len(problems)].answer, p.answer) for i, p in enumerate(problems)]
-    return {"right": right, "wrong": wrong}
+    return {"right": right, "braced": braced, "wrong": wrong}
 
 
 def measure(data: str, setting: str) -> dict:

@@ -4,13 +4,21 @@ judged, pathological inputs, threads, and the real benchmark golds."""
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
-from r1lab.tasks.answers import extract_answer, extract_boxed, grade, normalize_answer, parse_number
+from r1lab.tasks import grading
+from r1lab.tasks.answers import SCAN_CHARS, extract_answer, extract_boxed, grade, normalize_answer, parse_number
 from r1lab.tasks.benchmarks import load_benchmark
 
 
@@ -51,6 +59,99 @@ def test_an_unclosed_box_falls_back_to_the_last_closed_one():
 def test_answer_tag_wins_over_boxes_and_hashes_elsewhere():
     assert extract_answer("#### 3 \\boxed{4} <answer>5</answer>") == "5"
     assert extract_answer("#### 3 \\boxed{4}") == "4"
+
+
+# --- extraction in linear time, over the reply's tail -------------------------------------------------------
+
+def degenerate(unit: str, chars: int) -> str:
+    return (unit * (chars // len(unit) + 1))[:chars]
+
+
+# Replies RL produces at long lengths; the quadratic scans this replaced took 30 s on 56 KB of unclosed boxes.
+DEGENERATE = {
+    "unclosed boxes": lambda n: degenerate("\\boxed{", n),
+    "unclosed answer tags": lambda n: degenerate("<answer>", n),
+    "think openings": lambda n: degenerate("<think>", n),
+    "nested braces": lambda n: "\\boxed{" + degenerate("{", n),
+    "unclosed fboxes in braces": lambda n: degenerate("{\\fbox{x", n),
+    "repeated template": lambda n: degenerate("<think>a</think><answer>", n),
+    "hash lines": lambda n: degenerate("#### \n", n),
+    "bare boxes": lambda n: degenerate("\\boxed ", n),
+    "escaped braces": lambda n: "\\boxed{" + degenerate("\\{", n),
+}
+
+
+def best_seconds(fn, arg, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(arg)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("shape", DEGENERATE)
+def test_extraction_is_linear_time_on_degenerate_replies(shape):
+    # 16x the text costs under 64x the time (linear: 16x, quadratic: 256x, which here is tens of seconds; the 20 ms
+    # term absorbs timer and cache noise on a busy machine), and a 1 MB reply, read only in its last SCAN_CHARS,
+    # well under a second
+    make = DEGENERATE[shape]
+    small, large = make(SCAN_CHARS // 16), make(SCAN_CHARS)
+    assert best_seconds(extract_answer, large) < 64 * best_seconds(extract_answer, small) + 0.02
+    start = time.perf_counter()
+    extract_answer(make(1 << 20))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_extraction_reads_only_the_last_scan_chars():
+    filler = "x" * SCAN_CHARS
+    assert extract_answer(filler + "\\boxed{5}") == "5"
+    assert extract_answer("\\boxed{5}" + filler) is None  # further from the end than SCAN_CHARS
+    assert extract_answer("<answer>5</answer>" + filler + "\\boxed{6}") == "6"
+    assert extract_answer("\\boxed{" * 200_000 + "\\boxed{5}") == "5"
+
+
+def reference_extract(text: str | None) -> str | None:
+    """The extraction this module had before it was made linear (a brace scan from every box, a lazy regex for
+    tags): quadratic, but exact on short texts, so the linear one must agree with it."""
+    def boxed(t):
+        found = None
+        for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", t):
+            depth, i = 1, m.end()
+            while i < len(t) and depth:
+                if t[i] == "\\" and i + 1 < len(t) and t[i + 1] in "{}":
+                    i += 2
+                    continue
+                depth += (t[i] == "{") - (t[i] == "}")
+                i += 1
+            if depth == 0:
+                found = (m.start(), t[m.end():i - 1])
+        bare = [(m.start(), m.group(1)) for m in re.finditer(r"\\boxed +([^\s$]+)", t)]
+        candidates = [c for c in (found, bare[-1] if bare else None) if c is not None]
+        return max(candidates)[1].strip() if candidates else None
+
+    if not text:
+        return None
+    tagged = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    if tagged:
+        inner = boxed(tagged[-1])
+        return (inner if inner is not None else tagged[-1]).strip() or None
+    inner = boxed(text)
+    if inner is not None:
+        return inner.strip() or None
+    hashes = re.findall(r"####\s*(.+)", text)
+    if hashes:
+        return extract_answer("#### " + hashes[-1])  # the number clean-up is not what changed
+    return None
+
+
+def test_linear_extraction_agrees_with_the_quadratic_one_on_random_replies():
+    pieces = ["\\boxed{", "\\fbox {", "{", "}", "\\{", "\\}", "\\\\", "<answer>", "</answer>", "5", " ", "x",
+              "\\boxed 7", "#### 3\n", "\n", "<think>", "</think>"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 24)))
+        assert extract_answer(text) == reference_extract(text), text
 
 
 # --- normalisation helpers ----------------------------------------------------------------------------------
@@ -130,6 +231,132 @@ def test_grade_works_outside_the_main_thread():
     pairs = [("\\frac12", "0.5"), ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"), ("7", "8")]
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(lambda pg: grade(*pg), pairs)) == [True, True, False]
+
+
+# --- grading bounded in time and memory, from any thread -----------------------------------------------------
+
+# Each escapes the cheap pre-filters. From a worker thread (no SIGALRM there) the first two ran for minutes in
+# the grading process itself, the third for 8 s, reaching 793 MB.
+HOSTILE = ["((9^{999})^{999})^{999}", "\\int_0^1 e^{x^{7}} \\sin(x^{13}) dx", "((2^{1000})^{1000})^{1000}"]
+
+
+def live_workers() -> list[int]:
+    pool = grading._POOL
+    return [] if pool is None else [w.proc.pid for w in pool.idle]
+
+
+def test_grading_is_bounded_in_time_from_worker_threads():
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(HOSTILE)) as pool:
+        assert list(pool.map(lambda p: grade(p, "5"), HOSTILE)) == [False] * len(HOSTILE)
+    # at most two rounds of the deadline (fewer workers than threads), plus starting the workers
+    assert time.perf_counter() - start < 2 * grading.DEADLINE_S + 5
+    assert grade("\\sqrt{36}", "6") is True  # the workers still (or again) answer
+
+
+def test_a_worker_past_its_deadline_is_killed_and_replaced(monkeypatch):
+    assert grade("\\sqrt{16}", "4") is True  # a worker is running
+    before = set(live_workers())
+    monkeypatch.setattr(grading, "DEADLINE_S", 0.5)
+    start = time.perf_counter()
+    assert grade("\\int_0^1 e^{x^{5}} \\sin(x^{11}) dx", "5") is False  # seconds of sympy work in the worker
+    assert time.perf_counter() - start < 0.5 + 1.5
+    killed = before - set(live_workers())
+    assert killed and all(not Path(f"/proc/{pid}").exists() for pid in killed)
+    monkeypatch.setattr(grading, "DEADLINE_S", 5.0)
+    assert grade("\\sqrt{25}", "5") is True and grade("\\sqrt{26}", "5") is False
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads the worker's limits in /proc (Linux)")
+def test_grading_memory_is_capped():
+    assert grade("((2^{1000})^{1000})^{1000}", "7") is False
+    assert grade("\\sqrt{9}", "3") is True
+    for pid in live_workers():
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert re.search(rf"Max address space\s+{grading.MEMORY_MB << 20}\s", limits), limits
+        peak_kb = int(re.search(r"VmPeak:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))
+        assert peak_kb <= grading.MEMORY_MB << 10
+        assert "torch" not in Path(f"/proc/{pid}/maps").read_text()  # a clean interpreter, not a copy of this one
+
+
+def test_grading_from_many_threads_at_once():
+    pairs = [(f"\\sqrt{{{k * k + extra}}}", str(k), extra == 0) for k in range(2, 26) for extra in (0, 1)]
+    with ThreadPoolExecutor(16) as pool:
+        verdicts = list(pool.map(lambda pge: grade(pge[0], pge[1]), pairs))
+    assert verdicts == [expected for _, _, expected in pairs]
+    assert len(live_workers()) <= grading.MAX_WORKERS
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_grades_with_its_own_worker():
+    assert grade("\\sqrt{49}", "7") is True  # the parent has a worker before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its inherited pool is dropped, so it starts a worker of its own
+        ok = False
+        try:
+            ok = grade("\\sqrt{64}", "8") is True and grade("\\sqrt{65}", "8") is False
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    assert grade("\\sqrt{81}", "9") is True and grade("\\sqrt{82}", "9") is False
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads process ids in /proc")
+@pytest.mark.parametrize("ending", ["exit", "SIGKILL"])
+def test_workers_end_with_their_process(ending):
+    script = ("import sys, time; from r1lab.tasks import grading; from r1lab.tasks.answers import grade\n"
+              "assert grade('\\\\sqrt{4}', '2') is True\n"
+              "print(*[w.proc.pid for w in grading._POOL.idle], flush=True)\n"
+              "time.sleep(60) if sys.argv[1] == 'SIGKILL' else None\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, ending], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert workers
+    if ending == "SIGKILL":
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no orphan left behind
+
+
+# --- strict parses: an answer math-verify read only part of is not a match --------------------------------
+
+@pytest.mark.parametrize("predicted,gold", [
+    ("2 \\uparrow\\uparrow 5", "5"),  # the issue's four: math-verify fell back to the last number it found
+    ("2 \\to 5", "5"),
+    ("9 \\mapsto 5", "5"),
+    ("\\foo 5", "5"),
+    ("x \\to 5", "5"),  # their neighbours
+    ("\\uparrow 5", "5"),
+    ("f: x \\mapsto 5", "5"),
+    ("\\not 5", "5"),
+    ("5 \\foo", "5"),
+    ("\\foo{5}", "5"),
+    ("[2 \\to 5]", "[2, 5]"),
+    ("(2 \\to 5)", "(2, 5)"),
+    ("a = \\foo = 5", "5"),  # an equation chain that fails whole fell back to its last part
+])
+def test_an_answer_whose_parse_dropped_part_of_it_is_not_a_match(predicted, gold):
+    assert grade(predicted, gold) is False
+    assert grade(gold, predicted) is None  # as a gold it cannot be judged (unless the strings are equal)
+
+
+@pytest.mark.parametrize("predicted,gold", [
+    ("x \\in [2, 5]", "[2, 5]"),
+    ("\\lim_{x \\to 0} \\frac{\\sin x}{x}", "1"),  # \\to where the grammar has it
+    ("5 \\text{ cm}", "5"),  # units are dropped on purpose
+    ("2 \\cdot 5", "10"),
+    ("\\sqrt{25}", "5"),
+    ("(-\\infty, 5]", "x \\le 5"),
+])
+def test_answers_math_verify_reads_whole_still_match(predicted, gold):
+    assert grade(predicted, gold) is True
 
 
 # --- real golds ---------------------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+import re
+import time
 from pathlib import Path
 
 import pytest
 
-from r1lab.rewards import (accuracy, completion_text, format_reward, get_reward, language_consistency,
-                           list_rewards, overlong, script_words, weighted_sum)
+from r1lab.rewards import (FORMAT_MAX_CHARS, accuracy, completion_text, format_reward, get_reward,
+                           language_consistency, list_rewards, overlong, script_words, weighted_sum)
 from r1lab.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +87,62 @@ def test_accuracy_column_length_mismatch_is_an_error():
 def test_format_reward_follows_the_r1_zero_template(text, expected):
     assert format_reward([text]) == [expected]
     assert format_reward([conv(text)]) == [expected]
+
+
+def reference_format(text: str) -> float:
+    """The template check as a lazy regex (what format_reward was): exact, but quadratic on repeated tags."""
+    text = text.strip()
+    text = text if text.startswith("<think>") else "<think>" + text
+    m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", text, re.DOTALL)
+    return float(m is not None and m.group(2).strip() != "" and not any(
+        t in m.group(1) + m.group(2) for t in ("<think>", "</think>", "<answer>", "</answer>")))
+
+
+def test_format_reward_agrees_with_the_template_regex_on_random_replies():
+    tags = ["<think>", "</think>", "<answer>", "</answer>", "<think", "answer>"]
+    rng = random.Random(0)
+
+    def soup(n):  # mostly text and spaces, sometimes a tag
+        return "".join(rng.choice(tags) if rng.random() < 0.05 else rng.choice([" ", "\n", "a", "15"])
+                       for _ in range(rng.randint(0, n)))
+
+    def shaped():  # the template's skeleton, each part sometimes dropped
+        parts = [soup(1), "<think>", soup(4), "</think>", soup(1), "<answer>", soup(4), "</answer>", soup(1)]
+        return "".join(p for p in parts if rng.random() < 0.95)
+
+    texts = [soup(12) for _ in range(3000)] + [shaped() for _ in range(3000)]
+    expected = [reference_format(t) for t in texts]
+    assert 300 < sum(expected) < len(texts) - 300  # both verdicts well represented
+    assert format_reward(texts) == expected
+
+
+# Replies RL produces at long lengths; the lazy regex took 8 s on 192 KB of a repeated template.
+DEGENERATE_REPLIES = ["<think>a</think><answer>", "<think>", "</think>", "<answer>", "<think></think>\n<answer>x",
+                      "\\boxed{", "{"]
+
+
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("unit", DEGENERATE_REPLIES)
+def test_format_and_accuracy_rewards_are_linear_time_on_degenerate_replies(unit):
+    # 16x the text costs under 64x the time (linear: 16x, quadratic: 256x; the 20 ms term absorbs timer noise on a
+    # busy machine), and a 1 MB reply is scored in well under a second
+    small, large = (unit * (n // len(unit)) for n in (1 << 16, 1 << 20))
+    assert min(seconds(format_reward, [large]) for _ in range(5)) < \
+        64 * min(seconds(format_reward, [small]) for _ in range(5)) + 0.02
+    assert seconds(format_reward, [large]) < 1.0
+    assert seconds(accuracy, [large, "<think>" + large], ["5", "5"]) < 1.0
+
+
+def test_format_reward_scores_replies_over_its_cap_zero():
+    def reply(chars):
+        return "<think>" + "x" * (chars - len("<think></think><answer>5</answer>")) + "</think><answer>5</answer>"
+    assert len(reply(FORMAT_MAX_CHARS)) == FORMAT_MAX_CHARS
+    assert format_reward([reply(FORMAT_MAX_CHARS), reply(FORMAT_MAX_CHARS + 1)]) == [1.0, 0.0]
 
 
 # --- overlong -----------------------------------------------------------------------------------------------

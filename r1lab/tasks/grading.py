@@ -50,35 +50,33 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def gold_is_judgeable(gold: str) -> bool:
-    """Does math-verify parse `gold`, strictly and within the deadline? Cached per gold."""
-    return _gold_verdict(gold)
+    """Does math-verify parse the whole of `gold`, within the deadline?"""
+    return not _too_costly(gold) and _gold_verdict(gold)
 
 
 def math_equal(predicted: str, gold: str) -> bool | None:
     """Is `predicted` mathematically equal to `gold`? None when the gold cannot be judged; False when the prediction
-    does not parse, is too costly to parse, or runs past the deadline or the memory cap."""
-    if not _gold_verdict(gold):
+    does not parse whole, is too costly to parse, or runs past the deadline or the memory cap."""
+    if not gold_is_judgeable(gold):
         return None
-    return _pair_verdict(predicted, gold)
+    return not _too_costly(predicted) and _pair_verdict(predicted, gold)
 
 
-@lru_cache(maxsize=8192)
+# Verdicts are cached (evaluation grades k samples against one gold, so pairs repeat), only for strings that pass
+# `_too_costly`: at most MAX_ANSWER_CHARS each, so the caches stay within a few MB.
+@lru_cache(maxsize=4096)
 def _gold_verdict(gold: str) -> bool:
-    if too_costly(gold):
-        return False
     reply = _pool().ask({"gold": gold, "pred": None})
     return bool(reply and reply["gold"])
 
 
-@lru_cache(maxsize=65536)  # evaluation grades k samples against one gold: many pairs repeat
+@lru_cache(maxsize=16384)
 def _pair_verdict(predicted: str, gold: str) -> bool:
-    if too_costly(predicted):
-        return False
     reply = _pool().ask({"gold": gold, "pred": predicted})
     return bool(reply and reply["equal"])
 
 
-def too_costly(s: str) -> bool:
+def _too_costly(s: str) -> bool:
     """A string math-verify would spend super-linear time on: too long, an unbraced exponent chain, nesting deeper
     than MAX_NESTING, or unbalanced brackets."""
     if len(s) > MAX_ANSWER_CHARS or _UNBRACED_TOWER.search(s):
@@ -296,7 +294,7 @@ def _strict_math_verify() -> None:
         math_verify.parser.get_last_eq = lambda latex: latex
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)  # small beside MEMORY_MB: a worker lives as long as its parent
 def _parse(s: str) -> tuple:
     """math-verify's parse of the whole of one bare answer (wrapped in `\\boxed{}` so LaTeX like `3\\sqrt{13}` is read
     whole, not as its first number), or () when it does not parse as a whole or is not `_is_safe` to compare."""
