@@ -266,6 +266,19 @@ def test_submit_never_blocks_and_results_come_back_in_parallel(bwrap_pool):
     assert time.monotonic() - start < 1.9  # two workers: about 1 s, never the 2 s of one at a time
 
 
+def test_a_worker_that_dies_mid_job_is_an_error_and_is_replaced():
+    others = set(_children(os.getpid()))
+    with SandboxPool(workers=1, backend="bwrap", limits=LIMITS) as pool:
+        assert pool.run("print(1)").passed
+        (worker,) = set(_children(os.getpid())) - others
+        future = pool.submit("import time; time.sleep(1.5)")
+        time.sleep(0.3)
+        os.kill(worker, 9)
+        r = future.result()
+        assert r.status == "error" and not r.judged, r
+        assert pool.run("print(2)").stdout == "2\n"
+
+
 def test_closing_the_pool_leaves_no_worker_process():
     before = set(_children(os.getpid()))
     pool = SandboxPool(workers=2, backend="bwrap", limits=LIMITS)
