@@ -111,8 +111,10 @@ class _Worker:
                                      stderr=subprocess.DEVNULL, bufsize=0)
         ready = self._read(STARTUP_S)
         if not ready or "error" in ready:
+            exited = self.proc.poll()
             self.kill()
-            why = ready["error"] if ready else f"no reply within {STARTUP_S:g} s"
+            why = (ready["error"] if ready else f"it exited with code {exited}" if exited is not None
+                   else f"no reply within {STARTUP_S:g} s")
             raise RuntimeError(f"the math grading worker did not start ({why}); check that math-verify imports: "
                                f"{sys.executable} -c 'import math_verify'")
 
@@ -251,7 +253,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _serve() -> None:
     """A worker's life: cap its memory, import math-verify, then answer one request per line until stdin closes."""
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_MB << 20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    cap = MEMORY_MB << 20 if hard == resource.RLIM_INFINITY else min(MEMORY_MB << 20, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ValueError, OSError):  # macOS refuses address-space limits; the deadline still holds
+        pass
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the replies
 
@@ -278,7 +285,7 @@ def _serve() -> None:
 
 def _limit_cpu() -> None:
     """A second bound that holds if the parent dies mid-request (then no one kills the worker): the kernel ends a
-    worker that spends more than DEADLINE_S + 1 more CPU seconds."""
+    worker that spends more than about DEADLINE_S + 2 CPU seconds on one request (RLIMIT_CPU, whole seconds)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     soft = int(usage.ru_utime + usage.ru_stime) + int(DEADLINE_S) + 2
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
