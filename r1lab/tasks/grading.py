@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -128,10 +129,12 @@ class _Worker:
 
     def _read(self, timeout: float) -> dict | None:
         fd, buf = self.proc.stdout.fileno(), b""
+        poller = select.poll()  # not select(): it fails on descriptors above 1023, which a busy server has
+        poller.register(fd, select.POLLIN)
         deadline = time.monotonic() + timeout
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -259,6 +262,7 @@ def _serve() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     except (ValueError, OSError):  # macOS refuses address-space limits; the deadline still holds
         pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; the worker leaves when its input ends
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the replies
 
