@@ -191,6 +191,8 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     """DeepSeek's `weight_dequant`: each [bm, bn] block of the FP8 weight times its float32 inverse scale
     (scale_inv is [ceil(out/bm), ceil(in/bn)]; edge blocks are the remainders), in float32."""
     M, N = weight.shape
+    if weight.is_meta:  # headers only (`r1lab info`): the shape is all there is
+        return torch.empty(M, N, device="meta")
     bm, bn = block or (M, N)
     s = scale_inv.float().reshape(-(-M // bm), -(-N // bn))
     return weight.float() * s.repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
