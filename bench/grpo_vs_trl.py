@@ -165,6 +165,7 @@ def run_pair(path: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     import r1lab.train.grpo as G
+    import r1lab.train.rollout as rollout_module
     from r1lab.model.load import load_model_and_tokenizer
     from r1lab.tokenizer import render_prompt
 
@@ -188,7 +189,7 @@ def run_pair(path: Path, args) -> dict:
     # ---- the same prompts, step by step, for TRL (r1lab draws step s's prompts from a seeded stream)
     rows = []
     for s in range(total):
-        for p in r1.draw(s, 0, P):
+        for p in r1.rollouts.draw(s, 0, P):
             rows.append({"prompt": render_prompt(tok_r, p.prompt, args.template), "answer": p.answer})
     tok_t = AutoTokenizer.from_pretrained(path)
     assert tok_t(text=[rows[0]["prompt"]])["input_ids"][0] == r1.sampler.encode(rows[0]["prompt"]), \
@@ -223,8 +224,8 @@ def run_pair(path: Path, args) -> dict:
 
     def r1lab_step(step: int) -> None:
         prof = cProfile.Profile() if args.profile and step == total - 1 else None
-        with patched(G, "score", r1_clock, "reward"), patched(G, "build_layouts", r1_clock, "layout"), \
-                patched(G, "build_group_batches", r1_clock, "layout"):
+        with patched(rollout_module, "score", r1_clock, "reward"), patched(G, "packed_rows", r1_clock, "layout"), \
+                patched(G, "grouped_batches", r1_clock, "layout"):
             if prof:
                 prof.enable()
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import transformers
 from conftest import grpo_interrupted_at, save_hf
 from r1lab.model.load import load_model_and_tokenizer
 from r1lab.train import grpo as GR
+from r1lab.train import logprobs
 from r1lab.train.run import read_metrics
 
 transformers.logging.set_verbosity_error()
@@ -44,13 +45,13 @@ def test_shared_prefix_logprobs_equal_plain_forwards(which, max_tokens, tiny_nat
         torch.manual_seed(0)
         model = transformers.Qwen2ForCausalLM(cfg).eval()
     prompts, comps = _groups()
-    layouts = (GR.build_group_batches(prompts, comps, max_tokens, pad_id=0) if which == "native-grouped"
-               else GR.build_layouts(prompts, comps, max_tokens, pad_id=0))
+    layouts = (logprobs.grouped_batches(prompts, comps, max_tokens, pad_id=0) if which == "native-grouped"
+               else logprobs.packed_rows(prompts, comps, max_tokens, pad_id=0))
     got = torch.zeros(6, 6)
     with torch.no_grad():
         for lay in layouts:
-            lp, _ = GR.token_logprobs(model, lay, temperature=0.7)
-            got += GR.to_matrix(lp, lay, (6, 6))
+            lp, _ = logprobs.token_logprobs(model, lay, temperature=0.7)
+            got += logprobs.to_matrix(lp, lay, (6, 6))
     for gi, (p, cs) in enumerate(zip(prompts, comps)):
         for j, c in enumerate(cs):
             ref = _plain_logprobs(model, p, c, 0.7)
@@ -79,10 +80,10 @@ def test_sampler_logprobs_are_the_old_policy(tiny_native_dir, tmp_path):
     so the ratio starts at 1 and no extra forward pass is needed."""
     t = GR.GRPOTrainer(_cfg(tmp_path, tiny_native_dir), progress=False)
     ro = t.rollout(0)
-    layouts = GR.build_layouts(ro.prompt_ids, [[c.token_ids for c in g] for g in ro.completions], 4096, 0)
+    layouts = logprobs.packed_rows(ro.prompt_ids, [[c.token_ids for c in g] for g in ro.completions], 4096, 0)
     with torch.no_grad():
         for lay in layouts:
-            lp, _ = GR.token_logprobs(t.model, lay, t.cfg.temperature)
+            lp, _ = logprobs.token_logprobs(t.model, lay, t.cfg.temperature)
             for v, n, i in zip(lp.tolist(), lay.seq.tolist(), lay.pos.tolist()):
                 assert abs(v - ro.flat[n].logprobs[i]) < 1e-4
 
@@ -106,7 +107,7 @@ def test_transformers_models_sample_and_train_on_the_path_that_fits_them(family,
         isinstance(t.sampler.backend, HFBackend)
     ro = t.rollout(0)
     layouts = t.layouts(ro.prompt_ids, [[c.token_ids for c in g] for g in ro.completions])
-    assert all(isinstance(lay, GR.GroupBatch if family == "llama" else GR.Layout) for lay in layouts)
+    assert all(isinstance(lay, logprobs.GroupedBatch if family == "llama" else logprobs.PackedRows) for lay in layouts)
     with torch.no_grad():
         for lay in layouts:
             lp, _ = t.policy(lay, t.cfg.temperature)

@@ -85,7 +85,7 @@ def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir,
     after = seen["state"]
     rows = trainer.run.metrics()
     assert [r["step"] for r in rows] == [1, 2] and all(r["reward_std"] > 0 for r in rows)
-    assert {p.task for p in trainer.draw(0, 0, 2)} == {"gsm8k"}  # GSM8K train prompts
+    assert {p.task for p in trainer.rollouts.draw(0, 0, 2)} == {"gsm8k"}  # GSM8K train prompts
     assert set(lora0) == {k for k in after if "lora_" in k} and len(lora0) == 2 * 2 * 30
     moved = [k for k in lora0 if not torch.equal(lora0[k], after[k])]
     assert len(moved) == len(lora0)  # every adapter matrix changed (B starts at zero)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-import r1lab.train.grpo as G
+from r1lab.train import logprobs
 from r1lab.model.llama import FastDecoder, KVCache, fast_decoder
 from r1lab.sampler import HFBackend, NativeBackend, Sampler, SamplingParams, make_backend
 
@@ -79,9 +79,9 @@ def test_cached_decoding_gives_the_logits_of_the_models_own_forward(kind):
 
 
 def _logprobs_and_grads(model, lay, params):
-    lp, ent = G.token_logprobs(model, lay, 0.7, entropy=True)
+    lp, ent = logprobs.token_logprobs(model, lay, 0.7, entropy=True)
     grads = torch.autograd.grad((lp * torch.linspace(0.5, 1.5, len(lp), dtype=lp.dtype)).sum(), params)
-    return G.to_matrix(lp, lay, (12, 12)), G.to_matrix(ent, lay, (12, 12)), grads
+    return logprobs.to_matrix(lp, lay, (12, 12)), logprobs.to_matrix(ent, lay, (12, 12)), grads
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
@@ -90,8 +90,8 @@ def test_grouped_training_forward_matches_packed_rows_in_float64(kind):
     model = build(kind).double().train()
     prompts, comps = groups()
     params = [p for p in model.parameters()]
-    packed = G.build_layouts(prompts, comps, 10_000, 0, row_tokens=64)[0]
-    grouped = G.build_group_batches(prompts, comps, 10_000, 0)[0]
+    packed = logprobs.packed_rows(prompts, comps, 10_000, 0, row_tokens=64)[0]
+    grouped = logprobs.grouped_batches(prompts, comps, 10_000, 0)[0]
     a, ea, ga = _logprobs_and_grads(model, packed, params)
     b, eb, gb = _logprobs_and_grads(model, grouped, params)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -104,8 +104,8 @@ def test_lora_and_gradient_checkpointing_run_through_the_fast_path():
     from r1lab.model.hf import HFOptions, prepare_model
 
     prompts, comps = groups(seed=1)
-    lay = G.build_group_batches(prompts, comps, 10_000, 0)[0]
-    ref = G.build_layouts(prompts, comps, 10_000, 0, row_tokens=64)[0]
+    lay = logprobs.grouped_batches(prompts, comps, 10_000, 0)[0]
+    ref = logprobs.packed_rows(prompts, comps, 10_000, 0, row_tokens=64)[0]
     results = {}
     for name, opts in {"lora": HFOptions(lora_rank=4), "lora+ckpt": HFOptions(lora_rank=4,
                                                                                  gradient_checkpointing=True)}.items():

@@ -30,6 +30,7 @@ from r1lab.reasoning import THINK_START
 from r1lab.tokenizer import TEMPLATES, apply_template, carry_template
 from r1lab.runtime import use_bf16
 from r1lab.train import dist as D
+from r1lab.train.logprobs import packed_hidden_states
 from r1lab.train.packing import Packed, pack
 from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
 
@@ -267,25 +268,11 @@ def select_rows(packed: Packed, rows: torch.Tensor) -> Packed:
 def token_losses(model, batch: Packed) -> torch.Tensor:
     """Cross-entropy [R, L] of each label token predicted from the column before it (0 elsewhere); the vocabulary
     projection runs only where a label is predicted. Packed samples see only themselves."""
-    base = base_model(model)
-    ids, pos, labels = batch.input_ids, batch.position_ids, batch.labels
-    if is_native(model):
-        dev = base.lm_head.weight.device
-        h = base.hidden_states(ids.to(dev), attention_mask=batch.mask().to(dev), position_ids=pos.to(dev),
-                               token_mask=batch.attention_mask.to(dev))
-        head, cap = base.lm_head, None
-    else:  # transformers adds a 4D float mask to the attention scores
-        head = base.get_output_embeddings()
-        dev = head.weight.device
-        dtype = base.get_input_embeddings().weight.dtype
-        allowed = batch.mask()
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        h = base.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                               position_ids=pos.to(dev)).last_hidden_state
-        cap = getattr(base.config, "final_logit_softcapping", None)
+    h, head, cap = packed_hidden_states(model, batch)
+    labels = batch.labels
     r, c = (labels != -100).nonzero(as_tuple=True)
-    L = ids.shape[1]
-    logits = head(h.reshape(-1, h.shape[-1])[(r * L + c - 1).to(dev)]).float()
+    dev = h.device
+    logits = head(h.reshape(-1, h.shape[-1])[(r * labels.shape[1] + c - 1).to(dev)]).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
     ce = F.cross_entropy(logits, labels[r, c].to(dev), reduction="none")
