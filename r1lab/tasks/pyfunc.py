@@ -1,9 +1,14 @@
 """Small Python functions from a one-line spec, judged by hidden tests in the sandbox: R1-Zero on code, sized for the
 tiny model (programs are a dozen to thirty tokens).
 
-    f(x): add 3, then multiply by 2.         x+3. (x+3)*2.                   def f(x): return (x+3)*2
-    f(xs): keep the even ones, times 3, sum. keep x%2==0. x*3. sum.          def f(xs): return sum(x*3 for x in xs if x%2==0)
-    f(s): reverse it.                        s[::-1].                        def f(s): return s[::-1]
+    f(x): add 3, then multiply by 2, then subtract it from 7.   x+3. (x+3)*2. 7-(x+3)*2.     def f(x): return 7-(x+3)*2
+    f(xs): keep the even ones, times 3, sum.    keep x%2==0. x*3. sum. sum(x*3 for x in xs if x%2==0).
+                                                                      def f(xs): return sum(x*3 for x in xs if x%2==0)
+    f(s): reverse it.                           s[::-1].               def f(s): return s[::-1]
+
+Long integer chains are where thinking can pay: the program's text runs against the spec's order (the last operation
+is written first, `7-(...)`, and the opening parentheses depend on operations still to come), so a bare answer must
+plan the whole expression at once, while the worked trace builds it one copy-and-wrap step at a time.
 
 The canonical key is the program itself, so two specs of the same program fall in the same split. Hidden tests
 call f on random inputs; their expected values come from running the reference program here (trusted code we wrote).
@@ -21,11 +26,13 @@ from r1lab.tasks.code import CodeTask
 
 KINDS = ("int", "list", "str")
 
-# name -> (words, code template over `e` (the expression so far) and `k`, precedence of the result)
+# name -> (words, code over `e` (the expression so far) and `k`, the precedence `e` needs to go unparenthesised,
+# the precedence of the result): Python's own (+ - below * // % below **), an unparenthesised name is 9.
 INT_OPS = {
-    "add": ("add {k}", "{e}+{k}", 1), "sub": ("subtract {k}", "{e}-{k}", 1), "mul": ("multiply by {k}", "{e}*{k}", 2),
-    "div": ("floor-divide by {k}", "{e}//{k}", 2), "mod": ("take it mod {k}", "{e}%{k}", 2),
-    "sq": ("square it", "{e}*{e}", 2),
+    "add": ("add {k}", "{e}+{k}", 1, 1), "sub": ("subtract {k}", "{e}-{k}", 1, 1),
+    "rsub": ("subtract it from {k}", "{k}-{e}", 2, 1),
+    "mul": ("multiply by {k}", "{e}*{k}", 2, 2), "div": ("floor-divide by {k}", "{e}//{k}", 2, 2),
+    "mod": ("take it mod {k}", "{e}%{k}", 2, 2), "sq": ("square it", "{e}**2", 9, 3),
 }
 FILTERS = {"even": ("keep the even ones", "x%2==0"), "odd": ("keep the odd ones", "x%2==1"),
            "gt": ("keep those over {k}", "x>{k}"), "lt": ("keep those under {k}", "x<{k}")}
@@ -40,11 +47,14 @@ LETTERS = "abcde"
 
 @dataclass
 class PyFunc(CodeTask, SyntheticTask):
-    """One function `f` per problem: an integer chain of 1..`steps` operations (`int`), a filter/map/reduce over a
-    list (`list`), or one string operation (`str`); constants in 2..`max_const`; `n_tests` hidden tests each."""
+    """One function `f` per problem: an integer chain of `min_steps`..`steps` operations drawn from `int_ops` (`int`),
+    a filter/map/reduce over a list (`list`), or one string operation (`str`); constants in 2..`max_const`;
+    `n_tests` hidden tests each. The worked reasoning builds the program a piece at a time and ends with its body."""
 
     steps: int = 2
     kinds: str = "int,list"
+    min_steps: int = 1               # fewest operations in an integer chain
+    int_ops: str = ",".join(INT_OPS)  # the integer chain's operations, a comma-separated subset of INT_OPS
     max_const: int = 9
     n_tests: int = 5
     name: ClassVar[str] = "pyfunc"
@@ -54,18 +64,25 @@ class PyFunc(CodeTask, SyntheticTask):
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()]
         if not kinds or set(kinds) - set(KINDS):
             raise ValueError(f"kinds must be a comma-separated list of {', '.join(KINDS)} (got {self.kinds!r})")
-        if self.steps < 1 or self.max_const < 2 or self.n_tests < 1:
-            raise ValueError(f"pyfunc needs steps >= 1, max_const >= 2 and n_tests >= 1 (got steps={self.steps}, "
-                             f"max_const={self.max_const}, n_tests={self.n_tests})")
-        self._kinds = kinds
+        if not 1 <= self.min_steps <= self.steps or self.max_const < 2 or self.n_tests < 1:
+            raise ValueError(f"pyfunc needs 1 <= min_steps <= steps, max_const >= 2 and n_tests >= 1 (got "
+                             f"min_steps={self.min_steps}, steps={self.steps}, max_const={self.max_const}, "
+                             f"n_tests={self.n_tests})")
+        ops = [o.strip() for o in self.int_ops.split(",") if o.strip()]
+        if not ops or set(ops) - set(INT_OPS):
+            raise ValueError(f"int_ops must be a comma-separated list of {', '.join(INT_OPS)} (got {self.int_ops!r})")
+        self._kinds, self._int_ops = kinds, ops
 
     def sample(self, rng: random.Random) -> tuple[str, Problem]:
         kind = rng.choice(self._kinds)
-        arg, spec, body, reasoning = getattr(self, f"_{kind}")(rng)
-        code = f"def f({arg}): return {body}"
-        tests = self._tests(rng, kind, code)
+        for _ in range(100):  # a program whose tests all expect one value is redrawn: `return 3` would pass them
+            arg, spec, body, reasoning = getattr(self, f"_{kind}")(rng)
+            code = f"def f({arg}): return {body}"
+            tests = self._tests(rng, kind, code)
+            if self.n_tests == 1 or len({t.rsplit(" == ", 1)[1] for t in tests}) > 1:
+                break
         problem = Problem(id=code, task=self.name, prompt=f"f({arg}): {spec}.", answer=code,
-                          reasoning=f"{reasoning} so {code}", meta={"entry_point": "f", "tests": tests, "kind": kind})
+                          reasoning=reasoning, meta={"entry_point": "f", "tests": tests, "kind": kind})
         return code, problem
 
     def tests(self, problem: Problem) -> list[str]:
@@ -74,14 +91,13 @@ class PyFunc(CodeTask, SyntheticTask):
     # ------------------------------------------------------------------------- the three kinds
 
     def _int(self, rng):
-        expr, prec, words, steps = "x", 3, [], []
-        for _ in range(rng.randint(1, self.steps)):
-            op = rng.choice(list(INT_OPS))
-            text, template, op_prec = INT_OPS[op]
+        """Each step wraps the expression so far: copied, parenthesised where Python's precedence needs it."""
+        expr, prec, words, steps = "x", 9, [], []
+        for _ in range(rng.randint(self.min_steps, self.steps)):
+            text, template, needs, result = INT_OPS[rng.choice(self._int_ops)]
             k = rng.randint(2, self.max_const)
-            if op_prec > prec or (op == "sq" and prec < 3):  # e is the left operand (and the right one of sq)
-                expr = f"({expr})"
-            expr, prec = template.format(e=expr, k=k), op_prec
+            operand = expr if prec >= needs else f"({expr})"
+            expr, prec = template.format(e=operand, k=k), result
             words.append(text.format(k=k))
             steps.append(expr + ".")
         return "x", ", then ".join(words), expr, " ".join(steps)
@@ -99,7 +115,7 @@ class PyFunc(CodeTask, SyntheticTask):
         words = [w for w in (flt and FILTERS[flt][0].format(k=k), mp and MAPS[mp][0].format(k=k)) if w]
         words.append(REDUCES[red][0])
         steps = [s for s in (flt and f"keep {FILTERS[flt][1].format(k=k)}.", mp and f"{item}.") if s]
-        steps.append(f"{red}.")
+        steps += [f"{red}.", f"{body}."]
         return "xs", ", ".join(words), body, " ".join(steps)
 
     def _str(self, rng):

@@ -1,0 +1,95 @@
+"""The pyfunc family's integer chains: programs with Python's precedence, worked traces that build them one step at a
+time, and the knobs that size them for the tiny model (R1-Zero on code)."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from r1lab.tasks import get_task
+from r1lab.tasks.pyfunc import INT_OPS
+
+# The spec's words, applied one at a time to a value: an independent reading of what f must compute.
+APPLY = {r"add (\d)": lambda v, k: v + k, r"subtract (\d)": lambda v, k: v - k,
+         r"subtract it from (\d)": lambda v, k: k - v, r"multiply by (\d)": lambda v, k: v * k,
+         r"floor-divide by (\d)": lambda v, k: v // k, r"take it mod (\d)": lambda v, k: v % k,
+         r"square it()": lambda v, k: v * v}
+
+
+def spec_value(prompt: str, x: int) -> int:
+    """f(x) computed from the prompt's words alone, step by step."""
+    v = x
+    for words in prompt.removeprefix("f(x): ").removesuffix(".").split(", then "):
+        for pattern, op in APPLY.items():
+            if m := re.fullmatch(pattern, words):
+                v = op(v, int(m.group(1)) if m.group(1) else 0)
+                break
+        else:
+            raise AssertionError(f"unknown step {words!r}")
+    return v
+
+
+def run(code: str, x: int) -> int:
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace["f"](x)
+
+
+def test_integer_chain_programs_compute_what_the_spec_says_with_minimal_parentheses():
+    task = get_task("pyfunc", kinds="int", steps=4, min_steps=2)
+    problems = task.problems("train", n=400, seed=0)
+    used = {pattern for p in problems for words in p.prompt[6:-1].split(", then ") for pattern in APPLY
+            if re.fullmatch(pattern, words)}
+    assert used == set(APPLY) and len(APPLY) == len(INT_OPS)  # every operation drawn and checked
+    for p in problems:
+        for x in (-20, -7, -1, 0, 3, 13):
+            assert run(p.answer, x) == spec_value(p.prompt, x), (p.prompt, p.answer)
+    # parentheses only where Python's precedence needs them: as ast.unparse writes the same expression
+    assert sum("(" in p.answer for p in problems) > 100
+    for p in problems:
+        body = p.answer.split("return ")[1]
+        assert ast.unparse(ast.parse(body)).replace(" ", "") == body
+
+
+def test_worked_trace_applies_one_step_of_the_spec_at_a_time_and_ends_with_the_program():
+    task = get_task("pyfunc", kinds="int", steps=4, min_steps=1)
+    for p in task.problems("train", n=100, seed=1):
+        steps = p.reasoning.removesuffix(".").split(". ")
+        words = p.prompt.removeprefix("f(x): ").removesuffix(".").split(", then ")
+        assert len(steps) == len(words)
+        for i, expr in enumerate(steps):
+            prefix = "f(x): " + ", then ".join(words[: i + 1]) + "."
+            assert all(run(f"def f(x): return {expr}", x) == spec_value(prefix, x) for x in (-9, 0, 5, 11))
+            if i:
+                assert steps[i - 1] in expr  # the expression so far, copied into the next step
+        assert p.answer == f"def f(x): return {steps[-1]}"
+
+
+@pytest.mark.parametrize("kind", ["list", "str"])
+def test_list_and_string_traces_end_with_the_program_body(kind):
+    for p in get_task("pyfunc", kinds=kind).problems("train", n=30, seed=2):
+        assert p.reasoning.endswith(p.answer.split("return ", 1)[1] + ".")
+
+
+def test_chain_length_and_operations_follow_the_knobs():
+    task = get_task("pyfunc", kinds="int", steps=4, min_steps=3, int_ops="add,rsub")
+    lengths = {p.prompt.count(", then ") + 1 for p in task.problems("train", n=200, seed=0)}
+    assert lengths == {3, 4}
+    assert all(set(re.findall(r"[-+*/%]+", p.answer.split("return ")[1])) <= {"+", "-"}
+               for p in task.problems("train", n=50, seed=0))
+
+
+@pytest.mark.parametrize("knobs, named", [({"min_steps": 3, "steps": 2}, "min_steps"), ({"min_steps": 0}, "min_steps"),
+                                          ({"int_ops": "add,pow"}, "int_ops"), ({"int_ops": ""}, "int_ops")])
+def test_bad_chain_knobs_are_refused_with_their_values(knobs, named):
+    with pytest.raises(ValueError, match=named):
+        get_task("pyfunc", **knobs)
+
+
+@pytest.mark.parametrize("kind", ["int", "list", "str"])
+def test_no_program_is_a_constant_on_its_hidden_tests(kind):
+    for p in get_task("pyfunc", kinds=kind, steps=4).problems("train", n=300, seed=0):
+        args = [ast.literal_eval(re.fullmatch(r"assert f\((.*)\) == .*", t).group(1)) for t in p.meta["tests"]]
+        assert len({repr(run(p.answer, a)) for a in args}) > 1, p.answer  # else `return <constant>` would pass
