@@ -93,3 +93,29 @@ def test_no_program_is_a_constant_on_its_hidden_tests(kind):
     for p in get_task("pyfunc", kinds=kind, steps=4).problems("train", n=300, seed=0):
         args = [ast.literal_eval(re.fullmatch(r"assert f\((.*)\) == .*", t).group(1)) for t in p.meta["tests"]]
         assert len({repr(run(p.answer, a)) for a in args}) > 1, p.answer  # else `return <constant>` would pass
+
+
+def test_a_repeated_program_is_judged_once_and_an_unjudged_one_again(monkeypatch):
+    from concurrent.futures import Future
+
+    from r1lab.sandbox import Result
+    from r1lab.tasks import code as code_tasks
+
+    runs, verdicts = [], iter(["passed", "error", "failed", "failed"])
+
+    def fake_submit(source, tests, limits):
+        runs.append((source, tuple(tests)))
+        future = Future()
+        future.set_result(Result(status=next(verdicts)))
+        return future
+
+    monkeypatch.setattr(code_tasks.sandbox, "submit", fake_submit)
+    task = get_task("pyfunc", kinds="int")
+    p, q = task.problems("test", n=2, seed=0)
+    assert [task.submit(p.answer, p).result().status for _ in range(3)] == ["passed"] * 3
+    assert task.submit("def f(x): return 0", p).result().status == "error"  # the sandbox failed: not kept
+    assert task.submit("def f(x): return 0", p).result().status == "failed"
+    assert task.submit("def f(x): return 0", p).result().status == "failed"
+    assert task.submit(p.answer, q).result().status == "failed"  # other tests, another judgement
+    assert runs == [(p.answer, tuple(p.meta["tests"]))] + [("def f(x): return 0", tuple(p.meta["tests"]))] * 2 + \
+        [(p.answer, tuple(q.meta["tests"]))]

@@ -17,6 +17,9 @@ call f on random inputs; their expected values come from running the reference p
 from __future__ import annotations
 
 import random
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +46,7 @@ STR_OPS = {"rev": ("reverse it", "s[::-1]"), "upper": ("upper-case it", "s.upper
            "count": ("count the letter {c}", "s.count('{c}')"), "head": ("first {k} letters", "s[:{k}]"),
            "twice": ("repeat it {k} times", "s*{k}"), "swap": ("replace {c} by {d}", "s.replace('{c}', '{d}')")}
 LETTERS = "abcde"
+JUDGED_CACHE = 8192  # judgements a task keeps, most recently asked for
 
 
 @dataclass
@@ -72,6 +76,8 @@ class PyFunc(CodeTask, SyntheticTask):
         if not ops or set(ops) - set(INT_OPS):
             raise ValueError(f"int_ops must be a comma-separated list of {', '.join(INT_OPS)} (got {self.int_ops!r})")
         self._kinds, self._int_ops = kinds, ops
+        self._judged: OrderedDict[tuple, Future] = OrderedDict()  # (program, tests) -> its judgement, newest last
+        self._lock = threading.Lock()
 
     def sample(self, rng: random.Random) -> tuple[str, Problem]:
         kind = rng.choice(self._kinds)
@@ -87,6 +93,19 @@ class PyFunc(CodeTask, SyntheticTask):
 
     def tests(self, problem: Problem) -> list[str]:
         return list(problem.meta["tests"])
+
+    def submit(self, code: str, problem: Problem) -> Future:
+        """Judge in the sandbox once per (program, tests): a GRPO group or an eval's k samples often repeat a program,
+        and these programs are pure expressions. A judgement the sandbox could not make is retried, never kept."""
+        key = (self.program(code, problem), tuple(self.tests(problem)))
+        with self._lock:
+            future = self._judged.get(key)
+            if future is None or (future.done() and not future.result().judged):
+                future = self._judged[key] = super().submit(code, problem)
+                if len(self._judged) > JUDGED_CACHE:
+                    self._judged.popitem(last=False)
+            self._judged.move_to_end(key)
+        return future
 
     # ------------------------------------------------------------------------- the three kinds
 
