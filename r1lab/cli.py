@@ -337,6 +337,17 @@ def _add_serve(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--log-level", default="info", help="uvicorn log level: warning, info, debug")
+    import dataclasses
+
+    from r1lab.serve.limits import ServerLimits
+
+    limits = {f.name: f for f in dataclasses.fields(ServerLimits)}
+    for name in ("max_body_mb", "header_timeout", "body_timeout", "max_connections"):
+        f = limits[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help=limits["allowed_hosts"].metadata["help"] + "; repeatable")
     p.set_defaults(run=_run_serve)
 
 
@@ -345,14 +356,18 @@ def _run_serve(args):
 
     from r1lab.runtime import parse_dtype, pick_device
     from r1lab.serve.app import serve
+    from r1lab.serve.limits import ServerLimits
 
     if not 0 <= args.port <= 65535:
         raise C.ConfigError(f"--port must be in 0..65535 (got {args.port})")
     if args.max_batch < 1:
         raise C.ConfigError(f"--max-batch must be >= 1 (got {args.max_batch})")
+    limits = ServerLimits(max_body_mb=args.max_body_mb, header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout, max_connections=args.max_connections,
+                          allowed_hosts=tuple(args.allowed_host))
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("R1LAB_API_KEY"),
           model_name=args.model_name, max_batch=args.max_batch, device=pick_device(args.device),
-          dtype=parse_dtype(args.dtype), log_level=args.log_level)
+          dtype=parse_dtype(args.dtype), log_level=args.log_level, limits=limits.validate())
 
 
 def _add_chat(sub):

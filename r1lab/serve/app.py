@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
@@ -39,6 +38,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from r1lab.reasoning import ReasoningStream
 from r1lab.serve import protocol as P
 from r1lab.serve.engine import Event, Job
+from r1lab.serve.limits import ServerLimits
 from r1lab.serve.service import DEFAULT_MAX_TOKENS, ModelService, Prepared
 
 log = logging.getLogger("r1lab.serve")
@@ -49,34 +49,6 @@ OPEN_PATHS = ("/", "/health", "/favicon.ico")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MAX_HEAD_BYTES = 16 * 1024    # request line and headers (h11's default, fixed here)
-
-
-@dataclass
-class ServerLimits:
-    """What one client may cost the server; the defaults suit a server on a laptop or a LAN."""
-    max_body_mb: float = field(default=1.0, metadata={"help": "largest request body in MiB (413 beyond); raise it "
-                                                               "for long-context models"})
-    header_timeout: float = field(default=10.0, metadata={"help": "seconds a client has to send a request's line "
-                                                                  "and headers before the connection is closed"})
-    body_timeout: float = field(default=30.0, metadata={"help": "seconds a client has to send a whole request "
-                                                                "body (408 beyond)"})
-    max_connections: int = field(default=512, metadata={"help": "open connections (or requests in progress) "
-                                                                "beyond which new requests get 503"})
-    keep_alive: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open"})
-    allowed_hosts: tuple[str, ...] = field(default=(), metadata={
-        "help": "Host names answered besides localhost and the bound host ('*.example.com' patterns; '*': any)"})
-
-    def validate(self) -> "ServerLimits":
-        for name in ("max_body_mb", "header_timeout", "body_timeout", "keep_alive"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
-        if self.max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1 (got {self.max_connections})")
-        return self
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * (1 << 20))
 
 
 # ----------------------------------------------------------------------------- plumbing

@@ -216,6 +216,7 @@ class Engine:
 
     def _admit(self, batch, jobs: list[Job]) -> None:
         """Prefill `jobs` into the batch and publish their first tokens (time to first token is one prefill)."""
+        rows, state = batch.rows, batch.state
         try:
             finished = self._add(batch, jobs)
         except ValueError:  # one prompt does not fit: admit the others one by one, fail only that one
@@ -225,10 +226,14 @@ class Engine:
                     finished += self._add(batch, [job])
                 except ValueError as e:
                     self._fail(job, str(e))
-        except Exception as e:  # these jobs are in no list any more: tell their clients before the batch resets
+        except Exception as e:  # these jobs are in no list any more: tell their clients
             for job in jobs:
                 self._fail(job, f"generation failed: {type(e).__name__}: {e}")
-            raise
+            if batch.rows is rows and batch.state is state:  # their own prefill failed (out of memory, say)
+                log.warning("prefill of %d job(s) failed (%s: %s); the running rows go on", len(jobs),
+                            type(e).__name__, e)
+                return
+            raise  # the running batch may be half-changed: it resets
         self.stats.prefills += 1
         admitted = {job.id for job in jobs}
         self._publish([r for r in batch.rows if _job_of(r.key)[0] in admitted], finished)

@@ -70,6 +70,8 @@ class ModelService:
             raise P.APIError(400, f"The chat template cannot render these messages: {e}", param="messages") from None
 
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        """Token ids of a prompt that leaves room for a reply. A text too long for the context is refused before it
+        is tokenised whole: by its length in characters, or by the tokens of its first part."""
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
@@ -83,21 +85,28 @@ class ModelService:
                 what = "messages contain" if param == "messages" else "prompt contains"
                 raise P.APIError(400, f"The {what} invalid Unicode ({e.reason} at character {e.start}); send UTF-8 "
                                       "text.", param=param) from None
-            if len(prompt) > self.context * self.token_chars:  # refused before tokenising: that takes a while
-                raise P.APIError(400, f"This model's maximum context length is {self.context} tokens, but the "
-                                      f"{'messages render to' if param == 'messages' else 'prompt has'} {len(prompt):,} "
-                                      f"characters, more than {self.context} tokens of at most {self.token_chars} "
-                                      f"characters can hold. Shorten the {param}.",
-                                 param=param, code="context_length_exceeded")
-            ids = self.sampler.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(prompt) > self.context * self.token_chars:
+                self._too_long(param, f"{len(prompt):,} characters, more than {self.context} tokens of at most "
+                                      f"{self.token_chars} characters can hold")
+            # the words before a space tokenise as they do in the whole text: if they alone overflow, so does it
+            cut = prompt.rfind(" ", 0, 2 * self.context) if len(prompt) > 2 * self.context else -1
+            if cut > 0 and len(head := self._tokenize(prompt[:cut])) >= self.context:
+                self._too_long(param, f"more than {len(head):,} tokens (its first {cut:,} characters alone)")
+            ids = self._tokenize(prompt)
         if not ids:
             raise P.APIError(400, "The prompt is empty; give at least one token of text.", param=param)
         if len(ids) >= self.context:
-            raise P.APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt "
-                                  f"has {len(ids)} tokens, which leaves no room for a reply. Shorten the "
-                                  f"{'messages' if param == 'messages' else 'prompt'}.",
-                             param=param, code="context_length_exceeded")
+            self._too_long(param, f"{len(ids)} tokens, which leaves no room for a reply")
         return ids
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.sampler.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def _too_long(self, param: str, what: str):
+        raise P.APIError(400, f"This model's maximum context length is {self.context} tokens, but the "
+                              f"{'messages render to' if param == 'messages' else 'prompt has'} {what}. Shorten the "
+                              f"{'messages' if param == 'messages' else 'prompt'}.",
+                         param=param, code="context_length_exceeded")
 
     def prepare(self, req: P.ChatCompletionRequest | P.CompletionRequest) -> Prepared:
         """Check the model name, render and encode the prompt(s), and turn the request into SamplingParams.
