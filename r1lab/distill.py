@@ -1,13 +1,20 @@
-"""Distillation as in DeepSeek-R1: a teacher samples k completions per problem with the shared sampler, rejection
-sampling keeps the readable correct ones, and a student is fine-tuned on them (SFT, no RL).
+"""Distillation as in DeepSeek-R1: a teacher samples k completions per problem, rejection sampling keeps the
+readable correct ones, and a student is fine-tuned on them (SFT, no RL).
+
+The teacher is a local model sampled with the shared sampler (`teacher`), or any OpenAI-compatible endpoint that
+returns `reasoning_content` (`teacher_url`: DeepSeek's API, vLLM, `r1lab serve`), asked through `r1lab.client`
+with retries and a disk cache, so a rerun after a crash re-sends only the requests that were never answered. A
+served reply comes back as `<think>\n{reasoning_content}\n</think>\n\n{content}` and is then judged and written
+exactly as a local teacher's text with the same think block inline.
 
 A sample is kept when it finished within `max_new_tokens`, is well-formed (one closed think block, then a
 non-empty answer), is judged correct by the task's verifier, keeps to one language in its reasoning, fits the
 length cap, and is not an exact duplicate of a kept sample for the same problem. The first test a sample fails is
 its rejection reason; the kept set is written as chat JSONL with the counts beside it.
 
-    <out>/data.jsonl          {"messages": [user, assistant "<think>\\n...\\n</think>\\n\\nanswer"], "id", "task"}
-    <out>/data_stats.json     candidates, kept, rejected by reason
+    <out>/data.jsonl          {"messages": [user, assistant "<think>\n...\n</think>\n\nanswer"], "id", "task"}
+    <out>/data_stats.json     candidates, kept, rejected by reason; a served teacher's tokens and cost
+    <out>/teacher_cache/      one JSON file per answered request to a served teacher (see r1lab.client)
     <out>/sft/                the student's SFT run; <out>/sft/model is the distilled student
 """
 
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from r1lab.config import opt
 from r1lab.eval import user_turn
 from r1lab.reasoning import THINK_END, THINK_START, split_reasoning
 from r1lab.rewards import LANGUAGE_SCRIPTS, accuracy, language_consistency
@@ -32,28 +40,50 @@ REASONS = ("truncated", "malformed", "incorrect", "unjudged", "language", "too_l
 
 @dataclass
 class DistillConfig:
-    out: str = "runs/distill"
-    teacher: str = ""                 # teacher model directory (native r1lab or any transformers causal LM)
-    student: str = ""                 # student model directory to fine-tune
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    task_args: dict = field(default_factory=dict)
-    split: str = "train"
-    problems: int = 200               # problems per task, a seeded sample of the split
-    k: int = 4                        # teacher samples per problem
-    temperature: float = 0.6          # R1's sampling settings
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    teacher_template: str = "r1"      # how the teacher is prompted: r1 | r1zero | model
-    language: str = "en"              # the reasoning must be written in this language's script ...
-    language_threshold: float = 0.95  # ... for at least this share of its words
-    max_length: int = 0               # reject completions longer than this many tokens (0: only max_new_tokens)
-    max_per_problem: int = 0          # keep at most this many samples per problem (0: all that pass)
-    seed: int = 0
+    out: str = opt("runs/distill", "run directory: data.jsonl, data_stats.json, teacher_cache/, sft/")
+    teacher: str = opt("", "teacher model directory (native r1lab or any transformers causal LM), sampled here")
+    teacher_url: str = opt("", "or a served teacher: an OpenAI-compatible endpoint that returns reasoning_content "
+                               "(https://api.deepseek.com, vLLM with its reasoning parser, r1lab serve at "
+                               "http://HOST:PORT/v1)")
+    teacher_model: str = opt("", "the model name at --teacher-url (e.g. deepseek-reasoner)")
+    api_key: str = opt("", "bearer token for --teacher-url (default $OPENAI_API_KEY); never written to config.yaml")
+    concurrency: int = opt(8, "requests to --teacher-url in flight at once")
+    request_timeout: float = opt(600.0, "seconds a request to --teacher-url may wait for its answer before it is "
+                                        "retried")
+    max_retries: int = opt(6, "retries of one request on 429, 5xx, timeouts, lost connections and malformed "
+                              "replies; then the run stops (its answered requests are cached)")
+    retry_wait: float = opt(1.0, "first wait before a retry in seconds, doubled each time (jittered, at most 60 s) "
+                                 "unless the server's Retry-After says how long")
+    price_per_mtok: list[float] = opt(factory=list, help="teacher price in $ per million tokens, to report the "
+                                                         "cost: one price for all tokens, or input,output "
+                                                         "(e.g. 0.55,2.19)")
+    student: str = opt("", "student model directory to fine-tune")
+    tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks to draw problems from")
+    task_args: dict = opt(factory=dict, help='knobs per task as JSON, e.g. \'{"arithmetic": {"max_digits": 2}}\'')
+    split: str = opt("train", "the split problems are drawn from")
+    problems: int = opt(200, "problems per task, a seeded sample of the split")
+    k: int = opt(4, "teacher samples per problem")
+    temperature: float = opt(0.6, "teacher sampling temperature (R1's setting)")
+    top_p: float = opt(0.95, "teacher nucleus sampling (R1's setting)")
+    max_new_tokens: int = opt(512, "most tokens per teacher reply; a reply cut there is rejected as truncated")
+    teacher_template: str = opt("r1", "how a local teacher is prompted: r1 | r1zero | model (a served teacher "
+                                      "uses its server's chat template)")
+    language: str = opt("en", "the reasoning must be written in this language's script ...")
+    language_threshold: float = opt(0.95, "... for at least this share of its words")
+    max_length: int = opt(0, "reject replies longer than this many tokens (0: only max_new_tokens)")
+    max_per_problem: int = opt(0, "keep at most this many samples per problem (0: all that pass)")
+    seed: int = opt(0, "seed of the problems drawn and of the teacher's samples")
     sft: SFTConfig = field(default_factory=SFTConfig)  # the student's fine-tuning (out, model, data are set here)
 
     def validate(self) -> "DistillConfig":
-        if not self.teacher or not self.student:
-            raise ValueError("--teacher and --student are required: the model directories to distil from and into")
+        if not (self.teacher or self.teacher_url) or not self.student:
+            raise ValueError("--teacher (or --teacher-url) and --student are required: the models to distil from "
+                             "and into")
+        if self.teacher and self.teacher_url:
+            raise ValueError(f"--teacher {self.teacher!r} and --teacher-url {self.teacher_url!r} are two teachers; "
+                             f"give one")
+        if self.teacher_url:
+            self._validate_served()
         if self.teacher_template != "model" and self.teacher_template not in TEMPLATES:
             raise ValueError(f"unknown teacher_template {self.teacher_template!r}; choose model, {', '.join(TEMPLATES)}")
         if self.language not in LANGUAGE_SCRIPTS:
@@ -71,6 +101,22 @@ class DistillConfig:
             get_task(t, **self.task_args.get(t, {}))
         self.student_sft("data.jsonl").validate(files=False)  # the student's settings, before any sampling
         return self
+
+    def _validate_served(self) -> None:
+        if not self.teacher_url.startswith(("http://", "https://")):
+            raise ValueError(f"--teacher-url must start with http:// or https:// (got {self.teacher_url!r})")
+        if not self.teacher_model:
+            raise ValueError(f"--teacher-model is required with --teacher-url: the model name served at "
+                             f"{self.teacher_url} (GET {self.teacher_url.rstrip('/')}/models lists them)")
+        if self.concurrency < 1 or self.max_retries < 0:
+            raise ValueError(f"--concurrency must be >= 1 and --max-retries >= 0 (got {self.concurrency}, "
+                             f"{self.max_retries})")
+        if not self.request_timeout > 0 or self.retry_wait < 0:
+            raise ValueError(f"--request-timeout must be > 0 and --retry-wait >= 0 (got {self.request_timeout}, "
+                             f"{self.retry_wait})")
+        if len(self.price_per_mtok) > 2 or any(p < 0 for p in self.price_per_mtok):
+            raise ValueError(f"--price-per-mtok takes one price or input,output, each >= 0 "
+                             f"(got {self.price_per_mtok})")
 
     def student_sft(self, data: str) -> SFTConfig:
         """The student's SFT settings: `sft` with its run under `out/sft`, on `data`."""
@@ -146,9 +192,14 @@ def _rejection(s, p: Problem, language: str, threshold: float, max_length: int) 
     share = language_consistency([s.text], language=language)[0]
     if share is not None and share < threshold:  # None: no words to judge (e.g. only digits and symbols)
         return "language"
-    if max_length and len(s.token_ids) > max_length:
+    if max_length and _length(s) > max_length:
         return "too_long"
     return None
+
+
+def _length(s) -> int:
+    """Tokens of a reply: the sampler's token ids, or what a served teacher reported in its usage."""
+    return len(s.token_ids) if hasattr(s, "token_ids") else s.completion_tokens
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -185,6 +236,54 @@ def sample_teacher(cfg: DistillConfig, problems: list[Problem], progress: bool =
     return groups
 
 
+def teacher_client(cfg: DistillConfig):
+    """The served teacher's client, caching every answered request under `out/teacher_cache`."""
+    from r1lab.client import ChatClient
+
+    return ChatClient(cfg.teacher_url, cfg.teacher_model, cfg.api_key or os.environ.get("OPENAI_API_KEY"),
+                      concurrency=cfg.concurrency, timeout=cfg.request_timeout, max_retries=cfg.max_retries,
+                      retry_wait=cfg.retry_wait, cache_dir=Path(cfg.out) / "teacher_cache")
+
+
+def sample_served(cfg: DistillConfig, problems: list[Problem], progress: bool = True) -> tuple[list[list], dict]:
+    """k replies per problem from the teacher at `teacher_url`, one request each (sample j of problem i has seed
+    seed * 1_000_003 + i * k + j), and the tokens used. Replies come back as text with the thinking inline, so they
+    are filtered and written exactly as a local teacher's."""
+    client = teacher_client(cfg)
+    bodies, tags = [], []
+    for i, p in enumerate(problems):
+        for j in range(cfg.k):
+            bodies.append(client.body(user_turn(p), temperature=cfg.temperature, top_p=cfg.top_p,
+                                      max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + i * cfg.k + j))
+            tags.append([p.task, p.id, j])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(bodies), desc=f"teacher {cfg.teacher_model}", dynamic_ncols=True)
+    try:
+        replies = client.complete(bodies, tags, on_reply=(lambda _: bar.update()) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return [replies[i * cfg.k:(i + 1) * cfg.k] for i in range(len(problems))], client.usage(cfg.price_per_mtok)
+
+
+def usage_line(usage: dict) -> str:
+    """The served teacher's tokens in one line: paid by this run, and cached from an earlier one."""
+    def part(u):
+        tokens = f"{u['prompt_tokens']:,} prompt + {u['completion_tokens']:,} completion tokens"
+        if u["reasoning_tokens"]:
+            tokens += f" ({u['reasoning_tokens']:,} reasoning)"
+        return tokens + (f", ${u['cost']:.4f}" if u["cost"] is not None else "")
+
+    a, c = usage["answered"], usage["cached"]
+    line = f"teacher {usage['model']}: {a['requests']} requests answered ({part(a)})"
+    if c["requests"]:
+        line += f"; {c['requests']} cached, not re-paid ({part(c)})"
+    retried = ", ".join(f"{n} x {cause}" for cause, n in usage["retried"].items())
+    return line + (f"; retried {retried}" if retried else "")
+
+
 def write_dataset(kept: list[dict], counts: dict, out: Path) -> tuple[Path, Path]:
     """data.jsonl and data_stats.json, each replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +298,9 @@ def write_dataset(kept: list[dict], counts: dict, out: Path) -> tuple[Path, Path
 
 def sampling_settings(cfg: DistillConfig) -> dict:
     """What decides the dataset: a re-run reuses it only when these are unchanged."""
-    names = ("teacher", "tasks", "task_args", "split", "problems", "k", "temperature", "top_p", "max_new_tokens",
-             "teacher_template", "language", "language_threshold", "max_length", "max_per_problem", "seed")
+    teacher = ("teacher_url", "teacher_model") if cfg.teacher_url else ("teacher", "teacher_template")
+    names = teacher + ("tasks", "task_args", "split", "problems", "k", "temperature", "top_p", "max_new_tokens",
+                       "language", "language_threshold", "max_length", "max_per_problem", "seed")
     return json.loads(json.dumps({n: getattr(cfg, n) for n in names}))
 
 
@@ -213,7 +313,7 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True):
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    C.save(cfg, out / "config.yaml")
+    C.save(C.merge(cfg, {"api_key": ""}), out / "config.yaml")  # the key stays out of the run directory
     data, stats = out / "data.jsonl", out / "data_stats.json"
     settings = sampling_settings(cfg)
     if resume and data.is_file() and stats.is_file():
@@ -224,10 +324,17 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True):
                              f"sample again, or another --out")
     else:
         problems = load_problems(cfg)
-        kept, counts = filter_samples(sample_teacher(cfg, problems, progress), problems, language=cfg.language,
+        usage = None
+        if cfg.teacher_url:
+            samples, usage = sample_served(cfg, problems, progress)
+        else:
+            samples = sample_teacher(cfg, problems, progress)
+        kept, counts = filter_samples(samples, problems, language=cfg.language,
                                       language_threshold=cfg.language_threshold, max_length=cfg.max_length,
                                       max_per_problem=cfg.max_per_problem)
         counts["settings"] = settings
+        if usage is not None:
+            counts["teacher_usage"] = usage
         write_dataset(kept, counts, out)
     if not counts["kept"]:
         raise ValueError(f"no teacher sample passed the filters ({counts['candidates']} candidates, rejected: "

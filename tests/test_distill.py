@@ -171,7 +171,7 @@ def test_a_tiny_teacher_is_distilled_into_a_student_end_to_end(tmp_path, teacher
 
 def test_distill_settings_are_checked_first(tmp_path):
     ok = dict(teacher="t", student="s", out=str(tmp_path))
-    for kw, message in [(dict(teacher=""), "--teacher and --student are required"),
+    for kw, message in [(dict(teacher=""), r"--teacher \(or --teacher-url\) and --student are required"),
                         (dict(language="xx"), "unknown language 'xx'"),
                         (dict(teacher_template="chatml"), "unknown teacher_template 'chatml'"),
                         (dict(k=0), "k must be >= 1"),
