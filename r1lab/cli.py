@@ -285,7 +285,11 @@ def _add_distill(sub):
                                    "one language, not duplicated and within the length cap are written to "
                                    "OUT/data.jsonl (counts by rejection reason in OUT/data_stats.json); then the "
                                    "student is fine-tuned on them (--sft.* flags). Re-running with the same --out "
-                                   "reuses the data and resumes training; --fresh samples again.")
+                                   "reuses the data and resumes training; --fresh samples again. The teacher is a "
+                                   "model directory (--teacher) or any OpenAI-compatible endpoint that returns "
+                                   "reasoning_content (--teacher-url, --teacher-model): its answers are cached in "
+                                   "OUT/teacher_cache, so a rerun (--fresh too) sends only the requests never "
+                                   "answered; delete that folder to ask again.")
     _config_args(p, DistillConfig, skip=("sft.out", "sft.model", "sft.data"))
     p.set_defaults(run=_run_distill)
 
@@ -298,6 +302,10 @@ def _run_distill(args):
     why = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items() if v) or "none"
     print(f"kept {counts['kept']} of {counts['candidates']} teacher samples "
           f"({counts['problems_with_kept']} of {counts['problems']} problems); rejected: {why}")
+    if "teacher_usage" in counts:
+        from r1lab.distill import usage_line
+
+        print(usage_line(counts["teacher_usage"]))
     _print_sft(run)
 
 

@@ -8,7 +8,6 @@ skipped and counted, never scored as right or wrong.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections import Counter, defaultdict
@@ -213,40 +212,22 @@ def local_generator(model, tokenizer, template: str, max_batch: int = 256) -> Ge
 def endpoint_generator(base_url: str, model: str, api_key: str | None = None, concurrency: int = 16,
                        timeout: float = 600.0) -> Generate:
     """The same interface over an OpenAI-compatible /chat/completions endpoint (one request per sample, so
-    servers without `n` work too). `reasoning_content` is used when the server splits the thinking."""
-    import httpx
+    servers without `n` work too), with `r1lab.client`'s retries. `reasoning_content` is used when the server
+    splits the thinking."""
+    from r1lab.client import ChatClient
 
-    url = base_url.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = ChatClient(base_url, model, api_key, concurrency=concurrency, timeout=timeout)
 
-    async def one(client, sem, prompt, temperature, top_p, seed, max_new_tokens):
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
-                "top_p": top_p, "max_tokens": max_new_tokens, "seed": seed}
-        async with sem:
-            r = await client.post(url, json=body, headers=headers)
-        if r.status_code != 200:
-            raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
-        data = r.json()
-        msg = data["choices"][0]["message"]
-        content = msg.get("content") or ""
-        reasoning = msg.get("reasoning_content")
-        tokens = (data.get("usage") or {}).get("completion_tokens", 0)
-        if reasoning is None:
-            s = to_sample(content, tokens)
-        else:
-            s = Sample(text=f"<think>\n{reasoning}\n</think>\n\n{content}", reasoning=reasoning, content=content,
-                       tokens=tokens)
-        return s
-
-    async def run(prompts, n, temperature, top_p, seed, max_new_tokens):
-        sem = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            jobs = [one(client, sem, p, temperature, top_p, seed + j, max_new_tokens) for p in prompts for j in range(n)]
-            flat = await asyncio.gather(*jobs)
-        return [list(flat[i * n:(i + 1) * n]) for i in range(len(prompts))]
+    def sample(r) -> Sample:
+        if r.reasoning is None:
+            return to_sample(r.content, r.completion_tokens)
+        return Sample(text=r.text, reasoning=r.reasoning, content=r.content, tokens=r.completion_tokens)
 
     def generate(prompts, n, temperature, top_p, seed, max_new_tokens=256):
-        return asyncio.run(run(prompts, n, temperature, top_p, seed, max_new_tokens))
+        bodies = [client.body(p, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + j)
+                  for p in prompts for j in range(n)]
+        flat = [sample(r) for r in client.complete(bodies)]
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     return generate
 

@@ -237,6 +237,20 @@ def test_a_wrong_model_name_or_key_is_refused_at_once_without_retries(teacher, t
     assert cache_files(tmp_path) == []
 
 
+def test_eval_of_an_endpoint_shares_the_client_and_its_retries(teacher, tmp_path, capsys):
+    url, model = teacher
+    with Proxy(url, lambda n: (503, None) if n == 2 else "forward") as proxy:
+        report = tmp_path / "eval.json"
+        assert main(["eval", model, "--base-url", proxy.url, "--task-args", '{"max_digits": 1}', "--limit", "2",
+                     "--k", "2", "--max-new-tokens", "8", "--concurrency", "2", "--out", str(report)]) == 0
+        answered = [e["response"]["choices"][0]["message"] for e in proxy.answered()]
+    assert len(proxy.log) == 2 * 2 + 2 + 1 and len(answered) == 6  # k samples and a greedy one per problem, a retry
+    records = json.loads(report.read_text())["records"]
+    replies = [s for r in records for s in r["samples"] + [r["greedy"]]]
+    assert sorted((s["reasoning"], s["content"]) for s in replies) == sorted(
+        (m["reasoning_content"], m["content"]) for m in answered)
+
+
 def _p():
     return Problem("2+3", "arithmetic", "What is 2 + 3?", "5")
 
