@@ -329,6 +329,32 @@ def _run_import_gguf(args):
     print(f"{info['model_type']} model with {info['params_stored']:,} parameters written to {path}")
 
 
+def _add_export_gguf(sub):
+    from r1lab.model.gguf_export import QTYPES
+
+    p = sub.add_parser("export-gguf", help="write a model directory as a GGUF file for llama.cpp",
+                       description="Write an r1lab DeepSeek-V3 (llama.cpp's deepseek2) or a Llama, Mistral or Qwen2 "
+                                   "model directory as one GGUF file with its tokenizer and chat templates. Settings "
+                                   "llama.cpp would compute differently are refused by name; nothing is approximated.")
+    p.add_argument("model", help="model directory")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="f32", choices=QTYPES,
+                   help="weight storage: f32 (default), f16 or q8_0; norms, biases and the expert router stay f32")
+    p.add_argument("--skip-nfc", action="store_true",
+                   help="write a tokenizer whose NFC normaliser llama.cpp lacks (Qwen2's) instead of refusing it")
+    p.set_defaults(run=_run_export_gguf)
+
+
+def _run_export_gguf(args):
+    from r1lab.model.gguf_export import export_gguf
+
+    result = export_gguf(args.model, args.out, qtype=args.type, skip_nfc=args.skip_nfc)
+    for line in result.dropped:
+        print(f"r1lab export-gguf: left out {line}", file=sys.stderr)
+    types = ", ".join(f"{n} {kind}" for kind, n in sorted(result.types.items()))
+    print(f"{result.arch} GGUF ({types} tensors) written to {result.path}")
+
+
 # ----------------------------------------------------------------------------- serve / chat
 
 def _add_serve(sub):
@@ -407,7 +433,7 @@ def _run_chat(args):
 # ----------------------------------------------------------------------------- main
 
 BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_grpo, _add_pipeline, _add_sft,
-            _add_distill, _add_import_gguf, _add_serve, _add_chat]
+            _add_distill, _add_import_gguf, _add_export_gguf, _add_serve, _add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,30 @@ def load_gguf(file: str | Path, dtype: torch.dtype = torch.float32):
     except (ValueError, KeyError, NotImplementedError, OSError) as e:
         raise CheckpointError(f"transformers cannot read {file}: {e}. GGUF import supports the architectures "
                               "transformers lists for gguf_file (llama, mistral, qwen2, gemma, phi3, ...)") from None
-    return drop_quantization(model).eval(), tok
+    return drop_quantization(model).eval(), restore_digit_split(tok, file)
+
+
+# llama.cpp's pre-tokenizer types that split off every digit before GPT-2's regex (src/llama-vocab.cpp), as the
+# Digits(individual_digits) + ByteLevel pre-tokenizer of their tokenizer.json does; transformers builds them as a
+# plain ByteLevel, which keeps runs of digits together.
+DIGIT_SPLIT_PRE = ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva", "mellum2")
+
+
+def restore_digit_split(tok, file: Path):
+    """The tokenizer with its digits split one by one again where the GGUF's `tokenizer.ggml.pre` says so."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    field = gguf.GGUFReader(file).fields.get("tokenizer.ggml.pre")
+    backend = getattr(tok, "backend_tokenizer", None)
+    if field is None or field.contents() not in DIGIT_SPLIT_PRE or backend is None:
+        return tok
+    if type(backend.pre_tokenizer).__name__ != "ByteLevel":
+        raise CheckpointError(f"{file}: tokenizer.ggml.pre {field.contents()!r} splits digits, but transformers built "
+                              f"a {type(backend.pre_tokenizer).__name__} pre-tokenizer that r1lab does not know how to fix")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return tok
 
 
 def drop_quantization(model):

@@ -1,0 +1,332 @@
+"""GGUF export: r1lab's native DeepSeek-V3 as llama.cpp's deepseek2 and Llama-family models as llama/qwen2, read
+back with the `gguf` package's own reader; what llama.cpp cannot compute exactly is refused by name. The slow tests
+run the files in llama.cpp itself (llama-cpp-python, built from source) against r1lab's forward."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model_config, tiny_texts
+from safetensors import safe_open
+
+from r1lab.cli import main
+from r1lab.model.checkpoint import save_model
+from r1lab.model.config import ModelConfig, tiny_config
+from r1lab.model.deepseek import DeepseekV3
+from r1lab.model.gguf_export import (GGUFExportError, deepseek_refusals, export_gguf, llama_refusals,
+                                     tokenizer_refusals)
+from r1lab.tokenizer import R1_TEMPLATE, R1ZERO_TEMPLATE, train_tokenizer
+
+
+def read(path):
+    """{key: value} and {tensor name: (ggml type name, ggml shape, array in numpy order)} via gguf.GGUFReader."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    keys = {k: f.contents() for k, f in reader.fields.items()}
+    tensors = {}
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape)]
+        tensors[t.name] = (t.tensor_type.name, [int(d) for d in t.shape],
+                           gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+    return keys, tensors
+
+
+def disk(path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as stored (per-expert names), read without r1lab's loader."""
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def native_dir(tmp_path, tok, name="model", **kw):
+    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **kw)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0, 0.05)
+    return save_model(model, tmp_path / name, tokenizer=tok)
+
+
+# ----------------------------------------------------------------------------- native DeepSeek-V3 -> deepseek2
+
+
+def test_native_model_is_written_as_llama_cpps_deepseek2(tiny_native_dir, tmp_path):
+    result = export_gguf(tiny_native_dir, tmp_path / "m.gguf")
+    keys, tensors = read(tmp_path / "m.gguf")
+    cfg = ModelConfig.load(tiny_native_dir / "config.json")
+    a = "deepseek2."
+    assert keys["general.architecture"] == "deepseek2" and result.arch == "deepseek2"
+    expected = {"block_count": 3, "embedding_length": 32, "feed_forward_length": 64, "attention.head_count": 4,
+                "attention.head_count_kv": 1, "attention.q_lora_rank": 24, "attention.kv_lora_rank": 16,
+                "attention.key_length": 16 + 8, "attention.value_length": 16, "attention.key_length_mla": 8 + 8,
+                "attention.value_length_mla": 12, "rope.dimension_count": 8, "leading_dense_block_count": 1,
+                "expert_count": 8, "expert_used_count": 2, "expert_shared_count": 1, "expert_feed_forward_length": 16,
+                "expert_weights_norm": True, "expert_gating_func": 2, "expert_group_count": 2,
+                "expert_group_used_count": 1, "vocab_size": cfg.vocab_size, "context_length": 256}
+    assert {k: keys[a + k] for k in expected} == expected
+    assert keys[a + "expert_weights_scale"] == pytest.approx(2.5)
+    assert keys[a + "rope.freq_base"] == pytest.approx(10000.0)
+    names = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    for i in range(3):
+        names |= {f"blk.{i}.{n}.weight" for n in ("attn_norm", "ffn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b",
+                                                  "attn_kv_a_mqa", "attn_kv_a_norm", "attn_k_b", "attn_v_b",
+                                                  "attn_output")}
+        names |= ({f"blk.{i}.ffn_{p}.weight" for p in ("gate", "up", "down")} if i == 0 else
+                  {f"blk.{i}.{n}.weight" for n in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
+                                                   "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")}
+                  | {f"blk.{i}.exp_probs_b.bias"})
+    assert set(tensors) == names  # the MTP layer (model.layers.3) is left out ...
+    assert "multi-token-prediction" in result.dropped[0]  # ... and said so
+    assert {kind for kind, _, _ in tensors.values()} == {"F32"}
+    assert tensors["blk.1.ffn_gate_exps.weight"][1] == [32, 16, 8]  # ggml order: {n_embd, n_ff_exp, n_expert}
+    assert tensors["blk.1.ffn_down_exps.weight"][1] == [16, 32, 8]
+    assert tensors["blk.0.attn_k_b.weight"][1] == [8, 16, 4]       # {qk_nope, kv_lora_rank, n_head}
+    assert tensors["blk.0.attn_v_b.weight"][1] == [16, 12, 4]      # {kv_lora_rank, v_head_dim, n_head}
+
+
+def test_absorbed_attention_and_stacked_experts_hold_the_checkpoint_values(tiny_native_dir, tmp_path):
+    export_gguf(tiny_native_dir, tmp_path / "m.gguf")
+    _, tensors = read(tmp_path / "m.gguf")
+    ref = disk(tiny_native_dir)
+    for i in range(3):
+        k_b, v_b = tensors[f"blk.{i}.attn_k_b.weight"][2], tensors[f"blk.{i}.attn_v_b.weight"][2]  # [H, r, nope], [H, v, r]
+        kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(4 * (8 + 12), 16)
+        np.testing.assert_array_equal(kv_b, ref[f"model.layers.{i}.self_attn.kv_b_proj.weight"].numpy())
+    for e in range(8):
+        for part in ("gate", "up", "down"):
+            np.testing.assert_array_equal(tensors[f"blk.2.ffn_{part}_exps.weight"][2][e],
+                                          ref[f"model.layers.2.mlp.experts.{e}.{part}_proj.weight"].numpy())
+    np.testing.assert_array_equal(tensors["blk.1.exp_probs_b.bias"][2],
+                                  ref["model.layers.1.mlp.gate.e_score_correction_bias"].numpy())
+    assert np.abs(tensors["blk.1.exp_probs_b.bias"][2]).max() > 0
+
+
+def test_q8_0_keeps_norms_router_and_biases_f32_and_falls_back_to_f16_off_32(tiny_native_dir, tmp_path):
+    result = export_gguf(tiny_native_dir, tmp_path / "m.gguf", qtype="q8_0")
+    keys, tensors = read(tmp_path / "m.gguf")
+    assert keys["general.file_type"] == 7  # LlamaFileType.MOSTLY_Q8_0
+    ref = disk(tiny_native_dir)
+    for name, (kind, shape, values) in tensors.items():
+        if len(shape) == 1 or "norm" in name or "ffn_gate_inp" in name:
+            assert kind == "F32", name
+        else:
+            assert kind == ("Q8_0" if shape[0] % 32 == 0 else "F16"), name
+    assert result.types == {k.lower(): n for k, n in
+                            __import__("collections").Counter(t[0] for t in tensors.values()).items()}
+    # q8_0: blocks of 32 values share one scale d = max|x|/127 stored as f16, so each value is within half a step
+    # plus the scale's rounding times up to 127 steps: 0.5 + 127 * 2^-11 = 0.562 steps (0.521 measured)
+    w = ref["model.layers.0.mlp.down_proj.weight"].numpy()            # rows of 64: q8_0
+    q = tensors["blk.0.ffn_down.weight"][2]
+    step = np.abs(w.reshape(-1, 32)).max(1, keepdims=True) / 127
+    assert (np.abs(q - w).reshape(-1, 32) <= 0.57 * step + 1e-7).all()
+    assert 0 < np.abs(q - w).max()
+
+
+def test_full_rank_queries_tied_embeddings_and_rope_halves_are_reordered_for_llama_cpp(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    cfg = tiny_config(len(tok), rope_interleave=False, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    path = save_model(DeepseekV3(cfg), tmp_path / "m", tokenizer=tok)
+    export_gguf(path, tmp_path / "m.gguf")
+    keys, tensors = read(tmp_path / "m.gguf")
+    assert keys["deepseek2.attention.q_lora_rank"] == 0  # llama.cpp then loads attn_q
+    assert "output.weight" not in tensors and "blk.0.attn_q_a.weight" not in tensors
+    ref = disk(path)
+    q, q_ref = tensors["blk.0.attn_q.weight"][2], ref["model.layers.0.self_attn.q_proj.weight"].numpy()
+    d, nope, rope = 64, 32, 32  # per head: 32 no-RoPE rows, then RoPE pairs (i, i + 16) -> rows (2i, 2i + 1)
+    for h in range(4):
+        np.testing.assert_array_equal(q[h * d: h * d + nope], q_ref[h * d: h * d + nope])
+        for i in range(rope // 2):
+            np.testing.assert_array_equal(q[h * d + nope + 2 * i], q_ref[h * d + nope + i])
+            np.testing.assert_array_equal(q[h * d + nope + 2 * i + 1], q_ref[h * d + nope + i + rope // 2])
+    kv, kv_ref = tensors["blk.0.attn_kv_a_mqa.weight"][2], ref["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    np.testing.assert_array_equal(kv[128 + 2], kv_ref[128 + 1].numpy())
+    np.testing.assert_array_equal(kv[128 + 3], kv_ref[128 + 1 + 16].numpy())
+
+
+def test_tokenizer_and_every_chat_template_are_written(tiny_native_dir, tiny_tokenizer, tmp_path):
+    export_gguf(tiny_native_dir, tmp_path / "m.gguf")
+    keys, _ = read(tmp_path / "m.gguf")
+    j = json.loads((tiny_native_dir / "tokenizer.json").read_text())
+    assert keys["tokenizer.ggml.model"] == "gpt2" and keys["tokenizer.ggml.pre"] == "starcoder"
+    tokens, types = keys["tokenizer.ggml.tokens"], keys["tokenizer.ggml.token_type"]
+    for text, i in j["model"]["vocab"].items():
+        assert tokens[i] == text
+    for t in j["added_tokens"]:
+        assert tokens[t["id"]] == t["content"] and types[t["id"]] == (3 if t["special"] else 4)  # CONTROL / USER_DEFINED
+    assert types.count(1) == len(tokens) - len(j["added_tokens"])
+    assert keys["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]]
+    tok = tiny_tokenizer
+    assert (keys["tokenizer.ggml.bos_token_id"], keys["tokenizer.ggml.eos_token_id"]) == (tok.bos_token_id,
+                                                                                          tok.eos_token_id)
+    assert keys["tokenizer.ggml.add_bos_token"] is False  # the template writes BOS itself
+    assert keys["tokenizer.chat_template"] == R1_TEMPLATE
+    assert keys["tokenizer.chat_templates"] == ["r1zero"] and keys["tokenizer.chat_template.r1zero"] == R1ZERO_TEMPLATE
+
+
+def test_vocabulary_is_padded_to_the_models_size(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    cfg = tiny_config(len(tok) + 10, num_hidden_layers=1, first_k_dense_replace=1)
+    path = save_model(DeepseekV3(cfg), tmp_path / "m", tokenizer=tok)
+    export_gguf(path, tmp_path / "m.gguf")
+    keys, tensors = read(tmp_path / "m.gguf")
+    assert len(keys["tokenizer.ggml.tokens"]) == len(tok) + 10 == tensors["token_embd.weight"][1][1]
+    assert keys["tokenizer.ggml.tokens"][-1] == f"[PAD{len(tok) + 9}]" and keys["tokenizer.ggml.token_type"][-1] == 5
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(attention_bias=True), "attention_bias true"),
+    (dict(n_shared_experts=0), "n_shared_experts 0"),
+    (dict(qk_nope_head_dim=0), "qk_nope_head_dim 0"),
+    (dict(num_hidden_layers=27), "q_lora_rank 24 with num_hidden_layers 27"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+     "rope_scaling.mscale None with mscale_all_dim None"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                        "mscale_all_dim": 0.7}), "rope_scaling.mscale 1.0 with mscale_all_dim 0.7"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                        "mscale_all_dim": 1.0, "attention_factor": 1.2}), "rope_scaling.attention_factor 1.2"),
+])
+def test_settings_llama_cpp_computes_differently_are_refused_by_name(change, named):
+    why = deepseek_refusals(tiny_model_config(300, **change))
+    assert len(why) == 1 and why[0].startswith(named)
+
+
+def test_settings_llama_cpp_computes_alike_are_not_refused():
+    yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}  # DeepSeek-V3's own YaRN settings
+    for cfg in (tiny_model_config(300, rope_scaling=yarn), tiny_model_config(300, n_group=4, topk_group=4),
+                tiny_model_config(300, n_routed_experts=0), tiny_config(300), tiny_model_config(300, norm_topk_prob=False)):
+        assert deepseek_refusals(cfg) == []
+
+
+def test_a_refused_model_writes_nothing(tiny_tokenizer, tmp_path):
+    path = native_dir(tmp_path, tiny_tokenizer, n_shared_experts=0)
+    with pytest.raises(GGUFExportError, match="n_shared_experts 0"):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+def test_llama_family_settings_llama_cpp_lacks_are_refused_by_name():
+    import transformers
+
+    small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    llama3 = transformers.LlamaConfig(**small, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                "original_max_position_embeddings": 8192})
+    assert llama_refusals(llama3) == ["rope type 'llama3' (only plain RoPE is exported for llama)"]
+    mistral = transformers.MistralConfig(**small, sliding_window=4096)
+    assert llama_refusals(mistral)[0].startswith("sliding_window 4096")
+    assert llama_refusals(transformers.Qwen2Config(**small)) == []
+    assert llama_refusals(transformers.MistralConfig(**small, sliding_window=None)) == []
+
+
+def test_tokenizers_llama_cpp_splits_differently_are_refused_by_name(tiny_tokenizer):
+    j = json.loads(tiny_tokenizer.backend_tokenizer.to_str())
+    assert tokenizer_refusals(j) == []
+    meta = {**j, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}}
+    assert tokenizer_refusals(meta)[0].startswith('pre-tokenizer {"type": "Metaspace"')
+    nfc = {**j, "normalizer": {"type": "NFC"}}
+    assert tokenizer_refusals(nfc)[0].startswith("normalizer 'NFC'") and tokenizer_refusals(nfc, skip_nfc=True) == []
+    prefix = json.loads(json.dumps(j))
+    prefix["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = True
+    assert tokenizer_refusals(prefix)[0].startswith("pre-tokenizer")
+    stripped = json.loads(json.dumps(j))
+    stripped["added_tokens"][5]["lstrip"] = True
+    assert tokenizer_refusals(stripped) == ["added token '<think>' with lstrip (llama.cpp matches added tokens exactly)"]
+    fallback = {**j, "model": {**j["model"], "byte_fallback": True}}
+    assert tokenizer_refusals(fallback)[0].startswith("BPE byte_fallback True")
+
+
+def test_a_tokenizer_without_digit_splitting_is_gpt2s(tmp_path):
+    tok = train_tokenizer(tiny_texts(), vocab_size=300, individual_digits=False)
+    cfg = tiny_config(len(tok), num_hidden_layers=1, first_k_dense_replace=1)
+    export_gguf(save_model(DeepseekV3(cfg), tmp_path / "m", tokenizer=tok), tmp_path / "m.gguf")
+    assert read(tmp_path / "m.gguf")[0]["tokenizer.ggml.pre"] == "gpt-2"
+
+
+# ----------------------------------------------------------------------------- Llama family
+
+
+def test_llama_is_written_with_queries_and_keys_in_llama_cpps_rope_order(tiny_llama_dir, tmp_path):
+    result = export_gguf(tiny_llama_dir, tmp_path / "l.gguf", qtype="f16")
+    keys, tensors = read(tmp_path / "l.gguf")
+    assert result.arch == keys["general.architecture"] == "llama"
+    assert (keys["llama.attention.head_count"], keys["llama.attention.head_count_kv"], keys["llama.block_count"],
+            keys["llama.rope.dimension_count"]) == (4, 2, 2, 8)
+    assert keys["llama.rope.freq_base"] == pytest.approx(10000.0)
+    ref = disk(tiny_llama_dir)
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v",
+                                                        "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    for name, heads in (("q", 4), ("k", 2)):  # head h's rotate_half pair (i, i + 4) -> rows (2i, 2i + 1)
+        w, w_ref = tensors[f"blk.1.attn_{name}.weight"][2], ref[f"model.layers.1.self_attn.{name}_proj.weight"].numpy()
+        for h in range(heads):
+            for i in range(4):
+                np.testing.assert_allclose(w[h * 8 + 2 * i], w_ref[h * 8 + i], rtol=1e-3)
+                np.testing.assert_allclose(w[h * 8 + 2 * i + 1], w_ref[h * 8 + i + 4], rtol=1e-3)
+    assert tensors["blk.0.attn_v.weight"][0] == "F16" and tensors["blk.0.attn_norm.weight"][0] == "F32"
+
+
+def test_llama_export_imports_back_with_the_same_logits_and_tokens(tiny_llama_dir, tmp_path):
+    """Round trip through r1lab's importer (transformers' GGUF reader): f32 weights come back exactly, and the
+    digit-splitting pre-tokenizer with them."""
+    import transformers
+
+    from r1lab.model.gguf import import_gguf
+
+    export_gguf(tiny_llama_dir, tmp_path / "l.gguf")
+    back = import_gguf(tmp_path / "l.gguf", tmp_path / "back")
+    tok, tok_back = (transformers.AutoTokenizer.from_pretrained(p) for p in (tiny_llama_dir, back))
+    text = "What is 123 + 45? <think> 123 plus 45 </think> <answer> 168 </answer>"
+    assert tok_back(text).input_ids == tok(text).input_ids
+    pre = [json.loads(t.backend_tokenizer.to_str())["pre_tokenizer"] for t in (tok, tok_back)]
+    assert pre[1] == pre[0] and pre[0]["pretokenizers"][0]["type"] == "Digits"  # transformers alone drops Digits
+    ids = torch.tensor([tok(text).input_ids])
+    a, b = (transformers.AutoModelForCausalLM.from_pretrained(p).eval() for p in (tiny_llama_dir, back))
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_other_architectures_are_refused_by_model_type(tiny_gpt2_dir, tmp_path):
+    with pytest.raises(GGUFExportError, match="model_type 'gpt2' has no GGUF export"):
+        export_gguf(tiny_gpt2_dir, tmp_path / "g.gguf")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_export_gguf_subcommand_writes_the_file_and_says_what(tiny_native_dir, tmp_path, capsys):
+    assert main(["export-gguf", str(tiny_native_dir), str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
+    out = capsys.readouterr()
+    assert "deepseek2" in out.out and str(tmp_path / "m.gguf") in out.out and "q8_0" in out.out
+    assert "multi-token-prediction" in out.err
+    assert read(tmp_path / "m.gguf")[0]["general.file_type"] == 7
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}", "{out}"], "model directory not found"),
+    (["{refused}", "{out}"], "n_shared_experts 0"),
+])
+def test_export_gguf_errors_are_one_line(args, message, tiny_tokenizer, tmp_path, capsys):
+    refused = native_dir(tmp_path, tiny_tokenizer, n_shared_experts=0)
+    fill = {"missing": str(tmp_path / "nowhere"), "refused": str(refused), "out": str(tmp_path / "m.gguf")}
+    assert main(["export-gguf", *[a.format(**fill) for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("r1lab export-gguf:") and message in err and "\n" not in err
+
+
+def test_export_gguf_names_the_types_it_writes(tiny_native_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export-gguf", str(tiny_native_dir), str(tmp_path / "m.gguf"), "--type", "q4_0"])
+    assert "f32" in capsys.readouterr().err
