@@ -1,5 +1,6 @@
 """The web chat page at `/`, end to end in headless Chromium (Playwright driving the system browser): a typed
-message streams back as a thinking block and an answer equal to the sampler's own greedy reply."""
+message streams back as a thinking block and an answer equal to the sampler's own greedy reply; a model trained on
+the R1-Zero template shows its thinking and the answer without tags, over two turns."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from r1zero_chat import ANSWERS, CHATS, FOLLOW_UP, QUESTION, THINKING, r1zero_chat_dir  # noqa: F401
 
 from r1lab.model.load import load_model_and_tokenizer
 from r1lab.reasoning import split_reasoning
@@ -147,4 +149,33 @@ def test_errors_show_on_the_page(browser, server, tmp_path):
     page.wait_for_function("document.querySelectorAll('.msg.assistant .error').length === 2", timeout=10_000)
     assert "context length" in page.inner_text(".msg.assistant:last-of-type .error")
     page.screenshot(path=str(tmp_path / "errors.png"), full_page=True)
+    page.close()
+
+
+# ----------------------------------------------------------------------------- a model trained on the R1-Zero template
+
+
+@pytest.fixture(scope="module")
+def r1zero_server(r1zero_chat_dir):
+    with BackgroundServer(create_app(r1zero_chat_dir, model_name="r1zero-tiny", max_batch=2)) as s:
+        yield s
+
+
+def test_an_r1zero_model_shows_its_thinking_and_the_answer_alone(browser, r1zero_server, tmp_path):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(r1zero_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'r1zero-tiny'")
+    page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    bodies = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    done = ".msg.assistant .meta:not(:empty)"
+    for turn, (question, thinking, answer) in enumerate(zip((QUESTION, FOLLOW_UP), THINKING, ANSWERS), start=1):
+        page.fill("#prompt", question)
+        page.press("#prompt", "Enter")
+        page.wait_for_function(f"document.querySelectorAll('{done}').length === {turn}", timeout=30_000)
+        reply = page.locator(".msg.assistant").nth(turn - 1)
+        assert reply.locator(".thinking-body").text_content() == thinking
+        assert reply.locator(".answer").text_content() == answer
+    assert bodies[-1]["messages"] == CHATS[1]  # the first answer went back as history, tags and thinking left out
+    page.screenshot(path=str(tmp_path / "r1zero-chat.png"), full_page=True)
     page.close()
