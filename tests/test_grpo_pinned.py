@@ -23,8 +23,11 @@ PINNED = {  # measured on this code before the split (1 thread, float32)
                                grad=[4.67909, 3.73867, 3.43286], absd=73.00578837689181, sumd=-0.12239906087552299),
     "llama": dict(reward=[0.508333, 0.475, 0.441667], loss=[2.98023e-08, 1.98682e-08, -9.93411e-08],
                   grad=[1.86848, 2.81935, 2.70178], absd=20.84395524386673, sumd=-0.15072529615099484),
-    "gpt2": dict(reward=[0.472222, 0.458333, 0.486111], loss=[0.00109485, 0.00274361, -0.0108338],
-                 grad=[1.12842, 1.41722, 1.34241], absd=21.636531888715623, sumd=5.017986569866295e-05),
+    # GPT-2 trains with dropout: since pi_old became the trainer's own first pass (as in TRL) instead of the
+    # sampler's dropout-free log-probs, its first-pass ratio is exactly 1 and the losses and update moved (before:
+    # loss [0.00109485, 0.00274361, -0.0108338], grad [1.12842, 1.41722, 1.34241], absd 21.6365); the samples did not
+    "gpt2": dict(reward=[0.472222, 0.458333, 0.486111], loss=[9.93411e-09, 8.69234e-09, 0.0],
+                 grad=[1.13667, 1.42333, 1.39088], absd=21.754629528886646, sumd=-0.04675711383763703),
 }
 SETTINGS = {"native": {}, "native-dapo-kl-mu2": dict(mu=2, beta=0.04, loss_agg="token-mean", epsilon_high=0.28),
             "llama": {}, "gpt2": dict(max_new_tokens=6)}

@@ -5,8 +5,13 @@ group-relative advantages, and take `mu` optimiser steps on the clipped surrogat
 reference when beta > 0). Variants are settings: Dr. GRPO (advantage_scale=False, loss_agg="drgrpo"), DAPO
 (epsilon_high > epsilon_low, dynamic_sampling, loss_agg="token-mean", mask_truncated or the overlong reward).
 
+Every objective is a registry entry (r1lab.train.losses): the clipped surrogate, GSPO (sequence-level ratio, and its
+token variant), CISPO, with an optional rollout correction (truncated or masked importance sampling against the
+sampling engine's own log-probs), and the mismatch between engine and trainer logged at every step.
+
 Engineering that keeps a step cheap:
-- old-policy log-probs come from the sampler (no extra forward) unless mu > 1 asks for them to be reused;
+- the trainer's old-policy log-probs are those of the first training pass (taken before any optimiser step), so
+  they cost no extra forward; the sampler's come with the completions;
 - no reference model exists when beta == 0;
 - training rows lay each group out as [prompt | c1 | ... | cG] with a mask that lets every completion see the
   prompt and itself only: the prompt is forwarded once per group, not G times, and the result is identical;
@@ -65,8 +70,12 @@ class GRPOConfig:
     grad_clip: float = 1.0
     beta: float = 0.0                 # KL weight; 0 keeps no reference model
     kl_estimator: str = "k3"
+    policy_loss: str = "clip"         # clip (PPO/GRPO) | gspo | gspo-token | cispo (r1lab.train.losses)
     epsilon_low: float = 0.2
-    epsilon_high: float = 0.2         # DAPO clip-higher: 0.28
+    epsilon_high: float = 0.2         # DAPO clip-higher: 0.28; GSPO: about 3e-4 / 4e-4
+    rollout_correction: str = "none"  # none | token-truncate | sequence-truncate | token-mask | sequence-mask
+    correction_low: float = 0.5       # masked IS: tokens/sequences whose pi_old/mu is below this get no loss
+    correction_high: float = 2.0      # truncated IS: weights capped here; masked IS: above this, no loss
     advantage: str = "grpo"           # grpo | rloo
     advantage_scale: bool = True      # divide by the group std (False: Dr. GRPO)
     loss_agg: str = "seq-mean"        # seq-mean (GRPO) | token-mean (DAPO) | drgrpo
@@ -121,6 +130,10 @@ class GRPOConfig:
                 raise ValueError(f"vllm_gpu_memory must be in (0, 1) (got {self.vllm_gpu_memory})")
             check_available()
         get_advantage(self.advantage), losses.get_aggregation(self.loss_agg), losses.get_kl(self.kl_estimator)
+        losses.get_policy_loss(self.policy_loss), losses.get_rollout_correction(self.rollout_correction)
+        if not 0 < self.correction_low <= 1 <= self.correction_high:
+            raise ValueError(f"need 0 < correction_low <= 1 <= correction_high (got {self.correction_low}, "
+                             f"{self.correction_high})")
         for t in self.tasks:
             get_task(t, **self.task_args.get(t, {}))
         for spec in self.rewards:
@@ -199,16 +212,19 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------- update
     def update(self, ro: Rollout, lr: float) -> dict:
+        """`mu` optimiser steps on the step's groups. The trainer's own log-probs of the policy that sampled
+        (pi_old) are those of the first pass, taken before any optimiser step; the sampling engine's (mu) come with
+        the completions. The policy loss, the rollout correction and the aggregation are registry entries."""
         cfg = self.cfg
         dev = self.device
         P, G = ro.rewards.shape
         N, T = P * G, cfg.max_new_tokens
         adv = get_advantage(cfg.advantage)(ro.rewards, scale=cfg.advantage_scale).float().flatten().to(dev)  # [N]
         completion_ids = [[c.token_ids for c in g] for g in ro.completions]
-        old = torch.zeros(N, T)
+        rollout_lp = torch.zeros(N, T)
         mask = torch.zeros(N, T)
         for n, c in enumerate(ro.flat):
-            old[n, : len(c.logprobs)] = torch.tensor(c.logprobs)
+            rollout_lp[n, : len(c.logprobs)] = torch.tensor(c.logprobs)
             if not (cfg.mask_truncated and c.finish_reason == "length"):
                 mask[n, : len(c.token_ids)] = 1
         layouts = self.layouts(ro.prompt_ids, completion_ids) if P else []
@@ -217,9 +233,9 @@ class GRPOTrainer:
         if dist.active():  # the step's counts over all processes: each process's loss is its share of the mean
             total_tokens, n_seqs = dist.all_sum([float(mask.sum()), N])
             n_tokens = torch.tensor(total_tokens).clamp(min=1)
-        old, mask, n_tokens = old.to(dev), mask.to(dev), n_tokens.to(dev)
-        if cfg.rollout == "vllm":  # vLLM's log-probs come from other kernels: the training forward's, once
-            old = self.current_logprobs(layouts, (N, T))
+        rollout_lp, mask, n_tokens = rollout_lp.to(dev), mask.to(dev), n_tokens.to(dev)
+        policy_loss = losses.get_policy_loss(cfg.policy_loss)
+        correction = losses.get_rollout_correction(cfg.rollout_correction)
         agg = losses.get_aggregation(cfg.loss_agg)
         ref = None
         if self.ref is not None:
@@ -230,7 +246,8 @@ class GRPOTrainer:
                     ref += to_matrix(lp.float(), lay, (N, T))
         for g in self.opt.param_groups:
             g["lr"] = lr
-        stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0)
+        old = torch.zeros(N, T, device=dev)  # pi_old, filled by the first pass
+        stats: dict = dict(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0)
         batches = dist.even_out(layouts)  # as many passes on every process (None: this one has run out)
         for epoch in range(cfg.mu):
             for i, lay in enumerate(batches):
@@ -242,15 +259,21 @@ class GRPOTrainer:
                         lp, ent = self.policy(lay, cfg.temperature, entropy=epoch == 0)
                     logp = to_matrix(lp.float(), lay, (N, T))
                     m = to_matrix(torch.ones_like(lp, dtype=torch.float), lay, (N, T)) * mask
-                    loss_tok, clipped = losses.get_policy_loss("clip")(logp, old, adv, cfg.epsilon_low, cfg.epsilon_high)
+                    if epoch == 0:  # no optimiser step yet: these are the sampling policy's own log-probs
+                        old = old + logp.detach()
+                    loss_tok, found = policy_loss(logp, old, rollout_lp, adv, m, cfg)
+                    weight = correction(old, rollout_lp, m, cfg)
+                    loss_tok = loss_tok * weight
+                    found["correction_weight"] = weight
                     if ref is not None:
                         kl_tok = losses.get_kl(cfg.kl_estimator)(logp, ref)
                         loss_tok = loss_tok + cfg.beta * kl_tok
-                        stats["kl"] += ((kl_tok.detach() * m).sum() / n_tokens).item() / cfg.mu
+                        found["kl"] = kl_tok.detach()
                     loss = agg(loss_tok, m, n_tokens, n_seqs, T)
                     dist.backward(loss)
                 stats["loss"] += loss.item() / cfg.mu
-                stats["clip_frac"] += ((clipped * m).sum() / n_tokens).item() / cfg.mu
+                for k, v in found.items():  # per-token metrics, as means over the step's tokens
+                    stats[k] = stats.get(k, 0.0) + ((v.detach() * m).sum() / n_tokens).item() / cfg.mu
                 if ent is not None:
                     stats["entropy"] += ((to_matrix(ent.float(), lay, (N, T)) * m).sum() / n_tokens).item()
             stats["grad_norm"] = dist.clip_grad_norm(self.model.parameters(), cfg.grad_clip).item()
@@ -261,10 +284,23 @@ class GRPOTrainer:
                 dist.sync_expert_load(base_model(self.model))
                 base_model(self.model).update_expert_bias()
         stats["trained_tokens"] = sum(lay.n_tokens for lay in layouts)
-        if dist.active():  # each process summed its shares of the step's means
-            keys = ("loss", "kl", "clip_frac", "entropy", "trained_tokens")
-            stats.update(zip(keys, dist.all_sum([stats[k] for k in keys])))
+        stats.update(self._mismatch(old, rollout_lp, mask))
+        if dist.active():  # each process summed its shares of the step's means (an idle process may lack a metric)
+            keys = sorted({k for names in dist.gather(list(stats)) for k in names
+                           if k != "grad_norm" and not k.startswith("mismatch/")})
+            stats.update(zip(keys, dist.all_sum([stats.get(k, 0.0) for k in keys])))
         return stats
+
+    def _mismatch(self, old: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> dict:
+        """The rollout engine's log-probs against the trainer's on the step's sampled tokens, over all processes."""
+        if not dist.active():
+            return losses.mismatch(old, rollout_lp, mask)
+        d = (old - rollout_lp)[mask.bool()].double()
+        parts = dist.gather([d.abs().sum().item(), d.abs().max().item() if len(d) else 0.0,
+                             (torch.exp(d) - d - 1).sum().item(), len(d)])
+        n = max(1, sum(x[3] for x in parts))
+        return {"mismatch/logp_abs_diff_mean": sum(x[0] for x in parts) / n,
+                "mismatch/logp_abs_diff_max": max(x[1] for x in parts), "mismatch/kl": sum(x[2] for x in parts) / n}
 
     def layouts(self, prompt_ids: list[list[int]], completion_ids: list[list[list[int]]]) -> list:
         """Training micro-batches: native and Llama-family models keep prompts and completions apart (prompts run
@@ -282,20 +318,6 @@ class GRPOTrainer:
         with dist.uncounted(self.model), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             lp, _ = self.policy(self.layouts([[pad]], [[[pad]]])[0], self.cfg.temperature)
         dist.backward(lp.sum() * 0.0)
-
-    @torch.no_grad()
-    def current_logprobs(self, layouts: list, shape) -> torch.Tensor:
-        """The policy's log-probs of the sampled tokens as it is now [N, T] (every process runs as many passes)."""
-        out = torch.zeros(shape, device=self.device)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        for lay in dist.even_out(layouts):
-            with dist.uncounted(self.model), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                          enabled=self.bf16):
-                lp, _ = self.policy(lay if lay is not None else self.layouts([[pad]], [[[pad]]])[0],
-                                    self.cfg.temperature)
-            if lay is not None:
-                out += to_matrix(lp.float(), lay, shape)
-        return out
 
     # -------------------------------------------------------------- loop
     def train(self):
