@@ -36,8 +36,8 @@ def train_r1zero_chat_model(path, max_steps: int = 600):
 
     tok = r1zero_tokenizer()
     prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
-    pairs = [(tok(p, add_special_tokens=False)["input_ids"], tok(r + tok.eos_token, add_special_tokens=False)["input_ids"])
-             for p, r in zip(prompts, REPLIES)]
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = [(encode(p), encode(r + tok.eos_token)) for p, r in zip(prompts, REPLIES)]
     cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, max_position_embeddings=1024, initializer_range=0.02)
     torch.manual_seed(0)

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +24,8 @@ import torch
 from conftest import REPO, tiny_model_config
 
 from r1lab.cli import main
-from r1lab.reasoning import split_reasoning
 from r1lab.model.deepseek import DeepseekV3
+from r1lab.reasoning import split_reasoning
 from r1lab.sampler import Sampler, SamplingParams
 from r1lab.serve.app import BackgroundServer, _HostCheck, allowed_host_names, create_app
 from r1lab.serve.engine import EngineStats, wait_idle
@@ -433,7 +432,8 @@ def _every_client_error(url: str, port: int, auth: dict) -> None:
     with httpx.stream("POST", chat, json={"messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True},
                       headers=auth, timeout=60) as r:  # a client that leaves mid-stream
         next(r.iter_lines())
-    raw = [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n",  # head too large
+    raw = [b"GARBAGE\r\n\r\n",
+           b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n",  # head too large
            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",                     # head never ends
            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + auth["Authorization"].encode()
            + b"\r\nContent-Length: 50\r\n\r\n{"]  # body never ends

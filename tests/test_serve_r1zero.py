@@ -48,7 +48,8 @@ def client(server):
 def test_an_earlier_answer_renders_as_the_direct_reply_the_model_was_trained_on():
     tok = train_tokenizer(["What is 1 + 2? <think> 1 plus 2 </think> <answer> 3 </answer>"], vocab_size=300)
     tok.chat_template = R1ZERO_TEMPLATE
-    direct = completion_text(Problem(id="q", task="add", prompt=QUESTION, answer="85"), direct=True)  # the pretraining corpus's form
+    # the pretraining corpus's form of a direct answer
+    direct = completion_text(Problem(id="q", task="add", prompt=QUESTION, answer="85"), direct=True)
     want = f"{BOS}{R1ZERO_PREAMBLE} User: {QUESTION}. Assistant:{direct}{EOS} User: {FOLLOW_UP}. Assistant:"
     for sent_back in ("85", " 85 ", "<answer> 85 </answer>", "<think> 7+8=15 ... </think> <answer> 85 </answer>"):
         chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": sent_back},

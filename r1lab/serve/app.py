@@ -171,7 +171,7 @@ class _HostCheck(TrustedHostMiddleware):
         self.any_ip = any_ip
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or self.allow_any:
+        if scope["type"] != "http" or self.allow_any:  # the app serves no websockets
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")

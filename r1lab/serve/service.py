@@ -118,6 +118,10 @@ class ModelService:
             raise P.APIError(400, f"Invalid 'n': {req.n}. This server decodes at most {self.engine.max_batch} "
                                   f"sequences at once (--max-batch); ask for n <= {self.engine.max_batch}.",
                              param="n", code="invalid_value")
+        count = 1 if isinstance(req, P.ChatCompletionRequest) else len(req.prompts())
+        if count * req.n > 8 * self.engine.max_batch:
+            raise P.APIError(400, f"{count} prompts x n={req.n} is too many choices for one request "
+                                  f"(at most {8 * self.engine.max_batch}); split it.", param="prompt")
         if isinstance(req, P.ChatCompletionRequest):
             text = self.render(req.messages)
             prompts = [self.encode(text, "messages")]
@@ -139,9 +143,6 @@ class ModelService:
             max_new_tokens=min(max_tokens or min(self.default_max_tokens, room), room), temperature=temperature,
             top_p=top_p, top_k=top_k, n=req.n, seed=req.seed, stop=req.stop_list(),
             stop_token_ids=[] if req.ignore_eos else None)
-        if len(prompts) * req.n > 8 * self.engine.max_batch:
-            raise P.APIError(400, f"{len(prompts)} prompts x n={req.n} is too many choices for one request "
-                                  f"(at most {8 * self.engine.max_batch}); split it.", param="prompt")
         return Prepared(prompts, params.validate(), prefilled)
 
     def jobs(self, prep: Prepared, sink) -> list[Job]:
