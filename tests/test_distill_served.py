@@ -25,6 +25,7 @@ from r1lab.cli import main
 from r1lab.client import ChatClient, EndpointError, Reply, Usage, retry_after
 from r1lab.sampler import Completion
 from r1lab.tasks import Problem
+from test_distill import student_dir, teacher_dir  # noqa: F401  (fixtures: a trained tiny teacher, a student)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,6 +254,120 @@ def test_eval_of_an_endpoint_shares_the_client_and_its_retries(teacher, tmp_path
 
 def _p():
     return Problem("2+3", "arithmetic", "What is 2 + 3?", "5")
+
+
+# ----------------------------------------------------------------------------- slow: a trained teacher, kills
+
+
+@pytest.mark.slow  # trains the teacher (~25 s), starts a server (~20 s), samples 144 replies and trains a student
+def test_a_served_teacher_is_distilled_end_to_end_and_writes_what_the_local_teacher_writes(
+        teacher_dir, student_dir, tmp_path, capsys):
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_server(teacher_dir, port, log)
+    try:
+        url, name = f"http://127.0.0.1:{port}/v1", Path(teacher_dir).resolve().name
+        # greedy, one sample per problem: the served teacher's records are the local teacher's, byte for byte
+        common = dict(student=str(student_dir), problems=16, k=1, temperature=0.0, max_new_tokens=64,
+                      task_args={"arithmetic": {"max_digits": 1}})
+        local_cfg = D.DistillConfig(teacher=str(teacher_dir), out=str(tmp_path / "local"), **common)
+        served_cfg_ = D.DistillConfig(teacher_url=url, teacher_model=name, out=str(tmp_path / "greedy"), **common)
+        problems = D.load_problems(local_cfg)
+        local = D.filter_samples(D.sample_teacher(local_cfg, problems, progress=False), problems)
+        served = D.filter_samples(D.sample_served(served_cfg_, problems, progress=False)[0], problems)
+        assert local[1]["kept"] > 0 and served == local
+
+        out = tmp_path / "distill"
+        assert main(["distill", "--teacher-url", url, "--teacher-model", name, "--student", str(student_dir),
+                     "--out", str(out), "--task-args", '{"arithmetic": {"max_digits": 1}}', "--problems", "16",
+                     "--k", "8", "--max-new-tokens", "64", "--price-per-mtok", "0.55,2.19", "--sft.epochs", "1",
+                     "--sft.seq-len", "128", "--sft.bf16", "false", "--sft.device", "cpu",
+                     "--sft.eval-fraction", "0"]) == 0
+        assert answered_at_server(log) == 16 + 128
+    finally:
+        proc.kill()
+        proc.wait()
+    printed = capsys.readouterr().out
+    counts = json.loads((out / "data_stats.json").read_text())
+    assert counts["candidates"] == 128 and counts["kept"] > 0 and counts["rejected"]["incorrect"] > 0
+    problems = {p.id: p for p in D.load_problems(D.DistillConfig(problems=16, task_args=common["task_args"]))}
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    for r in rows:  # every kept reply is well-formed and right, checked here without the filter's code
+        user, reply = r["messages"]
+        assert user["content"] == problems[r["id"]].prompt
+        assert reply["content"].startswith("<think>\n") and reply["content"].count("</think>") == 1
+        assert reply["content"].endswith(f"\\boxed{{{problems[r['id']].answer}}}")
+    usage = counts["teacher_usage"]
+    assert usage["answered"]["requests"] == 128 and usage["cached"]["requests"] == 0
+    assert usage["answered"]["cost"] == pytest.approx(
+        (0.55 * usage["answered"]["prompt_tokens"] + 2.19 * usage["answered"]["completion_tokens"]) / 1e6)
+    assert f"kept {counts['kept']} of 128" in printed and D.usage_line(usage) in printed
+    print(f"greedy: served and local teachers both kept {local[1]['kept']} of 16; T=0.6: kept {counts['kept']} of "
+          f"128; {D.usage_line(usage)}")
+    assert (out / "sft" / "model" / "model.safetensors").is_file()
+
+
+def _in_thread(fn, *args, **kw):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args, **kw)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _wait_for_cache(out, n: int, future, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(cache_files(out)) < n:
+        assert not future.done() and time.monotonic() < deadline, "the run ended before the teacher was killed"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow  # three server starts (~20 s each on two busy cores)
+def test_a_teacher_killed_mid_run_is_retried_through_its_restart_or_the_rerun_resumes_from_the_cache(
+        tiny_native_dir_long, tmp_path):
+    port, logs = free_port(), [tmp_path / f"serve{i}.log" for i in range(3)]
+    url, name = f"http://127.0.0.1:{port}/v1", Path(tiny_native_dir_long).resolve().name
+    total = 8 * 4
+    proc = start_server(tiny_native_dir_long, port, logs[0])
+    try:
+        # killed and restarted on its port within the retries: the run goes through
+        cfg = served_cfg(tmp_path / "a", url, name, problems=8, k=4, max_new_tokens=48, concurrency=2,
+                         max_retries=8, retry_wait=0.5)
+        run = _in_thread(D.sample_served, cfg, D.load_problems(cfg), progress=False)
+        _wait_for_cache(cfg.out, 6, run)
+        proc.kill()
+        proc.wait()
+        killed_at = len(cache_files(cfg.out))
+        proc = start_server(tiny_native_dir_long, port, logs[1])
+        groups, usage = run.result(timeout=300)
+        assert sum(map(len, groups)) == total and len(cache_files(cfg.out)) == total
+        assert usage["retried"].get("connection", 0) >= 1 and usage["answered"]["requests"] == total
+        assert killed_at < total and total <= answered_at_server(logs[0]) + answered_at_server(logs[1]) <= total + 2
+        print(f"restart: killed with {killed_at} of {total} cached; retried {usage['retried']}; answered by the two "
+              f"servers {answered_at_server(logs[0])} + {answered_at_server(logs[1])}")
+
+        # killed and not back within the retries: one clear error; after a restart the rerun sends only the rest
+        cfg = served_cfg(tmp_path / "b", url, name, problems=8, k=4, max_new_tokens=48, concurrency=2,
+                         max_retries=2, retry_wait=0.1)
+        run = _in_thread(D.sample_served, cfg, D.load_problems(cfg), progress=False)
+        _wait_for_cache(cfg.out, 6, run)
+        proc.kill()
+        proc.wait()
+        with pytest.raises(EndpointError, match=f"{url}/chat/completions failed 3 times in a row for one request, "
+                                                f"last with the connection failed .*run the same command again to "
+                                                f"resume"):
+            run.result(timeout=120)
+        cached = len(cache_files(cfg.out))
+        proc = start_server(tiny_native_dir_long, port, logs[2])
+        groups, usage = D.sample_served(cfg, D.load_problems(cfg), progress=False)
+        assert answered_at_server(logs[2]) == total - cached and 6 <= cached < total
+        assert usage["cached"]["requests"] == cached and usage["answered"]["requests"] == total - cached
+        assert sum(map(len, groups)) == total
+        print(f"no restart: {cached} of {total} cached when the run stopped; the rerun sent "
+              f"{answered_at_server(logs[2])}")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------- without a server
