@@ -79,16 +79,16 @@ def engine(server):
     return engine
 
 
-def post(server, body, path="/v1/chat/completions", **kw) -> httpx.Response:
+def post(server, body, path="/v1/chat/completions", client: httpx.Client | None = None) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"},
-                      timeout=kw.pop("timeout", 60), **kw)
+    return (client or httpx).post(server.url + path, content=content, headers={"Content-Type": "application/json"},
+                                  timeout=60)
 
 
 class SlowStream(threading.Thread):
     """A streamed greedy generation running in the background, each decode step slowed so others happen meanwhile."""
 
-    def __init__(self, server, body: dict, step_s: float = 0.01):
+    def __init__(self, server, body: dict, step_s: float = 0.02):
         super().__init__(daemon=True)
         self.server, self.body, self.reasoning, self.content, self.finish = server, body, "", "", None
         self.hook = server.app.state.service.sampler.model.register_forward_hook(lambda *a: time.sleep(step_s))
@@ -152,8 +152,8 @@ HOSTILE = [
 
 def test_hostile_sampling_fields_fail_alone_while_a_good_generation_completes_untouched(server, engine,
                                                                                         good_reply):
-    with SlowStream(server, GOOD) as good:
-        answers = [(post(server, body, path), param) for body, path, param in HOSTILE]
+    with SlowStream(server, GOOD) as good, httpx.Client() as client:
+        answers = [(post(server, body, path, client), param) for body, path, param in HOSTILE]
         still_running = good.is_alive()
     for (r, param), (body, _, _) in zip(answers, HOSTILE):
         assert r.status_code == 400, (body if isinstance(body, bytes) else str(body)[:120], r.text)
@@ -202,6 +202,8 @@ def test_a_prompt_whose_prefill_fails_fails_alone(server, engine, good_reply):
             r = post(server, {"messages": [{"role": "user", "content": "1 + 2 " * 60}], "max_tokens": 5})
         finally:
             hook.remove()
+        still_running = good.is_alive()
+    assert still_running, "the good generation ended before the failing prefill"
     assert r.status_code == 500 and "simulated out of memory" in r.json()["error"]["message"]
     assert good.untouched(good_reply), (good.reasoning, good.content, good.finish)
     assert engine.stats.failed_jobs == 1
