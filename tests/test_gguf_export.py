@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_model_config, tiny_texts
 from safetensors import safe_open
+from smollm import smollm_dir  # noqa: F401  (fixture)
 
 from r1lab.cli import main
 from r1lab.model.checkpoint import save_model
@@ -40,7 +41,7 @@ def read(path):
 def disk(path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors as stored (per-expert names), read without r1lab's loader."""
     with safe_open(path / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def native_dir(tmp_path, tok, name="model", **kw):
@@ -96,7 +97,8 @@ def test_absorbed_attention_and_stacked_experts_hold_the_checkpoint_values(tiny_
     _, tensors = read(tmp_path / "m.gguf")
     ref = disk(tiny_native_dir)
     for i in range(3):
-        k_b, v_b = tensors[f"blk.{i}.attn_k_b.weight"][2], tensors[f"blk.{i}.attn_v_b.weight"][2]  # [H, r, nope], [H, v, r]
+        k_b = tensors[f"blk.{i}.attn_k_b.weight"][2]  # [H, rank, nope]
+        v_b = tensors[f"blk.{i}.attn_v_b.weight"][2]  # [H, v, rank]
         kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(4 * (8 + 12), 16)
         np.testing.assert_array_equal(kv_b, ref[f"model.layers.{i}.self_attn.kv_b_proj.weight"].numpy())
     for e in range(8):
@@ -161,7 +163,8 @@ def test_tokenizer_and_every_chat_template_are_written(tiny_native_dir, tiny_tok
     for text, i in j["model"]["vocab"].items():
         assert tokens[i] == text
     for t in j["added_tokens"]:
-        assert tokens[t["id"]] == t["content"] and types[t["id"]] == (3 if t["special"] else 4)  # CONTROL / USER_DEFINED
+        assert tokens[t["id"]] == t["content"]
+        assert types[t["id"]] == (3 if t["special"] else 4)  # CONTROL / USER_DEFINED
     assert types.count(1) == len(tokens) - len(j["added_tokens"])
     assert keys["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]]
     tok = tiny_tokenizer
@@ -206,7 +209,8 @@ def test_settings_llama_cpp_computes_alike_are_not_refused():
     yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0,
             "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}  # DeepSeek-V3's own YaRN settings
     for cfg in (tiny_model_config(300, rope_scaling=yarn), tiny_model_config(300, n_group=4, topk_group=4),
-                tiny_model_config(300, n_routed_experts=0), tiny_config(300), tiny_model_config(300, norm_topk_prob=False)):
+                tiny_model_config(300, n_routed_experts=0), tiny_config(300),
+                tiny_model_config(300, norm_topk_prob=False)):
         assert deepseek_refusals(cfg) == []
 
 
@@ -243,7 +247,8 @@ def test_tokenizers_llama_cpp_splits_differently_are_refused_by_name(tiny_tokeni
     assert tokenizer_refusals(prefix)[0].startswith("pre-tokenizer")
     stripped = json.loads(json.dumps(j))
     stripped["added_tokens"][5]["lstrip"] = True
-    assert tokenizer_refusals(stripped) == ["added token '<think>' with lstrip (llama.cpp matches added tokens exactly)"]
+    assert tokenizer_refusals(stripped) == [
+        "added token '<think>' with lstrip (llama.cpp matches added tokens exactly)"]
     fallback = {**j, "model": {**j["model"], "byte_fallback": True}}
     assert tokenizer_refusals(fallback)[0].startswith("BPE byte_fallback True")
 
@@ -330,3 +335,240 @@ def test_export_gguf_names_the_types_it_writes(tiny_native_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["export-gguf", str(tiny_native_dir), str(tmp_path / "m.gguf"), "--type", "q4_0"])
     assert "f32" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself (slow)
+# llama-cpp-python builds llama.cpp from source (CPU only) for minutes; .ci/run installs it and sets
+# R1LAB_REQUIRE_LLAMA_CPP=1, so there a missing build fails instead of skipping.
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the version these checks were measured with
+STRINGS = ["Hello world", "What is 123 + 4567?", " leading space", "trailing  ", "multiple   spaces\n\nnew\nlines\n",
+           "tabs\tand\r\nCRLF", "don't I'll we've THEY'RE", "<think> 12 plus 7 </think> <answer> 19 </answer>",
+           "<｜User｜>hi<｜Assistant｜><think>\n", "unicode: café naïve 日本語 😀 ½ ² ٣ Ⅻ",
+           "x=1.5e-3; y=[1,2,3]", "   ",
+           "a\u00a0b\u2009c", "12345678901234567890"]
+
+
+def llama_cpp():
+    try:
+        import llama_cpp as module
+    except ImportError as e:
+        why = (f"llama-cpp-python is not installed ({e}); build it with CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
+               f"-DLLAVA_BUILD=OFF\" .venv/bin/pip install llama-cpp-python=={LLAMA_CPP_PYTHON}")
+        if os.environ.get("R1LAB_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return module
+
+
+class LlamaCpp:
+    """One GGUF file in llama.cpp: f32 KV cache, no flash attention, one thread, RoPE settings from the file."""
+
+    def __init__(self, path, n_ctx: int = 256):
+        self.llm = llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1,
+                                     n_threads_batch=1, logits_all=True, verbose=False, type_k=0, type_v=0,
+                                     flash_attn=False, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float64)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """n tokens chosen one at a time through llama.cpp's own KV cache."""
+        self.llm.reset()
+        self.llm.eval(prompt)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            self.llm.eval(out[-1:])
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def close(self):
+        self.llm.close()
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from the model's own full forward (no cache) at every step."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(reference_logits(model, ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def agreement(model, gguf_file, prompt: list[int], n: int = 24) -> dict:
+    """llama.cpp against the model on the same tokens: greedy sequences from each, the largest log-probability
+    difference over the reference's greedy sequence, mean KL(reference || llama.cpp) and top-1 agreement there."""
+    cpp = LlamaCpp(gguf_file)
+    try:
+        ref = reference_greedy(model, prompt, n)
+        got = cpp.greedy(prompt, n)
+        ids = prompt + ref
+        a, b = log_softmax(reference_logits(model, ids)), log_softmax(cpp.logits(ids))
+    finally:
+        cpp.close()
+    top2 = np.sort(a, -1)[:, -2:]
+    return {"ref": ref, "cpp": got, "max_logp_diff": float(np.abs(a - b).max()),
+            "kl": float((np.exp(a) * (a - b)).sum(-1).mean()), "top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            "min_margin": float((top2[:, 1] - top2[:, 0]).min())}
+
+
+def prompt_ids(tok) -> list[int]:
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def report(name, qtype, m):
+    print(f"\n{name} {qtype}: greedy equal {m['ref'] == m['cpp']}, max |dlogp| {m['max_logp_diff']:.2e}, "
+          f"KL {m['kl']:.2e}, top-1 {m['top1']:.3f}, smallest top-2 margin {m['min_margin']:.3f}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def native_models(tmp_path_factory, tiny_tokenizer):
+    """The default tiny model of `r1lab pretrain` (tied, full-rank queries, 2 groups / top 1) and a second with
+    everything else llama.cpp has to get right: q_lora_rank, untied head, an MTP layer, balancing biases, rotate-half
+    RoPE and DeepSeek's YaRN. Random weights with a wide init, so greedy choices are not near-ties."""
+    from r1lab.model.load import load_model
+
+    tok, root = tiny_tokenizer, tmp_path_factory.mktemp("native_cpp")
+    default = tiny_config(len(tok), initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1)
+    paths = {"tiny": save_model(DeepseekV3(default), root / "tiny", tokenizer=tok)}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "beta_fast": 24, "beta_slow": 2}
+    paths["full"] = native_dir(root, tok, "full", num_nextn_predict_layers=1, rope_interleave=False, rope_scaling=yarn,
+                               initializer_range=0.15)
+    return {k: (p, load_model(p)) for k, p in paths.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["tiny", "full"])
+def test_native_model_in_llama_cpp_gives_r1labs_greedy_tokens(native_models, tiny_tokenizer, tmp_path, which):
+    path, model = native_models[which]
+    export_gguf(path, tmp_path / "f32.gguf")
+    m = agreement(model, tmp_path / "f32.gguf", prompt_ids(tiny_tokenizer))
+    report(which, "f32", m)
+    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-3
+    export_gguf(path, tmp_path / "q8.gguf", qtype="q8_0")
+    m = agreement(model, tmp_path / "q8.gguf", prompt_ids(tiny_tokenizer))
+    report(which, "q8_0", m)
+    assert m["kl"] < 1e-3 and m["top1"] >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_family_model_in_llama_cpp_gives_the_same_greedy_tokens(tiny_tokenizer, tmp_path, family):
+    import transformers
+
+    from r1lab.model.load import load_tokenizer
+
+    tok = tiny_tokenizer
+    small = dict(vocab_size=len(tok) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15,
+                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    make = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = make[1](make[0](**small)).eval()
+    if family == "qwen2":  # random q/k/v biases, so that they matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    # transformers loads a qwen2 directory's tokenizer with Qwen2's own pipeline: its regex (llama.cpp's qwen2) and
+    # an NFC normaliser, which llama.cpp lacks (--skip-nfc; every string here is already NFC)
+    tok = load_tokenizer(tmp_path / "m")
+    assert export_gguf(tmp_path / "m", tmp_path / "f32.gguf", skip_nfc=family == "qwen2").arch == family
+    assert read(tmp_path / "f32.gguf")[0]["tokenizer.ggml.pre"] == {"llama": "starcoder", "qwen2": "qwen2"}[family]
+    m = agreement(model, tmp_path / "f32.gguf", prompt_ids(tok))
+    report(family, "f32", m)
+    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-3
+    cpp = LlamaCpp(tmp_path / "f32.gguf")
+    try:
+        for text in STRINGS:
+            assert cpp.tokenize(text) == tok(text).input_ids, text
+    finally:
+        cpp.close()
+    export_gguf(tmp_path / "m", tmp_path / "q8.gguf", qtype="q8_0", skip_nfc=family == "qwen2")
+    m = agreement(model, tmp_path / "q8.gguf", prompt_ids(tok))
+    report(family, "q8_0", m)
+    assert m["kl"] < 1e-3 and m["top1"] >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("individual_digits", [True, False])
+def test_llama_cpp_tokenizes_as_the_tokenizer_does(tmp_path, individual_digits):
+    """Byte-level BPE with digits split (llama.cpp's starcoder) and without (gpt-2), special and added tokens."""
+    tok = train_tokenizer(tiny_texts() + STRINGS * 3, vocab_size=400, individual_digits=individual_digits)
+    cfg = tiny_config(len(tok), num_hidden_layers=1, first_k_dense_replace=1)
+    export_gguf(save_model(DeepseekV3(cfg), tmp_path / "m", tokenizer=tok), tmp_path / "m.gguf")
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        for text in STRINGS:
+            assert cpp.tokenize(text) == tok(text).input_ids, text
+        assert cpp.llm.metadata["tokenizer.chat_template"] == R1_TEMPLATE
+    finally:
+        cpp.close()
+
+
+@pytest.mark.slow
+def test_smollm2_export_runs_in_llama_cpp_like_the_original_and_imports_back(smollm_dir, tmp_path):
+    """The real SmolLM2-135M-Instruct: its GGUF (Q4_1) imported by r1lab, exported again, run in llama.cpp against
+    transformers, tokenised against the original file, and imported back."""
+    import transformers
+    from smollm import gguf_path
+
+    from r1lab.model.gguf import import_gguf
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_dir).eval()
+    export_gguf(smollm_dir, tmp_path / "f32.gguf")
+    prompt = prompt_ids(tok)
+    m = agreement(model, tmp_path / "f32.gguf", prompt, n=16)
+    report("SmolLM2-135M", "f32", m)
+    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-3
+
+    ours, original = LlamaCpp(tmp_path / "f32.gguf", n_ctx=512), LlamaCpp(gguf_path(), n_ctx=512)
+    try:
+        for text in STRINGS + [tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False)]:
+            assert ours.tokenize(text) == original.tokenize(text) == tok(text, add_special_tokens=False).input_ids, text
+        key = "tokenizer.chat_template"
+        assert ours.llm.metadata[key] == original.llm.metadata[key]
+        # the original's Q4_1 weights, run as Q4_1 (llama.cpp quantises activations to 8 bits for it), against the
+        # same weights dequantised to f32: close, not equal
+        ids = prompt + m["ref"]
+        a, b = log_softmax(ours.logits(ids)), log_softmax(original.logits(ids))
+        kl, top1 = float((np.exp(a) * (a - b)).sum(-1).mean()), float((a.argmax(-1) == b.argmax(-1)).mean())
+        print(f"\nSmolLM2 f32 export vs the original Q4_1 file in llama.cpp: KL {kl:.2e}, top-1 {top1:.3f}",
+              file=sys.stderr)
+        assert kl < 0.05 and top1 >= 0.9
+    finally:
+        ours.close()
+        original.close()
+
+    export_gguf(smollm_dir, tmp_path / "q8.gguf", qtype="q8_0")
+    m = agreement(model, tmp_path / "q8.gguf", prompt, n=16)
+    report("SmolLM2-135M", "q8_0", m)
+    assert m["kl"] < 1e-2 and m["top1"] >= 0.95
+
+    back = import_gguf(tmp_path / "f32.gguf", tmp_path / "back")
+    again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    ids = prompt + m["ref"]
+    np.testing.assert_allclose(reference_logits(again, ids), reference_logits(model, ids), rtol=0, atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(back)(STRINGS[1]).input_ids == tok(STRINGS[1]).input_ids

@@ -51,8 +51,9 @@ def restore_digit_split(tok, file: Path):
     if field is None or field.contents() not in DIGIT_SPLIT_PRE or backend is None:
         return tok
     if type(backend.pre_tokenizer).__name__ != "ByteLevel":
-        raise CheckpointError(f"{file}: tokenizer.ggml.pre {field.contents()!r} splits digits, but transformers built "
-                              f"a {type(backend.pre_tokenizer).__name__} pre-tokenizer that r1lab does not know how to fix")
+        raise CheckpointError(f"{file}: tokenizer.ggml.pre {field.contents()!r} splits digits, but transformers "
+                              f"built a {type(backend.pre_tokenizer).__name__} pre-tokenizer that r1lab does not know "
+                              "how to fix")
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
     return tok

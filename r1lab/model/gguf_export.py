@@ -200,7 +200,8 @@ def deepseek_tensors(path: Path, cfg_dict: dict):
     if rs:
         factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
         hparams.update(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=factor,
-                       rope_scaling_orig_ctx_len=rs.get("original_max_position_embeddings", cfg.max_position_embeddings),
+                       rope_scaling_orig_ctx_len=rs.get("original_max_position_embeddings",
+                                                        cfg.max_position_embeddings),
                        rope_scaling_yarn_beta_fast=rs.get("beta_fast"), rope_scaling_yarn_beta_slow=rs.get("beta_slow"),
                        # llama.cpp divides this key by 0.1 on reading ([TAG_DEEPSEEK2_YARN_LOG_MUL_FIX])
                        rope_scaling_yarn_log_mul=0.1 * rs["mscale_all_dim"] if rs.get("mscale_all_dim") else None)
@@ -214,7 +215,8 @@ def deepseek_tensors(path: Path, cfg_dict: dict):
             heads, rope, -1)
         return w.reshape(heads * head_dim, -1)
 
-    out = [("token_embd.weight", state["model.embed_tokens.weight"]), ("output_norm.weight", state["model.norm.weight"])]
+    out = [("token_embd.weight", state["model.embed_tokens.weight"]),
+           ("output_norm.weight", state["model.norm.weight"])]
     if not cfg.tie_word_embeddings:
         out.append(("output.weight", state["lm_head.weight"]))
     for i in range(L):
@@ -308,7 +310,8 @@ def llama_tensors(path: Path):
     prefix = "model." if "model.embed_tokens.weight" in state else ""
     tied = "lm_head.weight" not in state or getattr(cfg, "tie_word_embeddings", False)
     expected = {prefix + "embed_tokens.weight", prefix + "norm.weight"} | (set() if tied else {"lm_head.weight"})
-    out = [("token_embd.weight", state[prefix + "embed_tokens.weight"]), ("output_norm.weight", state[prefix + "norm.weight"])]
+    out = [("token_embd.weight", state[prefix + "embed_tokens.weight"]),
+           ("output_norm.weight", state[prefix + "norm.weight"])]
     if not tied:
         out.append(("output.weight", state["lm_head.weight"]))
     names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -409,11 +412,13 @@ def tokenizer_refusals(j: dict, skip_nfc: bool = False) -> list[str]:
             why.append(f"BPE {key} {model.get(key)!r} (llama.cpp's byte-level BPE has none)")
     norm = j.get("normalizer")
     if norm is not None and not (skip_nfc and norm.get("type") == "NFC"):
-        hint = "; --skip-nfc writes it anyway (text already in NFC tokenises the same)" if norm.get("type") == "NFC" else ""
+        nfc = norm.get("type") == "NFC"
+        hint = "; --skip-nfc writes it anyway (text already in NFC tokenises the same)" if nfc else ""
         why.append(f"normalizer {norm.get('type')!r} (llama.cpp does not normalise text{hint})")
     if pre_tokenizer_type(j.get("pre_tokenizer"), bool(model.get("ignore_merges"))) is None:
         why.append(f"pre-tokenizer {json.dumps(j.get('pre_tokenizer'))[:200]} with ignore_merges "
-                   f"{bool(model.get('ignore_merges'))} (no llama.cpp tokenizer.ggml.pre type splits text the same way; "
+                   f"{bool(model.get('ignore_merges'))} (no llama.cpp tokenizer.ggml.pre type splits text the same "
+                   "way; "
                    "exported: ByteLevel, Digits+ByteLevel, Llama-3's and Qwen2's Split+ByteLevel)")
     if (j.get("decoder") or {}).get("type") != "ByteLevel":
         why.append(f"decoder {json.dumps(j.get('decoder'))[:100]} (llama.cpp decodes byte-level BPE with ByteLevel)")
