@@ -246,15 +246,15 @@ def teacher_client(cfg: DistillConfig):
 
 
 def sample_served(cfg: DistillConfig, problems: list[Problem], progress: bool = True) -> tuple[list[list], dict]:
-    """k replies per problem from the teacher at `teacher_url`, one request each (sample j of problem i has seed
-    seed * 1_000_003 + i * k + j), and the tokens used. Replies come back as text with the thinking inline, so they
-    are filtered and written exactly as a local teacher's."""
+    """k replies per problem from the teacher at `teacher_url`, one request each, and the tokens used. Sample j of
+    problem i has seed (seed * 1_000_003 + i) * 65_536 + j, whatever k is, so raising k re-sends none of the answered
+    requests. Replies come back as text with the thinking inline, filtered and written exactly as a local teacher's."""
     client = teacher_client(cfg)
     bodies, tags = [], []
     for i, p in enumerate(problems):
         for j in range(cfg.k):
             bodies.append(client.body(user_turn(p), temperature=cfg.temperature, top_p=cfg.top_p,
-                                      max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + i * cfg.k + j))
+                                      max_tokens=cfg.max_new_tokens, seed=(cfg.seed * 1_000_003 + i) * 65_536 + j))
             tags.append([p.task, p.id, j])
     bar = None
     if progress:

@@ -166,9 +166,13 @@ def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_onc
         # run again: every reply comes from the cache, nothing is sent, and the tokens count as cached
         again, usage2 = D.sample_served(served_cfg(tmp_path, proxy.url, model), problems, progress=False)
         assert len(proxy.log) == len(log)
+        # one more sample per problem: only those 4 are sent
+        more, _ = D.sample_served(served_cfg(tmp_path, proxy.url, model, k=4), problems, progress=False)
+        assert len(proxy.log) == len(log) + 4 and [[r.text for r in g[:3]] for g in more] == [
+            [r.text for r in g] for g in again]
 
     assert len(log) == 12 + 5 and [e["status"] for e in log[:3]] == [429, 500, 503]
-    answered = proxy.answered()
+    answered = [e for e in log if e.get("response") is not None]
     assert len(answered) == 12 and len({e["body"] for e in answered}) == 12  # each request answered once
     assert usage["retried"] == {"429": 2, "500": 1, "503": 1, "malformed": 1}
     expected = usage_of([e["response"] for e in answered])
@@ -186,7 +190,7 @@ def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_onc
 
     waited = {f["n"]: next_try(f) for f in log[:5]}
     assert waited[1] >= 0.95 and waited[5] >= 0.95 and waited[2] < 0.9 and waited[3] < 0.9, waited
-    assert len(cache_files(tmp_path)) == 12
+    assert len(cache_files(tmp_path)) == 12 + 4
     assert [[r.text for r in g] for g in again] == [[r.text for r in g] for g in groups]
     assert usage2["answered"]["requests"] == 0 and {k: usage2["cached"][k] for k in expected} == expected
 
