@@ -92,15 +92,22 @@ class Proxy:
                         entry["response"] = r.json()
                 else:
                     status, wait = action
+                    if status == "stall":  # no answer for `wait` seconds, then a 504
+                        time.sleep(wait)
+                        status, wait = 504, None
                     payload = json.dumps({"error": {"message": f"injected {status}", "type": "server_error"}}).encode()
                     if wait is not None:
                         headers["Retry-After"] = wait
                 entry["status"], entry["action"] = status, action
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(payload)), **headers}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(status)
+                    for k, v in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                                 **headers}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up waiting
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -226,6 +233,16 @@ def test_a_teacher_that_stops_answering_fails_in_one_line_and_the_rerun_sends_on
     assert usage["answered"]["cost"] == pytest.approx(2 * sum(usage_of(rerun)[k] for k in ("prompt_tokens",
                                                                                          "completion_tokens")) / 1e6)
     assert sent >= 5 + 3  # the failing request was tried 3 times
+
+
+def test_a_request_unanswered_within_the_timeout_is_sent_again(teacher, tmp_path):
+    url, model = teacher
+    with Proxy(url, lambda n: ("stall", 6) if n == 1 else "forward") as proxy:
+        cfg = served_cfg(tmp_path, proxy.url, model, problems=1, k=1, concurrency=1, request_timeout=2.0)
+        (replies,), usage = D.sample_served(cfg, D.load_problems(cfg), progress=False)
+        log = list(proxy.log)
+    assert usage["retried"] == {"timeout": 1} and len(replies) == 1 and len(log) == 2
+    assert log[0]["body"] == log[1]["body"] and 2 <= log[1]["t"] - log[0]["t"] < 5
 
 
 def test_a_wrong_model_name_or_key_is_refused_at_once_without_retries(teacher, tmp_path):
