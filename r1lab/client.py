@@ -182,35 +182,14 @@ class ChatClient:
         return reply
 
     async def _request(self, client, body: dict, key: str, tag) -> Reply | None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        """The reply to one request, retried as the module says; None when another request stopped the run first."""
         for attempt in range(self.max_retries + 1):
             if self._stop is not None:
                 return None
-            wait = None
-            try:
-                r = await client.post(self.url, json=body, headers=headers)
-            except httpx.TimeoutException:
-                cause, why = "timeout", f"no answer within {self.timeout:g} s"
-            except httpx.TransportError as e:
-                cause, why = "connection", f"the connection failed ({type(e).__name__}: {_one_line(str(e)) or 'closed'})"
-            else:
-                if r.status_code == 200:
-                    try:
-                        data = r.json()
-                        reply = parse_reply(data)
-                    except ValueError as e:
-                        cause, why = "malformed", f"200 with a body that is not a chat completion ({e}): " \
-                                                  f"{_one_line(r.text)[:120]!r}"
-                    else:
-                        self._write_cache(key, body, tag, data)
-                        return reply
-                elif r.status_code in RETRY_STATUSES or r.status_code >= 500:
-                    cause, why = str(r.status_code), f"status {r.status_code} ({_error_message(r)})"
-                    wait = retry_after(r.headers.get("retry-after"))
-                else:
-                    raise EndpointError(self._refusal(r))
+            data, cause, why, wait = await self._attempt(client, body)
+            if data is not None:
+                self._write_cache(key, body, tag, data)
+                return parse_reply(data)
             if attempt == self.max_retries:
                 raise EndpointError(
                     f"{self.url} failed {self.max_retries + 1} times in a row for one request, last with {why}; "
@@ -223,6 +202,32 @@ class ChatClient:
                 wait = min(self.max_wait, self.retry_wait * 2 ** attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(min(wait, MAX_RETRY_AFTER))
         return None
+
+    async def _attempt(self, client, body: dict) -> tuple[dict | None, str, str, float | None]:
+        """One POST: (chat completion body, "", "", None), or (None, cause, why, Retry-After) for a failure worth a
+        retry; a refusal raises EndpointError."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:  # the whole request within the timeout, even from a server that sends keep-alive blank lines
+            r = await asyncio.wait_for(client.post(self.url, json=body, headers=headers), self.timeout)
+        except (httpx.TimeoutException, TimeoutError):
+            return None, "timeout", f"no answer within {self.timeout:g} s", None
+        except httpx.TransportError as e:
+            why = f"the connection failed ({type(e).__name__}: {_one_line(str(e)) or 'closed'})"
+            return None, "connection", why, None
+        if r.status_code == 200:
+            try:
+                data = r.json()
+                parse_reply(data)
+            except ValueError as e:
+                return None, "malformed", f"200 and a body that is not a chat completion ({e}: " \
+                                          f"{_one_line(r.text)[:120]!r})", None
+            return data, "", "", None
+        if r.status_code in RETRY_STATUSES or r.status_code >= 500:
+            return None, str(r.status_code), f"status {r.status_code} ({_error_message(r)})", \
+                retry_after(r.headers.get("retry-after"))
+        raise EndpointError(self._refusal(r))
 
     def _refusal(self, r) -> str:
         msg = _error_message(r)

@@ -184,7 +184,8 @@ def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_onc
     assert usage["retried"] == {"429": 2, "500": 1, "503": 1, "malformed": 1}
     expected = usage_of([e["response"] for e in answered])
     assert {k: usage["answered"][k] for k in expected} == expected and usage["cached"]["requests"] == 0
-    assert usage["answered"]["cost"] == pytest.approx((expected["prompt_tokens"] + 4 * expected["completion_tokens"]) / 1e6)
+    paid = expected["prompt_tokens"] + 4 * expected["completion_tokens"]
+    assert usage["answered"]["cost"] == pytest.approx(paid / 1e6)
     # the replies are the server's own answers, the thinking inline
     served = sorted((f"<think>\n{c['message']['reasoning_content']}\n</think>\n\n{c['message']['content']}",
                      c["finish_reason"], e["response"]["usage"]["completion_tokens"])
@@ -396,7 +397,8 @@ def test_a_teacher_killed_mid_run_is_retried_through_its_restart_or_the_rerun_re
 
 SERVED_TEXTS = [  # what a local teacher wrote after R1's prefilled "<think>\n"; each reason at least once
     ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "stop"), ("<think>2 plus 3 is 5</think>\\boxed{5}", "stop"),
-    ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "length"), ("\\boxed{5}", "stop"), ("<think>\n2 plus 3 is \\boxed{5}", "stop"),
+    ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "length"), ("\\boxed{5}", "stop"),
+    ("<think>\n2 plus 3 is \\boxed{5}", "stop"),
     ("a\n</think>\n\n\\boxed{5} </think>", "stop"), ("add them\n</think>\n\n", "stop"),
     ("2 plus 3 is 6\n</think>\n\n\\boxed{6}", "stop"), ("二加三等于五\n</think>\n\n\\boxed{5}", "stop"),
     ("  plus: 5  \n</think>\n\n  \\boxed{5}  ", "stop"), ("</think>\\boxed{5}", "stop"),
