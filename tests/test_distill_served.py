@@ -294,9 +294,16 @@ def test_a_served_teacher_is_distilled_end_to_end_and_writes_what_the_local_teac
         local_cfg = D.DistillConfig(teacher=str(teacher_dir), out=str(tmp_path / "local"), **common)
         served_cfg_ = D.DistillConfig(teacher_url=url, teacher_model=name, out=str(tmp_path / "greedy"), **common)
         problems = D.load_problems(local_cfg)
-        local = D.filter_samples(D.sample_teacher(local_cfg, problems, progress=False), problems)
-        served = D.filter_samples(D.sample_served(served_cfg_, problems, progress=False)[0], problems)
-        assert local[1]["kept"] > 0 and served == local
+        local_samples = D.sample_teacher(local_cfg, problems, progress=False)
+        served_samples = D.sample_served(served_cfg_, problems, progress=False)[0]
+
+        def replies(groups):  # per sample: how it ended, and the reply as R1's format writes it when well-formed
+            return [(s.finish_reason, D.well_formed(s.text) and D.r1_message(s.text)) for g in groups for s in g]
+
+        assert replies(served_samples) == replies(local_samples)
+        assert sum(bool(m) for _, m in replies(local_samples)) >= 8  # most replies are well-formed
+        local = D.filter_samples(local_samples, problems)
+        assert local[1]["kept"] > 0 and D.filter_samples(served_samples, problems) == local
 
         out = tmp_path / "distill"
         assert main(["distill", "--teacher-url", url, "--teacher-model", name, "--student", str(student_dir),
@@ -323,8 +330,8 @@ def test_a_served_teacher_is_distilled_end_to_end_and_writes_what_the_local_teac
     assert usage["answered"]["cost"] == pytest.approx(
         (0.55 * usage["answered"]["prompt_tokens"] + 2.19 * usage["answered"]["completion_tokens"]) / 1e6)
     assert f"kept {counts['kept']} of 128" in printed and D.usage_line(usage) in printed
-    print(f"greedy: served and local teachers both kept {local[1]['kept']} of 16; T=0.6: kept {counts['kept']} of "
-          f"128; {D.usage_line(usage)}")
+    print(f"greedy: {sum(bool(m) for _, m in replies(local_samples))} of 16 well-formed and {local[1]['kept']} kept "
+          f"from both teachers; T=0.6: kept {counts['kept']} of 128; {D.usage_line(usage)}")
     assert (out / "sft" / "model" / "model.safetensors").is_file()
 
 
