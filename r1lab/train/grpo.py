@@ -46,6 +46,7 @@ from r1lab.train.advantages import get_advantage
 from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to_matrix, token_logprobs
 from r1lab.train.rollout import Rollout, Rollouts, gather_rollout
 from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
+from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
 
 @dataclass
 class GRPOConfig:
@@ -74,6 +75,9 @@ class GRPOConfig:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2         # DAPO clip-higher: 0.28; GSPO: about 3e-4 / 4e-4
     rollout_correction: str = "none"  # none | token-truncate | sequence-truncate | token-mask | sequence-mask
+    teacher: str = ""                 # on-policy distillation: a model directory (same tokenizer) whose per-token
+                                      # reverse KL to the student is added to the advantages
+    teacher_weight: float = 1.0       # scale of that per-token advantage
     correction_low: float = 0.5       # masked IS: tokens/sequences whose pi_old/mu is below this get no loss
     correction_high: float = 2.0      # truncated IS: weights capped here; masked IS: above this, no loss
     advantage: str = "grpo"           # grpo | rloo
@@ -104,6 +108,13 @@ class GRPOConfig:
         config.require_finite(self)
         if not self.model:
             raise ValueError("--model is required: a model directory to train")
+        if not self.rewards and not self.teacher:
+            raise ValueError("give at least one reward (--rewards), or a --teacher to distil from on-policy")
+        if self.teacher and self.dynamic_sampling and not self.rewards:
+            raise ValueError("dynamic_sampling drops groups whose rewards are equal: with a teacher and no rewards "
+                             "every group would be dropped; turn it off")
+        if self.teacher_weight < 0:
+            raise ValueError(f"teacher_weight must be >= 0 (got {self.teacher_weight})")
         if len(self.rewards) != len(self.reward_weights):
             raise ValueError(f"rewards ({len(self.rewards)}) and reward_weights ({len(self.reward_weights)}) "
                              "must have the same length")
@@ -181,6 +192,7 @@ class GRPOTrainer:
             self.ref = (load_model_and_tokenizer(cfg.model, device=self.device)[0] if self.state
                         else copy.deepcopy(model))
             self.ref.eval().requires_grad_(False)
+        self.teacher = load_teacher(cfg.teacher, tokenizer, self.device) if cfg.teacher and not finished else None
         # the training forward: plain, or inside DDP / FSDP under torchrun (before the optimiser: FSDP shards)
         self.policy = dist.wrap(model, token_logprobs, cfg.parallel)
         self.opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -234,6 +246,13 @@ class GRPOTrainer:
             total_tokens, n_seqs = dist.all_sum([float(mask.sum()), N])
             n_tokens = torch.tensor(total_tokens).clamp(min=1)
         rollout_lp, mask, n_tokens = rollout_lp.to(dev), mask.to(dev), n_tokens.to(dev)
+        stats: dict = dict(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0)
+        if self.teacher is not None:  # on-policy distillation: the teacher judges every sampled token
+            pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+            t_lp = teacher_logprobs(self.teacher, layouts, ro.prompt_ids, completion_ids, (N, T), cfg.temperature,
+                                    pad, cfg.micro_batch_tokens).to(dev)
+            adv = adv[:, None] + cfg.teacher_weight * reverse_kl_advantage(t_lp, rollout_lp, mask)
+            stats["teacher_reverse_kl"] = (((rollout_lp - t_lp) * mask).sum() / n_tokens).item()
         policy_loss = losses.get_policy_loss(cfg.policy_loss)
         correction = losses.get_rollout_correction(cfg.rollout_correction)
         agg = losses.get_aggregation(cfg.loss_agg)
@@ -247,7 +266,6 @@ class GRPOTrainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         old = torch.zeros(N, T, device=dev)  # pi_old, filled by the first pass
-        stats: dict = dict(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0)
         batches = dist.even_out(layouts)  # as many passes on every process (None: this one has run out)
         for epoch in range(cfg.mu):
             for i, lay in enumerate(batches):
