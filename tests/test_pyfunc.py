@@ -56,9 +56,10 @@ def test_integer_chain_programs_compute_what_the_spec_says_with_minimal_parenthe
 def test_worked_trace_applies_one_step_of_the_spec_at_a_time_and_ends_with_the_program():
     task = get_task("pyfunc", kinds="int", steps=4, min_steps=1)
     for p in task.problems("train", n=100, seed=1):
-        steps = p.reasoning.removesuffix(".").split(". ")
+        worked = [step.split(": ") for step in p.reasoning.removesuffix(".").split(". ")]
         words = p.prompt.removeprefix("f(x): ").removesuffix(".").split(", then ")
-        assert len(steps) == len(words)
+        assert [w for w, _ in worked] == words  # each step restates its instruction
+        steps = [expr for _, expr in worked]
         for i, expr in enumerate(steps):
             prefix = "f(x): " + ", then ".join(words[: i + 1]) + "."
             assert all(run(f"def f(x): return {expr}", x) == spec_value(prefix, x) for x in (-9, 0, 5, 11))

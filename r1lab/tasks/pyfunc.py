@@ -1,10 +1,12 @@
 """Small Python functions from a one-line spec, judged by hidden tests in the sandbox: R1-Zero on code, sized for the
 tiny model (programs are a dozen to thirty tokens).
 
-    f(x): add 3, then multiply by 2, then subtract it from 7.   x+3. (x+3)*2. 7-(x+3)*2.     def f(x): return 7-(x+3)*2
-    f(xs): keep the even ones, times 3, sum.    keep x%2==0. x*3. sum. sum(x*3 for x in xs if x%2==0).
-                                                                      def f(xs): return sum(x*3 for x in xs if x%2==0)
-    f(s): reverse it.                           s[::-1].               def f(s): return s[::-1]
+    f(x): add 3, then multiply by 2, then subtract it from 7.
+        add 3: x+3. multiply by 2: (x+3)*2. subtract it from 7: 7-(x+3)*2.      def f(x): return 7-(x+3)*2
+    f(xs): keep the even ones, times 3, sum.
+        keep x%2==0. x*3. sum. sum(x*3 for x in xs if x%2==0).          def f(xs): return sum(x*3 for x in xs if x%2==0)
+    f(s): reverse it.
+        s[::-1].                                                        def f(s): return s[::-1]
 
 Long integer chains are where thinking can pay: the program's text runs against the spec's order (the last operation
 is written first, `7-(...)`, and the opening parentheses depend on operations still to come), so a bare answer must
@@ -110,7 +112,8 @@ class PyFunc(CodeTask, SyntheticTask):
     # ------------------------------------------------------------------------- the three kinds
 
     def _int(self, rng):
-        """Each step wraps the expression so far: copied, parenthesised where Python's precedence needs it."""
+        """Each step of the trace restates one instruction of the spec (its constant then sits just before the code
+        that uses it) and wraps the expression so far: copied, parenthesised where Python's precedence needs it."""
         expr, prec, words, steps = "x", 9, [], []
         for _ in range(rng.randint(self.min_steps, self.steps)):
             text, template, needs, result = INT_OPS[rng.choice(self._int_ops)]
@@ -118,7 +121,7 @@ class PyFunc(CodeTask, SyntheticTask):
             operand = expr if prec >= needs else f"({expr})"
             expr, prec = template.format(e=operand, k=k), result
             words.append(text.format(k=k))
-            steps.append(expr + ".")
+            steps.append(f"{words[-1]}: {expr}.")
         return "x", ", then ".join(words), expr, " ".join(steps)
 
     def _list(self, rng):
