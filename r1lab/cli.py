@@ -219,6 +219,11 @@ def _run_grpo(args):
 
 # ----------------------------------------------------------------------------- pipeline
 
+PIPELINE_SETS = ("pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks", "pretrain.task_args", "grpo.tasks",
+                 "grpo.task_args", "pretrain.seed", "grpo.seed", "grpo.teacher", "grpo.teacher_weight",
+                 "pretrain.tokenizer")
+
+
 def _add_pipeline(sub):
     from r1lab.recipes import PipelineConfig
 
@@ -230,9 +235,9 @@ def _add_pipeline(sub):
                                    "when missing). Nested settings take dotted flags (--grpo.steps 40) or a --config "
                                    "YAML file.")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with pipeline settings (flags override it)")
-    # set by the pipeline itself: stage directories, the RL model, and the task (one top-level --task for all)
-    C.add_arguments(p, PipelineConfig, skip=("pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks",
-                                             "pretrain.task_args", "grpo.tasks", "grpo.task_args"))
+    # set by the pipeline itself, so not flags: stage directories, the models each stage starts from, the task and
+    # the seed (one top-level --task and --seed for all), and the teacher (the distill recipe's on-policy arm)
+    C.add_arguments(p, PipelineConfig, skip=PIPELINE_SETS)
     p.set_defaults(run=_run_pipeline)
 
 

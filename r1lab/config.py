@@ -174,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
             flags.append("--" + name)
         shown = json.dumps(default) if isinstance(default, (list, dict)) else default
         group.add_argument(*flags, dest="cfg::" + name, default=None, metavar="V",
-                           help=f"{help_text} [{_type_name(tp)}, default {shown}]".strip())
+                           help=f"{help_text} [{_type_name(tp)}, default {shown}]".strip().replace("%", "%%"))
 
 
 def _type_name(tp) -> str:

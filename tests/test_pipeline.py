@@ -33,7 +33,7 @@ def test_pipeline_runs_every_stage_and_writes_summary_and_report(tmp_path, capsy
         assert {"greedy", "pass@1", "think_share", "mean_length"} <= set(summary[side])
     assert summary["wall_seconds"] > 0
     for f in ("report.html", "report.md", "eval_base.json", "eval_final.json", "plots/before_after.png",
-              "plots/reward_mean.png", "pretrain/model/config.json", "grpo/model/config.json", "config.yaml"):
+              "plots/grpo/reward_mean.png", "pretrain/model/config.json", "grpo/model/config.json", "config.yaml"):
         assert (run / f).exists(), f
     assert "data:image/png;base64," in (run / "report.html").read_text()
     # the compute section: each training stage's measured throughput against this machine's measured matmul peak

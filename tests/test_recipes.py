@@ -1,5 +1,6 @@
 """The r1 and distill recipes end to end on tiny settings: stage directories, an eval per stage, summary keys and the
-distillation-versus-RL comparison at about equal wall time; a bad recipe name is named."""
+three-arm comparison (SFT distillation, on-policy distillation, GRPO) at about equal wall time; a bad recipe name is
+named."""
 
 from __future__ import annotations
 
@@ -98,40 +99,49 @@ def test_r1_recipe_runs_four_evaluated_stages_and_reports(run_dir, worked_teache
     assert json.loads((r1 / "summary.json").read_text())["stages"] == summary["stages"]
 
 
-def test_distill_recipe_compares_distillation_with_rl_at_equal_time(run_dir, worked_teacher, capsys):
+def test_distill_recipe_compares_three_arms_at_equal_time(run_dir, worked_teacher, capsys):
     assert main(_argv(run_dir, "distill")) == 0
     out = capsys.readouterr().out
-    assert "Distillation vs RL" in out and "distillation minus RL" in out
+    assert "Distillation vs RL" in out and "SFT distillation minus GRPO" in out
+    assert "on-policy distillation minus GRPO" in out and "SFT distillation minus on-policy distillation" in out
     d = run_dir / "distill"
     summary = json.loads((d / "summary.json").read_text())
-    assert list(summary["stages"]) == ["teacher", "student_base", "distilled", "student_rl"]
+    assert list(summary["stages"]) == ["teacher", "student_base", "distilled", "onpolicy", "student_rl"]
     for h in summary["stages"].values():
         _headline_ok(h)
     student = json.loads((d / "student_pretrain" / "model" / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"] == 1  # dense
     assert student["hidden_size"] == 24
     assert summary["student"]["params_total"] < summary["teacher"]["params_active"]  # smaller than the teacher
-    for model in ("distilled/sft/model", "student_rl/model"):
+    for model in ("distilled/sft/model", "onpolicy/model", "student_rl/model"):
         assert (d / model / "config.json").is_file(), model
-    c = summary["distill_vs_rl"]
-    assert c["distill_pass@1"] == summary["stages"]["distilled"]["pass@1"]
-    assert c["rl_pass@1"] == summary["stages"]["student_rl"]["pass@1"]
-    assert c["winner"] in ("distillation", "rl", "neither") and c["problems"] == 8
-    assert abs(c["difference"] - (c["distill_pass@1"] - c["rl_pass@1"])) < 1e-9
-    assert c["rl_steps"] >= 1 and c["distill_samples"] >= 1
-    # GRPO ran until the distillation's wall time was spent: one step's overshoot and the loading at most
-    assert c["rl_train_seconds"] >= c["distill_seconds"] - 0.2 or c["rl_steps"] == 1000
-    assert abs(c["rl_seconds"] - c["distill_seconds"]) <= max(5.0, 0.5 * c["distill_seconds"]), c
-    for f in ("report.md", "report.html", "plots/stages.png", "plots/student_rl/reward_mean.png"):
+    pairs = [(c["first"], c["second"]) for c in summary["comparisons"]]
+    assert pairs == [("distilled", "student_rl"), ("onpolicy", "student_rl"), ("distilled", "onpolicy")]
+    for c in summary["comparisons"]:
+        assert c["first_pass@1"] == summary["stages"][c["first"]]["pass@1"]
+        assert c["second_pass@1"] == summary["stages"][c["second"]]["pass@1"]
+        assert c["winner"] in ("first", "second", "neither") and c["problems"] == 8
+        assert abs(c["difference"] - (c["first_pass@1"] - c["second_pass@1"])) < 1e-9
+    arms = summary["arms"]
+    assert arms["distilled"]["samples"] >= 1
+    onpolicy = [json.loads(r) for r in (d / "onpolicy" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward_mean"] is None and r["teacher_reverse_kl"] is not None for r in onpolicy)  # no reward
+    budget = arms["distilled"]["wall_seconds"]
+    for arm in ("onpolicy", "student_rl"):  # each ran until the SFT arm's wall time was spent
+        a = arms[arm]
+        assert a["steps"] >= 1 and (a["train_seconds"] >= budget - 0.2 or a["steps"] == 1000), a
+        assert abs(a["wall_seconds"] - budget) <= max(5.0, 0.5 * budget), (arm, a, budget)
+    for f in ("report.md", "report.html", "plots/stages.png", "plots/student_rl/reward_mean.png",
+              "plots/onpolicy/teacher_reverse_kl.png"):
         assert (d / f).exists(), f
-    assert "Distillation versus RL" in (d / "report.md").read_text()
+    assert "The arms compared on the same problems" in (d / "report.md").read_text()
 
 
 def test_a_bad_recipe_name_is_named_with_the_choices(tmp_path, capsys):
     assert RECIPES == ("r1zero", "r1", "distill")
     assert main(["pipeline", "--recipe", "r2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "unknown recipe 'r2'; choose one of r1zero, r1, distill" in err
+    assert "recipe must be one of r1zero, r1, distill (got 'r2')" in err
     assert not (tmp_path / "x").exists()  # refused before any stage ran
 
 
@@ -140,7 +150,7 @@ def test_a_bad_recipe_name_is_named_with_the_choices(tmp_path, capsys):
 
 def test_kept_replies_are_written_exactly_as_the_base_model_was_pretrained():
     from r1lab.distill import r1_message
-    from r1lab.recipes_r1 import r1zero_reply
+    from r1lab.recipes.stages import r1zero_reply
     from r1lab.tasks import get_task
     from r1lab.train.pretrain import completion_text
 
@@ -156,7 +166,7 @@ def _record(pid, reasoning):
 
 
 def test_the_longest_reasoning_is_kept_per_problem_in_problem_order():
-    from r1lab.recipes_r1 import select_longest
+    from r1lab.recipes.stages import select_longest
 
     kept = [_record("a", "x"), _record("a", "xxx"), _record("b", ""), _record("a", "xx"), _record("b", "y")]
     reasoning = lambda rs: [(r["id"], r["messages"][1]["content"].split("\n")[1]) for r in rs]  # noqa: E731
@@ -166,19 +176,20 @@ def test_the_longest_reasoning_is_kept_per_problem_in_problem_order():
 
 
 def test_the_comparison_is_paired_over_problems_and_says_when_it_cannot_tell():
-    from r1lab.recipes_r1 import compare, verdict
+    from r1lab.recipes.report import verdict
+    from r1lab.recipes.stages import compare
 
     def result(values):
         recs = [{"id": str(i), "pass@1": v, "skipped": False} for i, v in enumerate(values)]
         return {"summary": {"pass@1": sum(values) / len(values)}, "records": recs}
 
     a, b = [1.0, 1.0, 0.5, 1.0, 0.0, 1.0], [0.0, 0.5, 0.5, 0.0, 0.0, 0.5]
-    c = compare(result(a), result(b))
+    c = dict(first="distilled", second="student_rl", **compare(result(a), result(b)))
     diffs = [x - y for x, y in zip(a, b)]  # reference: the paired t-style interval by hand
     mean = sum(diffs) / 6
     sd = (sum((d - mean) ** 2 for d in diffs) / 5) ** 0.5
     assert c["difference"] == pytest.approx(mean) and c["interval95"] == pytest.approx(1.96 * sd / 6 ** 0.5)
-    assert c["winner"] == "distillation" and "distillation wins" in verdict(c)
-    assert compare(result(b), result(a))["winner"] == "rl"
-    tie = compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0]))
+    assert c["winner"] == "first" and "SFT distillation is ahead" in verdict(c)
+    assert compare(result(b), result(a))["winner"] == "second"
+    tie = dict(first="onpolicy", second="student_rl", **compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0])))
     assert tie["winner"] == "neither" and "no clear difference" in verdict(tie)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import grpo_interrupted_at
 from r1lab.cli import main
-from r1lab.report import curve_points
+from r1lab.recipes.report import curve_points
 from r1lab.train import grpo as GR
 from r1lab.train import losses as L
 from r1lab.train.run import Run, TrainingError, read_metrics
