@@ -1,16 +1,18 @@
 """Small Python functions from a one-line spec, judged by hidden tests in the sandbox: R1-Zero on code, sized for the
 tiny model (programs are a dozen to thirty tokens).
 
-    f(x): add 3, then multiply by 2, then subtract it from 7.
+    f(x): add 3, then multiply by 2, then subtract it from 7.                                        (int)
         add 3: x+3. multiply by 2: (x+3)*2. subtract it from 7: 7-(x+3)*2.      def f(x): return 7-(x+3)*2
-    f(xs): keep the even ones, times 3, sum.
+    f(x): x*a+b, where f(0)=23 and f(1)=61.                                                          (fit)
+        b=23. a=61-23: 1-3 borrow, 11-3=8, write 8. 6-1-2=3, write 3. so 38. x*38+23.   def f(x): return x*38+23
+    f(xs): keep the even ones, times 3, sum.                                                         (list)
         keep x%2==0. x*3. sum. sum(x*3 for x in xs if x%2==0).          def f(xs): return sum(x*3 for x in xs if x%2==0)
-    f(s): reverse it.
+    f(s): reverse it.                                                                                (str)
         s[::-1].                                                        def f(s): return s[::-1]
 
-Long integer chains are where thinking can pay: the program's text runs against the spec's order (the last operation
-is written first, `7-(...)`, and the opening parentheses depend on operations still to come), so a bare answer must
-plan the whole expression at once, while the worked trace builds it one copy-and-wrap step at a time.
+Whether thinking pays depends on the kind. An integer chain is a translation, which the tiny model learns to write at
+once (measured: 90% right without thinking, 78% with, and GRPO taught it to stop thinking); a fitted line needs a
+constant computed from the examples, which a bare answer can only guess, as with arithmetic.
 
 The canonical key is the program itself, so two specs of the same program fall in the same split. Hidden tests
 call f on random inputs; their expected values come from running the reference program here (trusted code we wrote).
@@ -27,9 +29,10 @@ from typing import ClassVar
 
 from r1lab.sandbox import Limits
 from r1lab.tasks import Problem, SyntheticTask
+from r1lab.tasks.arithmetic import worked
 from r1lab.tasks.code import CodeTask
 
-KINDS = ("int", "list", "str")
+KINDS = ("int", "fit", "list", "str")
 
 # name -> (words, code over `e` (the expression so far) and `k`, the precedence `e` needs to go unparenthesised,
 # the precedence of the result): Python's own (+ - below * // % below **), an unparenthesised name is 9.
@@ -54,8 +57,9 @@ JUDGED_CACHE = 8192  # judgements a task keeps, most recently asked for
 @dataclass
 class PyFunc(CodeTask, SyntheticTask):
     """One function `f` per problem: an integer chain of `min_steps`..`steps` operations drawn from `int_ops` (`int`),
-    a filter/map/reduce over a list (`list`), or one string operation (`str`); constants in 2..`max_const`;
-    `n_tests` hidden tests each. The worked reasoning builds the program a piece at a time and ends with its body."""
+    a line x*a+b from its values at 0 and 1 (`fit`), a filter/map/reduce over a list (`list`), or one string operation
+    (`str`); constants in 2..`max_const`; `n_tests` hidden tests each. The worked reasoning builds the program a piece
+    at a time and ends with its body."""
 
     steps: int = 2
     kinds: str = "int,list"
@@ -109,7 +113,7 @@ class PyFunc(CodeTask, SyntheticTask):
             self._judged.move_to_end(key)
         return future
 
-    # ------------------------------------------------------------------------- the three kinds
+    # ------------------------------------------------------------------------- the kinds
 
     def _int(self, rng):
         """Each step of the trace restates one instruction of the spec (its constant then sits just before the code
@@ -123,6 +127,15 @@ class PyFunc(CodeTask, SyntheticTask):
             words.append(text.format(k=k))
             steps.append(f"{words[-1]}: {expr}.")
         return "x", ", then ".join(words), expr, " ".join(steps)
+
+    def _fit(self, rng):
+        """x*a+b from its values at 0 and 1: b is f(0), and a = f(1)-f(0) is worked out column by column (two-digit
+        values, as the arithmetic task writes subtraction), so the program's constant must be computed, not copied."""
+        b = rng.randint(10, 89)
+        a = rng.randint(2, 99 - b)
+        work = worked(a + b, "-", b)[0]
+        reasoning = f"b={b}. a={a + b}-{b}: {work}. x*{a}+{b}."
+        return "x", f"x*a+b, where f(0)={b} and f(1)={a + b}", f"x*{a}+{b}", reasoning
 
     def _list(self, rng):
         k = rng.randint(2, self.max_const)
@@ -153,7 +166,7 @@ class PyFunc(CodeTask, SyntheticTask):
         exec(code, namespace)  # our own reference program, to compute the expected values
         f, tests, seen = namespace["f"], [], set()
         for _ in range(20 * self.n_tests):
-            if kind == "int":
+            if kind in ("int", "fit"):
                 arg = rng.randint(-20, 20)
             elif kind == "list":
                 arg = [rng.randint(-9, 9) for _ in range(rng.randint(0, 6))]
