@@ -37,15 +37,14 @@ from r1lab import config
 from r1lab.model.hf import HFOptions, base_model
 from r1lab.reasoning import split_reasoning
 from r1lab.rewards import get_reward
-from r1lab.runtime import use_bf16
 from r1lab.sampler import Sampler
 from r1lab.tasks import get_task
 from r1lab.tokenizer import carry_template
-from r1lab.train import dist, losses
+from r1lab.train import dist, loop, losses
 from r1lab.train.advantages import get_advantage
 from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to_matrix, token_logprobs
 from r1lab.train.rollout import Rollout, Rollouts, gather_rollout
-from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
+from r1lab.train.run import adamw, cosine_lr
 from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
 
 @dataclass
@@ -157,20 +156,13 @@ class GRPOConfig:
 
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, model=None, tokenizer=None, resume: bool = True, progress: bool = True):
-        from r1lab.hardware import measure_matmul_peak
         from r1lab.model.hf import load_trainable
         from r1lab.model.load import load_model_and_tokenizer
 
-        self.cfg = cfg.validate()
-        device = dist.setup(cfg.device)  # under torchrun: join the process group before anything is written
-        self.bf16 = use_bf16(cfg.bf16, device)
-        self.run = Run(cfg.out, cfg, resume=resume)
+        session = loop.open_run(cfg, resume)
+        self.cfg, self.run, self.bf16, self.peak, self.state = cfg, session.run, session.bf16, session.peak, session.state
+        device, finished = session.device, session.finished
         self.progress = progress
-        # measured before any seeding or RNG restore: the measurement draws random numbers (once per process)
-        finished = self.run.done() and resume
-        self.peak = None if finished else measure_matmul_peak(torch.bfloat16 if self.bf16 else torch.float32,
-                                                              device=device)
-        self.state = None if finished else self.run.load()  # a finished run keeps all its metrics
         torch.manual_seed(cfg.seed)  # LoRA's initial adapters
         if finished:  # the final model (LoRA merged into it); train() returns it at once
             model, tokenizer = load_model_and_tokenizer(self.run.model_dir, device=device)
@@ -196,11 +188,7 @@ class GRPOTrainer:
         # the training forward: plain, or inside DDP / FSDP under torchrun (before the optimiser: FSDP shards)
         self.policy = dist.wrap(model, token_logprobs, cfg.parallel)
         self.opt = adamw(model, cfg.lr, cfg.weight_decay)
-        self.start = 0
-        if self.state:
-            dist.load_optimizer_state(self.opt, self.state["optimizer"])
-            set_rng_state(self.state["rng"])
-            self.start = self.state["step"]
+        self.start = loop.restore(self.opt, self.state)
         self.step = self.start  # the step being taken (named in errors)
         self.seconds = self.state["extra"].get("seconds", 0.0) if self.state else 0.0  # training time so far
         if cfg.rollout == "vllm":
@@ -294,13 +282,10 @@ class GRPOTrainer:
                     stats[k] = stats.get(k, 0.0) + ((v.detach() * m).sum() / n_tokens).item() / cfg.mu
                 if ent is not None:
                     stats["entropy"] += ((to_matrix(ent.float(), lay, (N, T)) * m).sum() / n_tokens).item()
-            stats["grad_norm"] = dist.clip_grad_norm(self.model.parameters(), cfg.grad_clip).item()
-            self.run.check_finite(self.step + 1, loss=stats["loss"], grad_norm=stats["grad_norm"])
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            stats["grad_norm"] = loop.optimizer_step(self.model, self.opt, self.run, self.step + 1, stats["loss"],
+                                                     cfg.grad_clip)
             if self.native and cfg.balance_experts:
-                dist.sync_expert_load(base_model(self.model))
-                base_model(self.model).update_expert_bias()
+                loop.balance_experts(self.model)
         stats["trained_tokens"] = sum(lay.n_tokens for lay in layouts)
         stats.update(self._mismatch(old, rollout_lp, mask))
         if dist.active():  # each process summed its shares of the step's means (an idle process may lack a metric)
@@ -339,6 +324,7 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------- loop
     def train(self):
+        """The loop: roll out, update, log, evaluate and save on cadence, until `steps` or `max_seconds`."""
         from r1lab.cost import achieved_flops_report, training_flops_per_token
 
         cfg = self.cfg
@@ -348,13 +334,7 @@ class GRPOTrainer:
             fpt = training_flops_per_token(base_model(self.model).config, 512, include_mtp=False)
         except (ValueError, KeyError):  # an architecture the cost model does not know
             fpt = None
-        peak = self.peak
-        steps = range(self.start, cfg.steps)
-        bar = steps
-        show = self.progress and dist.is_main()
-        if show:
-            from tqdm import tqdm
-            bar = tqdm(steps, desc="grpo", initial=self.start, total=cfg.steps, dynamic_ncols=True)
+        bar = loop.progress(range(self.start, cfg.steps), cfg.steps, "grpo", self.progress)
         for step in bar:
             self.step = step
             t0 = time.perf_counter()
@@ -374,23 +354,23 @@ class GRPOTrainer:
             if cfg.max_seconds:  # every process stops after the same step
                 out_of_time = bool(dist.all_sum(int(out_of_time)))
             row = self.metrics(ro, stats, lr, t1 - t0, t2 - t1)
-            if "trained_tokens" in stats and fpt:
-                row.update({f"train_{k}": v for k, v in
-                            achieved_flops_report(stats["trained_tokens"], t2 - t1, fpt, peak * dist.world()).items()})
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or out_of_time:
-                self.run.log(step + 1, **row, total_seconds=self.seconds)
-            if show:  # a step where nothing could be judged has no reward or accuracy to show
-                bar.set_postfix({k: "-" if row[key] is None else f"{row[key]:{fmt}}" for k, key, fmt in (
-                    ("reward", "reward_mean", ".2f"), ("acc", "accuracy", ".2f"), ("len", "mean_length", ".0f"),
-                    ("think", "think_share", ".2f"))})
+            if "trained_tokens" in stats and fpt:  # the update's own throughput (sampling not counted)
+                row.update({f"train_{k}": v for k, v in achieved_flops_report(
+                    stats["trained_tokens"], t2 - t1, fpt, self.peak * dist.world() if self.peak else None).items()})
+            done = step + 1
+            if loop.due(done, cfg.log_every, cfg.steps) or out_of_time:
+                self.run.log(done, **row, total_seconds=self.seconds)
+            loop.show(bar, **{k: None if row[key] is None else f"{row[key]:{fmt}}" for k, key, fmt in (
+                ("reward", "reward_mean", ".2f"), ("acc", "accuracy", ".2f"), ("len", "mean_length", ".0f"),
+                ("think", "think_share", ".2f"))})
             if out_of_time:  # max_seconds reached: this step is the last
                 break
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 self.model.eval()
                 with dist.full_weights(self.policy):  # every process evaluates (the same problems and seeds)
-                    self.run.log(step + 1, eval=self.quick_eval())
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                self.run.save(self.model, self.tok, step + 1, self.opt, extra={"seconds": self.seconds})
+                    self.run.log(done, eval=self.quick_eval())
+            if done % cfg.save_every == 0 and done < cfg.steps:
+                self.run.save(self.model, self.tok, done, self.opt, extra={"seconds": self.seconds})
         self.model.eval()
         self.run.finish(self.model, self.tok)  # a LoRA model is merged into its base here
         return base_model(self.model), self.tok, self.run

@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1lab import config as C
+from r1lab import config
 from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.tasks import Problem, get_task
 from r1lab.tokenizer import carry_template, render_prompt, train_tokenizer
-from r1lab.runtime import use_bf16
-from r1lab.train import dist as D
+from r1lab.train import dist, loop
 from r1lab.train.packing import Packed, pack
-from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
+from r1lab.train.run import adamw
 
 
 @dataclass
@@ -59,7 +58,7 @@ class PretrainConfig:
     parallel: str = "ddp"            # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
 
     def validate(self) -> "PretrainConfig":
-        C.require_finite(self)
+        config.require_finite(self)
         if not 0 <= self.direct_fraction <= 1:
             raise ValueError(f"direct_fraction must be in [0, 1] (got {self.direct_fraction})")
         for name in ("steps", "rows", "seq_len", "eval_problems", "log_every", "save_every", "eval_every"):
@@ -67,7 +66,7 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
-        D.check_parallel(self.parallel)
+        dist.check_parallel(self.parallel)
         for t in self.tasks:
             get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now, not at step 1
         return self
@@ -183,53 +182,40 @@ def quick_eval(model, tok, cfg: PretrainConfig, seed: int = 0) -> dict:
 
 def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
     """Train (or resume) and return (model, tokenizer, run). The final model is written to `<out>/model`."""
-    from r1lab.cost import achieved_flops_report, training_flops_per_token
-    from r1lab.hardware import measure_matmul_peak
+    from r1lab.cost import training_flops_per_token
     from r1lab.model.checkpoint import load_model
     from r1lab.model.load import load_tokenizer
 
-    cfg.validate()
-    device = D.setup(cfg.device)
-    bf16 = use_bf16(cfg.bf16, device)
-    if D.world() > cfg.rows:
-        raise ValueError(f"rows ({cfg.rows}) is smaller than the number of processes ({D.world()}); every process "
-                         "trains on a share of the step's rows: raise --rows")
-    run = Run(cfg.out, cfg, resume=resume)
-    if run.done() and resume:
+    if dist.world() > cfg.rows:
+        raise ValueError(f"rows ({cfg.rows}) is smaller than the number of processes ({dist.world()}); every "
+                         "process trains on a share of the step's rows: raise --rows")
+    s = loop.open_run(cfg, resume)
+    run, device = s.run, s.device
+    if s.finished:
         return load_model(run.model_dir, device=device), load_tokenizer(run.model_dir), run
-    state = run.load()
-    if state:
+    if s.state:
         model, tok = load_model(run.checkpoint_dir, device=device), load_tokenizer(run.checkpoint_dir)
     else:
         tok = build_tokenizer(cfg)
         model = build_model(cfg, tok).to(device)
     carry_template(tok, cfg.template)  # the model directory renders the prompts it was trained on
     model.train()
-    forward = D.wrap(model, _forward, cfg.parallel)  # before the optimiser: FSDP shards the parameters
+    forward = dist.wrap(model, _forward, cfg.parallel)  # before the optimiser: FSDP shards the parameters
     opt = adamw(model, cfg.lr, cfg.weight_decay)
-    start = 0
-    if state:
-        D.load_optimizer_state(opt, state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
+    start = loop.restore(opt, s.state)
     corpus = Corpus(cfg, tok)
     corpus.check_fits()
     share = len(model.mtp_layers) == 0  # the MTP loss works on plain packed sequences only
-    fpt = training_flops_per_token(model.config, cfg.seq_len)
-    peak = measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=device)
+    meter = loop.Throughput(training_flops_per_token(model.config, cfg.seq_len), s.peak)
 
-    bar = _bar(range(start, cfg.steps), progress and D.is_main(), "pretrain")
-    tokens = 0
-    t_log = time.perf_counter()
+    bar = loop.progress(range(start, cfg.steps), cfg.steps, "pretrain", progress)
     for step in bar:
         batch = corpus.batch(step, share_prefix=share)
-        if D.active():
+        if dist.active():
             batch, weights = process_rows(batch)
-        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = loop.set_lr(opt, step, cfg.steps, cfg)
         dev = lambda t: t.to(device)  # noqa: E731
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
             if share:  # a 4D mask: samples see the shared preamble and themselves
                 out = forward(dev(batch.input_ids), attention_mask=dev(batch.mask()),
                               position_ids=dev(batch.position_ids), labels=dev(batch.labels),
@@ -239,39 +225,31 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
                               position_ids=dev(batch.position_ids), segment_ids=dev(batch.segment_ids),
                               labels=dev(batch.labels))
         loss, lm_loss = out.loss, out.lm_loss
-        if D.active():  # this process's share of the step's loss (token means by tokens, the balance loss by rows)
+        if dist.active():  # this process's share of the step's loss (token means by tokens, the balance loss by rows)
             aux = out.aux_loss if out.aux_loss is not None else 0.0
             loss = (out.loss - aux) * weights[0] + aux * weights[1]
             lm_loss = lm_loss * weights[0]
-        D.backward(loss)
-        grad_norm = D.clip_grad_norm(model.parameters(), cfg.grad_clip)
-        run.check_finite(step + 1, loss=loss.item(), grad_norm=grad_norm.item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        D.sync_expert_load(model)
-        imbalance = model.update_expert_bias()
-        tokens += batch.n_tokens
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            dt = time.perf_counter() - t_log
-            loss_v, lm_v, tokens = D.all_sum([loss.item(), lm_loss.item(), tokens])
-            mtp = D.all_sum(out.mtp_loss.item()) / D.world() if out.mtp_loss is not None else None
-            row = dict(loss=loss_v, lm_loss=lm_v, lr=lr, grad_norm=grad_norm.item(), mtp_loss=mtp,
-                       expert_imbalance=imbalance.mean().item() if len(imbalance) else None,
-                       **achieved_flops_report(tokens, dt, fpt, peak * D.world()))
-            run.log(step + 1, **row)
-            if progress and D.is_main():
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            tokens, t_log = 0, time.perf_counter()
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        dist.backward(loss)
+        grad_norm = loop.optimizer_step(model, opt, run, step + 1, loss.item(), cfg.grad_clip)
+        imbalance = loop.balance_experts(model)
+        meter.add(batch.n_tokens)
+        done = step + 1
+        if loop.due(done, cfg.log_every, cfg.steps):
+            loss_v, lm_v = dist.all_sum([loss.item(), lm_loss.item()])
+            mtp = dist.all_sum(out.mtp_loss.item()) / dist.world() if out.mtp_loss is not None else None
+            row = run.log(done, loss=loss_v, lm_loss=lm_v, lr=lr, grad_norm=grad_norm, mtp_loss=mtp,
+                          expert_imbalance=imbalance, **meter.report())
+            loop.show(bar, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if done % cfg.eval_every == 0 and done < cfg.steps:
             model.eval()
-            with D.full_weights(forward):  # every process evaluates (the same problems)
-                run.log(step + 1, eval=quick_eval(model, tok, cfg))
+            with dist.full_weights(forward):  # every process evaluates (the same problems)
+                run.log(done, eval=quick_eval(model, tok, cfg))
             model.train()
-            t_log = time.perf_counter()
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            run.save(model, tok, step + 1, opt)
+            meter.pause_until_now()
+        if done % cfg.save_every == 0 and done < cfg.steps:
+            run.save(model, tok, done, opt)
     model.eval()
-    with D.full_weights(forward):
+    with dist.full_weights(forward):
         run.log(cfg.steps, eval=quick_eval(model, tok, cfg))
     run.finish(model, tok)
     return model, tok, run
@@ -284,17 +262,9 @@ def _forward(model, *args, **kwargs):
 def process_rows(batch: Packed) -> tuple[Packed, tuple[float, float]]:
     """This process's share of the step's rows, and the weights of its losses: its share of the step's label
     tokens (for token means) and of its rows (for the per-row balance loss)."""
-    mine = D.share(batch.input_ids.shape[0])
+    mine = dist.share(batch.input_ids.shape[0])
     part = Packed(batch.input_ids[mine], batch.position_ids[mine], batch.group[mine], batch.segment[mine], [],
                   batch.labels[mine])
     n_mine = int((part.labels[:, 1:] != -100).sum())
-    n_all = D.all_sum(n_mine)
+    n_all = dist.all_sum(n_mine)
     return part, (n_mine / max(1.0, n_all), (mine.stop - mine.start) / batch.input_ids.shape[0])
-
-
-def _bar(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-    return tqdm(it, desc=desc, dynamic_ncols=True, initial=it.start if isinstance(it, range) else 0,
-                total=it.stop if isinstance(it, range) else None)

@@ -24,15 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from r1lab import config as C
+from r1lab import config
 from r1lab.model.hf import HFOptions, base_model, is_native, load_trainable, trainable_parameters
 from r1lab.reasoning import THINK_START
 from r1lab.tokenizer import TEMPLATES, apply_template, carry_template
-from r1lab.runtime import use_bf16
-from r1lab.train import dist as D
+from r1lab.train import dist, loop
 from r1lab.train.logprobs import packed_hidden_states
 from r1lab.train.packing import Packed, pack
-from r1lab.train.run import Run, adamw, cosine_lr, set_rng_state
+from r1lab.train.run import adamw
 
 ROLES = ("system", "user", "assistant")
 
@@ -66,7 +65,7 @@ class SFTConfig:
 
     def validate(self, files: bool = True) -> "SFTConfig":
         """Check the settings; `files=False` skips the data files (a caller that writes them later)."""
-        C.require_finite(self)
+        config.require_finite(self)
         if not self.model:
             raise ValueError("--model is required: the model directory to fine-tune")
         if not self.data:
@@ -87,7 +86,7 @@ class SFTConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         self.hf.validate()
-        D.check_parallel(self.parallel, self.hf.lora)
+        dist.check_parallel(self.parallel, self.hf.lora)
         return self
 
 
@@ -301,14 +300,14 @@ def held_out_loss(model, packed: Packed, rows: int, bf16: bool, device) -> float
     total, n = 0.0, 0
     try:
         starts = range(0, packed.input_ids.shape[0], rows)
-        for i in starts[D.share(len(starts))]:
+        for i in starts[dist.share(len(starts))]:
             batch = select_rows(packed, torch.arange(i, min(i + rows, packed.input_ids.shape[0])))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 total += token_losses(model, batch).sum().item()
             n += int((batch.labels != -100).sum())
     finally:
         model.train(was)
-    total, n = D.all_sum([total, n])
+    total, n = dist.all_sum([total, n])
     return total / max(1, n)
 
 
@@ -317,32 +316,22 @@ def held_out_loss(model, packed: Packed, rows: int, bf16: bool, device) -> float
 
 def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
     """Fine-tune (or resume) and return (model, tokenizer, run); the final model (LoRA merged) is `<out>/model`."""
-    from r1lab.cost import achieved_flops_report, training_flops_per_token
-    from r1lab.hardware import measure_matmul_peak
+    from r1lab.cost import training_flops_per_token
     from r1lab.model.load import load_model_and_tokenizer
 
-    cfg.validate()
-    device = D.setup(cfg.device)
-    bf16 = use_bf16(cfg.bf16, device)
-    run = Run(cfg.out, cfg, resume=resume)
-    if run.done() and resume:
+    s = loop.open_run(cfg, resume)
+    run, device, bf16 = s.run, s.device, s.bf16
+    if s.finished:
         model, tok = load_model_and_tokenizer(run.model_dir, device=device)
         return model, tok, run
-    # measured before any seeding: the measurement draws random numbers (once per process)
-    peak = measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=device)
-    state = run.load()
     torch.manual_seed(cfg.seed)  # LoRA's initial adapters and dropout
-    model, tok = load_trainable(cfg.model, cfg.hf, device=device, resume_from=run.checkpoint_dir if state else None)
+    model, tok = load_trainable(cfg.model, cfg.hf, device=device, resume_from=run.checkpoint_dir if s.state else None)
     carry_template(tok, cfg.template)  # the model directory renders the prompts it was trained on
     data = build_data(cfg, tok)
     model.train()
-    forward = D.wrap(model, _micro_batch_loss, cfg.parallel)  # before the optimiser: FSDP shards the parameters
+    forward = dist.wrap(model, _micro_batch_loss, cfg.parallel)  # before the optimiser: FSDP shards the parameters
     opt = adamw(model, cfg.lr, cfg.weight_decay)
-    start = 0
-    if state:
-        D.load_optimizer_state(opt, state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
+    start = loop.restore(opt, s.state)
     n_rows = data.train.input_ids.shape[0]
     micro_per_epoch = math.ceil(n_rows / cfg.rows)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
@@ -355,65 +344,51 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         fpt = training_flops_per_token(base_model(model).config, cfg.seq_len, include_mtp=False)
     except (ValueError, KeyError):
         fpt = None
+    meter = loop.Throughput(fpt, s.peak)
 
-    bar = range(start, total)
-    if progress and D.is_main():
-        from tqdm import tqdm
-        bar = tqdm(bar, desc="sft", initial=start, total=total, dynamic_ncols=True)
-    tokens, t_log = 0, time.perf_counter()
+    bar = loop.progress(range(start, total), total, "sft", progress)
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         order = data.order(epoch, cfg.seed)
         micro = range(k * cfg.grad_accum, min((k + 1) * cfg.grad_accum, micro_per_epoch))
         parts = [order[m * cfg.rows:(m + 1) * cfg.rows] for m in micro]
-        mine = [p[D.share(len(p))] for p in parts]  # this process's rows of each micro-batch (all of them alone)
+        mine = [p[dist.share(len(p))] for p in parts]  # this process's rows of each micro-batch (all of them alone)
         batches = [select_rows(data.train, r) if len(r) else None for r in mine]
-        n_labels = int(D.all_sum(sum(int((b.labels != -100).sum()) for b in batches if b is not None)))
-        lr = cosine_lr(step, total, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        n_labels = int(dist.all_sum(sum(int((b.labels != -100).sum()) for b in batches if b is not None)))
+        lr = loop.set_lr(opt, step, total, cfg)
         loss_sum, step_tokens = 0.0, 0
         for i, b in enumerate(batches):
-            with D.accumulate(forward, sync=i == len(batches) - 1):
+            with dist.accumulate(forward, sync=i == len(batches) - 1):
                 if b is None:  # fewer rows than processes: a pass that adds nothing keeps DDP/FSDP in step
-                    with D.uncounted(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with dist.uncounted(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         ce, aux = forward(select_rows(data.train, order[:1]))
-                    D.backward((ce + (aux if aux is not None else 0.0)) * 0.0)
+                    dist.backward((ce + (aux if aux is not None else 0.0)) * 0.0)
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     ce, aux = forward(b)
                 weight = len(mine[i]) / len(parts[i])  # the balance loss is a mean over the micro-batch's rows
                 loss = ce / n_labels + (aux * weight / len(batches) if aux is not None else 0.0)
-                D.backward(loss)
+                dist.backward(loss)
             loss_sum += ce.item()
             step_tokens += b.n_tokens
-        loss_sum, step_tokens = D.all_sum([loss_sum, step_tokens])
-        tokens += step_tokens
-        grad_norm = D.clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        run.check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm.item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum = dist.all_sum(loss_sum)
+        meter.add(step_tokens)
+        grad_norm = loop.optimizer_step(model, opt, run, step + 1, loss_sum, cfg.grad_clip)
         if is_native(model):
-            D.sync_expert_load(base_model(model))
-            base_model(model).update_expert_bias()
+            loop.balance_experts(model)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            row = dict(loss=loss_sum / n_labels, lr=lr, grad_norm=grad_norm.item(), epoch=done / steps_per_epoch,
-                       label_tokens=n_labels)
-            if fpt:
-                row.update(achieved_flops_report(tokens, time.perf_counter() - t_log, fpt, peak * D.world()))
-            run.log(done, **row)
-            if progress and D.is_main():
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-            tokens, t_log = 0, time.perf_counter()
+        if loop.due(done, cfg.log_every, total):
+            row = run.log(done, loss=loss_sum / n_labels, lr=lr, grad_norm=grad_norm, epoch=done / steps_per_epoch,
+                          label_tokens=n_labels, **meter.report())
+            loop.show(bar, loss=f"{row['loss']:.3f}")
         if data.held_out is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            with D.full_weights(forward):
+            with dist.full_weights(forward):
                 run.log(done, eval_loss=held_out_loss(model, data.held_out, cfg.rows, bf16, device))
-            t_log = time.perf_counter()
+            meter.pause_until_now()
         if done % cfg.save_every == 0 and done < total:
             run.save(model, tok, done, opt)
     if data.held_out is not None:
-        with D.full_weights(forward):
+        with dist.full_weights(forward):
             run.log(total, eval_loss=held_out_loss(model, data.held_out, cfg.rows, bf16, device))
     model.eval()
     run.finish(model, tok)  # a LoRA model is merged into its base here
