@@ -3,7 +3,7 @@
 Batched decoding with a KV cache: each prompt is encoded once (its `n` samples share the prefill), every step
 is one forward over the rows still running, and a row that finishes leaves the batch at once. Rows can join a
 running batch (`Batch.add`), which is how the server batches concurrent requests. Two small adapters hide the
-model family: `NativeBackend` (r1lab's DeepSeek-V3, latent cache with per-row lengths; Llama-family transformers
+model family: `CachedBackend` (r1lab's DeepSeek-V3, latent cache with per-row lengths; Llama-family transformers
 models run the same way through `r1lab.model.llama.FastDecoder`) and `HFBackend` (any other `transformers` causal
 LM, left-padded DynamicCache).
 
@@ -67,7 +67,7 @@ class Completion:
 # ----------------------------------------------------------------------------- model adapters
 
 
-class NativeBackend:
+class CachedBackend:
     """r1lab's DeepSeek-V3 (MLA latent cache), or a Llama-family model through `FastDecoder` (per-head KV cache):
     rows at their own lengths (no left padding)."""
 
@@ -186,10 +186,10 @@ def make_backend(model, tokenizer):
     from r1lab.model.llama import fast_decoder
 
     if isinstance(model, DeepseekV3):
-        return NativeBackend(model)
+        return CachedBackend(model)
     fast = fast_decoder(model)
     if fast is not None:  # a Llama-family transformers model: its modules, r1lab's per-row cache
-        return NativeBackend(fast)
+        return CachedBackend(fast)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return HFBackend(model, pad if pad is not None else 0)
 

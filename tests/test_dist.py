@@ -299,7 +299,7 @@ def test_rollout_vllm_without_cuda_or_vllm_fails_with_the_fix(llama_dir, tmp_pat
 
     cfg = GR.GRPOConfig(model=str(llama_dir), out=str(tmp_path / "g"), rollout="vllm")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a machine without a GPU says
-    with pytest.raises(ValueError, match="--rollout vllm needs a CUDA GPU.*use --rollout native"):
+    with pytest.raises(ValueError, match="--rollout vllm needs a CUDA GPU.*use --rollout r1lab"):
         cfg.validate()
     assert main(["grpo", "--model", str(llama_dir), "--out", str(tmp_path / "g"), "--rollout", "vllm"]) == 2
     assert "--rollout vllm needs a CUDA GPU" in capsys.readouterr().err
@@ -308,6 +308,6 @@ def test_rollout_vllm_without_cuda_or_vllm_fails_with_the_fix(llama_dir, tmp_pat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ValueError, match="needs the vllm package: pip install vllm"):
         cfg.validate()
-    with pytest.raises(ValueError, match="rollout must be native or vllm"):
+    with pytest.raises(ValueError, match="rollout must be r1lab or vllm"):
         GR.GRPOConfig(model=str(llama_dir), rollout="sglang").validate()
     assert not (tmp_path / "g").exists()  # refused before anything was written

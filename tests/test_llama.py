@@ -10,7 +10,7 @@ import transformers
 
 from r1lab.train import logprobs
 from r1lab.model.llama import FastDecoder, KVCache, fast_decoder
-from r1lab.sampler import HFBackend, NativeBackend, Sampler, SamplingParams, make_backend
+from r1lab.sampler import CachedBackend, HFBackend, Sampler, SamplingParams, make_backend
 
 transformers.logging.set_verbosity_error()
 V = 97
@@ -138,7 +138,7 @@ def test_models_it_would_not_mirror_exactly_keep_the_generic_path():
 
 def test_the_sampler_uses_the_fast_path_where_it_can(tiny_tokenizer):
     qwen = build("qwen2", vocab_size=len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id)
-    assert isinstance(make_backend(qwen, tiny_tokenizer), NativeBackend)
+    assert isinstance(make_backend(qwen, tiny_tokenizer), CachedBackend)
     sliding = build("qwen2", vocab_size=len(tiny_tokenizer), use_sliding_window=True, sliding_window=8,
                     max_window_layers=0)
     assert isinstance(make_backend(sliding, tiny_tokenizer), HFBackend)

@@ -95,7 +95,7 @@ class GRPOConfig:
     hf: HFOptions = field(default_factory=HFOptions)  # transformers models: LoRA, gradient checkpointing, dtype
     device: str = "auto"              # auto: CUDA when present, else CPU
     parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
-    rollout: str = "native"           # native (r1lab's sampler) | vllm (transformers models on GPU, colocated)
+    rollout: str = "r1lab"            # r1lab (its own sampler) | vllm (transformers models on GPU, colocated)
     vllm_gpu_memory: float = 0.3      # --rollout vllm: share of the GPU for vLLM's weights and KV cache
     eval_every: int = 0               # 0: only at the end
     eval_problems: int = 200
@@ -131,8 +131,8 @@ class GRPOConfig:
             raise ValueError(f"max_seconds must be >= 0 (got {self.max_seconds}); 0 runs every step")
         self.hf.validate()
         dist.check_parallel(self.parallel, self.hf.lora)
-        if self.rollout not in ("native", "vllm"):
-            raise ValueError(f"rollout must be native or vllm (got {self.rollout!r})")
+        if self.rollout not in ("r1lab", "vllm"):
+            raise ValueError(f"rollout must be r1lab or vllm (got {self.rollout!r})")
         if self.rollout == "vllm":
             from r1lab.train.vllm_rollout import check_available
 
@@ -194,7 +194,7 @@ class GRPOTrainer:
         if cfg.rollout == "vllm":
             if self.native:
                 raise ValueError("--rollout vllm samples transformers models; r1lab's native DeepSeek-V3 samples with "
-                                 "--rollout native")
+                                 "--rollout r1lab")
             from r1lab.train.vllm_rollout import VLLMRollout
 
             dtype = cfg.hf.dtype if cfg.hf.dtype in ("bfloat16", "float16") else "bfloat16"

@@ -26,10 +26,10 @@ from r1lab.sampler import Completion, SamplingParams
 def check_available() -> None:
     """Raise ValueError naming the fix when `--rollout vllm` cannot run here."""
     if not torch.cuda.is_available():
-        raise ValueError("--rollout vllm needs a CUDA GPU and torch sees none; use --rollout native (r1lab's sampler "
+        raise ValueError("--rollout vllm needs a CUDA GPU and torch sees none; use --rollout r1lab (r1lab's sampler "
                          "runs on CPU and GPU)")
     if importlib.util.find_spec("vllm") is None:
-        raise ValueError("--rollout vllm needs the vllm package: pip install vllm (or use --rollout native)")
+        raise ValueError("--rollout vllm needs the vllm package: pip install vllm (or use --rollout r1lab)")
 
 
 def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
