@@ -183,7 +183,8 @@ def deepseek_tensors(path: Path, cfg_dict: dict):
     # Groups are written only where they limit the choice: llama.cpp asserts topk_group < n_group, and
     # topk_group == n_group keeps every group, as no grouping does.
     grouped = cfg.n_routed_experts and cfg.n_group > 1 and cfg.topk_group < cfg.n_group
-    rs = cfg.rope_scaling if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "yarn" else None
+    rs = cfg.rope_scaling
+    rs = rs if rs and rs.get("rope_type", rs.get("type")) == "yarn" else None
     hparams = dict(
         vocab_size=cfg.vocab_size, context_length=cfg.max_position_embeddings, embedding_length=cfg.hidden_size,
         block_count=L, feed_forward_length=cfg.intermediate_size, head_count=H, head_count_kv=1,
@@ -215,8 +216,8 @@ def deepseek_tensors(path: Path, cfg_dict: dict):
         if cfg.rope_interleave:
             return w
         w = w.reshape(heads, head_dim, -1).clone()
-        w[:, head_dim - rope:] = rope_pairs_adjacent(w[:, head_dim - rope:].reshape(heads * rope, -1), heads).reshape(
-            heads, rope, -1)
+        pe = w[:, head_dim - rope:].reshape(heads * rope, -1)
+        w[:, head_dim - rope:] = rope_pairs_adjacent(pe, heads).view(heads, rope, -1)
         return w.reshape(heads * head_dim, -1)
 
     out = [("token_embd.weight", state["model.embed_tokens.weight"]),
@@ -312,8 +313,11 @@ def llama_tensors(path: Path):
         value_length=head_dim if head_dim * H != cfg.hidden_size else None,
     )
     prefix = "model." if "model.embed_tokens.weight" in state else ""
-    tied = "lm_head.weight" not in state or getattr(cfg, "tie_word_embeddings", False)
-    expected = {prefix + "embed_tokens.weight", prefix + "norm.weight"} | (set() if tied else {"lm_head.weight"})
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))  # a stored lm_head is then ignored, as transformers does
+    if not tied and "lm_head.weight" not in state:
+        raise GGUFExportError(f"{path}: lm_head.weight is not stored and tie_word_embeddings is false; the weights do "
+                              "not match config.json")
+    expected = {prefix + "embed_tokens.weight", prefix + "norm.weight", "lm_head.weight"}
     out = [("token_embd.weight", state[prefix + "embed_tokens.weight"]),
            ("output_norm.weight", state[prefix + "norm.weight"])]
     if not tied:
