@@ -43,7 +43,30 @@ def open_run(cfg, resume: bool) -> Session:
     finished = run.done() and resume
     peak = None if finished else measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=device)
     state = None if finished else run.load()  # a finished run keeps all its metrics
+    if not finished:
+        start_trackers(run, cfg, fresh=not resume)
     return Session(device, bf16, run, state, finished, peak)
+
+
+def start_trackers(run: Run, cfg, fresh: bool) -> None:
+    """Start the `--report-to` trackers on rank 0 with the resolved config and the kept metrics rows
+    (r1lab.trackers); one that cannot start stops every process with its one-line error, before training."""
+    from r1lab.config import ConfigError, to_dict
+    from r1lab.trackers import Trackers
+
+    names = getattr(cfg, "report_to", [])
+    if not names:
+        return
+    error = None
+    if dist.is_main():
+        try:
+            run.trackers = Trackers(names, run.dir, fresh=fresh)
+            run.trackers.begin(to_dict(cfg), run.metrics())
+        except ConfigError as e:
+            error = str(e)
+    errors = [e for e in dist.gather(error) if e]
+    if errors:
+        raise ConfigError(errors[0])
 
 
 def restore(opt: torch.optim.Optimizer, state: dict | None) -> int:

@@ -3,7 +3,8 @@
     runs/<name>/config.yaml        the resolved config (defaults < YAML < flags)
     runs/<name>/metrics.jsonl      one JSON object per logged step
     runs/<name>/checkpoint/        model dir + trainer_state.pt (optimiser, schedule, RNG, step), atomic
-    runs/<name>/model/             the final model, written when the stage completes
+    runs/<name>/model/             the final model with its model card (README.md), written when the stage completes
+    runs/<name>/trackers.json      --report-to trackers' run ids and rows sent (r1lab.trackers)
 
 Resuming from `checkpoint/` restores weights, optimiser, step and RNG, and truncates metrics logged after the
 checkpoint, so an interrupted run continues exactly as if it had not stopped. Under torchrun every process calls
@@ -16,13 +17,16 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from r1lab import config as C
+from r1lab import model_card
 from r1lab.model.checkpoint import CheckpointError, atomic_dir, load_state, recover, save_model
+from r1lab.trackers import Trackers
 from r1lab.train import dist as D
 
 STATE = "trainer_state.pt"
@@ -38,6 +42,8 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
+        self.cfg = cfg
+        self.trackers = Trackers([], self.dir)  # --report-to: started by train.loop.open_run, on rank 0 only
         if D.is_main():
             sweep_temporaries(self.dir)  # a write killed mid-way left a full-size temporary: this run owns the dir
             recover(self.checkpoint_dir)  # once, before other processes look
@@ -109,11 +115,25 @@ class Run:
                             "check the data and rewards")
 
     def finish(self, model, tokenizer) -> Path:
+        """Write the final model with its model card, and close the trackers."""
         weights = D.model_state(model)
         if D.is_main():
-            write_model(model, tokenizer, self.model_dir, state_dict=weights)
+            card = self._card(model)
+            write_model(model, tokenizer, self.model_dir, state_dict=weights,
+                        files={"README.md": card} if card else None)
         D.barrier()
+        self.trackers.close()
         return self.model_dir
+
+    def _card(self, model) -> str | None:
+        """The final model's card (r1lab.model_card); a failure to render one is reported and costs no model."""
+        if self.cfg is None:
+            return None
+        try:
+            return model_card.render(self.cfg, model, self.metrics())
+        except Exception as e:  # noqa: BLE001 - the trained weights matter more than their description
+            print(f"r1lab: the model card was not written ({type(e).__name__}: {e})", file=sys.stderr)
+            return None
 
     # ------------------------------------------------------------------ metrics
     def log(self, step: int, **metrics) -> dict:
@@ -121,7 +141,12 @@ class Run:
         if D.is_main():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.trackers.log(row)
         return row
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Sampled completions (rows of equal keys) for the trackers' sample tables; metrics.jsonl keeps none."""
+        self.trackers.samples(step, samples)
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.metrics_path)
@@ -137,16 +162,17 @@ class Run:
         tmp.replace(self.metrics_path)
 
 
-def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, state_dict: dict | None = None) -> None:
-    """Save a native or transformers model (and tokenizer, and trainer state) as one atomic directory;
-    `state_dict` replaces the model's own (whole weights gathered from FSDP shards)."""
+def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, state_dict: dict | None = None,
+                files: dict[str, str] | None = None) -> None:
+    """Save a native or transformers model (and tokenizer, and trainer state, and text `files` such as the model
+    card) as one atomic directory; `state_dict` replaces the model's own (whole weights gathered from FSDP shards)."""
     from r1lab.model.deepseek import DeepseekV3
 
     if isinstance(model, DeepseekV3):
         def fill(tmp):
             pass
-        save_model(model, path, tokenizer=tokenizer, extra={STATE: extra_state} if extra_state else None,
-                   state_dict=state_dict)
+        extra = {**(files or {}), **({STATE: extra_state} if extra_state else {})}
+        save_model(model, path, tokenizer=tokenizer, extra=extra or None, state_dict=state_dict)
         return
 
     def fill(tmp: Path):
@@ -161,6 +187,8 @@ def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, s
             tokenizer.save_pretrained(tmp)
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
 
     atomic_dir(path, fill)
 
