@@ -7,6 +7,14 @@ model family: `CachedBackend` (r1lab's DeepSeek-V3, latent cache with per-row le
 models run the same way through `r1lab.model.llama.FastDecoder`) and `HFBackend` (any other `transformers` causal
 LM, left-padded DynamicCache).
 
+With a tool (`Sampler(..., tools=PythonTool(...))`, r1lab.tools) a row that closes a tool call pauses: it leaves the
+batch, its program goes to the sandbox's worker pool (a Future; the batch keeps decoding the other rows), and it
+re-enters through a prefill of its whole context with the tool's output appended. `generate()` re-enters a row a fixed
+number of decode steps after it paused (`REENTRY_STEPS`; sooner when nothing else is decoding), waiting for its
+program only if that is slower: every rollout is then a function of the model and the seeds, not of how long programs
+took (a batch's floating-point sums depend on which rows share it). The server re-enters rows as soon as their
+programs end. Completions mark which tokens the model wrote (`token_mask`).
+
 Log-probabilities are those of the distribution sampled from: log_softmax(logits / temperature), before top-p/top-k
 truncation (temperature 0 -> raw logits). The GRPO trainer computes its policy log-probs the same way.
 """
@@ -14,7 +22,9 @@ truncation (temperature 0 -> raw logits). The GRPO trainer computes its policy l
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +35,10 @@ import torch.nn.functional as F
 # DeepSeek's sampling settings for R1 models: the R1 evaluation protocol, and what serving and distillation default to.
 R1_TEMPERATURE = 0.6
 R1_TOP_P = 0.95
+# Decode steps a row that called the tool sits out before it re-enters with the output (generate()'s deterministic
+# schedule; programs slower than this make the batch wait for them). See docs/tools.md for the measurements.
+REENTRY_STEPS = 4
+REENTRY = ("steps", "ready")
 
 
 @dataclass
@@ -60,8 +74,10 @@ class Completion:
     text: str                    # decoded reply, without the stop token or stop string
     token_ids: list[int]         # generated ids, including the stop token when finish_reason is "stop"
     logprobs: list[float]        # one per generated id
-    finish_reason: str           # "stop" or "length"
+    finish_reason: str           # "stop", "length", or "tool_limit" (a tool call the limits do not allow)
     prompt_tokens: int = 0
+    token_mask: list[int] | None = None  # with tools: 1 where the model wrote the token, 0 where the tool did
+    tool_calls: list = field(default_factory=list)  # r1lab.tools.ToolCall, in order
 
 
 # ----------------------------------------------------------------------------- model adapters
@@ -284,21 +300,47 @@ class Row:
     finish_reason: str | None = None
     stop_at: int | None = None        # character offset where a stop string begins
     seq: int = 0                      # creation order within the batch (rows move when others leave)
+    token_mask: list[int] | None = None   # with tools: 1 where the model wrote the token, 0 where the tool did
+    tool_calls: list = field(default_factory=list)
+    tool_tokens: int = 0
+
+
+@dataclass
+class Paused:
+    """A row waiting for its tool call's program."""
+    row: Row
+    program: str
+    future: Future                    # of the sandbox's Result
+    due: int                          # the batch step at which it re-enters (generate()'s schedule)
+    shared: bool = False              # an identical program of another row runs for it
 
 
 class Batch:
     """A running batch: `add` rows (prefilled together, merged into the running set), `step` decodes one token
-    for every row and returns the rows that finished. Cancelled or finished rows leave the batch immediately."""
+    for every row and returns the rows that finished. Cancelled or finished rows leave the batch immediately.
+    With a tool, rows that close a call leave for `paused` and come back through `resume`."""
 
-    def __init__(self, sampler: "Sampler"):
+    def __init__(self, sampler: "Sampler", share_programs: bool = False,
+                 on_program_done: Callable[[], None] | None = None):
         self.s = sampler
         self.state = None
         self.rows: list[Row] = []
         self.controls: RowControls | None = None  # of self.rows; rebuilt when they change
         self.created = 0
+        self.paused: list[Paused] = []
+        self.clock = 0                    # decode steps taken: the re-entry schedule's time
+        self.tool_wait = 0.0              # seconds spent waiting for programs with nothing else to do
+        self.share_programs = share_programs  # identical programs run once (one generate() call's rows)
+        self.on_program_done = on_program_done  # called from a sandbox thread when a program ends (the server)
+        self._programs: dict[str, Future] = {}
 
     def __len__(self):
         return len(self.rows)
+
+    @property
+    def busy(self) -> int:
+        """Rows decoding or waiting for a program."""
+        return len(self.rows) + len(self.paused)
 
     def add(self, prompt_ids: list[list[int]], params: list[SamplingParams], keys: list, generators) -> list[Row]:
         """Prefill prompts (each once, then repeated for its n samples), sample each row's first token and join
@@ -313,14 +355,19 @@ class Batch:
             stop_ids = frozenset(p.stop_token_ids if p.stop_token_ids is not None else self.s.eos_ids)
             unique.append(ids)
             for j in range(p.n):
-                new_rows.append(Row((key, j) if p.n > 1 else key, ids, p, g, stop_ids, max_new))
+                new_rows.append(Row((key, j) if p.n > 1 else key, ids, p, g, stop_ids, max_new,
+                                    token_mask=[] if self.s.tools is not None else None))
                 owner.append(len(unique) - 1)
         for r in new_rows:
             r.seq, self.created = self.created, self.created + 1
+        return self._join(new_rows, unique, owner)
+
+    def _join(self, new_rows: list[Row], contexts: list[list[int]], owner: list[int]) -> list[Row]:
+        """Prefill `contexts` (row i continues contexts[owner[i]]), sample each row's next token, join the batch."""
         capacity = max(len(r.prompt_ids) + r.max_new for r in new_rows)
-        state, logits = self.s.backend.prefill(unique, capacity)
+        state, logits = self.s.backend.prefill(contexts, capacity)
         idx = torch.tensor(owner, device=logits.device)
-        if len(owner) != len(unique):
+        if len(owner) != len(contexts):
             state = self.s.backend.keep(state, idx)
         logits = logits[idx]
         if self.state is None:
@@ -335,6 +382,7 @@ class Batch:
         """Decode one token for every running row; return the rows that finished at this step."""
         if not self.rows:
             return []
+        self.clock += 1
         last = torch.tensor([r.token_ids[-1] for r in self.rows], device=self.s.backend.device)
         logits = self.s.backend.decode(self.state, last)
         if self.controls is None:
@@ -342,8 +390,94 @@ class Batch:
         return self._accept(self.rows, logits, offset=0, controls=self.controls)
 
     def cancel(self, keys: set) -> None:
-        """Drop rows whose key is in `keys` (a client went away)."""
+        """Drop rows whose key is in `keys` (a client went away), running or waiting for a program."""
         self._drop([i for i, r in enumerate(self.rows) if r.key in keys])
+        self.paused = [p for p in self.paused if p.row.key not in keys]
+
+    # ------------------------------------------------------------------ tool calls
+
+    def due(self, ordered: bool = True, jump: bool = False) -> list[Paused]:
+        """The paused rows to re-enter now. `ordered` (generate()): those paused REENTRY_STEPS steps ago or more;
+        with `jump` (nothing else can run) the clock moves on to the next re-entry first. Otherwise (the server):
+        those whose programs have ended."""
+        if not ordered:
+            return [p for p in self.paused if p.future.done()]
+        if jump and self.paused and not self.rows:
+            self.clock = max(self.clock, min(p.due for p in self.paused))
+        return [p for p in self.paused if p.due <= self.clock]
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until some paused row's program ends (the server's loop, when nothing else can run)."""
+        if self.paused:
+            t0 = time.perf_counter()
+            wait([p.future for p in self.paused], timeout=timeout, return_when=FIRST_COMPLETED)
+            self.tool_wait += time.perf_counter() - t0
+
+    def resume(self, entries: list[Paused]) -> list[Row]:
+        """Re-enter paused rows with their tools' output appended (waiting for programs still running), sample each
+        one's next token; returns the rows that finished (a limit reached, or at their first token back)."""
+        from r1lab.tools import ToolCall
+
+        gone = {id(p) for p in entries}
+        self.paused = [p for p in self.paused if id(p) not in gone]
+        tools, rows, contexts, finished = self.s.tools, [], [], []
+        for p in entries:
+            r = p.row
+            if not p.future.done():
+                t0 = time.perf_counter()
+                wait([p.future])
+                self.tool_wait += time.perf_counter() - t0
+            result = p.future.result()
+            ids, text = tools.output_ids(result)
+            call = ToolCall(p.program, text, result.status, 0.0 if p.shared else result.wall_seconds, 0, p.shared)
+            r.tool_calls.append(call)
+            if r.tool_tokens + len(ids) > tools.limits.max_tool_tokens:
+                r.finish_reason = "tool_limit"
+            elif len(r.token_ids) + len(ids) >= r.max_new:  # no room for the output and one more token
+                r.finish_reason = "length"
+            else:
+                call.tokens = len(ids)
+                r.token_ids += ids
+                r.logprobs += [0.0] * len(ids)
+                r.token_mask += [0] * len(ids)
+                r.tool_tokens += len(ids)
+                rows.append(r)
+                contexts.append(r.prompt_ids + r.token_ids)
+                continue
+            finished.append(r)
+        if rows:
+            finished += self._join(rows, contexts, list(range(len(rows))))
+        return finished
+
+    def _pause(self, row: Row) -> bool:
+        """Send the call `row` just closed to the sandbox and set the row aside; False (and finish reason
+        "tool_limit") when the row may make no more calls."""
+        tools = self.s.tools
+        if len(row.tool_calls) >= tools.limits.max_calls:
+            row.finish_reason = "tool_limit"
+            return False
+        from r1lab.tools import program_of
+
+        program = program_of(self.s.decode(row.token_ids))
+        if program is None:  # a closing tag with no call open: the model's mistake, answered like a failed program
+            from r1lab.sandbox import Result
+
+            future: Future = Future()
+            future.set_result(Result(status="failed", stderr="SyntaxError: </tool> closes no <tool>"))
+            self.paused.append(Paused(row, "", future, self.clock + REENTRY_STEPS))
+            return True
+        future = self._programs.get(program) if self.share_programs else None
+        shared = future is not None
+        if future is None:
+            future = tools.submit(program)
+            if self.on_program_done is not None:
+                future.add_done_callback(lambda _: self.on_program_done())
+            if self.share_programs:
+                self._programs[program] = future
+        self.paused.append(Paused(row, program, future, self.clock + REENTRY_STEPS, shared))
+        return True
+
+    # ------------------------------------------------------------------ internals
 
     def _controls(self, rows: list[Row]) -> RowControls:
         return RowControls.of([r.params for r in rows], [r.generator for r in rows], self.s.backend.device,
@@ -351,20 +485,25 @@ class Batch:
 
     def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int, controls: RowControls) -> list[Row]:
         tokens, logps = sample_next(logits, controls)
-        done = []
+        tools = self.s.tools
+        done, paused = [], []
         for i, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), logps.tolist())):
             r.token_ids.append(t)
             r.logprobs.append(lp)
+            if r.token_mask is not None:
+                r.token_mask.append(1)
             if t in r.stop_ids:
                 r.finish_reason = "stop"
             elif r.params.stop and self.s.stop_string_hit(r):
                 r.finish_reason = "stop"
             elif len(r.token_ids) >= r.max_new:
                 r.finish_reason = "length"
+            elif tools is not None and tools.closes_call(r.token_ids) and self._pause(r):
+                paused.append(offset + i)
             if r.finish_reason:
                 done.append(offset + i)
         finished = [self.rows[i] for i in done]
-        self._drop(done)
+        self._drop(done + paused)
         return finished
 
     def _drop(self, idx: list[int]) -> None:
@@ -379,15 +518,21 @@ class Batch:
 
 
 class Sampler:
-    """Batched generation for the native model or any `transformers` causal LM."""
+    """Batched generation for the native model or any `transformers` causal LM; with `tools` (r1lab.tools), rows
+    may call a tool mid-reply."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 256, eos_ids: Sequence[int] | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 256, eos_ids: Sequence[int] | None = None,
+                 tools=None, reentry: str = "steps"):
         from r1lab.tokenizer import eos_ids as default_eos
 
+        if reentry not in REENTRY:
+            raise ValueError(f"reentry must be one of {', '.join(REENTRY)} (got {reentry!r})")
         self.model, self.tokenizer = model, tokenizer
         self.backend = make_backend(model, tokenizer)
         self.max_batch = max_batch
         self.eos_ids = list(eos_ids) if eos_ids is not None else default_eos(tokenizer, getattr(model, "config", None))
+        self.tools, self.reentry = tools, reentry
+        self.tool_wait = 0.0  # seconds the last generate() waited for programs with nothing else to do
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -418,10 +563,11 @@ class Sampler:
         else:
             text = self.decode(ids[:-1] if row.finish_reason == "stop" else ids)
         return Completion(prompt_index, text, list(ids), list(row.logprobs), row.finish_reason,
-                          len(row.prompt_ids))
+                          len(row.prompt_ids), None if row.token_mask is None else list(row.token_mask),
+                          list(row.tool_calls))
 
-    def new_batch(self) -> Batch:
-        return Batch(self)
+    def new_batch(self, **kw) -> Batch:
+        return Batch(self, **kw)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None,
@@ -429,7 +575,8 @@ class Sampler:
                  seeds: Sequence[int] | None = None) -> list[Completion]:
         """Complete every prompt `params.n` times; results are prompt-major (prompt 0's samples first).
         Rows are admitted up to `max_batch` at a time and refilled as others finish. With `seeds` (one per prompt)
-        each prompt samples from its own generator, so its completions do not depend on the prompts beside it."""
+        each prompt samples from its own generator, so its completions do not depend on the prompts beside it.
+        With a tool, identical programs of this call's rows run once and share their output."""
         params = (params or SamplingParams()).validate()
         if seeds is not None:
             if len(seeds) != len(prompts):
@@ -444,18 +591,26 @@ class Sampler:
         results: dict[tuple[int, int], Completion] = {}
         was_training = self.model.training
         self.model.eval()
+        ordered = self.reentry == "steps"
+        batch = self.new_batch(share_programs=True)
         try:
-            batch = self.new_batch()
-            while queue or len(batch):
-                room = self.max_batch - len(batch)
-                if queue and (not len(batch) or room >= max(per_prompt, self.max_batch // 4)):
+            while queue or batch.busy:
+                room = self.max_batch - batch.busy
+                admit = bool(queue) and (not batch.busy or room >= max(per_prompt, self.max_batch // 4))
+                back = batch.due(ordered, jump=not admit) if batch.paused else []
+                if back:
+                    finished = batch.resume(back)
+                elif admit:
                     take = []
                     while queue and (len(take) + 1) * per_prompt <= max(room, per_prompt):
                         take.append(queue.popleft())
                     finished = batch.add([ids for _, ids in take], [params] * len(take),
                                          [i for i, _ in take], [gens[i] for i, _ in take])
-                else:
+                elif len(batch):
                     finished = batch.step()
+                else:  # every row waits for a program ("ready" re-entry)
+                    batch.wait()
+                    continue
                 for row in finished:
                     i, j = row.key if params.n > 1 else (row.key, 0)
                     c = self.finish(row, i)
@@ -464,4 +619,5 @@ class Sampler:
                         on_finish(c)
         finally:
             self.model.train(was_training)
+            self.tool_wait = batch.tool_wait
         return [results[k] for k in sorted(results)]

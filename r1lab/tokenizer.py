@@ -4,6 +4,8 @@
   reply starts inside the thinking and has no opening tag (r1lab.reasoning handles both forms).
 - `r1zero`: the plain R1-Zero template of the paper's Table 1, for RL on a base model.
 Saved with `save_pretrained`, so `transformers.AutoTokenizer` loads them and renders the same prompts.
+The reasoning tags are single tokens in every tokenizer r1lab trains; the tool-call tags (r1lab.tools) too when the
+corpus calls the tool, so tokenizers of corpora without tool calls stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TOOL_TAGS = ("<tool>", "</tool>", "<output>", "</output>")  # r1lab.tools' format
 
 R1ZERO_PREAMBLE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -55,33 +58,36 @@ TEMPLATES = {"r1": R1_TEMPLATE, "r1zero": R1ZERO_TEMPLATE}
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, individual_digits: bool = True):
     """Train a byte-level BPE on `texts` and return a `transformers` fast tokenizer with R1's special tokens,
-    the reasoning tags as single tokens and both chat templates. Digits are split one per token by default,
-    which is what lets a tiny model learn digit-wise arithmetic."""
+    the reasoning tags as single tokens (and the tool-call tags, when a text calls the tool) and both chat
+    templates. Digits are split one per token by default, which is what lets a tiny model learn digit-wise
+    arithmetic."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    texts = list(texts)
+    tags = TAGS + (TOOL_TAGS if any(TOOL_TAGS[1] in t for t in texts) else ())
     specials = [BOS, EOS, PAD, USER, ASSISTANT]
-    min_size = 256 + len(specials) + len(TAGS)
+    min_size = 256 + len(specials) + len(tags)
     if vocab_size < min_size:
         raise ValueError(f"vocab_size must be >= {min_size} (256 bytes + special tokens) (got {vocab_size})")
     tok = Tokenizer(models.BPE())
     pieces = [pre_tokenizers.Digits(individual_digits=True)] if individual_digits else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TAGS), special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tags), special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_strip_tags(texts), trainer)
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
+    tok.train_from_iterator(_strip_tags(texts, tags), trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    model_max_length=1 << 20)
     fast.chat_template = {"default": R1_TEMPLATE, "r1zero": R1ZERO_TEMPLATE}
     return fast
 
 
-def _strip_tags(texts: Iterable[str]) -> Iterator[str]:
+def _strip_tags(texts: Iterable[str], tags: tuple[str, ...] = TAGS) -> Iterator[str]:
     """The tags become whole tokens afterwards; BPE should spend its merges on the rest."""
     for t in texts:
-        for tag in TAGS:
+        for tag in tags:
             t = t.replace(tag, " ")
         yield t
 

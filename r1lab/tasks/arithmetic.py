@@ -4,6 +4,9 @@
     What is 52 - 38?   2-8 borrow, 12-8=4, write 4. 5-1-3=1, write 1. so 14
     What is 47 * 8?    7*8=56, write 6 carry 5. 4*8+5=37, write 7 carry 3. write 3. so 376
     What is 47 * 38?   47*8=376. 47*3=141, shift 1410. 376+1410=1786. so 1786   (multi-digit multiplier)
+
+With the Python tool (r1lab.tools) the same problem is one call: `tool_solution` gives its program and what it prints,
+    What is 47 * 38?   <tool> print(47*38) </tool> <output> 1786 </output>
 """
 
 from __future__ import annotations
@@ -20,21 +23,23 @@ OPS = "+-*"
 
 @dataclass
 class Arithmetic(SyntheticTask):
-    """`a op b` with a of min_digits..max_digits digits; b likewise for + and -, and 1..mul_digits digits for *.
-    Subtractions are ordered so the result is never negative."""
+    """`a op b` with a of min_digits..max_digits digits; b likewise for + and -, and min_mul_digits..mul_digits
+    digits for *. Subtractions are ordered so the result is never negative."""
 
     min_digits: int = 1
     max_digits: int = 3
     ops: str = OPS
     mul_digits: int = 1
+    min_mul_digits: int = 1
     name: ClassVar[str] = "arithmetic"
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits (got min_digits={self.min_digits}, "
                              f"max_digits={self.max_digits})")
-        if self.mul_digits < 1:
-            raise ValueError(f"mul_digits must be >= 1 (got {self.mul_digits})")
+        if not 1 <= self.min_mul_digits <= self.mul_digits:
+            raise ValueError(f"need 1 <= min_mul_digits <= mul_digits (got min_mul_digits={self.min_mul_digits}, "
+                             f"mul_digits={self.mul_digits})")
         bad = set(self.ops) - set(OPS)
         if not self.ops or bad:
             raise ValueError(f"ops must be a non-empty string of {OPS!r} (got {self.ops!r})")
@@ -43,7 +48,7 @@ class Arithmetic(SyntheticTask):
         op = rng.choice(sorted(set(self.ops)))
         a = _number(rng, rng.randint(self.min_digits, self.max_digits))
         if op == "*":
-            b = _number(rng, rng.randint(1, self.mul_digits))
+            b = _number(rng, rng.randint(self.min_mul_digits, self.mul_digits))
         else:
             b = _number(rng, rng.randint(self.min_digits, self.max_digits))
         if op == "-" and a < b:
@@ -56,6 +61,11 @@ class Arithmetic(SyntheticTask):
     def check(self, predicted: str | None, problem: Problem) -> bool | None:
         value = parse_number(predicted)
         return value is not None and value == int(problem.answer)
+
+    def tool_solution(self, problem: Problem) -> tuple[str, str]:
+        """The program a reply that uses the Python tool runs, and what it prints: ("print(47*38)", "1786")."""
+        m = problem.meta
+        return f"print({m['a']}{m['op']}{m['b']})", problem.answer
 
 
 def worked(a: int, op: str, b: int) -> tuple[str, int]:
