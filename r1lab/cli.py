@@ -219,7 +219,8 @@ def _run_grpo(args):
 
 # ----------------------------------------------------------------------------- pipeline
 
-PIPELINE_SETS = ("pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks", "pretrain.task_args", "grpo.tasks",
+PIPELINE_SETS = ("pretrain.report_to", "grpo.report_to",  # one --report-to for every stage
+                 "pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks", "pretrain.task_args", "grpo.tasks",
                  "grpo.task_args", "pretrain.seed", "grpo.seed", "grpo.teacher", "grpo.teacher_weight",
                  "pretrain.tokenizer")
 

@@ -38,7 +38,7 @@ def student_pretrain_config(cfg: PipelineConfig, base: Path, out: Path):
     steps = cfg.distill.pretrain_steps or cfg.pretrain.steps
     pcfg = config.merge(cfg.pretrain, {"out": str(out), "seed": cfg.seed, "tasks": [cfg.task],
                                        "task_args": {cfg.task: cfg.task_args}, "tokenizer": str(base),
-                                       "steps": steps})
+                                       "steps": steps, "report_to": cfg.report_to})
     pcfg.model = model  # replaced, not merged: the student's own sizes
     return pcfg
 

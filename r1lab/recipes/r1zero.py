@@ -26,7 +26,7 @@ def run(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     base, rl = models(cfg)
     if not cfg.base_model:
         pcfg = config.merge(cfg.pretrain, {"out": str(out / "pretrain"), "seed": cfg.seed, "tasks": [cfg.task],
-                                           "task_args": {cfg.task: cfg.task_args}})
+                                           "task_args": {cfg.task: cfg.task_args}, "report_to": cfg.report_to})
         log(f"[1/5] pretraining the tiny DeepSeek-V3 base model -> {pcfg.out}")
         stages.run("pretrain", base, lambda: run_pretrain(pcfg, progress))
     e = cfg.eval

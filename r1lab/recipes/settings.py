@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from r1lab import trackers
 from r1lab.config import opt
 from r1lab.sampler import R1_TEMPERATURE, R1_TOP_P
 from r1lab.train.grpo import GRPOConfig
@@ -70,6 +71,9 @@ class PipelineConfig:
                                        "+ and -)")
     base_model: str = opt("", "start from this model directory instead of pretraining the tiny one")
     seed: int = opt(0, "seed of every stage (a stage's own seed flag is set from this)")
+    report_to: list[str] = opt(factory=list, help="experiment trackers every training stage reports to (a tracker run "
+                                                  "per stage, with the pipeline's evaluation of its model): "
+                                                  "tensorboard, wandb, mlflow")
     pretrain: PretrainConfig = opt(factory=PretrainConfig, help="")
     grpo: GRPOConfig = opt(factory=GRPOConfig, help="")
     eval: EvalSettings = opt(factory=EvalSettings, help="")
@@ -104,4 +108,5 @@ class PipelineConfig:
         if not 0 <= e.temperature <= 2 or not 0 < e.top_p <= 1:
             raise ValueError(f"--eval.temperature must be in [0, 2] and --eval.top-p in (0, 1] (got {e.temperature}, "
                              f"{e.top_p})")
+        trackers.check(self.report_to)
         return self

@@ -83,7 +83,19 @@ def evaluate(model_dir: Path, cfg: PipelineConfig, path: Path) -> dict:
                       top_p=e.top_p, max_new_tokens=e.max_new_tokens, template=cfg.grpo.template, seed=0)
     result = run_eval(local_generator(model, tok, cfg.grpo.template), load_problems(ecfg), ecfg)
     write_report(result, path)
+    announce(model_dir, cfg, result["summary"])
     return result
+
+
+def announce(model_dir: Path, cfg: PipelineConfig, summary: dict) -> None:
+    """A new evaluation of a model the pipeline trained (one under its --out; a --base-model is left alone) joins its
+    model card and its stage's tracker runs."""
+    from r1lab.model_card import add_evaluation
+    from r1lab.trackers import report_evaluation
+
+    if Path(model_dir).resolve().is_relative_to(Path(cfg.out).resolve()):
+        add_evaluation(model_dir, summary)
+        report_evaluation(Path(model_dir).parent, cfg.report_to, summary)
 
 
 def headline(summary: dict) -> dict:
@@ -123,7 +135,7 @@ def grpo_config(cfg: PipelineConfig, out: Path, model: Path, steps: int, languag
         rewards, weights = rewards + ["language"], weights + [language_weight]
     return config.merge(cfg.grpo, {"out": str(out), "model": str(model), "seed": cfg.seed, "tasks": [cfg.task],
                                    "task_args": {cfg.task: cfg.task_args}, "steps": steps, "rewards": rewards,
-                                   "reward_weights": weights, **extra})
+                                   "reward_weights": weights, "report_to": cfg.report_to, **extra})
 
 
 def run_grpo(gcfg: GRPOConfig, progress: bool) -> Path:
@@ -199,7 +211,8 @@ def sft_on_data(out: Path, model: Path, cfg: PipelineConfig, epochs: int, lr: fl
 
     scfg = SFTConfig(out=str(out / "sft"), model=str(model), data=str(out / "data.jsonl"), template="r1zero",
                      epochs=epochs, seq_len=cfg.pretrain.seq_len, rows=rows, lr=lr, warmup=2, bf16=cfg.pretrain.bf16,
-                     eval_fraction=0.05, log_every=5, save_every=100, seed=cfg.seed, device="cpu")
+                     eval_fraction=0.05, log_every=5, save_every=100, seed=cfg.seed, device="cpu",
+                     report_to=list(cfg.report_to))
     sft(scfg, progress=progress)
     return out / "sft" / "model"
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1lab import config
+from r1lab import config, trackers
+from r1lab.config import opt
 from r1lab.model.hf import HFOptions, base_model
 from r1lab.reasoning import split_reasoning
 from r1lab.rewards import get_reward
@@ -102,6 +103,11 @@ class GRPOConfig:
     log_every: int = 1
     save_every: int = 20
     seed: int = 0
+    report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
+                                                  "samples: tensorboard, wandb, mlflow (comma-separated; each an "
+                                                  "extra: pip install 'r1lab[wandb]')")
+    report_samples: int = opt(4, "completions (prompt, reply, reward) sent to the --report-to trackers as a table "
+                                 "each logged step; 0: none")
 
     def validate(self) -> "GRPOConfig":
         config.require_finite(self)
@@ -148,6 +154,9 @@ class GRPOConfig:
             get_task(t, **self.task_args.get(t, {}))
         for spec in self.rewards:
             get_reward(spec)
+        if self.report_samples < 0:
+            raise ValueError(f"report_samples must be >= 0 (got {self.report_samples})")
+        trackers.check(self.report_to)
         return self
 
 
@@ -360,6 +369,8 @@ class GRPOTrainer:
             done = step + 1
             if loop.due(done, cfg.log_every, cfg.steps) or out_of_time:
                 self.run.log(done, **row, total_seconds=self.seconds)
+                if self.run.trackers:
+                    self.run.log_samples(done, self.sample_table(ro))
             loop.show(bar, **{k: None if row[key] is None else f"{row[key]:{fmt}}" for k, key, fmt in (
                 ("reward", "reward_mean", ".2f"), ("acc", "accuracy", ".2f"), ("len", "mean_length", ".0f"),
                 ("think", "think_share", ".2f"))})
@@ -405,6 +416,15 @@ class GRPOTrainer:
             row[f"reward/{name}/mean"] = nanmean(v.flatten())
             row[f"reward/{name}/std"] = nanstd(v.flatten())
         return row
+
+    def sample_table(self, ro: Rollout) -> list[dict]:
+        """The first completion of this process's first `report_samples` groups, for the trackers' tables."""
+        def number(x):
+            return None if torch.isnan(x) else round(x.item(), 4)
+
+        return [{"prompt": p.prompt, "completion": g[0].text, "answer": p.answer, "reward": number(ro.rewards[i, 0]),
+                 "correct": number(ro.correct[i, 0])}
+                for i, (p, g) in enumerate(zip(ro.problems[: self.cfg.report_samples], ro.completions))]
 
     def quick_eval(self) -> dict:
         from r1lab.eval import EvalConfig, evaluate, local_generator

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1lab import config
+from r1lab import config, trackers
+from r1lab.config import opt
 from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.tasks import Problem, get_task
@@ -56,6 +57,9 @@ class PretrainConfig:
     seed: int = 0
     device: str = "cpu"              # cpu | cuda | auto (CUDA when present)
     parallel: str = "ddp"            # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
+    report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
+                                                  "samples: tensorboard, wandb, mlflow (comma-separated; each an "
+                                                  "extra: pip install 'r1lab[wandb]')")
 
     def validate(self) -> "PretrainConfig":
         config.require_finite(self)
@@ -69,6 +73,7 @@ class PretrainConfig:
         dist.check_parallel(self.parallel)
         for t in self.tasks:
             get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now, not at step 1
+        trackers.check(self.report_to)
         return self
 
 

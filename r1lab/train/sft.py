@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from r1lab import config
+from r1lab import config, trackers
+from r1lab.config import opt
 from r1lab.model.hf import HFOptions, base_model, is_native, load_trainable, trainable_parameters
 from r1lab.reasoning import THINK_START
 from r1lab.tokenizer import TEMPLATES, apply_template, carry_template
@@ -62,6 +63,9 @@ class SFTConfig:
     log_every: int = 1
     save_every: int = 50
     seed: int = 0
+    report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
+                                                  "samples: tensorboard, wandb, mlflow (comma-separated; each an "
+                                                  "extra: pip install 'r1lab[wandb]')")
 
     def validate(self, files: bool = True) -> "SFTConfig":
         """Check the settings; `files=False` skips the data files (a caller that writes them later)."""
@@ -87,6 +91,7 @@ class SFTConfig:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         self.hf.validate()
         dist.check_parallel(self.parallel, self.hf.lora)
+        trackers.check(self.report_to)
         return self
 
 
