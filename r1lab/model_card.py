@@ -49,7 +49,7 @@ def render(cfg, model, rows: list[dict]) -> str:
     body = [f"# {Path(cfg.out).name} (r1lab)", "",
             f"A {_arch_name(arch)} model ({_size_line(sizes)}) trained with r1lab's "
             f"`r1lab {kind}`: {_what(kind)}.", "",
-            "## How it was trained", "", *training_lines(cfg, kind, rows, start, hub, licence_note), "",
+            "## How it was trained", "", *training_lines(cfg, kind, rows, start, hub, parent, licence_note), "",
             "## Train it again", "", "```bash", command_line(cfg), "```", "",
             f"The resolved config is `{Path(cfg.out) / 'config.yaml'}` (`r1lab {kind} --config` reads it); the same "
             "seed and thread count give the same model.", "",
@@ -83,7 +83,7 @@ def architecture(model) -> tuple[str, dict]:
     return arch, {"total": total, "active": active if active and active < total else None}
 
 
-def training_lines(cfg, kind: str, rows: list[dict], start, hub, licence_note: str | None) -> list[str]:
+def training_lines(cfg, kind: str, rows: list[dict], start, hub, parent, licence_note: str | None) -> list[str]:
     """How the model was trained, as bullet lines: the recipe, the key settings and what the run measured."""
     last = lambda key: next((r[key] for r in reversed(rows) if r.get(key) is not None), None)  # noqa: E731
     first = lambda key: next((r[key] for r in rows if r.get(key) is not None), None)  # noqa: E731
@@ -103,8 +103,8 @@ def training_lines(cfg, kind: str, rows: list[dict], start, hub, licence_note: s
         lora = f", LoRA rank {cfg.hf.lora_rank}" if cfg.hf.lora else ""
         lines = [f"- fine-tuned from `{start}` on `{cfg.data}` (template {cfg.template}; loss on the reply tokens "
                  "only)",
-                 f"- {cfg.epochs} epochs, {steps} steps of {cfg.grad_accum} x {cfg.rows} packed rows x {cfg.seq_len} "
-                 f"tokens; learning rate {cfg.lr}{lora}"]
+                 f"- {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {steps} steps of {cfg.grad_accum} x "
+                 f"{cfg.rows} packed rows x {cfg.seq_len} tokens; learning rate {cfg.lr}{lora}"]
         if last("loss") is not None:
             lines.append(f"- training loss {first('loss'):.3f} -> {last('loss'):.3f}"
                          + (f"; held-out loss {last('eval_loss'):.3f}" if last("eval_loss") is not None else ""))
@@ -124,6 +124,8 @@ def training_lines(cfg, kind: str, rows: list[dict], start, hub, licence_note: s
     if start and not hub:
         lines.append(f"- the starting model `{start}` is a local directory (no Hub id is known for it, so the metadata "
                      "names no base_model)")
+    if parent is not None and "r1lab" in (parent.data.tags or []):
+        lines.append(f"- the starting model's own card, `{Path(start) / CARD}`, says how it was made")
     if licence_note:
         lines.append(f"- {licence_note}")
     return lines
