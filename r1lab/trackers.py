@@ -224,7 +224,9 @@ class Trackers:
                 self.close(failed=True)
                 raise ConfigError(f"--report-to {name} could not start: {_why(name, e)}") from None
             self.active.append(tracker)
-            self.rows[name] = saved.get(name, {}).get("rows", 0)
+            before = saved.get(name, {})  # the rows it holds, if this is the tracker run that received them
+            same = {k: v for k, v in before.items() if k != "rows"} == tracker.state
+            self.rows[name] = before.get("rows", 0) if same else 0
         _OPEN.append(self)
 
     def __bool__(self) -> bool:

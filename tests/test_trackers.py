@@ -300,11 +300,42 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_training_goes_on(offline, m
     assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "loss")) == [1, 2, 3, 4]
 
 
+def test_a_tracker_run_that_is_gone_is_started_again_with_every_kept_row(offline):
+    """trackers.json says MLflow holds 5 rows of a run that is no longer in the store: a new run gets the 3 kept
+    rows of metrics.jsonl and then every new row, none held back."""
+    run_dir = offline / "run"
+    run_dir.mkdir()
+    (run_dir / T.STATE).write_text(json.dumps({"mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+                                                          "run_id": "0" * 32, "rows": 5}}))
+    kept = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    trackers = T.Trackers(["mlflow"], run_dir)
+    trackers.begin({"steps": 6}, kept)
+    trackers.log({"step": 4, "loss": 0.25})
+    trackers.close()
+    client, mrun = mlflow_run(run_dir)
+    assert mrun.info.run_id != "0" * 32
+    assert {m.step: m.value for m in client.get_metric_history(mrun.info.run_id, "loss")} == {1: 1.0, 2: 0.5,
+                                                                                             3: 1 / 3, 4: 0.25}
+    assert json.loads((run_dir / T.STATE).read_text())["mlflow"]["rows"] == 4
+
+
 def test_metric_names_mlflow_refuses_are_spelled_so_it_accepts_them():
     assert T.mlflow_key("final_eval/pass@1") == "final_eval/pass_at_1"
     assert T.mlflow_key("reward/my_reward.py:share/mean") == "reward/my_reward.py_share/mean"
     assert T.scalars({"step": 3, "a": {"b": 1, "c": None, "d": "x"}, "ok": True, "nan": float("nan")}) == \
         {"a/b": 1.0, "ok": 1.0}
+
+
+@pytest.mark.slow
+def test_mlflow_on_its_sqlite_store_the_default_of_mlflow_3(tmp_path, monkeypatch):
+    """The store MLflow 3 uses when no URI is set (SQLite through sqlalchemy and alembic, in the mlflow extra)."""
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, _, run = P.pretrain(pretrain_cfg(tmp_path / "run", steps=3, report_to=["mlflow"]), progress=False)
+    client, mrun = mlflow_run(run.dir)
+    want = expected(read_metrics(run.metrics_path))
+    assert {m.step: m.value for m in client.get_metric_history(mrun.info.run_id, "loss")} == want["loss"]
+    assert mrun.info.status == "FINISHED" and (tmp_path / "mlruns").is_dir()
 
 
 @pytest.mark.slow
