@@ -90,6 +90,9 @@ def _coerce(value: Any, tp, name: str):
                 value = json.loads(value)
             if not isinstance(value, dict):
                 raise ValueError
+            kv = typing.get_args(inner)
+            if len(kv) == 2 and kv[1] is not Any:  # e.g. dict[str, dict]: each value is checked too
+                return {k: _coerce(v, kv[1], f"{name}.{k}") for k, v in value.items()}
             return dict(value)
     except ConfigError:
         raise
@@ -116,6 +119,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         inner, _ = _strip_optional(tp)
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
             kwargs[key] = from_dict(inner, value, prefix + key + ".")
+        elif dataclasses.is_dataclass(inner) and value is not None and not isinstance(value, inner):
+            raise ConfigError(f"{prefix + key} is a group of settings, not {value!r}: give it a mapping of its "
+                              f"keys in the YAML, or dotted flags (--{prefix + key}.NAME VALUE)")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -189,11 +195,17 @@ def resolve(cls: type[T], args: argparse.Namespace, config_file: str | None = No
     if config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"--config file not found: {path}")
+            raise ConfigError(f"--config {path} is a directory; give a YAML file" if path.is_dir()
+                              else f"--config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path} is not a text file (not UTF-8); give a YAML file") from None
+        except yaml.YAMLError as e:  # its message spans lines (the line and a caret under the column)
+            raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping of settings "
+                              f"(write key: value lines, e.g. 'steps: 100')")
         cfg = merge(cfg, data)
     updates: dict = {}
     for key, value in vars(args).items():

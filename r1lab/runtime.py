@@ -17,10 +17,10 @@ def default_threads() -> int:
     evenly between the processes torchrun started on this machine."""
     env = os.environ.get("R1LAB_THREADS")
     if env:
-        n = int(env)
-        if n < 1:
-            raise ValueError(f"R1LAB_THREADS must be >= 1 (got {env})")
-        return n
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ValueError(f"R1LAB_THREADS must be >= 1, a whole number of threads (got {env!r}); set it to the "
+                             "cores to use, or unset it")
+        return int(env)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -30,7 +30,7 @@ def default_threads() -> int:
 
 def set_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads once for the process; one per core, and never more."""
-    n = n or default_threads()
+    n = default_threads() if n is None else n  # --threads 0 is an error, not "the default"
     if n < 1:
         raise ValueError(f"--threads must be >= 1 (got {n})")
     torch.set_num_threads(n)
