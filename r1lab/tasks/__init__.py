@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
@@ -140,4 +141,19 @@ def get_task(name: str, **knobs) -> Task:
             return factory(name, **knobs)
         return factory(**knobs)
     except TypeError as e:
-        raise TypeError(f"task {name!r}: {e}") from e
+        if not knobs:  # no knobs given: a bug in the task, not the user's input
+            raise
+        raise TaskKnobError(f"task {name!r}: {e} (knobs given: {knobs}); {_knobs_taken(factory)}") from e
+
+
+class TaskKnobError(ValueError, TypeError):
+    """Knobs a task does not take, or of the wrong type: a TypeError to callers, a ValueError (one line) to users."""
+
+
+def _knobs_taken(factory) -> str:
+    try:
+        names = [p.name for p in inspect.signature(factory).parameters.values()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "name"]
+    except (TypeError, ValueError):  # a factory whose signature cannot be read
+        return "see the task's docstring for its knobs"
+    return f"its knobs are {', '.join(names)}" if names else "it takes no knobs"
