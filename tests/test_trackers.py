@@ -327,6 +327,29 @@ def test_metric_names_mlflow_refuses_are_spelled_so_it_accepts_them():
 
 
 @pytest.mark.slow
+def test_the_pipeline_reports_every_stage_with_its_evaluation(offline):
+    from r1lab.cli import main
+
+    tiny = json.dumps(TINY)
+    out = offline / "pipe"
+    assert main(["pipeline", "--out", str(out), "--pretrain.steps", "4", "--pretrain.rows", "2",
+                 "--pretrain.eval-problems", "4", "--pretrain.model", tiny, "--pretrain.vocab-size", "400",
+                 "--pretrain.bf16", "false", "--task-args", '{"min_digits": 1, "max_digits": 1}', "--grpo.steps", "2",
+                 "--grpo.prompts-per-step", "2", "--grpo.num-generations", "3", "--grpo.max-new-tokens", "8",
+                 "--grpo.bf16", "false", "--eval.limit", "4", "--eval.k", "2", "--eval.max-new-tokens", "8",
+                 "--report-to", "tensorboard,mlflow"]) == 0
+    for stage, evaluation in (("pretrain", "eval_base.json"), ("grpo", "eval_final.json")):
+        summary = json.loads((out / evaluation).read_text())["summary"]
+        client, mrun = mlflow_run(out / stage)
+        assert mrun.data.metrics["final_eval/pass_at_1"] == summary["pass@1"], stage
+        last = max(r["step"] for r in read_metrics(out / stage / "metrics.jsonl"))
+        scalars, _ = tensorboard_scalars(out / stage)
+        assert scalars["final_eval/pass@1"] == [(last, pytest.approx(summary["pass@1"]))]
+        card = (out / stage / "model" / "README.md").read_text()
+        assert f"| {round(100 * summary['pass@1'], 1)}% |" in card, stage
+
+
+@pytest.mark.slow
 def test_mlflow_on_its_sqlite_store_the_default_of_mlflow_3(tmp_path, monkeypatch):
     """The store MLflow 3 uses when no URI is set (SQLite through sqlalchemy and alembic, in the mlflow extra)."""
     monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
