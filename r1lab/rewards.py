@@ -10,10 +10,12 @@ Registry: `get_reward("accuracy" | "format" | "overlong" | "language" | "code" |
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import re
 import sys
+import traceback
 import unicodedata
 import warnings
 from functools import lru_cache
@@ -326,17 +328,63 @@ def _load_user_reward(spec: str) -> RewardFn:
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception:
+    except Exception as e:  # the user's file, not r1lab: named in one line, the cause kept on the exception
         del sys.modules[module_name]
-        raise
+        raise RewardError(f"reward file {path} failed to import: {type(e).__name__}: {e}{_where(e, path)}; "
+                          "fix the file") from e
     if not hasattr(module, func_name):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise AttributeError(f"{path} has no function {func_name!r}; it defines {', '.join(found) or 'no functions'}")
+        raise RewardError(f"{path} has no function {func_name!r}; it defines {', '.join(found) or 'no functions'}")
     func = getattr(module, func_name)
     if not callable(func):
-        raise TypeError(f"{path}:{func_name} is a {type(func).__name__}, not a function; a reward is "
-                        f"f(completions, **columns) -> list[float | None]")
-    return func
+        raise RewardError(f"{path}:{func_name} is a {type(func).__name__}, not a function; a reward is "
+                          f"f(completions, **columns) -> list[float | None]")
+    return _checked(func, spec, path)
+
+
+class RewardError(ValueError):
+    """A user's reward that cannot be loaded, raised, or returned values no trainer can use; the message names it."""
+
+
+def _checked(func: RewardFn, spec: str, path: Path) -> RewardFn:
+    """A user's reward as trainers call it: an exception inside it, or a value that is not one finite number (or
+    None) per completion, is a RewardError naming the reward and the line, not a traceback from the trainer."""
+
+    @functools.wraps(func)
+    def reward(completions, **columns):
+        try:
+            values = func(completions, **columns)
+        except Exception as e:  # noqa: BLE001 - the user's code
+            raise RewardError(f"reward {spec!r} raised {type(e).__name__}: {e}{_where(e, path)}; fix the "
+                              "function (return None for a completion it cannot judge)") from e
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+            raise RewardError(f"reward {spec!r} returned {_shown(values)}, not a list; a reward returns one number "
+                              "(or None) per completion")
+        if len(values) != len(completions):
+            raise RewardError(f"reward {spec!r} returned {len(values)} values for {len(completions)} completions; "
+                              "return one number (or None) per completion")
+        for i, v in enumerate(values):
+            try:
+                ok = v is None or (not isinstance(v, (str, bytes)) and math.isfinite(float(v)))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise RewardError(f"reward {spec!r} returned {_shown(v)} for completion {i}; each value must be a "
+                                  "finite number, or None where the reward cannot judge")
+        return values
+
+    return reward
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """' (path line N)': the last line of the user's file that the exception passed through, if any."""
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f" ({path} line {lines[-1]})" if lines else ""
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 @lru_cache(maxsize=64)

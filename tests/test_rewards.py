@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from r1lab.rewards import (FORMAT_MAX_CHARS, accuracy, completion_text, format_reward, get_reward,
+from r1lab.rewards import (FORMAT_MAX_CHARS, RewardError, accuracy, completion_text, format_reward, get_reward,
                            language_consistency, list_rewards, overlong, script_words, weighted_sum)
 from r1lab.tasks import get_task
 
@@ -259,9 +259,9 @@ def test_get_reward_file_errors_say_what_is_wrong(tmp_path):
     f.write_text("THRESHOLD = 3\n\ndef mine(completions, **kw):\n    return [0.0] * len(completions)\n")
     with pytest.raises(FileNotFoundError, match="reward file 'nope/missing.py' not found"):
         get_reward("nope/missing.py:f")
-    with pytest.raises(AttributeError, match="has no function 'theirs'; it defines mine"):
+    with pytest.raises(RewardError, match="has no function 'theirs'; it defines mine"):
         get_reward(f"{f}:theirs")
-    with pytest.raises(TypeError, match="THRESHOLD is a int, not a function"):
+    with pytest.raises(RewardError, match="THRESHOLD is a int, not a function"):
         get_reward(f"{f}:THRESHOLD")
     with pytest.raises(ValueError, match="not a Python function name"):
         get_reward(f"{f}:not-a-name")
@@ -269,5 +269,5 @@ def test_get_reward_file_errors_say_what_is_wrong(tmp_path):
         get_reward(f"{f}:mine", max_len=3)
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('import-time failure')\n")
-    with pytest.raises(RuntimeError, match="import-time failure"):
+    with pytest.raises(RewardError, match=r"failed to import: RuntimeError: import-time failure \(.*broken.py line 1\)"):
         get_reward(f"{broken}:f")
