@@ -45,7 +45,7 @@ from r1lab.train import dist, loop, losses
 from r1lab.train.advantages import get_advantage
 from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to_matrix, token_logprobs
 from r1lab.train.rollout import Rollout, Rollouts, gather_rollout
-from r1lab.train.run import adamw, cosine_lr
+from r1lab.train.run import adamw, check_optimizer, cosine_lr
 from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
 
 @dataclass
@@ -111,6 +111,11 @@ class GRPOConfig:
 
     def validate(self) -> "GRPOConfig":
         config.require_finite(self)
+        check_optimizer(self)
+        if not self.tasks:
+            raise ValueError("tasks is empty: name at least one task to draw prompts from (e.g. --tasks arithmetic)")
+        if self.max_resample_rounds < 0:
+            raise ValueError(f"max_resample_rounds must be >= 0 (got {self.max_resample_rounds})")
         if not self.model:
             raise ValueError("--model is required: a model directory to train")
         if not self.rewards and not self.teacher:

@@ -25,7 +25,7 @@ from r1lab.tasks import Problem, get_task
 from r1lab.tokenizer import carry_template, render_prompt, train_tokenizer
 from r1lab.train import dist, loop
 from r1lab.train.packing import Packed, pack
-from r1lab.train.run import adamw
+from r1lab.train.run import adamw, check_optimizer
 
 
 @dataclass
@@ -68,8 +68,9 @@ class PretrainConfig:
         for name in ("steps", "rows", "seq_len", "eval_problems", "log_every", "save_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        check_optimizer(self)
+        if not self.tasks:
+            raise ValueError("tasks is empty: name at least one task for the corpus (e.g. --tasks arithmetic)")
         dist.check_parallel(self.parallel)
         for t in self.tasks:
             get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now, not at step 1

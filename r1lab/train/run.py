@@ -39,7 +39,11 @@ class TrainingError(RuntimeError):
 class Run:
     def __init__(self, out: str | Path, cfg=None, *, resume: bool = True):
         self.dir = Path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise C.ConfigError(f"--out {self.dir} cannot be a run directory: it, or a folder above it, is a file; "
+                                "give another path") from None
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
         self.cfg = cfg
@@ -255,6 +259,21 @@ def cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float = 
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_optimizer(cfg) -> None:
+    """Refuse schedule and optimiser settings that would train silently wrong: lr <= 0, a negative warm-up or
+    weight decay, min_lr_ratio outside [0, 1], and grad_clip <= 0 (torch scales the gradient by clip / norm, so 0
+    zeroes it and a negative clip turns descent into ascent)."""
+    if not cfg.lr > 0:
+        raise C.ConfigError(f"lr must be > 0 (got {cfg.lr})")
+    if cfg.warmup < 0 or cfg.weight_decay < 0:
+        raise C.ConfigError(f"warmup and weight_decay must be >= 0 (got {cfg.warmup}, {cfg.weight_decay})")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise C.ConfigError(f"min_lr_ratio must be in [0, 1]: the cosine ends at lr x min_lr_ratio (got "
+                            f"{cfg.min_lr_ratio})")
+    if not cfg.grad_clip > 0:
+        raise C.ConfigError(f"grad_clip must be > 0: the largest gradient norm kept, 1.0 usually (got {cfg.grad_clip})")
 
 
 def adamw(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95)) -> torch.optim.AdamW:

@@ -32,7 +32,7 @@ from r1lab.tokenizer import TEMPLATES, apply_template, carry_template
 from r1lab.train import dist, loop
 from r1lab.train.logprobs import packed_hidden_states
 from r1lab.train.packing import Packed, pack
-from r1lab.train.run import adamw
+from r1lab.train.run import adamw, check_optimizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -87,8 +87,7 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.eval_every < 0 or self.warmup < 0:
             raise ValueError(f"eval_every and warmup must be >= 0 (got {self.eval_every}, {self.warmup})")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        check_optimizer(self)
         self.hf.validate()
         dist.check_parallel(self.parallel, self.hf.lora)
         trackers.check(self.report_to)
