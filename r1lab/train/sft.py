@@ -103,14 +103,19 @@ def read_examples(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 "save the data as UTF-8 JSONL") from None
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}); one object per line") from None
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.pos + 1}); one object per line") from None
             problem = check_example(ex)
             if problem:
                 raise ValueError(f"{path}:{i}: {problem}")
