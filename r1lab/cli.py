@@ -17,14 +17,15 @@ def _add_generate(sub):
     p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
     p.add_argument("--prompt", required=True, help="prompt text, used as is (no chat template)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "whose probability reaches this")
     p.add_argument("--top-k", type=int, default=0, help="0 means no top-k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason")
     p.set_defaults(run=_run_generate)
 
@@ -50,7 +51,7 @@ def _run_generate(args):
 def _add_info(sub):
     p = sub.add_parser("info", help="parameters (total and activated) and KV-cache bytes per token of a model")
     p.add_argument("model", help="model directory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_run_info)
 
 
@@ -189,7 +190,10 @@ def _run_eval(args):
         from r1lab.runtime import parse_dtype, pick_device
 
         model, tok = load_model_and_tokenizer(model_dir, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
-        gen = E.local_generator(model, tok, E.resolve_template(cfg, tok), max_batch=cfg.max_batch)
+        from r1lab.tools import make_tool
+
+        gen = E.local_generator(model, tok, E.resolve_template(cfg, tok), max_batch=cfg.max_batch,
+                                tools=make_tool(cfg.tools, tok))
     result = E.evaluate(gen, problems, cfg)
     print(E.render_table(result["summary"]))
     if args.out:
@@ -370,12 +374,12 @@ def _add_serve(sub):
                                    "web chat page at /. Concurrent requests share one continuously refilled batch.")
     p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $R1LAB_API_KEY)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--log-level", default="info", help="uvicorn log level: warning, info, debug")
     import dataclasses
 
@@ -388,7 +392,17 @@ def _add_serve(sub):
                        help=f"{f.metadata['help']} (default {f.default})")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help=limits["allowed_hosts"].metadata["help"] + "; repeatable")
+    _tool_flags(p, "on this server")
     p.set_defaults(run=_run_serve)
+
+
+def _tool_flags(p, where: str) -> None:
+    p.add_argument("--tools", choices=("none", "python"), default="none",
+                   help=f"let replies call a Python tool while they think (off by default): the programs the model "
+                        f"writes run {where}, in the sandbox (docs/tools.md)")
+    p.add_argument("--sandbox", choices=("bwrap", "process"), default=None,
+                   help="where --tools programs run: bwrap (default: bubblewrap isolation) or process (resource "
+                        "limits only, no filesystem or network isolation; also R1LAB_SANDBOX)")
 
 
 def _run_serve(args):
@@ -405,9 +419,12 @@ def _run_serve(args):
     limits = ServerLimits(max_body_mb=args.max_body_mb, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout, max_connections=args.max_connections,
                           allowed_hosts=tuple(args.allowed_host))
+    from r1lab.sandbox import set_default_backend
+
+    set_default_backend(args.sandbox)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("R1LAB_API_KEY"),
           model_name=args.model_name, max_batch=args.max_batch, device=pick_device(args.device),
-          dtype=parse_dtype(args.dtype), log_level=args.log_level, limits=limits.validate())
+          dtype=parse_dtype(args.dtype), log_level=args.log_level, limits=limits.validate(), tools=args.tools)
 
 
 def _add_chat(sub):
@@ -418,9 +435,10 @@ def _add_chat(sub):
     p.add_argument("--temperature", type=float, default=0.6, help="0 means greedy")
     p.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply (default: up to 4096)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a new one per reply)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    _tool_flags(p, "on this machine")
     p.set_defaults(run=_run_chat)
 
 
@@ -432,8 +450,11 @@ def _run_chat(args):
         raise C.ConfigError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
     if not 0 <= args.temperature <= 2:
         raise C.ConfigError(f"--temperature must be in [0, 2] (got {args.temperature})")
+    from r1lab.sandbox import set_default_backend
+
+    set_default_backend(args.sandbox)
     run_chat(args.model, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-             system=args.system, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
+             system=args.system, device=pick_device(args.device), dtype=parse_dtype(args.dtype), tools=args.tools)
 
 
 # ----------------------------------------------------------------------------- main

@@ -92,6 +92,14 @@ def _strip_tags(texts: Iterable[str], tags: tuple[str, ...] = TAGS) -> Iterator[
         yield t
 
 
+def check_template(template: str, allow_model: bool = True) -> str:
+    """A template name a trainer or the evaluation can use, or a ValueError that lists the choices."""
+    choices = list(TEMPLATES) + (["model"] if allow_model else [])
+    if template not in choices:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(choices)}")
+    return template
+
+
 def carry_template(tokenizer, template: str):
     """Make `template` ('r1' or 'r1zero') the tokenizer's default chat template, so that the model directory it is
     saved with renders the prompts training used, for `r1lab serve`, `chat`, `eval` and any `transformers` user.

@@ -10,7 +10,8 @@ from conftest import tiny_model_config
 
 from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import ModelConfig
-from r1lab.model.deepseek import DeepseekV3, Experts, LatentCache, MoE
+from r1lab.model.cache import LatentCache
+from r1lab.model.deepseek import DeepseekV3, Experts, MoE
 
 transformers.logging.set_verbosity_error()
 

@@ -208,11 +208,10 @@ def _described(annotation: str) -> str:
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
     """The embedded default: a DeepSeek-V3 in miniature (MLA + grouped MoE with shared experts and aux-loss-free
-    balancing; about 1.3M parameters active) that trains on a CPU in minutes. MTP is off by default: on a 2-core
-    CPU its extra block costs ~17% of a pretraining step; turn it on with num_nextn_predict_layers=1. Balancing
-    moves 10x faster than V3's 0.001, since the whole run is a few hundred steps. The kv latent is as wide as the
-    model (a narrower one, 32, left column arithmetic half-learned in the same time) and queries are not
-    compressed: at hidden size 128 a q rank of 128 would compress nothing (V2-Lite also runs without it)."""
+    balancing; about 1.3M parameters active) that trains on a CPU in minutes. MTP is off by default (it costs a
+    block per step; turn it on with num_nextn_predict_layers=1), balancing moves 10x faster than V3's since a run is
+    a few hundred steps, the kv latent is as wide as the model and queries are not compressed (V2-Lite also runs
+    without it); the measurements behind these are in docs/performance.md."""
     base = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, moe_intermediate_size=128,
         num_hidden_layers=4, num_attention_heads=4, first_k_dense_replace=1,

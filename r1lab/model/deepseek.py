@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1lab.model import grouped
+from r1lab.model.cache import LatentCache
 from r1lab.model.config import ModelConfig
+from r1lab.model.grouped import GroupedLayout, attention_bias
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -138,28 +141,14 @@ class MLA(nn.Module):
         return torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k, v.transpose(1, 2)
 
     def _masked(self, q, k, v, bias):
-        """Attention with an additive bias [B, 1, S, T] (0 or -inf): on CPU ~2x faster than SDPA's masked path; on
-        GPUs SDPA, whose fused kernels never hold the [B, H, S, T] scores (long completions in GRPO)."""
+        """Attention with an additive bias [B, 1, S, T] (0 or -inf): baddbmm on CPU, SDPA elsewhere (its fused
+        kernels never hold the [B, H, S, T] scores); docs/performance.md."""
         if q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         B, H, S, T = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         scores = torch.baddbmm(bias.expand(B, H, S, T).reshape(B * H, S, T), q.reshape(B * H, S, -1),
                                k.reshape(B * H, T, -1).transpose(1, 2), alpha=self.scale)
         return torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * H, T, -1)).view(B, H, S, -1)
-
-    def grouped(self, x, rot, lay: "GroupedLayout"):
-        """Attention for GRPO's grouped layout on the real tokens x [R, D] (prompts' then completions'): prompts
-        attend causally to themselves; each completion attends to its prompt and causally to itself. Projections
-        run on real tokens only; only the score computation sees the padded [P, Lp] / [N, Lc] views. Each prompt
-        is computed once for its G completions and no score is spent between completions."""
-        q, k, v = (t[0].transpose(0, 1) for t in self._heads(*self._project(x[None], rot[None])))  # [R, H, d]
-        qp, kp, vp = (lay.pad(t[: lay.n_prompt], prompts=True) for t in (q, k, v))              # [P, H, Lp, d]
-        qc, kc, vc = (lay.pad(t[lay.n_prompt:], prompts=False) for t in (q, k, v))              # [N, H, Lc, d]
-        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale)
-        g = lay.group
-        oc = self._masked(qc, torch.cat([kp.index_select(0, g), kc], dim=2),
-                          torch.cat([vp.index_select(0, g), vc], dim=2), lay.bias_c)
-        return self.o_proj(torch.cat([lay.unpad(op, prompts=True), lay.unpad(oc, prompts=False)]).flatten(1))
 
     def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
         B, S, _ = x.shape
@@ -247,9 +236,8 @@ class Experts(nn.Module):
         expert = flat[order]
         w = weights.flatten()[order]
         # Grouped (two bmm over buckets padded to the fullest expert) when the padding costs less than running the
-        # used experts one by one on their exact tokens: an expert's own matmuls cost about 20 token slots of
-        # per-op overhead (CPU, measured), and an unbalanced router (random init, fixed biases) can pad the buckets
-        # 4x (measured: GRPO update 1.6x faster, decoding at batch 64 ~10% faster, with the per-expert path there).
+        # used experts one by one on their exact tokens, at ~20 token slots of per-op overhead per expert
+        # (docs/performance.md).
         padding = E * max(per_expert) - len(flat)
         if padding <= max(0.25 * len(flat), 20 * sum(c > 0 for c in per_expert)):
             # Every bucket slot names its source token (padding slots name an extra zero row), so filling the
@@ -275,10 +263,8 @@ class Experts(nn.Module):
 
     def _dense_is_cheaper(self, N: int, k: int, per_expert: list[int]) -> bool:
         """Every expert on every token (weight 0 where not chosen) beats both routed paths when a small batch is
-        unevenly routed: it does E/k times the arithmetic but no sort, gather or scatter, in three large ops that
-        use every thread. Costs in token slots, with ~45 slots of overhead per small op group per thread (measured
-        on the decode of an unbalanced router at batch 64: dense 445 us vs 812 us routed on 2 threads, 762 vs 723
-        on 1)."""
+        unevenly routed: E/k times the arithmetic but no sort, gather or scatter. Costs in token slots, ~45 slots of
+        overhead per small op group per thread (docs/performance.md)."""
         E, used = len(per_expert), sum(c > 0 for c in per_expert)
         overhead = 45 * torch.get_num_threads()
         return E * N <= min(N * k + used * overhead, E * max(per_expert) + 2 * overhead)
@@ -358,8 +344,8 @@ class Block(nn.Module):
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
     def forward_grouped(self, x, rot, lay: "GroupedLayout"):
-        """`forward` on the real tokens [R, D] of prompts and their completions held apart (see MLA.grouped)."""
-        x = x + self.self_attn.grouped(self.input_layernorm(x), rot, lay)
+        """`forward` on the real tokens [R, D] of GRPO's grouped layout (r1lab.model.grouped)."""
+        x = x + grouped.attention(self.self_attn, self.input_layernorm(x), rot, lay)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h[None])[0] if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -519,25 +505,10 @@ class DeepseekV3(nn.Module):
         """Final-norm hidden states [B, S, D]; `lm_head` on a subset of them gives those positions' logits."""
         return self.model.norm(self.body(input_ids, attention_mask, position_ids, None, segment_ids, token_mask)[0])
 
-    def grouped_hidden_states(self, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, completion_ids: torch.Tensor,
-                              completion_lens: torch.Tensor, group: torch.Tensor, padded: bool = True
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-norm hidden states of prompts [P, Lp] and of completions [N, Lc] (both right-padded, zeros at the
-        padding) where completion n continues prompt `group[n]`: the same numbers as packing [prompt | c1 | ... |
-        cG] with a 4D mask, at a fraction of the cost (prompts run once, completions do not score each other, and
-        nothing but the scores is computed for padding). `padded=False`: the real tokens only, [Rp, D] and [Rc, D],
-        row by row."""
-        lay = GroupedLayout(prompt_lens, completion_lens, group, prompt_ids.shape[1], completion_ids.shape[1],
-                            self.model.embed_tokens.weight.dtype)
-        start = prompt_lens.index_select(0, group)[:, None]                                # [N, 1]
-        pos_p = torch.arange(lay.Lp, device=start.device).expand(len(prompt_lens), lay.Lp)
-        pos_c = start + torch.arange(lay.Lc, device=start.device)
-        x = self.model.embed_tokens(torch.cat([lay.real(prompt_ids, True), lay.real(completion_ids, False)]))
-        rot = self.rope(torch.cat([lay.real(pos_p, True), lay.real(pos_c, False)])[None])[0]  # [R, 1, d/2]
-        for layer in self.main_layers:
-            x = layer.forward_grouped(x, rot, lay)
-        hp, hc = self.model.norm(x).split([lay.n_prompt, len(x) - lay.n_prompt])
-        return (lay.pad(hp, True, heads=False), lay.pad(hc, False, heads=False)) if padded else (hp, hc)
+    def grouped_hidden_states(self, prompt_ids, prompt_lens, completion_ids, completion_lens, group, padded=True):
+        """Final-norm hidden states of prompts and their completions held apart (GRPO's grouped layout, with each
+        prompt computed once): see r1lab.model.grouped.hidden_states."""
+        return grouped.hidden_states(self, prompt_ids, prompt_lens, completion_ids, completion_lens, group, padded)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -629,9 +600,6 @@ def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.
     return F.cross_entropy(lg, labels[:, shift:].reshape(-1), ignore_index=-100)
 
 
-def attention_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
-    """Boolean mask (True = may attend) -> additive bias (0 or -inf) in the activations' dtype."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def build_mask(S: int, attention_mask, segment_ids, device) -> torch.Tensor | None:
@@ -646,131 +614,3 @@ def build_mask(S: int, attention_mask, segment_ids, device) -> torch.Tensor | No
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask | torch.eye(S, dtype=torch.bool, device=device)
-
-
-class GroupedLayout:
-    """Where the real tokens of right-padded prompts [P, Lp] and completions [N, Lc] sit, for GRPO's grouped
-    forward: `real` gathers them (prompts' first), `pad`/`unpad` move per-token tensors to and from the padded
-    views attention needs, and `bias_c` [N, 1, Lc, Lp + Lc] lets completion n see the real tokens of prompt
-    `group[n]` and, causally, itself."""
-
-    def __init__(self, prompt_lens, completion_lens, group, Lp: int, Lc: int, dtype):
-        dev = prompt_lens.device
-        self.P, self.N, self.Lp, self.Lc, self.group = len(prompt_lens), len(completion_lens), Lp, Lc, group
-        self.idx_p = (torch.arange(Lp, device=dev)[None] < prompt_lens[:, None]).flatten().nonzero()[:, 0]
-        self.idx_c = (torch.arange(Lc, device=dev)[None] < completion_lens[:, None]).flatten().nonzero()[:, 0]
-        self.n_prompt = len(self.idx_p)
-        see_prompt = torch.arange(Lp, device=dev)[None, :] < prompt_lens.index_select(0, group)[:, None]  # [N, Lp]
-        see_self = torch.ones(Lc, Lc, dtype=torch.bool, device=dev).tril()
-        allowed = torch.cat([see_prompt[:, None, :].expand(self.N, Lc, Lp), see_self.expand(self.N, Lc, Lc)], -1)
-        self.bias_c = attention_bias(allowed[:, None], dtype)
-
-    def real(self, t: torch.Tensor, prompts: bool) -> torch.Tensor:
-        """[B, L, ...] -> its real tokens [R, ...]."""
-        return t.flatten(0, 1).index_select(0, self.idx_p if prompts else self.idx_c)
-
-    def pad(self, t: torch.Tensor, prompts: bool, heads: bool = True) -> torch.Tensor:
-        """Real tokens [R, H, d] -> [B, H, L, d] (or [R, D] -> [B, L, D] without heads), zeros at the padding."""
-        B, L, idx = (self.P, self.Lp, self.idx_p) if prompts else (self.N, self.Lc, self.idx_c)
-        out = t.new_zeros(B * L, *t.shape[1:]).index_copy(0, idx, t).view(B, L, *t.shape[1:])
-        return out.transpose(1, 2) if heads else out
-
-    def unpad(self, t: torch.Tensor, prompts: bool) -> torch.Tensor:
-        """[B, H, L, d] -> its real tokens [R, H, d]."""
-        return self.real(t.transpose(1, 2), prompts)
-
-
-class LatentCache:
-    """MLA's KV cache: only [kv latent | rotated RoPE key] per token and layer, preallocated. Each row has its own
-    length, so prompts need no left padding and rows can leave (`keep`) or join (`extend`) a running batch."""
-
-    seq_dim = 1  # where positions run in each buffer [B, capacity, width] (r1lab.model.llama.KVCache: 2)
-    _slots: torch.Tensor | None = None  # this step's write positions in the flattened buffers (reset by `mask`)
-
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
-        self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self._start([torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
-                     for _ in range(cfg.num_hidden_layers)])
-
-    def _start(self, buf: list[torch.Tensor]) -> None:
-        """Empty rows over these preallocated buffers (rows first, positions along `seq_dim`)."""
-        self.buf = buf
-        self.lengths = torch.zeros(buf[0].shape[0], dtype=torch.long, device=buf[0].device)
-        self._S, self.fresh = 0, True
-
-    @property
-    def capacity(self) -> int:
-        return self.buf[0].shape[self.seq_dim]
-
-    @property
-    def batch(self) -> int:
-        return self.buf[0].shape[0]
-
-    def mask(self, S: int) -> torch.Tensor:
-        """[B, 1, S, T]: query i of row b (at position lengths[b] + i) sees keys at positions <= its own."""
-        need = int(self.lengths.max()) + S if self.batch else S
-        if need > self.capacity:
-            raise ValueError(f"cache full: {need} tokens > capacity {self.capacity}; allocate a larger cache")
-        self._S, self._T, self._slots = S, need, None
-        self.fresh = need == S  # every row empty: nothing cached yet
-        q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)        # [B, S]
-        return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(1)
-
-    def write(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
-        """Store entries [B, S, W] at each row's next positions; return the keys [B, T, W] for attention."""
-        buf = self.buf[layer]
-        if self._S == 1:
-            buf.view(-1, self.width).index_copy_(0, self.step_slots(), entries[:, 0])
-        else:
-            pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)
-            buf.scatter_(1, pos[..., None].expand(-1, -1, self.width), entries)
-        return buf[:, : self._T]
-
-    def step_slots(self) -> torch.Tensor:
-        """Where each row's next entry goes in a buffer flattened to [rows x heads x capacity, d] (one per row and
-        head), computed once per decoding step for all layers: one index_copy_ per write instead of building a
-        2-D index each time."""
-        if self._slots is None:
-            heads = math.prod(self.buf[0].shape[1 : self.seq_dim])  # dims between rows and positions
-            first = torch.arange(self.batch * heads, device=self.lengths.device) * self.capacity
-            self._slots = first + self.lengths.repeat_interleave(heads)
-        return self._slots
-
-    def advance(self, n) -> None:
-        self.lengths += n
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only these rows, in this order (repeats duplicate): a new copy of every buffer."""
-        self.buf = [b.index_select(0, rows) for b in self.buf]
-        self.lengths = self.lengths.index_select(0, rows)
-
-    def drop(self, gone: list[int]) -> list[int]:
-        """Remove these rows (finished sequences) by moving the last surviving rows into their slots: one row's
-        cache is copied per removed row, where `keep` would copy the whole batch at every step a row finishes
-        (13% of GRPO's sampling time on the Qwen2 bench). Returns the new row order as indices of the old rows."""
-        gone_set = set(gone)
-        n = self.batch - len(gone_set)
-        holes = sorted(g for g in gone_set if g < n)
-        movers = [r for r in range(n, self.batch) if r not in gone_set]       # as many as there are holes
-        order = list(range(n))
-        if holes:
-            dst, src = (torch.tensor(i, device=self.lengths.device) for i in (holes, movers))
-            for b in self.buf:
-                b.index_copy_(0, dst, b.index_select(0, src))
-            self.lengths.index_copy_(0, dst, self.lengths.index_select(0, src))
-            for h, m in zip(holes, movers):
-                order[h] = m
-        self.buf = [b[:n] for b in self.buf]  # views of the same storage: later rows only shrink it again
-        self.lengths = self.lengths[:n]
-        return order
-
-    def extend(self, other: "LatentCache") -> None:
-        """Append the rows of another cache (new requests joining a running batch)."""
-        cap = max(self.capacity, other.capacity)
-        after = (0, 0) * (self.buf[0].dim() - 1 - self.seq_dim)  # F.pad counts from the last dimension
-        pad = lambda b: F.pad(b, after + (0, cap - b.shape[self.seq_dim]))  # noqa: E731
-        self.buf = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.buf, other.buf)]
-        self.lengths = torch.cat([self.lengths, other.lengths])
-
-    def bytes_per_token(self) -> int:
-        return sum(b[0].select(self.seq_dim - 1, 0).numel() * b.element_size() for b in self.buf)

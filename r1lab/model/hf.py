@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from r1lab.config import opt
+
 from r1lab.model.checkpoint import CheckpointError, recover
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -21,12 +23,13 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 @dataclass
 class HFOptions:
-    lora_rank: int = 0                # 0: train every weight; > 0: LoRA adapters of this rank, base frozen
-    lora_alpha: float = 16.0          # adapter scale is alpha / rank
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    dtype: str = "float32"            # weights as loaded and trained: float32 | bfloat16 | float16
+    """How a `transformers` model is loaded and trained."""
+    lora_rank: int = opt(0, "0: train every weight; > 0: LoRA adapters of this rank, the base frozen")
+    lora_alpha: float = opt(16.0, "adapter scale is alpha / rank")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input")
+    lora_target_modules: list[str] = opt(factory=lambda: ["all-linear"], help="module names to adapt, or all-linear")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
+    dtype: str = opt("float32", "weights as loaded and trained: float32, bfloat16 or float16")
 
     def validate(self) -> "HFOptions":
         from r1lab.runtime import parse_dtype

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from r1lab.model.deepseek import GroupedLayout, LatentCache, attention_bias
+from r1lab.model.cache import KVCache
+from r1lab.model.grouped import GroupedLayout, attention_bias
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -43,33 +44,6 @@ def fast_decoder(model) -> "FastDecoder | None":
     return FastDecoder(base)
 
 
-class KVCache(LatentCache):
-    """Per-head keys and values [B, H_kv, capacity, d] per layer, preallocated, each row at its own length: the
-    row bookkeeping (`mask`, `advance`, `keep`, `drop`, `extend`, `step_slots`) is the latent cache's; `buf` holds
-    keys and values in turn."""
-
-    seq_dim = 2
-
-    def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
-        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self._start([torch.zeros(batch, kv, capacity, d, dtype=dtype, device=device)
-                     for _ in range(2 * cfg.num_hidden_layers)])
-
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H_kv, S, d] at each row's next positions; return the keys and values [B, H_kv, T, d]."""
-        out = []
-        for buf, new in ((self.buf[2 * layer], k), (self.buf[2 * layer + 1], v)):
-            if self._S == 1:  # [B x H_kv x capacity, d] rows, one flat index for the step
-                d = buf.shape[-1]
-                buf.view(-1, d).index_copy_(0, self.step_slots(), new[:, :, 0].reshape(-1, d))
-            else:
-                pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)             # [B, S]
-                buf.scatter_(2, pos[:, None, :, None].expand_as(new), new)
-            out.append(buf[:, :, : self._T])
-        return out[0], out[1]
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE as transformers' Llama family applies it (rotate_half: the two halves of each head)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -80,8 +54,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
            fused: bool | None = None) -> torch.Tensor:
     """Grouped-query attention with an additive bias [B, 1, S, T]: q [B, H, S, d], k and v [B, H_kv, T, d] (query
     heads j*g .. j*g+g-1 read kv head j, as repeat_kv lays them out) -> [B, H, S, d]. On CPU each kv head is read
-    once for its g query heads with baddbmm, ~2x SDPA's masked path there; `fused` (the default off CPU) uses SDPA,
-    whose GPU kernels never hold the [B, H, S, T] scores."""
+    once for its g query heads with baddbmm; `fused` (the default off CPU) uses SDPA, whose GPU kernels never hold
+    the [B, H, S, T] scores (docs/performance.md)."""
     B, H, S, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     if fused if fused is not None else q.device.type != "cpu":

@@ -37,72 +37,79 @@ from r1lab import config, trackers
 from r1lab.config import opt
 from r1lab.model.hf import HFOptions, base_model
 from r1lab.reasoning import split_reasoning
-from r1lab.rewards import get_reward
+from r1lab.rewards import get_reward, list_rewards
 from r1lab.sampler import Sampler
 from r1lab.tasks import get_task
-from r1lab.tokenizer import carry_template
+from r1lab.tokenizer import carry_template, check_template
 from r1lab.train import dist, loop, losses
-from r1lab.train.advantages import get_advantage
+from r1lab.train.advantages import ADVANTAGES, get_advantage
 from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to_matrix, token_logprobs
-from r1lab.train.rollout import Rollout, Rollouts, gather_rollout
+from r1lab.tools import TOOLS, ToolLimits, make_tool
+from r1lab.train.rollout import Rollout, Rollouts, gather_rollout, model_tokens, tool_columns, tool_metrics
 from r1lab.train.run import adamw, check_optimizer, cosine_lr
 from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
 
 @dataclass
 class GRPOConfig:
-    out: str = "runs/grpo"
-    model: str = ""                   # policy: a model directory (native r1lab or any transformers causal LM)
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    task_args: dict = field(default_factory=dict)
-    template: str = "r1zero"          # r1zero | r1 | model
-    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # names or path.py:function
-    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.1])
-    steps: int = 40
-    max_seconds: float = 0.0          # stop after the step that reaches this much training time (0: no limit)
-    prompts_per_step: int = 16
-    num_generations: int = 8          # G, completions per prompt
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 5e-5                  # 1e-4 also taught the tiny model to think, but wore its arithmetic down
-    warmup: int = 5
-    min_lr_ratio: float = 1.0         # 1.0: constant after warm-up
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.0                 # KL weight; 0 keeps no reference model
-    kl_estimator: str = "k3"
-    policy_loss: str = "clip"         # clip (PPO/GRPO) | gspo | gspo-token | cispo (r1lab.train.losses)
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2         # DAPO clip-higher: 0.28; GSPO: about 3e-4 / 4e-4
-    rollout_correction: str = "none"  # none | token-truncate | sequence-truncate | token-mask | sequence-mask
-    teacher: str = ""                 # on-policy distillation: a model directory (same tokenizer) whose per-token
-                                      # reverse KL to the student is added to the advantages
-    teacher_weight: float = 1.0       # scale of that per-token advantage
-    correction_low: float = 0.5       # masked IS: tokens/sequences whose pi_old/mu is below this get no loss
-    correction_high: float = 2.0      # truncated IS: weights capped here; masked IS: above this, no loss
-    advantage: str = "grpo"           # grpo | rloo
-    advantage_scale: bool = True      # divide by the group std (False: Dr. GRPO)
-    loss_agg: str = "seq-mean"        # seq-mean (GRPO) | token-mean (DAPO) | drgrpo
-    dynamic_sampling: bool = False    # DAPO: drop zero-variance groups, draw more prompts
-    max_resample_rounds: int = 3
-    mask_truncated: bool = False      # DAPO overlong filtering: no loss on completions cut at max_new_tokens
-    mu: int = 1                       # optimiser steps per rollout batch
-    balance_experts: bool = False     # keep nudging MoE routing biases during RL (off: routing stays as pretrained,
-                                      # so the policy changes only through the gradient the rewards asked for)
-    micro_batch_tokens: int = 16384   # training tokens per forward (gradient accumulation above that)
-    row_tokens: int = 256             # packed row length (a group longer than this gets a row alone): masked
-                                      # attention grows with the square of it; 256 vs 1024 made updates 1.7x faster
-    bf16: bool | None = None          # bf16 autocast; None: on GPUs with bf16, float32 on CPUs (runtime.use_bf16)
-    hf: HFOptions = field(default_factory=HFOptions)  # transformers models: LoRA, gradient checkpointing, dtype
-    device: str = "auto"              # auto: CUDA when present, else CPU
-    parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
-    rollout: str = "r1lab"            # r1lab (its own sampler) | vllm (transformers models on GPU, colocated)
-    vllm_gpu_memory: float = 0.3      # --rollout vllm: share of the GPU for vLLM's weights and KV cache
-    eval_every: int = 0               # 0: only at the end
-    eval_problems: int = 200
-    log_every: int = 1
-    save_every: int = 20
-    seed: int = 0
+    out: str = opt("runs/grpo", "run directory; re-running with the same one resumes")
+    model: str = opt("", "the policy: a model directory (r1lab's DeepSeek-V3 or any transformers causal LM)")
+    tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks whose train splits give the prompts")
+    task_args: dict = opt(factory=dict, help="knobs per task as JSON")
+    template: str = opt("r1zero", "prompt format: r1zero, r1, or model (the tokenizer's own chat template)")
+    rewards: list[str] = opt(factory=lambda: ["accuracy", "format"],
+                             help="reward names (" + ", ".join(list_rewards()) + ") or path.py:function")
+    reward_weights: list[float] = opt(factory=lambda: [1.0, 0.1], help="one weight per reward")
+    steps: int = opt(40, "GRPO steps (rollout + update)")
+    max_seconds: float = opt(0.0, "stop after the step that reaches this much training time (0: no limit)")
+    prompts_per_step: int = opt(16, "prompts drawn per step")
+    num_generations: int = opt(8, "G, completions sampled per prompt")
+    max_new_tokens: int = opt(96, "most tokens per completion")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts (and of the log-probs trained on)")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts")
+    tools: str = opt("none", "a tool the policy may call while it thinks: none or python (its programs run in the "
+                             "sandbox; the tool's output is context, never trained on; r1lab.tools)")
+    tool_limits: ToolLimits = opt(factory=ToolLimits, help="")
+    lr: float = opt(5e-5, "peak learning rate")
+    warmup: int = opt(5, "linear warm-up steps")
+    min_lr_ratio: float = opt(1.0, "the cosine schedule ends at lr x this (1.0: constant after warm-up)")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    beta: float = opt(0.0, "weight of the KL to a frozen reference policy; 0 keeps no reference model")
+    kl_estimator: str = opt("k3", "KL estimator: " + ", ".join(losses.KL_ESTIMATORS))
+    policy_loss: str = opt("clip", "objective: " + ", ".join(losses.POLICY_LOSSES) + " (r1lab.train.losses)")
+    epsilon_low: float = opt(0.2, "lower clip range (CISPO: of its importance weight)")
+    epsilon_high: float = opt(0.2, "upper clip range: 0.28 is DAPO's clip-higher; GSPO wants about 4e-4")
+    rollout_correction: str = opt("none", "importance sampling against the engine's log-probs: "
+                                          + ", ".join(losses.ROLLOUT_CORRECTIONS))
+    correction_low: float = opt(0.5, "masked IS: tokens or sequences whose pi_old/mu is below this get no loss")
+    correction_high: float = opt(2.0, "truncated IS: the weight's cap; masked IS: above this, no loss")
+    teacher: str = opt("", "on-policy distillation: a model directory with the same tokenizer whose per-token reverse "
+                           "KL to the student joins the advantages")
+    teacher_weight: float = opt(1.0, "scale of the teacher's per-token advantage")
+    advantage: str = opt("grpo", "advantage estimator: " + ", ".join(ADVANTAGES))
+    advantage_scale: bool = opt(True, "divide by the group's std (false: Dr. GRPO)")
+    loss_agg: str = opt("seq-mean", "loss aggregation: " + ", ".join(losses.AGGREGATIONS)
+                                    + " (seq-mean: GRPO; token-mean: DAPO; drgrpo: Dr. GRPO)")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and draw more prompts")
+    max_resample_rounds: int = opt(3, "dynamic sampling's extra draws per step")
+    mask_truncated: bool = opt(False, "DAPO overlong filtering: no loss on completions cut at max_new_tokens")
+    mu: int = opt(1, "optimiser steps per rollout batch")
+    balance_experts: bool = opt(False, "keep nudging the MoE routing biases during RL (off: routing stays as "
+                                       "pretrained, so the policy changes only through the rewards' gradient)")
+    micro_batch_tokens: int = opt(16384, "training tokens per forward (gradient accumulation above that)")
+    row_tokens: int = opt(256, "packed row length for models without the grouped layout (a longer group gets a "
+                               "row alone)")
+    bf16: bool | None = opt(None, "bf16 autocast; none: on GPUs with bf16, float32 on CPUs")
+    hf: HFOptions = opt(factory=HFOptions, help="")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (CUDA when present)")
+    parallel: str = opt("ddp", "under torchrun: ddp (a replica per process) or fsdp (weights sharded)")
+    rollout: str = opt("r1lab", "rollout engine: r1lab (its own sampler) or vllm (transformers models on GPUs)")
+    vllm_gpu_memory: float = opt(0.3, "--rollout vllm: share of the GPU for vLLM's weights and KV cache")
+    eval_every: int = opt(0, "steps between held-out greedy evaluations (0: none during the run)")
+    eval_problems: int = opt(200, "held-out problems per evaluation")
+    log_every: int = opt(1, "steps between metrics rows")
+    save_every: int = opt(20, "steps between checkpoints")
+    seed: int = opt(0, "seed of the prompts drawn and of the samples")
     report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
                                                   "samples: tensorboard, wandb, mlflow (comma-separated; each an "
                                                   "extra: pip install 'r1lab[wandb]')")
@@ -118,6 +125,7 @@ class GRPOConfig:
             raise ValueError(f"max_resample_rounds must be >= 0 (got {self.max_resample_rounds})")
         if not self.model:
             raise ValueError("--model is required: a model directory to train")
+        check_template(self.template)
         if not self.rewards and not self.teacher:
             raise ValueError("give at least one reward (--rewards), or a --teacher to distil from on-policy")
         if self.teacher and self.dynamic_sampling and not self.rewards:
@@ -144,6 +152,15 @@ class GRPOConfig:
         dist.check_parallel(self.parallel, self.hf.lora)
         if self.rollout not in ("r1lab", "vllm"):
             raise ValueError(f"rollout must be r1lab or vllm (got {self.rollout!r})")
+        if self.tools not in ("none",) + TOOLS:
+            raise ValueError(f"tools must be none or one of {', '.join(TOOLS)} (got {self.tools!r})")
+        if self.tools != "none":
+            if self.rollout == "vllm":
+                raise ValueError("--tools runs with r1lab's own sampler; use --rollout r1lab")
+            from r1lab.sandbox import require
+
+            self.tool_limits.validate()
+            require()  # the programs need a sandbox: refused now, with the fix, rather than at the first call
         if self.rollout == "vllm":
             from r1lab.train.vllm_rollout import check_available
 
@@ -215,7 +232,7 @@ class GRPOTrainer:
             with dist.full_weights(self.policy):
                 self.sampler = VLLMRollout(cfg.model, model, tokenizer, cfg.vllm_gpu_memory, dtype, cfg.seed)
         else:
-            self.sampler = Sampler(model, tokenizer)
+            self.sampler = Sampler(model, tokenizer, tools=make_tool(cfg.tools, tokenizer, cfg.tool_limits))
         self.tasks = [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
         self.rollouts = Rollouts(cfg, self.sampler, tokenizer, self.tasks,
                                  {spec: get_reward(spec) for spec in cfg.rewards}, get_reward("accuracy"))
@@ -239,8 +256,8 @@ class GRPOTrainer:
         mask = torch.zeros(N, T)
         for n, c in enumerate(ro.flat):
             rollout_lp[n, : len(c.logprobs)] = torch.tensor(c.logprobs)
-            if not (cfg.mask_truncated and c.finish_reason == "length"):
-                mask[n, : len(c.token_ids)] = 1
+            if not (cfg.mask_truncated and c.finish_reason == "length"):  # a tool's tokens are context only
+                mask[n, : len(c.token_ids)] = 1 if c.token_mask is None else torch.tensor(c.token_mask)
         layouts = self.layouts(ro.prompt_ids, completion_ids) if P else []
         n_tokens = mask.sum().clamp(min=1)
         n_seqs = N
@@ -394,11 +411,12 @@ class GRPOTrainer:
     def metrics(self, ro: Rollout, stats: dict, lr: float, sample_s: float, train_s: float) -> dict:
         """The step's row: rollout statistics over every process's groups, and the update's."""
         flat = ro.flat
-        lengths = [len(c.token_ids) for c in flat]
+        lengths = [model_tokens(c) for c in flat]
         thinks = [bool((split_reasoning(c.text)[0] or "").strip()) for c in flat]
+        tools = tool_columns(flat) if self.cfg.tools != "none" else None
         groups = len(ro.problems)
         if dist.active():
-            ro, flat, lengths, thinks, groups = gather_rollout(ro, lengths, thinks)
+            ro, flat, lengths, thinks, groups, tools = gather_rollout(ro, lengths, thinks, tools)
 
         def nanmean(t):
             t = t[~torch.isnan(t)]
@@ -420,6 +438,8 @@ class GRPOTrainer:
         for name, v in ro.parts.items():
             row[f"reward/{name}/mean"] = nanmean(v.flatten())
             row[f"reward/{name}/std"] = nanstd(v.flatten())
+        if tools is not None:
+            row.update(tool_metrics(tools), tool_wait_seconds=self.sampler.tool_wait)
         return row
 
     def sample_table(self, ro: Rollout) -> list[dict]:
@@ -438,7 +458,8 @@ class GRPOTrainer:
         for task, name in zip(self.tasks, self.cfg.tasks):
             probs = task.problems("test", n=self.cfg.eval_problems, seed=0)
             ecfg = EvalConfig(task=name, k=1, template=self.cfg.template, max_new_tokens=self.cfg.max_new_tokens)
-            s = evaluate(local_generator(self.model, self.tok, self.cfg.template), probs, ecfg)["summary"]
+            s = evaluate(local_generator(self.model, self.tok, self.cfg.template, tools=self.sampler.tools), probs,
+                         ecfg)["summary"]
             out[name] = {"greedy": s["greedy"], "think_share": s["greedy_think_share"],
                          "mean_length": s["greedy_mean_length"]}
         return out

@@ -28,7 +28,7 @@ from r1lab import config, trackers
 from r1lab.config import opt
 from r1lab.model.hf import HFOptions, base_model, is_native, load_trainable, trainable_parameters
 from r1lab.reasoning import THINK_START
-from r1lab.tokenizer import TEMPLATES, apply_template, carry_template
+from r1lab.tokenizer import apply_template, carry_template, check_template
 from r1lab.train import dist, loop
 from r1lab.train.logprobs import packed_hidden_states
 from r1lab.train.packing import Packed, pack
@@ -39,30 +39,29 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class SFTConfig:
-    out: str = "runs/sft"
-    model: str = ""                   # model directory to fine-tune (native r1lab or any transformers causal LM)
-    data: str = ""                    # JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} per line
-    eval_data: str | None = None      # held-out JSONL; default: eval_fraction of `data`
-    eval_fraction: float = 0.05       # share of `data` held out for the held-out loss (0: none)
-    template: str = "model"           # chat template for messages: model (the tokenizer's own) | r1 | r1zero
-    epochs: int = 2                   # the R1 recipe fine-tuned for 2 epochs
-    seq_len: int = 1024               # packed row length; longer samples are dropped and counted
-    rows: int = 4                     # packed rows per micro-batch (over all processes under torchrun)
-    grad_accum: int = 1               # micro-batches per optimiser step
-    lr: float = 5e-5
-    warmup: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    bf16: bool | None = None          # bf16 autocast for matmuls (weights as hf.dtype says); None: on GPUs with
-                                      # bf16, float32 on CPUs (runtime.use_bf16)
-    hf: HFOptions = field(default_factory=HFOptions)
-    device: str = "auto"              # auto: CUDA when present, else CPU
-    parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
-    eval_every: int = 0               # steps between held-out losses; 0: at the end only
-    log_every: int = 1
-    save_every: int = 50
-    seed: int = 0
+    out: str = opt("runs/sft", "run directory; re-running with the same one resumes")
+    model: str = opt("", "model directory to fine-tune (r1lab's DeepSeek-V3 or any transformers causal LM)")
+    data: str = opt("", 'JSONL: {"messages": [...]} chats or {"prompt", "completion"} pairs, one per line')
+    eval_data: str | None = opt(None, "held-out JSONL; default: eval_fraction of --data")
+    eval_fraction: float = opt(0.05, "share of --data held out for the held-out loss (0: none)")
+    template: str = opt("model", "chat template for messages: model (the tokenizer's own), r1 or r1zero")
+    epochs: int = opt(2, "passes over the data (the R1 recipe fine-tuned for 2)")
+    seq_len: int = opt(1024, "packed row length; longer samples are dropped and counted")
+    rows: int = opt(4, "packed rows per micro-batch (over all processes under torchrun)")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    lr: float = opt(5e-5, "peak learning rate")
+    warmup: int = opt(10, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr x this")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    bf16: bool | None = opt(None, "bf16 autocast for matmuls; none: on GPUs with bf16, float32 on CPUs")
+    hf: HFOptions = opt(factory=HFOptions, help="")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (CUDA when present)")
+    parallel: str = opt("ddp", "under torchrun: ddp (a replica per process) or fsdp (weights sharded)")
+    eval_every: int = opt(0, "steps between held-out losses; 0: at the end only")
+    log_every: int = opt(1, "steps between metrics rows")
+    save_every: int = opt(50, "steps between checkpoints")
+    seed: int = opt(0, "seed of the data order and LoRA's initial adapters")
     report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
                                                   "samples: tensorboard, wandb, mlflow (comma-separated; each an "
                                                   "extra: pip install 'r1lab[wandb]')")
@@ -80,8 +79,7 @@ class SFTConfig:
                 raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {path}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
-        if self.template != "model" and self.template not in TEMPLATES:
-            raise ValueError(f"unknown template {self.template!r}; choose model, {', '.join(TEMPLATES)}")
+        check_template(self.template)
         for name in ("epochs", "seq_len", "rows", "grad_accum", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
