@@ -236,12 +236,12 @@ class Trackers:
         """Send the resolved config; line each tracker up with the `kept` rows of metrics.jsonl: the rows it lacks
         are sent now, and as many rows as it holds beyond them will not be sent again."""
         for t in list(self.active):
-            self._call(t, "config", config)
             have = self.rows[t.name]
-            for row in kept[have:]:
-                self._call(t, "log", row["step"], scalars(row))
-            self.rows[t.name] = max(have, len(kept))
-            self.skip[t.name] = max(0, have - len(kept))
+            if not self._call(t, "config", config):
+                continue
+            if all(self._call(t, "log", row["step"], scalars(row)) for row in kept[have:]):
+                self.rows[t.name] = max(have, len(kept))
+                self.skip[t.name] = max(0, have - len(kept))
         self._save()
 
     def log(self, row: dict) -> None:
@@ -290,10 +290,11 @@ class Trackers:
         except Exception as e:
             print(f"r1lab: --report-to {t.name} stopped after an error ({_why(t.name, e)}); training goes on and "
                   f"{self.dir / 'metrics.jsonl'} keeps every row", file=sys.stderr)
-            self.active.remove(t)
+            if t in self.active:
+                self.active.remove(t)
             try:
                 t.close(failed=True)
-            except Exception:
+            except Exception:  # noqa: BLE001 - already reported above
                 pass
             return False
 
