@@ -307,3 +307,23 @@ def test_registries_name_their_choices():
         losses.get_policy_loss("ppo2")
     with pytest.raises(ValueError, match="token-truncate"):
         losses.get_rollout_correction("clip")
+
+
+def test_on_the_first_pass_clip_gspo_and_cispo_take_the_same_gradient():
+    """With pi_old the policy's own first-pass log-probs, every ratio is 1: the clip never binds and the three
+    objectives (seq-mean) reduce to the same policy gradient, -A mean_t grad log pi. They part only from the
+    second update on a batch (mu > 1), which is what bench/objectives.py compares."""
+    torch.manual_seed(6)
+    base = torch.randn(5, 6, dtype=torch.float64) * 0.4
+    mask = torch.ones(5, 6, dtype=torch.float64)
+    mask[1, 4:] = 0
+    adv = torch.randn(5, dtype=torch.float64)
+    grads = {}
+    for name, settings in (("clip", knobs()), ("gspo", knobs(3e-4, 4e-4)), ("cispo", knobs(1.0, 4.0))):
+        logp = base.clone().requires_grad_()
+        loss, _ = losses.get_policy_loss(name)(logp, logp.detach(), logp.detach(), adv, mask, settings)
+        losses.seq_mean(loss, mask, mask.sum(), 5, 6).backward()
+        grads[name] = logp.grad
+    assert torch.allclose(grads["clip"], grads["gspo"]) and torch.allclose(grads["clip"], grads["cispo"])
+    expect = -(adv[:, None] * mask / mask.sum(1, keepdim=True)) / 5
+    assert torch.allclose(grads["clip"], expect)
