@@ -7,6 +7,7 @@ read back) as an ordinary `transformers` directory that r1lab trains, samples fr
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import torch
@@ -24,6 +25,13 @@ def load_gguf(file: str | Path, dtype: torch.dtype = torch.float32):
     with open(file, "rb") as f:
         if f.read(4) != b"GGUF":
             raise CheckpointError(f"{file} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:  # the gguf reader meets a cut-off file as an index or dtype error deep in numpy: name it here
+        import gguf
+
+        gguf.GGUFReader(file)
+    except (ValueError, IndexError, KeyError, struct.error) as e:
+        raise CheckpointError(f"{file} is truncated or corrupt: its header or tensor table does not read "
+                              f"({type(e).__name__}: {e}); download or export it again") from None
     where, name = str(file.parent), file.name
     try:
         tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
@@ -85,6 +93,12 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str | torch.dtype = "f
     from r1lab.runtime import parse_dtype
 
     dtype = parse_dtype(dtype)
+    out = Path(out)
+    if any(p.is_file() for p in out.resolve().parents):
+        raise CheckpointError(f"{out} is inside a path that is a file; give a directory path to write")
+    if out.exists() and not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
+        raise CheckpointError(f"{out} exists and is not a model directory; import-gguf replaces OUT_DIR whole, so "
+                              "give a new path (or a model directory to overwrite)")
     model, tok = load_gguf(file, dtype)
 
     def fill(tmp: Path):

@@ -53,6 +53,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f32", skip
 
     if qtype not in QTYPES:
         raise GGUFExportError(f"--type must be one of {', '.join(QTYPES)} (got {qtype!r})")
+    if Path(out).is_dir() or any(p.is_file() for p in Path(out).resolve().parents):
+        raise ValueError(f"{out} is a directory, or inside a path that is a file; give the .gguf file to write "
+                         f"(e.g. {Path(model_dir).name}.gguf)")
     path = recover(Path(model_dir))
     cfg = read_config(path)
     model_type = cfg.get("model_type")
