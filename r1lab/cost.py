@@ -101,9 +101,15 @@ def load_config(source: Any) -> tuple[str, dict]:
         raise FileNotFoundError(f"no model config at {text!r}: give a model directory, a config.json, or a preset "
                                 f"({', '.join(PRESETS)})")
     try:
-        return text, json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8); give a model directory or its config.json") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix or re-save the config") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a model config object; give a model "
+                         "directory or its config.json")
+    return text, data
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,14 @@ class Shape:
         return self.v_head_dim if self.is_mla else self.head_dim
 
 
+_NEEDED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+SIZE_KEYS = _NEEDED_SIZES + (
+    "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "num_local_experts", "num_experts", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+    "first_k_dense_replace", "decoder_sparse_step", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers")
+
+
 def _need(d: dict, key: str, model_type: str):
     v = d.get(key)
     if v is None:
@@ -171,6 +185,10 @@ def model_shape(config: Any) -> Shape:
     _, d = load_config(config)
     if "text_config" in d and "hidden_size" not in d:    # multimodal wrappers: the language model part
         d = d["text_config"]
+    for key in SIZE_KEYS:  # a hand-edited size ("64", -2, 0 heads) is named here, not met as a TypeError below
+        v, least = d.get(key), 1 if key in _NEEDED_SIZES else 0
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ValueError(f"{key} must be a whole number >= {least} (got {v!r}); correct the config")
     mt = d.get("model_type") or "llama"
     if mt == "r1lab":
         mt = "deepseek_v3"
@@ -459,7 +477,10 @@ def summary(config: Any, seq_len: int = 4096, batch: int = 1, kv_bytes: float = 
     _check_positive("seq_len", seq_len)
     _check_positive("batch", batch)
     name, d = load_config(config)
-    s = model_shape(d)
+    try:
+        s = model_shape(d)
+    except ValueError as e:  # name the config the user gave
+        raise ValueError(f"{name}: {e}") from None
     out = {"model": name, "model_type": s.model_type, "seq_len": seq_len, **parameter_counts(s),
            "params_breakdown": parameter_breakdown(s),
            "flops_per_token": flops_per_token(s, seq_len),
