@@ -90,6 +90,10 @@ def save_model(model: DeepseekV3, path: str | Path, tokenizer=None, extra: dict[
 
 def read_config(path: str | Path) -> dict:
     path = recover(Path(path))
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; give the model directory that holds it ({path.parent})"
+                              if path.name == "config.json" or path.suffix == ".safetensors" else
+                              f"{path} is a file, not a model directory (config.json, model.safetensors, tokenizer)")
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
     f = path / "config.json"
