@@ -220,6 +220,10 @@ def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
         routed_scaling_factor=1.0, num_nextn_predict_layers=0, max_position_embeddings=512,
         tie_word_embeddings=True, bias_update_speed=1e-2,
     )
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:  # a typo in pretrain's `model` overrides (or the distill student's) is named, not a TypeError
+        raise ValueError(f"invalid model config: unknown key(s) {', '.join(unknown)}; known keys: "
+                         f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))}")
     base.update(overrides)
     return ModelConfig(**base)
 
