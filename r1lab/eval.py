@@ -44,10 +44,14 @@ class EvalConfig:
                 "tasks and r1 for benchmarks), r1zero, r1, or model")
     seed: int = opt(0, "seed of the samples (and of the synthetic problems drawn)")
     max_batch: int = opt(256, "most sequences a local model decodes together")
+    tools: str = opt("none", "a tool a local model's replies may call while they think: none or python (programs "
+                             "run in the sandbox; r1lab.tools)")
 
     def validate(self) -> "EvalConfig":
         if self.k < 1:
             raise ValueError(f"--k must be >= 1 (got {self.k})")
+        if self.tools not in ("none", "python"):
+            raise ValueError(f"--tools must be none or python (got {self.tools!r})")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1 (got {self.limit})")
         if self.max_new_tokens < 1:
@@ -166,13 +170,15 @@ def run_settings(path: str | Path) -> tuple[Path, dict, Path | None]:
         settings = {"task": cfg.get("task"), "task_args": cfg.get("task_args") or {},
                     "template": (cfg.get("grpo") or {}).get("template"), "limit": e.get("limit"), "k": e.get("k"),
                     "temperature": e.get("temperature"), "top_p": e.get("top_p"),
-                    "max_new_tokens": e.get("max_new_tokens"), "seed": 0}
+                    "max_new_tokens": e.get("max_new_tokens"), "seed": 0,
+                    "tools": (cfg.get("grpo") or {}).get("tools")}
         model = run / RECIPE_MODELS.get(cfg["recipe"], "grpo/model") if path == run else path
     else:  # a trainer's run directory (pretrain, sft, grpo)
         tasks = cfg.get("tasks") or []
         task = tasks[0] if tasks else None
         settings = {"task": task, "task_args": (cfg.get("task_args") or {}).get(task, {}) if task else None,
-                    "template": cfg.get("template"), "max_new_tokens": cfg.get("max_new_tokens")}
+                    "template": cfg.get("template"), "max_new_tokens": cfg.get("max_new_tokens"),
+                    "tools": cfg.get("tools")}
         model = run / "model" if path == run else path
     if not (model / "config.json").is_file():
         raise CheckpointError(f"{run} has no final model yet ({model} is missing): let the run finish, or "
@@ -190,12 +196,13 @@ def to_sample(text: str, tokens: int) -> Sample:
 Generate = Callable[[list[str], int, float, float, int], list[list[Sample]]]
 
 
-def local_generator(model, tokenizer, template: str, max_batch: int = 256) -> Generate:
-    """prompts (user turns), n, temperature, top_p, seed -> n Samples per prompt, from the shared sampler."""
+def local_generator(model, tokenizer, template: str, max_batch: int = 256, tools=None) -> Generate:
+    """prompts (user turns), n, temperature, top_p, seed -> n Samples per prompt, from the shared sampler (with
+    `tools`, an r1lab.tools tool the replies may call)."""
     from r1lab.sampler import Sampler, SamplingParams
     from r1lab.tokenizer import render_prompt
 
-    sampler = Sampler(model, tokenizer, max_batch=max_batch)
+    sampler = Sampler(model, tokenizer, max_batch=max_batch, tools=tools)
 
     def generate(prompts, n, temperature, top_p, seed, max_new_tokens=256):
         rendered = [render_prompt(tokenizer, p, template) for p in prompts]
@@ -292,6 +299,7 @@ def summarize(records: list[dict], cfg: EvalConfig, skipped: int) -> dict:
         "pass@k": {str(j): mean(pass_at_k(cfg.k, r["correct"], j) for r in judged)
                    for j in sorted({1, 2, 4, 8, 16, 32, 64, cfg.k}) if j <= cfg.k},
         "think_share": mean(bool(s["reasoning"] and s["reasoning"].strip()) for s in samples),
+        "tool_share": mean("</tool>" in (s["reasoning"] or "") for s in samples),  # replies that called a tool
         "mean_length": mean(s["tokens"] for s in samples),
         "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
     }

@@ -72,6 +72,28 @@ def test_output_tokens_are_capped_escaped_and_end_with_the_closing_tag(tok):
     assert tok.decode(tool.output_ids(Result("passed", stdout="1786\n"))[0]) == " <output> 1786 </output>"
 
 
+def test_pretraining_corpus_calls_the_tool_and_leaves_its_output_out_of_the_labels():
+    from r1lab.train.pretrain import Corpus, PretrainConfig, build_tokenizer
+
+    cfg = PretrainConfig(task_args={"arithmetic": {"min_digits": 2, "max_digits": 3, "ops": "*", "mul_digits": 2}},
+                         direct_fraction=0.3, tool_fraction=0.4).validate()
+    tk = build_tokenizer(cfg)
+    corpus = Corpus(cfg, tk)
+    texts = [c for _, c in corpus.texts(1, 400)]
+    shares = [sum(cond(t) for t in texts) / len(texts) for cond in (
+        lambda t: "<think> </think>" in t, lambda t: "<tool>" in t, lambda t: "so " in t)]
+    assert shares == pytest.approx([0.3, 0.4, 0.3], abs=0.08)
+    t = next(t for t in texts if "<tool>" in t)
+    a, op, b, out = re.search(r"print\((\d+)(\*)(\d+)\) </tool> <output> (\d+) </output>", t).groups()
+    assert int(a) * int(b) == int(out)
+    ids, labels = corpus.completion_ids(t)
+    assert ids == tk(t, add_special_tokens=False).input_ids  # as the whole text tokenises
+    tool_part = tk.decode([i for i, lab in zip(ids, labels) if lab == 0])
+    assert tool_part == f" <output> {out} </output>"
+    with pytest.raises(ValueError, match="tool_fraction must be in"):
+        PretrainConfig(direct_fraction=0.7, tool_fraction=0.4).validate()
+
+
 # ----------------------------------------------------------------------------- a scripted model
 
 
@@ -88,11 +110,14 @@ class Script(torch.nn.Module):
     def next_token(self, ids: list[int]) -> int:
         text = self.tok.decode(ids)
         prompt, _, reply = text.partition("=>")
-        if prompt.startswith("count"):
-            return self.tok.eos_token_id if len(self.enc(reply)) >= int(prompt.split()[1]) else self.enc(" x")[0]
-        program = prompt.removeprefix("run").strip()
+        opener = " <think>"
+        if "<think>\n" in reply:  # a chat template opened the thinking (R1's format)
+            reply, opener = reply.split("<think>\n", 1)[1], ""
+        if "count" in prompt:
+            return self.tok.eos_token_id if len(self.enc(reply)) >= int(prompt.split()[-1]) else self.enc(" x")[0]
+        program = prompt.rsplit("run", 1)[1].strip()
         done = reply.count("</output>")
-        plan = " <think>" + " <tool> " + program + " </tool>" if done == 0 else " <tool> " + program + " </tool>"
+        plan = opener + " <tool> " + program + " </tool>" if done == 0 else " <tool> " + program + " </tool>"
         if done >= self.calls:
             last = re.findall(r"<output> (.*?) </output>", reply, re.S)[-1]
             plan = f" </think> <answer> {last} </answer>"

@@ -15,6 +15,10 @@ CURVES = [  # (metric key in a GRPO run's metrics.jsonl, title, percent axis)
     ("accuracy", "accuracy of the sampled replies", True),
     ("mean_length", "mean reply length (tokens)", False),
     ("think_share", "share of replies that think", True),
+    ("tool_share", "share of replies that call the tool", True),
+    ("tool_calls_per_reply", "tool calls per reply", False),
+    ("tool_errors", "tool calls that failed (per step)", False),
+    ("tool_seconds", "seconds of programs run (per step)", False),
     ("teacher_reverse_kl", "reverse KL to the teacher per token", False),
     ("kl", "KL to the reference policy", False),
     ("entropy", "policy entropy per token", False),
@@ -42,7 +46,10 @@ def _render_r1zero(summary: dict) -> str:
     return "\n".join([f"R1-Zero in miniature ({summary['task']}, held-out problems)",
                       f"  {'':<22}{'base':>7}   {'after RL':>7}   change",
                       row("pass@1 (k samples)", "pass@1"), row("greedy accuracy", "greedy"), row("cons@k", "cons@k"),
-                      row("replies that think", "think_share"), row("mean reply tokens", "mean_length", pct=False),
+                      row("replies that think", "think_share"),
+                      *([row("replies that call a tool", "tool_share")] if b.get("tool_share") or f.get("tool_share")
+                        else []),
+                      row("mean reply tokens", "mean_length", pct=False),
                       f"  wall time {summary['wall_seconds']:.0f} s"])
 
 
@@ -166,9 +173,11 @@ def write_report(run_dir: str | Path, summary: dict, rl_runs: dict[str, Path]) -
     plots = run_dir / "plots"
     table = render(summary)
     if summary["recipe"] == "r1zero":
+        tools = [("tool_share", "calls a tool")] if summary["base"].get("tool_share") or \
+            summary["final"].get("tool_share") else []
         bars = plot_bars([("base model", summary["base"]), ("after GRPO", summary["final"])],
-                         [("pass@1", "pass@1"), ("greedy", "greedy"), ("cons@k", "cons@k"), ("think_share", "thinks")],
-                         f"held-out {summary['task']}: before and after RL", plots / "before_after.png")
+                         [("pass@1", "pass@1"), ("greedy", "greedy"), ("cons@k", "cons@k"), ("think_share", "thinks")]
+                         + tools, f"held-out {summary['task']}: before and after RL", plots / "before_after.png")
     else:
         stages = list(summary["stages"].values())
         bars = _plot_stages(stages, summary, plots / "stages.png")

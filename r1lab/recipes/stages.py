@@ -76,12 +76,14 @@ def evaluate(model_dir: Path, cfg: PipelineConfig, path: Path) -> dict:
         return cached
     from r1lab.eval import EvalConfig, evaluate as run_eval, load_problems, local_generator, write_report
     from r1lab.model.load import load_model_and_tokenizer
+    from r1lab.tools import make_tool
 
     model, tok = load_model_and_tokenizer(model_dir)
     e = cfg.eval
     ecfg = EvalConfig(task=cfg.task, task_args=cfg.task_args or {}, limit=e.limit, k=e.k, temperature=e.temperature,
                       top_p=e.top_p, max_new_tokens=e.max_new_tokens, template=cfg.grpo.template, seed=0)
-    result = run_eval(local_generator(model, tok, cfg.grpo.template), load_problems(ecfg), ecfg)
+    tools = make_tool(cfg.grpo.tools, tok, cfg.grpo.tool_limits)  # the tool RL had, for every model evaluated
+    result = run_eval(local_generator(model, tok, cfg.grpo.template, tools=tools), load_problems(ecfg), ecfg)
     write_report(result, path)
     announce(model_dir, cfg, result["summary"])
     return result
@@ -100,7 +102,8 @@ def announce(model_dir: Path, cfg: PipelineConfig, summary: dict) -> None:
 
 def headline(summary: dict) -> dict:
     """The figures a recipe's table shows of one evaluation."""
-    return {k: summary[k] for k in ("greedy", "pass@1", "cons@k", "think_share", "mean_length")}
+    return {k: summary[k] for k in ("greedy", "pass@1", "cons@k", "think_share", "tool_share", "mean_length")
+            if k in summary}
 
 
 def eval_settings(cfg: PipelineConfig) -> dict:

@@ -276,10 +276,14 @@ def _error(status: int, body: dict) -> JSONResponse:
 
 def create_app(model_source, api_key: str | None = None, model_name: str | None = None, max_batch: int = 64,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServerLimits | None = None) -> FastAPI:
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServerLimits | None = None,
+               tools: str = "none") -> FastAPI:
     """The server for a model directory or a `(model, tokenizer)` pair. The engine thread starts with the app
     (its lifespan) and stops with it. `app.state.service` exposes the model service and its engine;
-    `app.state.limits` the limits that `server_config` applies to the connections."""
+    `app.state.limits` the limits that `server_config` applies to the connections. `tools="python"` lets replies
+    call the Python tool, its programs run in the sandbox on this machine (r1lab.tools)."""
+    from r1lab.tools import make_tool
+
     limits = (limits or ServerLimits()).validate()
     if isinstance(model_source, (tuple, list)):
         model, tokenizer = model_source
@@ -290,7 +294,7 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
         model, tokenizer = load_model_and_tokenizer(model_source, device=device, dtype=dtype)
         default_name = Path(str(model_source)).resolve().name
     service = ModelService(model, tokenizer, model_name or default_name or "r1lab", max_batch=max_batch,
-                           default_max_tokens=default_max_tokens)
+                           default_max_tokens=default_max_tokens, tools=make_tool(tools, tokenizer))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -595,13 +599,13 @@ class BackgroundServer:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 64, device="cpu", dtype=torch.float32,
-          log_level: str = "info", limits: ServerLimits | None = None) -> None:
+          log_level: str = "info", limits: ServerLimits | None = None, tools: str = "none") -> None:
     """`r1lab serve`: load the model, print where to find it, serve until interrupted."""
     import uvicorn
 
     limits = (limits or ServerLimits()).validate()
     app = create_app(model_dir, api_key=api_key, model_name=model_name, max_batch=max_batch, device=device,
-                     dtype=dtype, limits=limits)
+                     dtype=dtype, limits=limits, tools=tools)
     name = app.state.service.name
     shown = "localhost" if host in WILDCARD_HOSTS else f"[{host}]" if ":" in host else host
     names, any_ip = allowed_host_names(host, limits.allowed_hosts)
@@ -609,5 +613,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
           f"  web chat  http://{shown}:{port}/\n"
           f"  API       http://{shown}:{port}/v1   (OpenAI-compatible; model name {json.dumps(name)})\n"
           f"  answers to Host {', '.join(names)}{' and IP addresses' if any_ip else ''} (more: --allowed-host NAME)"
-          + ("\n  API key required: Authorization: Bearer ..." if api_key else ""), flush=True)
+          + ("\n  API key required: Authorization: Bearer ..." if api_key else "")
+          + (f"\n  tool: {tools} (replies' programs run in the sandbox on this machine)" if tools != "none" else ""),
+          flush=True)
     uvicorn.Server(server_config(app, host, port, log_level)).run()

@@ -4,7 +4,9 @@ between decode steps and leave it when they finish or their client goes away (co
 Each loop iteration drops cancelled rows, admits waiting jobs (one prefill for all of them, merged into the running
 batch), decodes one token for every running row, and hands each job its new text through the job's `emit`
 callback. Text is detokenized incrementally and held back while it may be the start of a stop string, so what a
-streaming client has seen is always a prefix of the final text.
+streaming client has seen is always a prefix of the final text. With a tool (r1lab.tools), a row that calls it waits
+outside the batch for its program in the sandbox's worker pool and re-enters as soon as the program ends; the call
+and its output stream as part of the thinking.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Event:
     choice: int                       # index among the request's choices (job.choice_offset + sample index)
     text: str                         # text since the previous event of this choice
     tokens: int                       # tokens generated so far by this choice
-    finish_reason: str | None = None  # "stop" | "length" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "tool_limit" | "error"
     token_ids: list[int] | None = None   # on finish: every generated id (stop token included)
     full_text: str | None = None      # on finish: the whole completion text
     error: str | None = None
@@ -175,21 +177,26 @@ class Engine:
     def _run(self) -> None:
         self.sampler.model.eval()
         with torch.inference_mode():
-            batch = self.sampler.new_batch()
+            batch = self.sampler.new_batch(on_program_done=self._wake)
             while True:
                 with self._cond:
-                    while not self._stop and not self._waiting and not self._cancels and not len(batch):
+                    while (not self._stop and not self._waiting and not self._cancels and not len(batch)
+                           and not batch.due(ordered=False)):
                         self._cond.wait(1.0)
                     if self._stop:
                         break
                     cancels, self._cancels = self._cancels, set()
                     if cancels:
                         self._waiting = deque(j for j in self._waiting if j.id not in cancels)
-                    admit = self._take_admissible(len(batch))
+                    admit = self._take_admissible(batch.busy)
                 try:
                     self._drop(batch, cancels)
                     if admit:
                         self._admit(batch, admit)
+                    back = batch.due(ordered=False)
+                    if back:  # rows whose programs ended: their output, then their next token
+                        finished = batch.resume(back)
+                        self._publish([p.row for p in back], finished)
                     if len(batch):
                         self._note_step(batch)
                         running = list(batch.rows)
@@ -198,13 +205,18 @@ class Engine:
                 except Exception as e:  # a bug or an out-of-memory: fail what is running, keep serving
                     log.exception("engine step failed")
                     self._fail_all(f"generation failed: {type(e).__name__}: {e}")
-                    batch = self.sampler.new_batch()
+                    batch = self.sampler.new_batch(on_program_done=self._wake)
                 with self._cond:
-                    self._running_rows = len(batch)
+                    self._running_rows = batch.busy
             with self._cond:
                 left, self._waiting = [a.job for a in self._active.values()] + list(self._waiting), deque()
             for job in left:
                 self._fail(job, "the server is shutting down")
+
+    def _wake(self) -> None:
+        """A program ended (called from a sandbox thread): let the engine thread look."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _take_admissible(self, rows: int) -> list[Job]:
         take = []
@@ -255,7 +267,7 @@ class Engine:
     def _drop(self, batch, job_ids: set[int]) -> None:
         if not job_ids:
             return
-        keys = {r.key for r in batch.rows if _job_of(r.key)[0] in job_ids}
+        keys = {r.key for r in batch.rows + [p.row for p in batch.paused] if _job_of(r.key)[0] in job_ids}
         if keys:
             batch.cancel(keys)
             self.stats.cancelled_rows += len(keys)

@@ -42,9 +42,11 @@ class Prepared:
 class ModelService:
     """One model behind the API: prompt rendering, request checks against its context, and the engine."""
 
-    def __init__(self, model, tokenizer, name: str, max_batch: int = 64, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, model, tokenizer, name: str, max_batch: int = 64, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 tools=None):
         self.tokenizer, self.name = tokenizer, name
-        self.sampler = Sampler(model, tokenizer, max_batch=max_batch)
+        # with a tool (r1lab.tools), replies may call it; rows re-enter as soon as their programs end
+        self.sampler = Sampler(model, tokenizer, max_batch=max_batch, tools=tools, reentry="ready")
         self.engine = Engine(self.sampler, max_batch=max_batch)
         self.context, self.vocab_size = self.engine.context, self.engine.vocab_size
         # no token is longer than this, so a text of more than context x this many characters cannot fit

@@ -14,8 +14,10 @@ from typing import Callable, TextIO
 
 from r1lab.serve import protocol as P
 from r1lab.serve.service import ModelService
+from r1lab.tools import tool_spans
 
 HELP = "Type a message. /new starts a new conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."
+TOOL_STYLES = {"text": "dim", "call": "cyan", "output": "green"}
 
 
 class Printer:
@@ -39,7 +41,7 @@ class Printer:
         if self.console is not None:
             self.console.print(text, style=style or None, end="", markup=False, emoji=False)
         else:
-            codes = {"dim": "\x1b[2m", "bold": "\x1b[1m", "red": "\x1b[31m"}
+            codes = {"dim": "\x1b[2m", "bold": "\x1b[1m", "red": "\x1b[31m", "cyan": "\x1b[36m", "green": "\x1b[32m"}
             if self.color and style in codes:
                 text = codes[style] + text + "\x1b[0m"
             self.out.write(text)
@@ -111,8 +113,13 @@ class TerminalChat:
         if r:
             if not reasoning:
                 self.printer.write("thinking: ", "dim")
+            start = sum(map(len, reasoning))
             reasoning.append(r)
-            self.printer.write(r, "dim")
+            at = 0
+            for kind, piece in tool_spans("".join(reasoning)):  # a tool call and its output stand out
+                if at + len(piece) > start:
+                    self.printer.write(piece[max(0, start - at):], TOOL_STYLES[kind])
+                at += len(piece)
         if c:
             if not content:
                 self.printer.write("\n\n" if reasoning else "")
@@ -140,14 +147,16 @@ class TerminalChat:
 
 
 def run_chat(model_dir: str, temperature: float = 0.6, max_tokens: int | None = None, seed: int | None = None,
-             system: str | None = None, device="cpu", dtype=None) -> None:
-    """`r1lab chat MODEL_DIR`: load the model and talk to it until the user leaves."""
+             system: str | None = None, device="cpu", dtype=None, tools: str = "none") -> None:
+    """`r1lab chat MODEL_DIR`: load the model and talk to it until the user leaves (with `tools="python"`, replies
+    may call the Python tool; programs run in the sandbox)."""
     import torch
 
     from r1lab.model.load import load_model_and_tokenizer
+    from r1lab.tools import make_tool
 
     model, tok = load_model_and_tokenizer(model_dir, device=device, dtype=dtype or torch.float32)
-    service = ModelService(model, tok, name=str(model_dir), max_batch=1)
+    service = ModelService(model, tok, name=str(model_dir), max_batch=1, tools=make_tool(tools, tok))
     service.engine.start()
     try:
         chat = TerminalChat(service, Printer(), temperature=temperature, max_tokens=max_tokens, seed=seed,

@@ -3,7 +3,9 @@
 The corpus mixes worked solutions (`<think> steps </think> <answer> x </answer>`) with bare answers (an empty
 think block), so the base model sometimes thinks and sometimes does not. That mix is what lets R1-Zero appear in
 miniature: RL then discovers that thinking pays. (With only worked examples GRPO rewarded stopping early; with
-too many bare answers the thinking skill stayed too weak to amplify.)
+too many bare answers the thinking skill stayed too weak to amplify.) With `tool_fraction`, that share of the worked
+solutions calls the Python tool instead (r1lab.tools: `<think> <tool> print(47*38) </tool> <output> 1786 </output>
+</think>`); the tool's output tokens are context, never labels, as in RL.
 
 Under torchrun each process trains on a contiguous share of every step's `rows` (a global count), its loss weighted
 by its share of the step's label tokens, so N processes take the steps one process takes (`r1lab.train.dist`).
@@ -23,6 +25,7 @@ from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.tasks import Problem, get_task
 from r1lab.tokenizer import carry_template, render_prompt, train_tokenizer
+from r1lab.tools import CALL_END, CALL_START, OUTPUT_END, OUTPUT_START, format_output
 from r1lab.train import dist, loop
 from r1lab.train.packing import Packed, pack
 from r1lab.train.run import adamw, check_optimizer
@@ -36,6 +39,8 @@ class PretrainConfig:
     direct_fraction: float = 0.65    # share of examples that answer at once with an empty think block. Measured:
                                      # at 0.5 the base model thought 72% of the time and RL gained +10.9 pts; at
                                      # 0.6, +19 to +22 (so small a margin that float noise decided); 0.65: +26
+    tool_fraction: float = 0.0       # share of examples whose thinking calls the Python tool (tasks with a
+                                     # tool_solution); the other thinking ones are worked by hand
     template: str = "r1zero"
     tokenizer: str | None = None     # a tokenizer directory to reuse; default: train one on the corpus
     vocab_size: int = 512
@@ -65,6 +70,9 @@ class PretrainConfig:
         config.require_finite(self)
         if not 0 <= self.direct_fraction <= 1:
             raise ValueError(f"direct_fraction must be in [0, 1] (got {self.direct_fraction})")
+        if not 0 <= self.tool_fraction <= 1 - self.direct_fraction:
+            raise ValueError(f"tool_fraction must be in [0, 1 - direct_fraction] = [0, {1 - self.direct_fraction:g}] "
+                             f"(got {self.tool_fraction})")
         for name in ("steps", "rows", "seq_len", "eval_problems", "log_every", "save_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -73,15 +81,33 @@ class PretrainConfig:
             raise ValueError("tasks is empty: name at least one task for the corpus (e.g. --tasks arithmetic)")
         dist.check_parallel(self.parallel)
         for t in self.tasks:
-            get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now, not at step 1
+            task = get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now
+            if self.tool_fraction and not hasattr(task, "tool_solution"):
+                raise ValueError(f"tool_fraction is {self.tool_fraction} but task {t!r} has no tool_solution (a "
+                                 f"program that solves its problems); set tool_fraction 0 or use such a task")
         trackers.check(self.report_to)
         return self
 
 
-def completion_text(problem: Problem, direct: bool) -> str:
-    """The reply in R1-Zero format; `direct` answers with an empty think block."""
-    think = "" if direct or not problem.reasoning else problem.reasoning + " "
+def completion_text(problem: Problem, direct: bool, tool: tuple[str, str] | None = None) -> str:
+    """The reply in R1-Zero format; `direct` answers with an empty think block; `tool` (program, what it prints)
+    thinks with one call of the Python tool instead of the worked steps."""
+    if tool is not None and not direct:
+        think = f"{CALL_START} {tool[0]} {CALL_END}{format_output(tool[1])} "
+    else:
+        think = "" if direct or not problem.reasoning else problem.reasoning + " "
     return f" <think> {think}</think> <answer> {problem.answer} </answer>"
+
+
+def tool_output_spans(text: str) -> list[tuple[str, bool]]:
+    """`text` cut into (piece, written by the tool) pieces: each ` <output> ... </output>` span is the tool's."""
+    pieces, i = [], 0
+    while (j := text.find(" " + OUTPUT_START, i)) != -1:
+        k = text.find(OUTPUT_END, j)
+        k = len(text) if k == -1 else k + len(OUTPUT_END)
+        pieces += [(text[i:j], False), (text[j:k], True)]
+        i = k
+    return [p for p in pieces + [(text[i:], False)] if p[0]]
 
 
 class Corpus:
@@ -90,6 +116,7 @@ class Corpus:
     def __init__(self, cfg: PretrainConfig, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
         self.tasks = [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
+        self.by_name = {t.name: t for t in self.tasks}
 
     def problems(self, seed: int, n: int) -> list[Problem]:
         rng = random.Random(seed)
@@ -102,11 +129,26 @@ class Corpus:
         return out
 
     def texts(self, seed: int, n: int) -> list[tuple[str, str]]:
-        """(prompt, completion) pairs with the worked/direct mix."""
+        """(prompt, completion) pairs with the direct / tool / worked mix."""
         rng = random.Random(seed ^ 0x5EED)
-        return [(render_prompt(self.tok, p.prompt, self.cfg.template),
-                 completion_text(p, rng.random() < self.cfg.direct_fraction) + self.tok.eos_token)
-                for p in self.problems(seed, n)]
+        cfg, out = self.cfg, []
+        for p in self.problems(seed, n):
+            u = rng.random()
+            tool = self.by_name[p.task].tool_solution(p) if cfg.direct_fraction <= u < (cfg.direct_fraction +
+                                                                                        cfg.tool_fraction) else None
+            out.append((render_prompt(self.tok, p.prompt, cfg.template),
+                        completion_text(p, u < cfg.direct_fraction, tool) + self.tok.eos_token))
+        return out
+
+    def completion_ids(self, completion: str) -> tuple[list[int], list[int]]:
+        """Token ids of a completion that calls the tool, and its labels mask (0 on the tool's output): each
+        piece tokenised alone, as the sampler appends the tool's output."""
+        ids, labels = [], []
+        for piece, by_tool in tool_output_spans(completion):
+            t = self.tok(piece, add_special_tokens=False)["input_ids"]
+            ids += t
+            labels += [0 if by_tool else 1] * len(t)
+        return ids, labels
 
     def shared_prefix(self) -> list[int]:
         """Token ids every prompt starts with (BOS and the R1-Zero preamble): forwarded once per row."""
@@ -135,13 +177,14 @@ class Corpus:
             pairs = self.texts((cfg.seed * 1_000_003 + step) * 1009 + chunk, 64)
             enc_p = self.tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
             enc_c = self.tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-            for p, c in zip(enc_p, enc_c):
+            for (_, text), p, c in zip(pairs, enc_p, enc_c):
                 if p[: len(prefix)] != prefix:
                     raise ValueError("a prompt does not start with the shared template prefix; the tokenizer "
                                      "splits the template differently (pretrain without prefix sharing)")
                 p = p[len(prefix):]
+                c, labels = self.completion_ids(text) if OUTPUT_START in text else (c, [1] * len(c))
                 if len(prefix) + len(p) + len(c) <= cfg.seq_len:
-                    samples.append((p + c, [0] * len(p) + [1] * len(c)))
+                    samples.append((p + c, [0] * len(p) + labels))
                     total += len(p) + len(c)
             chunk += 1
         packed = pack(samples, cfg.seq_len, pad_id=self.tok.pad_token_id, prefix=prefix)
@@ -158,8 +201,10 @@ def build_tokenizer(cfg: PretrainConfig):
 
     probe = Corpus.__new__(Corpus)  # problems only; no tokenizer needed to draw them
     probe.cfg, probe.tasks = cfg, [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
-    texts = [f"{R1ZERO_PREAMBLE} User: {p.prompt}. Assistant:{completion_text(p, False)}"
-             for p in probe.problems(cfg.seed + 7919, 3000)]
+    tools = {t.name: t for t in probe.tasks} if cfg.tool_fraction else {}
+    texts = [f"{R1ZERO_PREAMBLE} User: {p.prompt}. Assistant:"
+             f"{completion_text(p, False, tools[p.task].tool_solution(p) if tools and i % 2 else None)}"
+             for i, p in enumerate(probe.problems(cfg.seed + 7919, 3000))]
     return train_tokenizer(texts, vocab_size=cfg.vocab_size)
 
 

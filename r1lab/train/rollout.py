@@ -4,6 +4,9 @@ sampler (or vLLM), score them with the reward functions, and gather what the ste
 Under torchrun every process draws the same prompts and samples a contiguous share of them, whole groups only, each
 prompt from its own seed: N processes sample exactly the completions one process would, and every group's rewards
 are scored where the group was sampled. Only the counts dynamic sampling needs cross processes.
+
+With a tool (GRPOConfig.tools), completions carry which tokens the model wrote (`token_mask`) and their tool calls:
+the loss and the length metrics count the model's tokens only, and `tool_metrics` sums up the calls.
 """
 
 from __future__ import annotations
@@ -127,12 +130,32 @@ class Rollouts:
                        share, rounds)
 
 
-def gather_rollout(ro: Rollout, lengths: list[int], thinks: list[bool]):
+def model_tokens(c: Completion) -> int:
+    """The tokens of a completion that the model wrote (a tool's output excluded)."""
+    return len(c.token_ids) if c.token_mask is None else sum(c.token_mask)
+
+
+def tool_columns(flat: list[Completion]) -> list[tuple[int, int, float]]:
+    """(tool calls, failed calls, programs' sandbox seconds) per completion."""
+    return [(len(c.tool_calls), sum(k.failed for k in c.tool_calls), sum(k.seconds for k in c.tool_calls))
+            for c in flat]
+
+
+def tool_metrics(columns: list[tuple[int, int, float]]) -> dict:
+    """A step's tool use: calls per reply, the share of replies that call, failed calls, and the programs' time
+    (identical programs of a step run once and count once)."""
+    n = max(1, len(columns))
+    return {"tool_calls_per_reply": sum(c[0] for c in columns) / n, "tool_share": sum(c[0] > 0 for c in columns) / n,
+            "tool_errors": sum(c[1] for c in columns), "tool_seconds": sum(c[2] for c in columns)}
+
+
+def gather_rollout(ro: Rollout, lengths: list[int], thinks: list[bool], tools: list | None = None):
     """What the step's metrics read of every process's rollout, joined: a Rollout of rewards (completions reduced
-    to their finish reasons), lengths, think flags, and the number of groups."""
+    to their finish reasons), lengths, think flags, the number of groups and the tool columns."""
     G = ro.rewards.shape[1]
     mine = dict(rewards=ro.rewards.tolist(), correct=ro.correct.tolist(), lengths=lengths, thinks=thinks,
-                finish=[c.finish_reason for c in ro.flat], parts={k: v.tolist() for k, v in ro.parts.items()})
+                finish=[c.finish_reason for c in ro.flat], parts={k: v.tolist() for k, v in ro.parts.items()},
+                tools=tools or [])
     every = dist.gather(mine)
     cat = lambda key: [x for part in every for x in part[key]]  # noqa: E731
     matrix = lambda rows: torch.tensor(rows, dtype=torch.float64).view(-1, G)  # noqa: E731
@@ -141,4 +164,4 @@ def gather_rollout(ro: Rollout, lengths: list[int], thinks: list[bool]):
     flat = [Completion(0, "", [], [], f) for f in cat("finish")]
     joined = Rollout([], [], [], matrix(cat("rewards")), parts, matrix(cat("correct")), ro.zero_variance_share,
                      ro.rounds)
-    return joined, flat, cat("lengths"), cat("thinks"), len(cat("rewards"))
+    return joined, flat, cat("lengths"), cat("thinks"), len(cat("rewards")), [tuple(t) for t in cat("tools")]

@@ -82,6 +82,30 @@ function addAssistant() {
   };
 }
 
+// A tool call (<tool> program </tool>) and the tool's output (<output> ... </output>) are marked inside the thinking.
+const TOOL_SPANS = [["<tool>", "</tool>", "tool-call"], ["<output>", "</output>", "tool-output"]];
+
+function renderThinking(body, text) {
+  body.replaceChildren();
+  let i = 0;
+  while (i < text.length) {
+    let best = null;
+    for (const [open, close, cls] of TOOL_SPANS) {
+      const at = text.indexOf(open, i);
+      if (at >= 0 && (best === null || at < best.at)) best = { at, close, cls };
+    }
+    if (best === null) { body.append(text.slice(i)); break; }
+    if (best.at > i) body.append(text.slice(i, best.at));
+    const end = text.indexOf(best.close, best.at);
+    const stop = end < 0 ? text.length : end + best.close.length;
+    const span = document.createElement("span");
+    span.className = best.cls;
+    span.textContent = text.slice(best.at, stop);
+    body.append(span);
+    i = stop;
+  }
+}
+
 function showError(view, message) {
   const box = document.createElement("div");
   box.className = "error";
@@ -131,7 +155,7 @@ async function send(text) {
 
   controller = new AbortController();
   const started = performance.now();
-  let thinkingDone = null, answer = "", finish = null, usage = null, failed = false;
+  let thinkingDone = null, reasoning = "", answer = "", finish = null, usage = null, failed = false;
 
   try {
     const r = await fetch("/v1/chat/completions", {
@@ -148,7 +172,8 @@ async function send(text) {
       for (const choice of chunk.choices || []) {
         const d = choice.delta || {};
         if (d.reasoning_content) {
-          view.thinkingBody.textContent += d.reasoning_content;
+          reasoning += d.reasoning_content;
+          renderThinking(view.thinkingBody, reasoning);
         }
         if (d.content) {
           if (thinkingDone === null) thinkingDone = performance.now();
@@ -196,7 +221,10 @@ async function send(text) {
     parts.push(`${usage.completion_tokens} tokens` + (r !== null && r !== undefined ? ` (${r} thinking)` : ""));
   }
   parts.push(`${((performance.now() - started) / 1000).toFixed(1)} s`);
-  if (finish) parts.push(finish === "length" ? "cut off at max tokens" : finish === "stopped" ? "stopped" : "finished");
+  if (finish) {
+    parts.push(finish === "length" ? "cut off at max tokens" : finish === "stopped" ? "stopped"
+      : finish === "tool_limit" ? "stopped at the tool-call limit" : "finished");
+  }
   view.meta.textContent = parts.join(" · ");
   history.push({ role: "assistant", content: answer });
 }
