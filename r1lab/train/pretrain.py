@@ -79,6 +79,11 @@ class PretrainConfig:
         check_optimizer(self)
         if not self.tasks:
             raise ValueError("tasks is empty: name at least one task for the corpus (e.g. --tasks arithmetic)")
+        from_tokenizer = sorted(set(self.model) & {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"})
+        if from_tokenizer:
+            raise ValueError(f"model overrides cannot set {', '.join(from_tokenizer)}: the tokenizer decides them "
+                             "(set --vocab-size instead)")
+        tiny_config(self.vocab_size, **{"max_position_embeddings": max(512, self.seq_len), **self.model}).validate()
         dist.check_parallel(self.parallel)
         for t in self.tasks:
             task = get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now
@@ -210,7 +215,7 @@ def build_tokenizer(cfg: PretrainConfig):
 
 def build_model(cfg: PretrainConfig, tok) -> DeepseekV3:
     mcfg = tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, max_position_embeddings=max(512, cfg.seq_len), **cfg.model)
+                       pad_token_id=tok.pad_token_id, **{"max_position_embeddings": max(512, cfg.seq_len), **cfg.model})
     torch.manual_seed(cfg.seed)
     return DeepseekV3(mcfg)
 
