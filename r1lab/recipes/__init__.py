@@ -28,4 +28,29 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
         get_task(cfg.task, **cfg.task_args)
     except TypeError as e:
         raise ValueError(f"{e}; fix --task-args (or task_args in the YAML) for task {cfg.task!r}") from None
+    check_stages(cfg)
     return importlib.import_module(f"r1lab.recipes.{cfg.recipe}").run(cfg, progress, log)
+
+
+def check_stages(cfg: PipelineConfig) -> None:
+    """The training stages' settings as the recipes build them, checked before the first stage runs: a bad
+    --grpo.lr or student size is named now, not after minutes of pretraining."""
+    from pathlib import Path
+
+    from r1lab.recipes.distill import student_pretrain_config
+    from r1lab.recipes.stages import grpo_config
+
+    out = Path(cfg.out)
+    base = Path(cfg.base_model) if cfg.base_model else out / "pretrain" / "model"
+    checks = [("the grpo settings (--grpo.* flags)", lambda: grpo_config(cfg, out / "grpo", base, cfg.grpo.steps))]
+    if not cfg.base_model:
+        checks.append(("the pretrain settings (--pretrain.* flags)", lambda: config.merge(
+            cfg.pretrain, {"tasks": [cfg.task], "task_args": {cfg.task: cfg.task_args}})))
+    if cfg.recipe == "distill":
+        checks.append(("the student (--distill.student)",
+                       lambda: student_pretrain_config(cfg, base, out / "distill" / "student")))
+    for what, stage in checks:
+        try:
+            stage().validate()
+        except ValueError as e:
+            raise config.ConfigError(f"{what}: {e}") from None
