@@ -38,6 +38,9 @@ def _run_generate(args):
     model, tok = load_model_and_tokenizer(args.model, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
     prompt = args.prompt
     if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise C.ConfigError(f"--chat: {args.model} has no chat template (tokenizer_config.json or "
+                                "chat_template.jinja); drop --chat and pass the prompt as the model expects it")
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
@@ -173,6 +176,9 @@ def _run_eval(args):
 
     if args.concurrency < 1:
         raise C.ConfigError(f"--concurrency must be >= 1 (got {args.concurrency})")
+    if args.out and os.path.isdir(args.out):  # checked before the evaluation, which the report would otherwise lose
+        raise C.ConfigError(f"--out {args.out} is a directory; give the JSON file to write (e.g. "
+                            f"{os.path.join(args.out, 'eval.json')})")
     from r1lab.sandbox import set_default_backend
 
     set_default_backend(args.sandbox)
@@ -380,7 +386,8 @@ def _add_serve(sub):
     p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--log-level", default="info", help="uvicorn log level: warning, info, debug")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn log level: warning, info, debug")
     import dataclasses
 
     from r1lab.serve.limits import ServerLimits

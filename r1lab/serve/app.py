@@ -13,6 +13,7 @@ body is capped, connections are counted, and only known Host names are answered 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hmac
 import ipaddress
@@ -597,6 +598,22 @@ class BackgroundServer:
         self.thread.join(15)
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind host:port once as uvicorn will (same family, SO_REUSEADDR), so that a --host this machine does not have
+    or a --port in use is one line before the model loads, not uvicorn's log lines and exit status 1 or 3 after."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise ValueError(f"--host {host!r} is not an address of this machine ({e.strerror}); use 127.0.0.1 "
+                             "(this machine only) or 0.0.0.0 (every interface)") from None
+        except OSError as e:
+            hint = ("stop what listens there, or pick another --port (0: any free one)"
+                    if e.errno == errno.EADDRINUSE else "check --host and --port")
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); {hint}") from None
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 64, device="cpu", dtype=torch.float32,
           log_level: str = "info", limits: ServerLimits | None = None, tools: str = "none") -> None:
@@ -604,6 +621,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     import uvicorn
 
     limits = (limits or ServerLimits()).validate()
+    check_listen(host, port)
     app = create_app(model_dir, api_key=api_key, model_name=model_name, max_batch=max_batch, device=device,
                      dtype=dtype, limits=limits, tools=tools)
     name = app.state.service.name
