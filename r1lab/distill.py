@@ -59,7 +59,7 @@ class DistillConfig:
                                                          "(e.g. 0.55,2.19)")
     student: str = opt("", "student model directory to fine-tune")
     tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks to draw problems from")
-    task_args: dict = opt(factory=dict, help='knobs per task as JSON, e.g. \'{"arithmetic": {"max_digits": 2}}\'')
+    task_args: dict[str, dict] = opt(factory=dict, help='knobs per task as JSON, e.g. \'{"arithmetic": {"max_digits": 2}}\'')
     split: str = opt("train", "the split problems are drawn from")
     problems: int = opt(200, "problems per task, a seeded sample of the split")
     k: int = opt(4, "teacher samples per problem")

@@ -54,7 +54,7 @@ class GRPOConfig:
     out: str = opt("runs/grpo", "run directory; re-running with the same one resumes")
     model: str = opt("", "the policy: a model directory (r1lab's DeepSeek-V3 or any transformers causal LM)")
     tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks whose train splits give the prompts")
-    task_args: dict = opt(factory=dict, help="knobs per task as JSON")
+    task_args: dict[str, dict] = opt(factory=dict, help="knobs per task as JSON")
     template: str = opt("r1zero", "prompt format: r1zero, r1, or model (the tokenizer's own chat template)")
     rewards: list[str] = opt(factory=lambda: ["accuracy", "format"],
                              help="reward names (" + ", ".join(list_rewards()) + ") or path.py:function")
