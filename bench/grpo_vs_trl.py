@@ -31,6 +31,7 @@ from collections import defaultdict
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
+import models
 import torch
 from record import versions, write_json
 
@@ -47,15 +48,6 @@ def text_hash_reward(completions, **kw) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- the model both systems train
-
-
-def build_tokenizer():
-    from r1lab.tasks import get_task
-    from r1lab.tokenizer import train_tokenizer
-
-    problems = get_task("arithmetic").problems("train", n=400, seed=0)
-    return train_tokenizer([f"What is {p.prompt} <think> {p.reasoning} </think> <answer> {p.answer} </answer>"
-                            for p in problems], vocab_size=512)
 
 
 @torch.no_grad()
@@ -81,33 +73,18 @@ def raise_eos(model, tok, embed: torch.Tensor, head: torch.Tensor, target_len: f
     return {"eos_weight": mid, "calibration_mean_length": mean_len}
 
 
-def build_qwen2(tok, path: Path, target_len: float) -> dict:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=384, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(cfg).eval()
+def build_qwen2(tok, path: Path, target_len: float, size: str = "tiny") -> dict:
+    model = models.qwen2(tok, size)
     eos = raise_eos(model, tok, model.get_input_embeddings().weight, model.get_output_embeddings().weight, target_len)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return {"arch": "Qwen2ForCausalLM", "params": sum(x.numel() for x in model.parameters()), **eos}
+    models.save(model, tok, path)
+    return {**models.describe(model), **eos}
 
 
-def build_native(tok, path: Path, target_len: float) -> dict:
-    from r1lab.model.checkpoint import save_model
-    from r1lab.model.config import tiny_config
-    from r1lab.model.deepseek import DeepseekV3
-
-    torch.manual_seed(0)
-    model = DeepseekV3(tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)).eval()
+def build_native(tok, path: Path, target_len: float, size: str = "tiny") -> dict:
+    model = models.native(tok, size)
     eos = raise_eos(model, tok, model.model.embed_tokens.weight, model.lm_head.weight, target_len)
-    save_model(model, path, tokenizer=tok)
-    return {"arch": "r1lab DeepseekV3 (tiny_config: MLA + MoE)", "params": sum(x.numel() for x in model.parameters()),
-            **eos}
+    models.save(model, tok, path)
+    return {**models.describe(model), **eos}
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -177,9 +154,10 @@ def run_pair(path: Path, args) -> dict:
     cfg = G.GRPOConfig(out=str(tmp / "r1lab"), model=str(path), tasks=["arithmetic"], template=args.template,
                        rewards=[f"{BENCH_FILE}:text_hash_reward"], reward_weights=[1.0], steps=total,
                        prompts_per_step=P, num_generations=Gn, max_new_tokens=T, temperature=1.0, top_p=1.0,
-                       lr=args.lr, warmup=0, beta=0.0, mu=1, bf16=False, loss_agg="token-mean", seed=0,
+                       lr=args.lr, warmup=0, beta=0.0, mu=1, bf16=args.dtype == "bfloat16", loss_agg="token-mean",
+                       seed=0, device=args.device,
                        **({"row_tokens": args.row_tokens} if args.row_tokens else {}))
-    model_r, tok_r = load_model_and_tokenizer(path)
+    model_r, tok_r = load_model_and_tokenizer(path, device=args.device)
     r1 = G.GRPOTrainer(cfg, model=model_r, tokenizer=tok_r, resume=False, progress=False)
     r1_clock = Clock()
     r1.sampler.generate = r1_clock.wrap(r1.sampler.generate, "generate")
@@ -273,7 +251,7 @@ def run_pair(path: Path, args) -> dict:
         num_generations=Gn, max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
         num_iterations=1, loss_type="dapo", scale_rewards="group", epsilon=0.2, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
-        bf16=False, fp16=False, use_cpu=True, max_steps=total, shuffle_dataset=False, seed=0,
+        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu", max_steps=total, shuffle_dataset=False, seed=0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False)
     model_t = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -337,6 +315,10 @@ def print_pair(name: str, res: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["qwen2", "native"], choices=["qwen2", "native"])
+    ap.add_argument("--size", default="tiny", choices=list(models.SIZES), help="the models' size (bench/models.py)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for both systems")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: autocast in both systems (weights and optimiser float32)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (two threads on two busy cores "
@@ -361,19 +343,20 @@ def main(argv=None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     datasets.disable_progress_bars()
-    tok = build_tokenizer()
-    results, models = {}, {}
+    tok = models.build_tokenizer()
+    results, built = {}, {}
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
             path = Path(d) / name
-            models[name] = (build_qwen2 if name == "qwen2" else build_native)(tok, path, args.target_length)
+            built[name] = (build_qwen2 if name == "qwen2" else build_native)(tok, path, args.target_length, args.size)
             torch.set_num_threads(args.threads)
             results[name] = run_pair(path, args)
             print_pair(name, results[name])
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    result = {"benchmark": "grpo_vs_trl", "models": models, "threads": args.threads, "load_average_at_end": load,
+    result = {"benchmark": "grpo_vs_trl", "models": built, "size": args.size, "device": args.device,
+              "threads": args.threads, "load_average_at_end": load,
               "settings": {"prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 64, "temperature": 1.0,
-                           "top_p": 1.0, "beta": 0.0, "updates_per_batch": 1, "dtype": "float32", "lr": args.lr,
+                           "top_p": 1.0, "beta": 0.0, "updates_per_batch": 1, "dtype": args.dtype, "lr": args.lr,
                            "template": args.template, "task": "arithmetic", "reward": "crc32 of the text % 1000 / 1000",
                            "eos_target_length": args.target_length, "warmup_steps": args.warmup,
                            "measured_steps": args.steps},

@@ -1,7 +1,8 @@
 """Generated tokens per second: r1lab's sampler against `transformers` `generate`, same model, same prompts.
 
-The model is the tiny default DeepSeek-V3 (random weights: speed does not depend on them), saved once and loaded
-by both: r1lab runs it natively, transformers as DeepseekV3ForCausalLM. Both sample at temperature 1 and are
+The model (bench/models.py: random weights, speed does not depend on them) is saved once and loaded by both: the
+tiny default DeepSeek-V3 (r1lab runs it natively, transformers as DeepseekV3ForCausalLM) or a Qwen2 (both run the
+transformers modules; r1lab through FastDecoder), at the main job's size or about 0.5B (--size 0.5b, for GPUs). Both sample at temperature 1 and are
 forced to produce exactly --new-tokens tokens (no early stop), so tokens/s compare like for like. After a warm-up
 the two engines alternate for --repeats runs, run r sampling with seed r in both; the figures are the medians
 (the sampled tokens route the MoE differently from run to run, so a best-of would pick whichever engine drew the
@@ -9,7 +10,8 @@ cheapest routing). Before timing, the process's malloc policy is fixed (`r1lab.r
 the `r1lab` command does): under glibc's moving defaults transformers' speed at batch 64 varied by 1.4x from run
 to run, and it stayed below its speed under the fixed policy.
 
-    python bench/sampler.py [--batches 1 64] [--new-tokens 64] [--threads 2] [--out bench/results/sampler.json]
+    python bench/sampler.py [--model native|qwen2] [--size tiny|0.5b] [--batches 1 64] [--new-tokens 64]
+                            [--threads 2] [--device cpu] [--dtype float32] [--out bench/results/sampler.json]
 """
 
 from __future__ import annotations
@@ -34,16 +36,14 @@ from r1lab.tasks import get_task
 from r1lab.tokenizer import render_prompt, train_tokenizer
 
 
-def build(tmp: Path):
-    problems = get_task("arithmetic").problems("train", n=400, seed=0)
-    tok = train_tokenizer([f"What is {p.prompt} <think> {p.reasoning} </think> <answer> {p.answer} </answer>"
-                           for p in problems], vocab_size=512)
-    torch.manual_seed(0)
-    model = DeepseekV3(tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id))
-    save_model(model, tmp / "tiny", tokenizer=tok)
+def build(tmp: Path, kind: str = "native", size: str = "tiny"):
+    import models
+
+    tok = models.build_tokenizer()
+    model = (models.native if kind == "native" else models.qwen2)(tok, size)
+    models.save(model, tok, tmp / kind)
     prompts = [render_prompt(tok, p.prompt, "r1") for p in get_task("arithmetic").problems("test", n=64, seed=1)]
-    return tmp / "tiny", tok, prompts
+    return tmp / kind, tok, prompts, models.describe(model)
 
 
 def time_r1lab(model, tok, prompts, new_tokens, seed: int) -> float:
@@ -58,12 +58,14 @@ def time_r1lab(model, tok, prompts, new_tokens, seed: int) -> float:
 
 def time_hf(model, tok, prompts, new_tokens, seed: int) -> float:
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     torch.manual_seed(seed)  # generate samples from the global generator
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                              temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    if out.is_cuda:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
     return dt
@@ -71,6 +73,10 @@ def time_hf(model, tok, prompts, new_tokens, seed: int) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="native", choices=["native", "qwen2"])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "0.5b"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the weights of both)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -81,11 +87,13 @@ def main(argv=None) -> dict:
     allocator = settle_allocator()  # the same policy as the r1lab command's, for both systems
     transformers.logging.set_verbosity_error()
     from r1lab.model.load import load_model_and_tokenizer
+    from r1lab.runtime import parse_dtype, pick_device
 
+    device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     with tempfile.TemporaryDirectory() as d:
-        path, tok, prompts = build(Path(d))
-        ours, tok = load_model_and_tokenizer(path)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        path, tok, prompts, described = build(Path(d), args.model, args.size)
+        ours, tok = load_model_and_tokenizer(path, device=device, dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         rows = []
         for B in args.batches:
             batch = (prompts * (B // len(prompts) + 1))[:B]
@@ -103,8 +111,8 @@ def main(argv=None) -> dict:
             print(f"batch {B:3d}: r1lab {row['r1lab_tokens_per_s']:8.0f} tok/s   transformers generate "
                   f"{row['transformers_tokens_per_s']:8.0f} tok/s   r1lab is {row['speedup']:.2f}x "
                   f"(median; best of each {row['speedup_best']:.2f}x)", flush=True)
-    result = {"benchmark": "sampler", "model": "tiny default DeepSeek-V3 (random weights)",
-              "params_total": sum(p.numel() for p in ours.parameters()), "threads": args.threads,
+    result = {"benchmark": "sampler", "model": args.model, "size": args.size, **described, "device": str(device),
+              "dtype": args.dtype, "threads": args.threads,
               "results": rows, "allocator": allocator, "versions": versions("torch", "transformers"),
               "machine": platform.processor() or platform.machine()}
     write_json(args.out, result)
