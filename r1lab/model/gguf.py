@@ -38,8 +38,9 @@ def load_gguf(file: str | Path, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(
             where, gguf_file=name, dtype=dtype, quantization_config=GgufConfig(gguf_file=name, dequantize=True))
     except (ValueError, KeyError, NotImplementedError, OSError) as e:
-        raise CheckpointError(f"transformers cannot read {file}: {e}. GGUF import supports the architectures "
-                              "transformers lists for gguf_file (llama, mistral, qwen2, gemma, phi3, ...)") from None
+        raise CheckpointError(f"transformers cannot read {file}: {str(e).rstrip('.')}. GGUF import supports the "
+                              "architectures transformers lists for gguf_file (llama, mistral, qwen2, gemma, phi3, ...)"
+                              ) from None
     return drop_quantization(model).eval(), restore_digit_split(tok, file)
 
 

@@ -76,7 +76,8 @@ class SFTConfig:
         for name in ("data", "eval_data"):
             path = getattr(self, name)
             if files and path and not Path(path).is_file():
-                raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {path}")
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} is a directory; give the JSONL file"
+                                        if Path(path).is_dir() else f"--{name.replace('_', '-')} file not found: {path}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
         check_template(self.template)
