@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from r1lab.client import Reply
 from r1lab.config import opt
 from r1lab.eval import user_turn
 from r1lab.reasoning import THINK_END, THINK_START, split_reasoning
@@ -66,8 +67,9 @@ class DistillConfig:
     temperature: float = opt(0.6, "teacher sampling temperature (R1's setting)")
     top_p: float = opt(0.95, "teacher nucleus sampling (R1's setting)")
     max_new_tokens: int = opt(512, "most tokens per teacher reply; a reply cut there is rejected as truncated")
-    teacher_template: str = opt("r1", "how a local teacher is prompted: r1 | r1zero | model (a served teacher "
-                                      "uses its server's chat template)")
+    teacher_template: str = opt("r1", "the teacher's format: how a local teacher is prompted (r1, r1zero or model); "
+                                      "a served r1zero teacher's content is its answer (r1lab serve takes the "
+                                      "<answer> tags off), given the tags back")
     language: str = opt("en", "the reasoning must be written in this language's script ...")
     language_threshold: float = opt(0.95, "... for at least this share of its words")
     max_length: int = opt(0, "reject replies longer than this many tokens (0: only max_new_tokens)")
@@ -265,7 +267,26 @@ def sample_served(cfg: DistillConfig, problems: list[Problem], progress: bool = 
     finally:
         if bar:
             bar.close()
+    if cfg.teacher_template == "r1zero":
+        replies = [as_r1zero(r) for r in replies]
     return [replies[i * cfg.k:(i + 1) * cfg.k] for i in range(len(problems))], client.usage(cfg.price_per_mtok)
+
+
+def as_r1zero(reply):
+    """A served R1-Zero reply as the model wrote it: the server split the thinking into reasoning_content and took
+    the answer out of its <answer> tags (so that chat clients see the answer alone); distillation judges and
+    teaches the format itself, ` <think> ... </think> <answer> ... </answer>`."""
+    import dataclasses
+
+    if reply.reasoning is None or "<answer>" in reply.content:
+        return reply
+    return _R1ZeroReply(**{f.name: getattr(reply, f.name) for f in dataclasses.fields(reply)})
+
+
+class _R1ZeroReply(Reply):
+    @property
+    def text(self) -> str:
+        return f" {THINK_START} {self.reasoning} {THINK_END} <answer> {self.content} </answer>"
 
 
 def usage_line(usage: dict) -> str:

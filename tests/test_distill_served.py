@@ -463,3 +463,21 @@ def test_served_teacher_settings_are_checked_first(tmp_path):
                         (dict(price_per_mtok=[1.0, 2.0, 3.0]), "one price or input,output")]:
         with pytest.raises(ValueError, match=message):
             D.distill(D.DistillConfig(**{**ok, **kw}), progress=False)
+
+
+def test_a_served_r1zero_teacher_is_judged_and_taught_in_its_own_format():
+    """r1lab serve gives an R1-Zero model's answer without its <answer> tags (chat clients see the answer alone);
+    with --teacher-template r1zero the reply is put back in the format, so the verifier finds the answer and the
+    student learns the tags (without it, every such reply was rejected as incorrect)."""
+    from r1lab.client import Reply
+    from r1lab.distill import as_r1zero, filter_samples
+    from r1lab.tasks import Problem
+
+    served = Reply(reasoning="7+8=15, write 5 carry 1. 4+3+1=8, write 8. so 85", content="85", finish_reason="stop")
+    fixed = as_r1zero(served)
+    assert fixed.text == " <think> 7+8=15, write 5 carry 1. 4+3+1=8, write 8. so 85 </think> <answer> 85 </answer>"
+    problem = Problem("47+38", "arithmetic", "What is 47 + 38?", "85", meta={"a": 47, "op": "+", "b": 38})
+    for reply, kept in ((served, 0), (fixed, 1)):
+        reply.token_ids = [0] * 20
+        assert filter_samples([[reply]], [problem])[1]["kept"] == kept
+    assert as_r1zero(Reply(reasoning=None, content="85", finish_reason="stop")).text == "85"  # no thinking: as is
