@@ -296,7 +296,8 @@ def _print_sft(run):
 def _add_distill(sub):
     from r1lab.distill import DistillConfig
 
-    p = sub.add_parser("distill", help="distil a reasoning teacher into a small student (rejection sampling + SFT)",
+    p = sub.add_parser("distill", help="distil a reasoning teacher into a small student (rejection sampling + SFT, "
+                                       "or on-policy)",
                        description="The teacher samples --k completions per problem; those correct, well-formed, in "
                                    "one language, not duplicated and within the length cap are written to "
                                    "OUT/data.jsonl (counts by rejection reason in OUT/data_stats.json); then the "
@@ -305,8 +306,12 @@ def _add_distill(sub):
                                    "model directory (--teacher) or any OpenAI-compatible endpoint that returns "
                                    "reasoning_content (--teacher-url, --teacher-model): its answers are cached in "
                                    "OUT/teacher_cache, so a rerun (--fresh too) sends only the requests never "
-                                   "answered; delete that folder to ask again.")
-    _config_args(p, DistillConfig, skip=("sft.out", "sft.model", "sft.data"))
+                                   "answered; delete that folder to ask again. --method on-policy instead lets the "
+                                   "student sample and the teacher score every sampled token (--onpolicy.* flags: "
+                                   "steps, lr, ...).")
+    _config_args(p, DistillConfig, skip=("sft.out", "sft.model", "sft.data", "onpolicy.out", "onpolicy.model",
+                                         "onpolicy.teacher", "onpolicy.tasks", "onpolicy.task_args", "onpolicy.seed",
+                                         "onpolicy.template"))
     p.set_defaults(run=_run_distill)
 
 
@@ -315,6 +320,12 @@ def _run_distill(args):
 
     cfg = C.resolve(DistillConfig, args, args.config)
     _, _, run, counts = distill(cfg, resume=not args.fresh)
+    if counts is None:  # on-policy: no dataset, a GRPO run whose advantage is the teacher's per-token signal
+        kl = [r["teacher_reverse_kl"] for r in run.metrics() if r.get("teacher_reverse_kl") is not None]
+        if kl:
+            print(f"reverse KL to the teacher per token: {kl[0]:.3f} -> {kl[-1]:.3f} over {len(kl)} steps")
+        print(f"model written to {run.model_dir}; metrics in {run.metrics_path}")
+        return
     why = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items() if v) or "none"
     print(f"kept {counts['kept']} of {counts['candidates']} teacher samples "
           f"({counts['problems_with_kept']} of {counts['problems']} problems); rejected: {why}")

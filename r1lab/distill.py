@@ -34,6 +34,7 @@ from r1lab.reasoning import THINK_END, THINK_START, split_reasoning
 from r1lab.rewards import LANGUAGE_SCRIPTS, accuracy, language_consistency
 from r1lab.tasks import Problem, get_task
 from r1lab.tokenizer import TEMPLATES
+from r1lab.train.grpo import GRPOConfig
 from r1lab.train.sft import SFTConfig
 
 REASONS = ("truncated", "malformed", "incorrect", "unjudged", "language", "too_long", "duplicate", "over_limit")
@@ -75,9 +76,25 @@ class DistillConfig:
     max_length: int = opt(0, "reject replies longer than this many tokens (0: only max_new_tokens)")
     max_per_problem: int = opt(0, "keep at most this many samples per problem (0: all that pass)")
     seed: int = opt(0, "seed of the problems drawn and of the teacher's samples")
-    sft: SFTConfig = field(default_factory=SFTConfig)  # the student's fine-tuning (out, model, data are set here)
+    method: str = opt("sft", "sft: rejection sampling, then SFT of the student on the teacher's samples; on-policy: "
+                             "the student samples and the teacher scores every sampled token (per-token reverse "
+                             "KL as the advantage, --onpolicy.* settings; a local --teacher with the student's "
+                             "tokenizer)")
+    sft: SFTConfig = opt(factory=SFTConfig, help="")
+    onpolicy: GRPOConfig = opt(factory=lambda: GRPOConfig(rewards=[], reward_weights=[], template="r1"), help="")
 
     def validate(self) -> "DistillConfig":
+        if self.method not in ("sft", "on-policy"):
+            raise ValueError(f"method must be sft or on-policy (got {self.method!r})")
+        if self.method == "on-policy":
+            if self.teacher_url:
+                raise ValueError("--method on-policy scores the student's own tokens with the teacher, which an "
+                                 "OpenAI-compatible endpoint cannot do: give a local --teacher model directory, or "
+                                 "use --method sft with --teacher-url")
+            if not self.teacher or not self.student:
+                raise ValueError("--teacher and --student are required: the model directories to distil from and into")
+            self.student_onpolicy().validate()
+            return self
         if not (self.teacher or self.teacher_url) or not self.student:
             raise ValueError("--teacher (or --teacher-url) and --student are required: the models to distil from "
                              "and into")
@@ -119,6 +136,16 @@ class DistillConfig:
         if len(self.price_per_mtok) > 2 or any(p < 0 for p in self.price_per_mtok):
             raise ValueError(f"--price-per-mtok takes one price or input,output, each >= 0 "
                              f"(got {self.price_per_mtok})")
+
+    def student_onpolicy(self) -> GRPOConfig:
+        """The student's on-policy distillation: `onpolicy` with its run under `out/onpolicy`, the teacher, the
+        tasks (their train prompts) and the seed set here."""
+        from r1lab import config as C
+
+        return C.merge(self.onpolicy, {"out": str(Path(self.out) / "onpolicy"), "model": self.student,
+                                       "teacher": self.teacher, "tasks": self.tasks, "task_args": self.task_args,
+                                       "seed": self.seed, "template": self.teacher_template
+                                       if self.teacher_template != "model" else self.onpolicy.template})
 
     def student_sft(self, data: str) -> SFTConfig:
         """The student's SFT settings: `sft` with its run under `out/sft`, on `data`."""
@@ -335,6 +362,11 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     C.save(C.merge(cfg, {"api_key": ""}), out / "config.yaml")  # the key stays out of the run directory
+    if cfg.method == "on-policy":
+        from r1lab.train.grpo import grpo
+
+        model, tok, run = grpo(cfg.student_onpolicy(), resume=resume, progress=progress)
+        return model, tok, run, None
     data, stats = out / "data.jsonl", out / "data_stats.json"
     settings = sampling_settings(cfg)
     if resume and data.is_file() and stats.is_file():

@@ -83,3 +83,20 @@ def test_on_policy_distillation_settings_are_checked():
         GR.GRPOConfig(model="m", rewards=[], reward_weights=[]).validate()
     with pytest.raises(ValueError, match="dynamic_sampling"):
         GR.GRPOConfig(model="m", teacher="t", rewards=[], reward_weights=[], dynamic_sampling=True).validate()
+
+
+def test_r1lab_distill_method_on_policy(tiny_native_dir_long, teacher_dir, tmp_path, capsys):
+    from r1lab.cli import main
+
+    out = tmp_path / "d"
+    assert main(["distill", "--method", "on-policy", "--teacher", str(teacher_dir), "--student",
+                 str(tiny_native_dir_long), "--out", str(out), "--task-args", '{"arithmetic": {"max_digits": 1}}',
+                 "--teacher-template", "r1", "--onpolicy.steps", "2", "--onpolicy.prompts-per-step", "2",
+                 "--onpolicy.num-generations", "3", "--onpolicy.max-new-tokens", "6", "--onpolicy.bf16", "false"]) == 0
+    printed = capsys.readouterr().out
+    assert "reverse KL to the teacher per token" in printed and (out / "onpolicy" / "model" / "config.json").is_file()
+    rows = read_metrics(out / "onpolicy" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["teacher_reverse_kl"] > 0 for r in rows)
+    assert main(["distill", "--method", "on-policy", "--teacher-url", "http://127.0.0.1:1/v1", "--teacher-model",
+                 "t", "--student", str(tiny_native_dir_long), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot do: give a local --teacher" in capsys.readouterr().err
