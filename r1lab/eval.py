@@ -165,6 +165,10 @@ def run_settings(path: str | Path) -> tuple[Path, dict, Path | None]:
         raise CheckpointError(f"{run / 'config.yaml'} is not valid YAML ({e}); pass the model directory itself") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{run / 'config.yaml'} is not a run config; pass the model directory itself")
+    for key, kind in (("recipe", str), ("tasks", list), ("task_args", dict), ("grpo", dict), ("eval", dict)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):  # a hand-edited or foreign config.yaml
+            raise CheckpointError(f"{run / 'config.yaml'}: {key} is a {type(cfg[key]).__name__}, not a "
+                                  f"{kind.__name__}; correct it, or pass the model directory itself")
     if "recipe" in cfg and "grpo" in cfg:  # a pipeline's output directory (runs/r1zero)
         e = cfg.get("eval") or {}
         settings = {"task": cfg.get("task"), "task_args": cfg.get("task_args") or {},

@@ -77,6 +77,13 @@ def bad(tmp_path_factory, tiny_native_dir_long, tiny_llama_dir, tiny_gpt2_dir):
         p[name] = str(d / name)
     (d / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
     p["latin1.jsonl"] = str(d / "latin1.jsonl")
+    (d / "data" / "gsm8k").mkdir(parents=True)  # a benchmark folder (R1LAB_DATA) whose file is cut mid-line
+    (d / "data" / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+')
+    p["data"] = str(d / "data")
+    (d / "run").mkdir()  # a run directory whose config.yaml was edited by hand
+    shutil.copytree(tiny_native_dir_long, d / "run" / "model")
+    (d / "run" / "config.yaml").write_text("tasks: arithmetic\ntask_args: [1]\n")
+    p["run"] = str(d / "run")
     export_gguf(tiny_llama_dir, d / "llama.gguf")
     data = (d / "llama.gguf").read_bytes()
     (d / "truncated.gguf").write_bytes(data[: len(data) // 3])
@@ -189,6 +196,11 @@ CASES = [
     case("eval-zero-k", ["eval", "{model}", "--k", "0"], "--k"),
     case("eval-task-knob-wrong-type", ["eval", "{model}", "--task-args", '{"max_digits": "x"}'], "max_digits"),
     case("eval-config-unknown-key", ["eval", "{model}", "--config", "{unknown.yaml}"], "kk"),
+    case("eval-run-config-wrong-shape", ["eval", "{run}", *E], "config.yaml: tasks is a str, not a list"),
+    case("eval-benchmark-file-cut", ["eval", "{model}", "--task", "gsm8k", *E], "gsm8k/test.jsonl:2",
+         env={"R1LAB_DATA": "{data}"}),
+    case("eval-data-folder-missing", ["eval", "{model}", "--task", "gsm8k", *E], "R1LAB_DATA",
+         env={"R1LAB_DATA": "{tmp}/no-such-folder"}),
     # eval --base-url: an endpoint that answers, but not with a chat completion
     case("eval-endpoint-html", ["eval", "m", "--base-url", "{url}/html/v1", *E], "{url}/html/v1/chat/completions"),
     case("eval-endpoint-cut-json", ["eval", "m", "--base-url", "{url}/cut/v1", *E], "{url}/cut/v1/chat/completions"),
@@ -298,14 +310,14 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(argv, names, untouch
 
     monkeypatch.setitem(ChatClient.__init__.__kwdefaults__, "retry_wait", 0.0)  # one quick retry, then the error
     monkeypatch.setitem(ChatClient.__init__.__kwdefaults__, "max_retries", 1)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
     values = {**bad, "tmp": str(tmp_path), "url": endpoint, "port": str(busy_port)}
 
     def fill(text: str) -> str:  # {name} placeholders; JSON braces ('{"digits": 3}') are left alone
         return re.sub(r"\{([\w.]+)\}", lambda m: values[m[1]], text)
 
+    for k, v in env.items():
+        monkeypatch.setenv(k, fill(v))
     argv = [fill(a) for a in argv]
     run_dir = bool(untouched) and untouched.startswith("run:")
     path = Path(fill(untouched.removeprefix("run:"))) if untouched else None

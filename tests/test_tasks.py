@@ -338,6 +338,7 @@ def test_missing_benchmark_data_names_every_path_tried(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.setattr(benchmarks, "_REPO", tmp_path / "repo")  # hide the real ../shared/data
+    (tmp_path / "nowhere").mkdir()  # a data folder without this benchmark (one that does not exist is an error)
     monkeypatch.setenv("R1LAB_DATA", str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as e:

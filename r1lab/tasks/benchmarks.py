@@ -33,7 +33,11 @@ def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
     current directory, ../shared/data from the repository."""
     if data_dir is not None:
         return [Path(data_dir)]
-    dirs = [Path(os.environ["R1LAB_DATA"])] if os.environ.get("R1LAB_DATA") else []
+    env = os.environ.get("R1LAB_DATA")
+    if env and not Path(env).is_dir():  # a typo here would otherwise fall through to other data, silently
+        raise FileNotFoundError(f"R1LAB_DATA={env} is not a folder; point it at the folder holding gsm8k/, "
+                                "math500/, ... or unset it")
+    dirs = [Path(env)] if env else []
     return dirs + [Path.cwd().parent / "shared" / "data", _REPO.parent / "shared" / "data"]
 
 
@@ -48,8 +52,14 @@ def load_benchmark(name: str, split: str = "test", data_dir: str | os.PathLike |
     tried = [d / name / f"{split}.jsonl" for d in data_dirs(data_dir)]
     for path in tried:
         if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = []
+            for i, line in enumerate(path.read_bytes().splitlines(), 1):
+                try:
+                    if line.strip():
+                        rows.append(json.loads(line))
+                except ValueError as e:  # bad JSON, or not UTF-8
+                    raise ValueError(f"{path}:{i}: not a JSON line ({e}); restore the file or point R1LAB_DATA "
+                                     "elsewhere") from None
             return [_problem(name, split, i, row) for i, row in enumerate(rows)]
     try:
         import datasets
