@@ -71,6 +71,7 @@ def bad(tmp_path_factory, tiny_native_dir_long, tiny_llama_dir, tiny_gpt2_dir):
         "keys.jsonl": '{"question": "1+1", "answer": "2"}\n', "list.yaml": "- 1\n- 2\n",
         "syntax.yaml": "grpo:\n  steps: 2\n   lr: 3\n", "unknown.yaml": "kk: 3\n", "group.yaml": "pretrain: 3\n",
         "stepz.yaml": "pretrain:\n  stepz: 3\n", "notes.txt": "keep me\n",
+        "good.jsonl": '{"prompt": "1+1=", "completion": "2"}\n',
     }
     for name, text in files.items():
         (d / name).write_text(text)
@@ -84,6 +85,11 @@ def bad(tmp_path_factory, tiny_native_dir_long, tiny_llama_dir, tiny_gpt2_dir):
     shutil.copytree(tiny_native_dir_long, d / "run" / "model")
     (d / "run" / "config.yaml").write_text("tasks: arithmetic\ntask_args: [1]\n")
     p["run"] = str(d / "run")
+    for name, state in (("garbled_state", b"not a torch file"), ("no_state", None)):  # damaged SFT checkpoints
+        shutil.copytree(tiny_native_dir_long, d / name / "checkpoint")
+        if state is not None:
+            (d / name / "checkpoint" / "trainer_state.pt").write_bytes(state)
+        p[name] = str(d / name)
     export_gguf(tiny_llama_dir, d / "llama.gguf")
     data = (d / "llama.gguf").read_bytes()
     (d / "truncated.gguf").write_bytes(data[: len(data) // 3])
@@ -261,6 +267,12 @@ CASES = [
          "keys.jsonl:1", "run:{tmp}/run"),
     case("sft-data-is-a-directory", ["sft", "--model", "{model}", "--out", "{tmp}/run", "--data", "{dir}"], "--data",
          "{tmp}/run"),
+    case("sft-resume-garbled-trainer-state", ["sft", "--model", "{model}", "--out", "{garbled_state}", "--data",
+                                              "{good.jsonl}"], "trainer_state.pt is corrupt",
+         "{garbled_state}/checkpoint/trainer_state.pt"),
+    case("sft-resume-checkpoint-without-state", ["sft", "--model", "{model}", "--out", "{no_state}", "--data",
+                                                 "{good.jsonl}"], "has no trainer_state.pt",
+         "{no_state}/checkpoint/model.safetensors"),
     case("sft-eval-fraction-one", ["sft", "--model", "{model}", "--out", "{tmp}/run", "--data", "{keys.jsonl}",
                                    "--eval-fraction", "1"], "eval_fraction", "{tmp}/run"),
     # distill

@@ -385,4 +385,7 @@ def load_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, or an object that would need unpickling
-        raise CheckpointError(f"{path} is corrupt or holds more than tensors ({type(e).__name__}: {e})") from None
+        why = " ".join(str(e).split())  # torch's unpickling messages span lines
+        raise CheckpointError(f"{path} is corrupt or holds more than tensors ({type(e).__name__}: "
+                              f"{why if len(why) <= 200 else why[:197] + '...'}); restore it, or start over with "
+                              "--fresh") from None

@@ -92,6 +92,9 @@ class Run:
         state = None
         if self.resume and (recover(self.checkpoint_dir) / STATE).is_file():
             state = load_state(self.checkpoint_dir / STATE)
+        elif self.resume and self.checkpoint_dir.is_dir():  # r1lab writes both at once: this one was damaged
+            raise CheckpointError(f"{self.checkpoint_dir} has no {STATE}, so it cannot be resumed exactly; restore "
+                                  "it, or start over with --fresh")
         steps = D.gather(state["step"] if state else None)
         if len(set(steps)) > 1:
             raise CheckpointError(f"processes see different checkpoints in {self.checkpoint_dir} (steps {steps} by "
