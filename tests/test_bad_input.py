@@ -302,6 +302,7 @@ CASES = [
          "{tmp}/x.gguf"),
     # serve: flags are checked, and the address bound, before the model loads
     case("serve-missing-model", ["serve", "{tmp}/nope", "--port", "0"], "{tmp}/nope"),
+    case("serve-gguf-file-as-model", ["serve", "{dir}/llama.gguf", "--port", "0"], "r1lab import-gguf"),
     case("serve-port-out-of-range", ["serve", "{model}", "--port", "70000"], "--port"),
     case("serve-port-in-use", ["serve", "{model}", "--port", "{port}"], "127.0.0.1:{port}"),
     case("serve-host-not-an-address", ["serve", "{model}", "--host", "999.1.1.1", "--port", "0"], "--host"),

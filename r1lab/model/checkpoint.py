@@ -90,6 +90,8 @@ def save_model(model: DeepseekV3, path: str | Path, tokenizer=None, extra: dict[
 
 def read_config(path: str | Path) -> dict:
     path = recover(Path(path))
+    if path.is_file() and path.suffix == ".gguf":
+        raise CheckpointError(f"{path} is a GGUF file; make it a model directory first: r1lab import-gguf {path} DIR")
     if path.is_file():
         raise CheckpointError(f"{path} is a file; give the model directory that holds it ({path.parent})"
                               if path.name == "config.json" or path.suffix == ".safetensors" else
