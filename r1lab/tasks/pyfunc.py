@@ -4,8 +4,7 @@ tiny model (programs are a dozen to thirty tokens).
     f(x): add 3, then multiply by 2, then subtract it from 7.                                        (int)
         add 3: x+3. multiply by 2: (x+3)*2. subtract it from 7: 7-(x+3)*2.      def f(x): return 7-(x+3)*2
     f(x): x*a+b, where f(0)=23 and f(1)=61.                                                          (fit)
-        a=f(1)-f(0)=61-23: 1-3 borrow, 11-3=8, write 8. 6-1-2=3, write 3. so 38. b=f(0)=23. x*38+23.
-                                                                                        def f(x): return x*38+23
+        a=61-23: 1-3 borrow, 11-3=8, write 8. 6-1-2=3, write 3. so 38. b=23. x*38+23.   def f(x): return x*38+23
     f(xs): keep the even ones, times 3, sum.                                                         (list)
         keep x%2==0. x*3. sum. sum(x*3 for x in xs if x%2==0).          def f(xs): return sum(x*3 for x in xs if x%2==0)
     f(s): reverse it.                                                                                (str)
@@ -135,7 +134,7 @@ class PyFunc(CodeTask, SyntheticTask):
         b = rng.randint(10, 89)
         a = rng.randint(2, 99 - b)
         work = worked(a + b, "-", b)[0]
-        reasoning = f"a=f(1)-f(0)={a + b}-{b}: {work}. b=f(0)={b}. x*{a}+{b}."  # b restated just before its use
+        reasoning = f"a={a + b}-{b}: {work}. b={b}. x*{a}+{b}."  # b restated just before its use
         return "x", f"x*a+b, where f(0)={b} and f(1)={a + b}", f"x*{a}+{b}", reasoning
 
     def _list(self, rng):
