@@ -65,6 +65,9 @@ def bad(tmp_path_factory, tiny_native_dir_long, tiny_llama_dir, tiny_gpt2_dir):
     copy("zero_heads", lambda m: set_config(m, num_attention_heads=0))
     copy("list_config", lambda m: (m / "config.json").write_text("[1, 2]"))
     copy("no_template", no_template)
+    copy("yarn_beta", lambda m: set_config(m, rope_parameters={  # a YaRN beta llama.cpp's deepseek2 cannot take
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 16, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}))
     files = {
         "rewards.py": REWARDS, "syntax.py": "def f(:\n",
         "broken.jsonl": '{"prompt": "1+1", "completion": "2"}\n{"prompt": "2+2"\n', "empty.jsonl": "",
@@ -297,6 +300,8 @@ CASES = [
     case("import-gguf-out-is-a-file", ["import-gguf", "{dir}/llama.gguf", "{notes.txt}"], "notes.txt", "{notes.txt}"),
     # export-gguf
     case("export-gguf-unsupported-model", ["export-gguf", "{gpt2}", "{tmp}/x.gguf"], "gpt2", "{tmp}/x.gguf"),
+    case("export-gguf-unsupported-setting", ["export-gguf", "{yarn_beta}", "{tmp}/x.gguf"], "beta_fast 16",
+         "{tmp}/x.gguf"),
     case("export-gguf-out-is-a-directory", ["export-gguf", "{model}", "{tmp}"], "is a directory"),
     case("export-gguf-unknown-type", ["export-gguf", "{model}", "{tmp}/x.gguf", "--type", "q4_0"], "--type",
          "{tmp}/x.gguf"),
