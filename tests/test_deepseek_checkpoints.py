@@ -340,3 +340,32 @@ def test_info_counts_what_loads_for_transformers_and_fp8_checkpoints(tmp_path, c
     info = json.loads(capsys.readouterr().out)
     assert info["params_stored"] == sum(v.numel() for v in m.state_dict().values())    # scales are not parameters
     assert info["params_total"] + info["params_mtp"] == info["params_stored"]
+
+
+def test_a_legacy_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    """A config.json with both keys: transformers applies `rope_scaling` (YaRN); so must r1lab, or the same
+    checkpoint gives different logits in the two."""
+    import transformers
+
+    from r1lab.model.config import ModelConfig
+
+    d = {"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "q_lora_rank": None, "kv_lora_rank": 16,
+         "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4, "n_group": 2,
+         "topk_group": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+         "first_k_dense_replace": 1, "max_position_embeddings": 512,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale": 1.0,
+                          "mscale_all_dim": 1.0}}
+    ours = ModelConfig.from_hf_dict(d).rope_scaling
+    theirs = transformers.DeepseekV3Config(**{k: v for k, v in d.items() if k != "model_type"}).rope_parameters
+    assert ours["rope_type"] == theirs["rope_type"] == "yarn" and ours["factor"] == theirs["factor"] == 4.0
+
+
+def test_output_cut_short_by_the_reader_is_no_traceback():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m r1lab.cli cost deepseek-v3-671b --json | head -2", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("{") and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -154,7 +154,8 @@ class ModelConfig:
             if d.get(key) is not None and not isinstance(d[key], dict):
                 raise ValueError(f"invalid model config: {key} must be an object like "
                                  f"{{\"rope_type\": \"yarn\", \"factor\": 40}} or null (got {d[key]!r})")
-        rope = d.get("rope_parameters")
+        # as transformers reads it: a legacy `rope_scaling` wins over `rope_parameters` when both are there
+        rope = d.get("rope_scaling") or d.get("rope_parameters")
         if rope:
             kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
             kind = rope.get("rope_type", rope.get("type", "default"))
