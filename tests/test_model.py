@@ -340,3 +340,28 @@ def test_original_deepseek_config_json_is_read():
     cfg = ModelConfig.from_hf_dict(d)
     assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.num_nextn_predict_layers == 1
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_mtp_drafts_with_the_cache_equal_the_mtp_forward_over_the_whole_sequence(tiny_native_dir):
+    """Speculative decoding's draft (the MTP module run incrementally over its own cached entries, after each main
+    step) gives the logits of the MTP module run over the whole sequence at once, as its training loss does."""
+    from r1lab.model.cache import LatentCache
+    from r1lab.model.load import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_native_dir)
+    cfg = model.config
+    ids = torch.randint(5, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    n = ids.shape[1] - 1  # MTP position i reads token i+1
+    with torch.no_grad():
+        hidden, rot = model.body(ids)
+        layer = model.mtp_layers[0]
+        full = layer(hidden[:, :n], model.model.embed_tokens(ids[:, 1:]), rot[:, :n], None)  # plain causal
+        want = model.lm_head(layer.shared_head.norm(full))
+        cache = LatentCache(cfg, 2, 32, layers=cfg.num_hidden_layers + 1)
+        got, at = [], 0
+        for width in (5, 1, 2, 1, 1):  # a prefill, then decode steps of one and two tokens
+            h, r = model.body(ids[:, at:at + width], cache=cache, advance=False)
+            got.append(model.draft(h, ids[:, at + 1:at + 1 + width], r, cache))
+            cache.advance(width)
+            at += width
+    assert at == n and torch.allclose(torch.cat(got, 1), want, atol=1e-5)

@@ -112,10 +112,11 @@ class LatentCache(RowCache):
 
     seq_dim = 1
 
-    def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu", layers: int | None = None):
+        """`layers`: the main layers by default; speculative decoding adds the MTP module's."""
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self._start([torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
-                     for _ in range(cfg.num_hidden_layers)])
+                     for _ in range(layers or cfg.num_hidden_layers)])
 
     def write(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
         """Store entries [B, S, W] at each row's next positions; return the keys [B, T, W] for attention."""

@@ -369,9 +369,9 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, rot, mask, token_mask=None):
+    def forward(self, h_prev, emb, rot, mask, token_mask=None, cache=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, rot, mask, None, token_mask)
+        return super().forward(x, rot, mask, cache, token_mask)
 
 
 class Backbone(nn.Module):
@@ -462,10 +462,12 @@ class DeepseekV3(nn.Module):
 
     def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, cache: "LatentCache | None" = None,
-             segment_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             segment_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+             advance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings through the main layers: (hidden before the final norm [B, S, D], rotations).
-        `token_mask` [B, S] marks real tokens for the expert load counts when the mask is 4D."""
+        `token_mask` [B, S] marks real tokens for the expert load counts when the mask is 4D. With a cache, the
+        rows' lengths move past the new tokens unless `advance` is False (speculative decoding advances each row by
+        what it accepted, after `draft`)."""
         B, S = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         if cache is not None:  # rows continue at their own lengths; new tokens are right-padded
@@ -486,19 +488,38 @@ class DeepseekV3(nn.Module):
             mask = build_mask(S, attention_mask, segment_ids, x.device)
             token_mask = attention_mask.bool() if attention_mask is not None else None
         rot = self.rope(position_ids)
-        if cache is not None and cache.fresh:
-            # No past: MLA expands the latent as without a cache (cheaper than latent-space attention for S > 1)
-            mask = attention_bias(mask, x.dtype)                                          # [B, 1, S, S]
-        elif cache is not None:  # laid out as MLA's cached attention reads it: a row per (head, query)
-            mask = attention_bias(mask, x.dtype)[:, 0]                                    # [B, S, T]
-            mask = mask if S == 1 else mask.repeat(1, self.config.num_attention_heads, 1)
-        elif mask is not None:
-            mask = attention_bias(mask, x.dtype)
+        mask = self._cached_bias(mask, S, x.dtype) if cache is not None else (
+            attention_bias(mask, x.dtype) if mask is not None else None)
         for layer in self.main_layers:
             x = layer(x, rot, mask, cache, token_mask)
-        if cache is not None:
+        if cache is not None and advance:
             cache.advance(attention_mask.sum(1) if attention_mask is not None else S)
         return x, rot
+
+    def _cached_bias(self, mask: torch.Tensor, S: int, dtype) -> torch.Tensor:
+        """The additive bias of cached attention: as without a cache when nothing is cached yet ([B, 1, S, S]: MLA
+        expands the latent, cheaper than latent-space attention for S > 1), else laid out as MLA's cached attention
+        reads it, a row per (head, query) ([B, S, T] for one new token, [B, H*S, T] for more)."""
+        bias = attention_bias(mask, dtype)
+        if S == mask.shape[-1]:  # every row empty (cache.fresh)
+            return bias
+        bias = bias[:, 0]
+        return bias if S == 1 else bias.repeat(1, self.config.num_attention_heads, 1)
+
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, rot: torch.Tensor, cache: "LatentCache",
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The MTP module's next-next-token logits [B, S, V] at the positions the last `body` call wrote (before
+        its rows advance): position i combines the main model's hidden state h_i [B, S, D] with the embedding of
+        token i+1 (`next_ids` [B, S]) and predicts token i+2 (V3 section 2.2), attending over its own cached
+        entries (the cache's layer after the main ones). The draft of speculative decoding."""
+        if not len(self.mtp_layers):
+            raise ValueError("this model has no multi-token-prediction module to draft with")
+        layer = self.mtp_layers[0]
+        S = next_ids.shape[1]
+        bias = self._cached_bias(cache.mask(S), S, hidden.dtype)
+        h = layer(hidden, self.model.embed_tokens(next_ids), rot, bias,
+                  None if attention_mask is None else attention_mask.bool(), cache)
+        return self.lm_head(layer.shared_head.norm(h))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                       token_mask=None) -> torch.Tensor:
