@@ -365,3 +365,42 @@ def test_mtp_drafts_with_the_cache_equal_the_mtp_forward_over_the_whole_sequence
             cache.advance(width)
             at += width
     assert at == n and torch.allclose(torch.cat(got, 1), want, atol=1e-5)
+
+
+def test_mtp_loss_on_packed_samples_sharing_a_prefix_equals_the_separate_sequences():
+    """Pretraining packs examples behind one shared prefix with a 4D mask. The MTP loss there is the mean of the
+    per-token losses the MTP module gives on each [prefix | sample] sequence alone, over the targets the row keeps.
+    One state cannot be shared: the prefix's last MTP state embeds the token that follows it in the row, the first
+    sample's. So later samples neither attend to it nor predict from it (their first targets are left out), rather
+    than leak the first sample across; everything else is exact."""
+    import torch.nn.functional as F
+
+    from r1lab.train.packing import pack
+
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_model_config(70, num_nextn_predict_layers=1, mtp_loss_weight=0.3)).train()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 70, (5,), generator=g).tolist()
+    samples = [torch.randint(3, 70, (m,), generator=g).tolist() for m in (6, 4, 7)]
+    packed = pack([(s, [1] * len(s)) for s in samples], 64, prefix=prefix)
+    out = model(packed.input_ids, attention_mask=packed.mask(), position_ids=packed.position_ids,
+                labels=packed.labels, token_mask=packed.attention_mask)
+    assert packed.input_ids.shape[0] == 1
+    first_in_row = max(range(len(samples)), key=lambda i: len(samples[i]))  # packing puts the longest first
+    losses = []
+    for i, s in enumerate(samples):
+        later = i != first_in_row
+        ids = torch.tensor([prefix + s])
+        hidden, rot = model.body(ids)
+        mtp = model.mtp_layers[0]
+        n = ids.shape[1] - 1
+        see = torch.ones(n, n, dtype=torch.bool).tril()
+        if later:  # the prefix's last MTP state is the first sample's
+            see[len(prefix):, len(prefix) - 1] = False
+        bias = torch.zeros(n, n).masked_fill(~see, float("-inf"))[None, None]
+        h = mtp(hidden[:, :-1], model.model.embed_tokens(ids[:, 1:]), rot[:, :-1], bias)
+        logits = model.lm_head(mtp.shared_head.norm(h[:, :-1])).float()[0]       # position j predicts j + 2
+        first = len(prefix) + (2 if later else 1)                                  # the first target the row keeps
+        for t in range(first, ids.shape[1]):
+            losses.append(F.cross_entropy(logits[t - 2][None], ids[0, t][None]))
+    assert torch.allclose(out.mtp_loss, torch.stack(losses).mean(), atol=1e-5)

@@ -554,9 +554,7 @@ class DeepseekV3(nn.Module):
         total = out.lm_loss
         S = input_ids.shape[1]
         if self.training and len(self.mtp_layers) and self.config.mtp_loss_weight > 0 and S > 2:
-            if attention_mask is not None and attention_mask.dim() == 4:
-                raise ValueError("the MTP loss needs a 2D attention_mask (or segment_ids), not a custom 4D mask")
-            out.mtp_loss = self._mtp_loss(hidden, input_ids, labels, rot, attention_mask, segment_ids)
+            out.mtp_loss = self._mtp_loss(hidden, input_ids, labels, rot, attention_mask, segment_ids, token_mask)
             total = total + self.config.mtp_loss_weight * out.mtp_loss
         aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         if aux:
@@ -565,23 +563,34 @@ class DeepseekV3(nn.Module):
         out.loss = total
         return out
 
-    def _mtp_loss(self, hidden, input_ids, labels, rot, attention_mask, segment_ids):
-        """Mean over depths of the cross-entropy for token i+k+1 at depth k (V3 eq. 24-25)."""
+    def _mtp_loss(self, hidden, input_ids, labels, rot, attention_mask, segment_ids, token_mask=None):
+        """Mean over depths of the cross-entropy for token i+k+1 at depth k (V3 eq. 24-25). With a custom 4D mask
+        (packed samples sharing a prefix), MTP position j sees position i when j sees i and token j+k sees token
+        i+k, and token t = j+k+1 is a target only where t sees both j and j+k: nothing crosses a sample."""
         losses, h = [], hidden
         S = input_ids.shape[1]
+        custom = attention_mask is not None and attention_mask.dim() == 4
+        allowed = attention_mask.bool()[:, 0] if custom else None                     # [B, S, S]
         for k, layer in enumerate(self.mtp_layers, start=1):
             n = S - k  # MTP position j combines h_j with the embedding of token j+k
             if n < 2:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])
-            am = attention_mask[:, :n].bool() & attention_mask[:, k:].bool() if attention_mask is not None else None
-            seg = segment_ids[:, :n] if segment_ids is not None else None
-            mask = build_mask(n, am, seg, hidden.device)
+            target = labels[:, k + 1:]
+            if custom:
+                mask = (allowed[:, :n, :n] & allowed[:, k:, k:])[:, None]
+                am = token_mask[:, :n].bool() & token_mask[:, k:].bool() if token_mask is not None else None
+                j = torch.arange(n - 1, device=hidden.device)
+                sees = allowed[:, j + k + 1, j] & allowed[:, j + k + 1, j + k]          # [B, n - 1]
+                target = target.masked_fill(~sees, -100)
+            else:
+                am = attention_mask[:, :n].bool() & attention_mask[:, k:].bool() if attention_mask is not None else None
+                seg = segment_ids[:, :n] if segment_ids is not None else None
+                mask = build_mask(n, am, seg, hidden.device)
+                if segment_ids is not None:  # never predict across a packing boundary
+                    target = target.masked_fill(segment_ids[:, k + 1:] != segment_ids[:, : n - 1], -100)
             h = layer(h[:, :n], emb, rot[:, :n], None if mask is None else attention_bias(mask, h.dtype), am)
             logits = self.lm_head(layer.shared_head.norm(h[:, : n - 1])).float()
-            target = labels[:, k + 1 :]
-            if segment_ids is not None:  # never predict across a packing boundary
-                target = target.masked_fill(segment_ids[:, k + 1 :] != segment_ids[:, : n - 1], -100)
             losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
         return torch.stack(losses).mean()
 
