@@ -94,15 +94,15 @@ def _add_cost(sub):
 
 
 def _run_cost(args):
-    from r1lab import cost
+    from r1lab import cost_report
 
     try:
-        r = cost.report(args.model, seq_len=args.seq_len, batch=args.batch, tokens=args.tokens, gpu=args.gpu,
+        r = cost_report.report(args.model, seq_len=args.seq_len, batch=args.batch, tokens=args.tokens, gpu=args.gpu,
                         gpu_hours=args.gpu_hours, mfu=args.mfu, price=args.price, peak_dtype=args.peak_dtype,
                         fits_gpu=args.fits)
     except (ValueError, FileNotFoundError) as e:
         raise C.ConfigError(str(e)) from None
-    print(json.dumps(r, indent=2) if args.json else cost.render(r))
+    print(json.dumps(r, indent=2) if args.json else cost_report.render(r))
 
 
 # ----------------------------------------------------------------------------- pretrain / eval

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from r1lab.reasoning import THINK_END, THINK_START
 
@@ -160,7 +160,7 @@ class ChatClient:
                 raise r
         if self._stop is not None:
             raise self._stop
-        return results
+        return cast("list[Reply]", results)  # no exception is left here, and every request was answered
 
     async def _one(self, client, sem, body: dict, tag, on_reply) -> Reply | None:
         key = self._key(body, tag)
@@ -246,6 +246,7 @@ class ChatClient:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
+        assert self.cache_dir is not None  # callers check
         return self.cache_dir / key[:2] / f"{key}.json"
 
     def _read_cache(self, key: str, body: dict, tag) -> Reply | None:

@@ -105,7 +105,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build a dataclass from a nested dict, rejecting unknown keys with the list of known ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping (got {type(data).__name__})")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # cls is a dataclass
     unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(
@@ -117,9 +117,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     for key, value in data.items():
         tp = hints[key]
         inner, _ = _strip_optional(tp)
-        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner) and isinstance(value, dict):
             kwargs[key] = from_dict(inner, value, prefix + key + ".")
-        elif dataclasses.is_dataclass(inner) and value is not None and not isinstance(value, inner):
+        elif isinstance(inner, type) and dataclasses.is_dataclass(inner) and value is not None \
+                and not isinstance(value, inner):
             raise ConfigError(f"{prefix + key} is a group of settings, not {value!r}: give it a mapping of its "
                               f"keys in the YAML, or dotted flags (--{prefix + key}.NAME VALUE)")
         else:

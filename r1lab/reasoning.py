@@ -88,7 +88,7 @@ class ReasoningStream:
 
     def feed(self, delta: str) -> tuple[str, str]:
         self._buf += delta
-        out = {"reasoning": [], "content": []}
+        out: dict[str, list[str]] = {"reasoning": [], "content": []}
         while True:
             if self._section == "before":
                 head = self._buf.lstrip()
@@ -116,7 +116,7 @@ class ReasoningStream:
 
     def finish(self) -> tuple[str, str]:
         """Flush what was held back: a partial tag that never completed is ordinary text."""
-        out = {"reasoning": [], "content": []}
+        out: dict[str, list[str]] = {"reasoning": [], "content": []}
         if self._section == "before":
             self._section = "reasoning" if self.prefilled else "content"
         self._emit(self._buf, out)

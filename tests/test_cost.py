@@ -11,7 +11,7 @@ import torch
 import transformers as T
 
 from conftest import tiny_model_config
-from r1lab import cost
+from r1lab import cost, cost_report
 from r1lab.cli import main
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)
@@ -265,5 +265,5 @@ def test_unsupported_model_type_is_named(tmp_path):
 
 
 def test_parse_quantity_suffixes():
-    assert [cost.parse_quantity(x) for x in ("14.8T", "2.788M", "671B", "3k", "1e9", "0.5")] == \
+    assert [cost_report.parse_quantity(x) for x in ("14.8T", "2.788M", "671B", "3k", "1e9", "0.5")] == \
            [14.8e12, 2.788e6, 671e9, 3e3, 1e9, 0.5]

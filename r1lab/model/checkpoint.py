@@ -159,7 +159,7 @@ def _read_header(f: Path) -> dict[str, torch.Tensor]:
 def read_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a directory (see `weight_files`). meta=True reads the headers only: tensors on the meta device
     with the stored shapes and dtypes, enough to check a checkpoint without loading it."""
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         try:
             part = _read_header(f) if meta else load_file(f)
@@ -260,7 +260,8 @@ def to_native_names(state: dict[str, torch.Tensor], cfg: ModelConfig,
                     where: Path | str = "model.safetensors") -> dict[str, torch.Tensor]:
     """Stack per-expert tensors into r1lab's layout (fused files pass through), and drop the MTP module's copies
     of the shared embedding and head (DeepSeek's released checkpoints carry them)."""
-    out, experts = {}, {}
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict] = {}
     for k, v in state.items():
         m = _EXPERT.match(k)
         if m:

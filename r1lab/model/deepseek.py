@@ -189,6 +189,8 @@ class Gate(nn.Module):
     """Sigmoid affinities, group-limited top-k routing, normalised weights times the routed scaling factor.
     `e_score_correction_bias` (aux-loss-free balancing) is added for the choice of experts only, never to weights."""
 
+    e_score_correction_bias: torch.Tensor  # a buffer: aux-loss-free balancing's per-expert bias
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -243,8 +245,8 @@ class Experts(nn.Module):
             # Every bucket slot names its source token (padding slots name an extra zero row), so filling the
             # buckets and summing back are 1-D index_select / index_add: much cheaper than 2-D scatters.
             N, cap = x.shape[0], max(per_expert)
-            start = counts.cumsum(0) - counts
-            pos = expert * cap + torch.arange(len(flat), device=x.device) - start[expert]
+            first = counts.cumsum(0) - counts
+            pos = expert * cap + torch.arange(len(flat), device=x.device) - first[expert]
             src = torch.full((E * cap,), N, dtype=torch.long, device=x.device).index_copy_(0, pos, token)
             w_slot = torch.zeros(E * cap, dtype=w.dtype, device=x.device).index_copy_(0, pos, w)
             buckets = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src).view(E, cap, -1)
@@ -280,6 +282,9 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Shared experts plus routed experts. Keeps per-expert token counts: `last_load` for the latest forward,
     `load` accumulated over training forwards until the balancing step consumes it."""
+
+    load: torch.Tensor       # buffers: routed tokens per expert, accumulated and of the last forward
+    last_load: torch.Tensor
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -398,6 +403,8 @@ class DeepseekV3(nn.Module):
     """The causal LM. `forward` takes the same core arguments as a `transformers` causal LM
     (input_ids, attention_mask, position_ids, labels, logits_to_keep) plus a latent cache and packing segments."""
 
+    inv_freq: torch.Tensor  # a buffer: RoPE's inverse frequencies (YaRN-blended)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -485,7 +492,7 @@ class DeepseekV3(nn.Module):
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 else:
                     position_ids = torch.arange(S, device=x.device).expand(B, S)
-            mask = build_mask(S, attention_mask, segment_ids, x.device)
+            mask = build_mask(S, attention_mask, segment_ids, x.device)  # type: ignore[assignment]  # None: causal
             token_mask = attention_mask.bool() if attention_mask is not None else None
         rot = self.rope(position_ids)
         mask = self._cached_bias(mask, S, x.dtype) if cache is not None else (

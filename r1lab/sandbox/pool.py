@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import IO, Sequence
 
 from r1lab.sandbox.backends import SandboxUnavailable, default_backend, require, unavailable, worker_command
 
@@ -87,7 +87,7 @@ class _Worker:
     def __init__(self, backend: str, slot: int):
         self.backend, self.slot = backend, slot
         self.proc: subprocess.Popen | None = None
-        self.log = None
+        self.log: IO[bytes] | None = None
 
     def start(self) -> None:
         self.log = tempfile.TemporaryFile()
@@ -102,6 +102,7 @@ class _Worker:
             if self.proc is None or self.proc.poll() is not None:
                 self.start()
             body = json.dumps(job).encode()
+            assert self.proc is not None and self.proc.stdin is not None  # started just above
             self.proc.stdin.write(struct.pack(">I", len(body)) + body)
             answer = self._read(time.monotonic() + job["limits"]["wall_seconds"] + GRACE_S)
             if not isinstance(answer, dict) or answer.get("status") not in STATUSES:
@@ -119,6 +120,7 @@ class _Worker:
         return json.loads(self._read_exact(struct.unpack(">I", head)[0], deadline))
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
+        assert self.proc is not None and self.proc.stdout is not None
         fd, data = self.proc.stdout.fileno(), b""
         while len(data) < n:
             left = deadline - time.monotonic()
@@ -142,14 +144,16 @@ class _Worker:
             return
         proc, self.proc = self.proc, None
         try:
-            proc.stdin.close()
+            if proc.stdin is not None:
+                proc.stdin.close()
             proc.wait(timeout=wait) if wait else None
         except (OSError, subprocess.TimeoutExpired):
             pass
         if proc.poll() is None:
             proc.kill()  # bwrap: --die-with-parent takes the namespace (and every program in it) down with it
             proc.wait()
-        proc.stdout.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
         if self.log is not None:
             self.log.close()
             self.log = None

@@ -14,7 +14,7 @@ import importlib
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 __all__ = ["Problem", "Task", "SyntheticTask", "R1_MATH_INSTRUCTION", "TEST_PER_MILLE", "split_of",
            "get_task", "list_tasks", "register_task"]
@@ -64,7 +64,7 @@ class SyntheticTask:
     """Base of the generators: subclasses draw one problem from an RNG with `sample`; this class handles seeds,
     the held-out split and de-duplication."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
     default_n = {"train": 1000, "test": 200}
 
     def sample(self, rng: random.Random) -> tuple[str, Problem]:

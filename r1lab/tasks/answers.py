@@ -55,7 +55,8 @@ def extract_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` or `\\fbox{...}` (in the last SCAN_CHARS characters) with balanced
     (nested) braces; None if none closes. One pass: a stack of open braces, each box's closing found as it pops."""
     text = text[-SCAN_CHARS:]
-    found, stack = None, []  # stack: (start, content start) of each open box, None for a plain brace
+    found = None
+    stack: list[tuple[int, int] | None] = []  # (start, content start) of each open box, None for a plain brace
     for m in _BRACES.finditer(text):
         token = m.group()
         if token == "{":

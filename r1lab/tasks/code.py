@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import textwrap
 from concurrent.futures import Future
+from typing import ClassVar
 
 from r1lab import sandbox
 from r1lab.sandbox import Limits, Result
@@ -44,7 +45,7 @@ class CodeTask:
     namespace, and passes when it raises nothing."""
 
     runs_code = True  # eval refuses to start without a sandbox for such a task
-    limits = Limits(cpu_seconds=5, wall_seconds=10.0)
+    limits: ClassVar[Limits] = Limits(cpu_seconds=5, wall_seconds=10.0)
 
     def extract(self, content: str | None) -> str | None:
         return extract_code(content)

@@ -167,7 +167,9 @@ class _Pool:
     """Workers started on demand, up to `size`; a thread holds one for the length of one request."""
 
     def __init__(self, size: int):
-        self.size, self.idle, self.busy = size, [], set()
+        self.size = size
+        self.idle: list = []
+        self.busy: set = set()
         self.cond = threading.Condition()
 
     def ask(self, request: dict) -> dict | None:

@@ -66,8 +66,10 @@ def packed_rows(prompt_ids: list[list[int]], completion_ids: list[list[list[int]
     cap = max(row_tokens, max(sizes))
     rows = assign_rows(sizes, cap)
     G = len(completion_ids[0])
-    batches, current, used = [], [], 0
-    for row in rows + [None]:
+    batches: list[PackedRows] = []
+    current: list[list[int]] = []
+    used = 0
+    for row in rows + [None]:  # type: ignore[operator]  # None closes the last micro-batch
         n_row = sum(sizes[g] for g in row) if row else 0
         if current and (row is None or used + n_row > max_tokens):
             members = [g for r in current for g in r]
@@ -102,8 +104,10 @@ def grouped_batches(prompt_ids: list[list[int]], completion_ids: list[list[list[
     """Consecutive groups in micro-batches of about `max_tokens` real tokens (at least one group each)."""
     G = len(completion_ids[0])
     sizes = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompt_ids, completion_ids)]
-    batches, current, used = [], [], 0
-    for g in list(range(len(prompt_ids))) + [None]:
+    batches: list[GroupedBatch] = []
+    current: list[int] = []
+    used = 0
+    for g in list(range(len(prompt_ids))) + [None]:  # type: ignore[operator]  # None closes the last micro-batch
         if current and (g is None or used + sizes[g] > max_tokens):
             batches.append(_grouped_batch(current, prompt_ids, completion_ids, G, pad_id))
             current, used = [], 0

@@ -50,7 +50,8 @@ class Packed:
 
 def assign_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     """First-fit decreasing: indices of items per row, no row above `capacity` (a bigger item gets a row alone)."""
-    rows, room = [], []
+    rows: list[list[int]] = []
+    room: list[int] = []
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         for r in range(len(rows)):
             if room[r] >= sizes[i]:

@@ -176,9 +176,7 @@ def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, s
     from r1lab.model.deepseek import DeepseekV3
 
     if isinstance(model, DeepseekV3):
-        def fill(tmp):
-            pass
-        extra = {**(files or {}), **({STATE: extra_state} if extra_state else {})}
+        extra: dict[str, object] = {**(files or {}), **({STATE: extra_state} if extra_state else {})}
         save_model(model, path, tokenizer=tokenizer, extra=extra or None, state_dict=state_dict)
         return
 
