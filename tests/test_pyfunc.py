@@ -83,7 +83,8 @@ def test_chain_length_and_operations_follow_the_knobs():
 
 
 @pytest.mark.parametrize("knobs, named", [({"min_steps": 3, "steps": 2}, "min_steps"), ({"min_steps": 0}, "min_steps"),
-                                          ({"int_ops": "add,pow"}, "int_ops"), ({"int_ops": ""}, "int_ops")])
+                                          ({"int_ops": "add,pow"}, "int_ops"), ({"int_ops": ""}, "int_ops"),
+                                          ({"fit_digits": 1}, "fit_digits")])
 def test_bad_chain_knobs_are_refused_with_their_values(knobs, named):
     with pytest.raises(ValueError, match=named):
         get_task("pyfunc", **knobs)
@@ -122,12 +123,24 @@ def test_a_repeated_program_is_judged_once_and_an_unjudged_one_again(monkeypatch
         [(p.answer, tuple(q.meta["tests"]))]
 
 
-def test_fitted_lines_pass_through_the_examples_and_the_trace_works_out_the_slope():
-    for p in get_task("pyfunc", kinds="fit").problems("train", n=200, seed=0):
+def borrows(big: int, small: int) -> int:
+    """Columns where schoolbook subtraction borrows."""
+    count, borrow = 0, 0
+    while big or small:
+        borrow = int(big % 10 - borrow < small % 10)
+        count += borrow
+        big, small = big // 10, small // 10
+    return count
+
+
+@pytest.mark.parametrize("digits", [2, 3])
+def test_fitted_lines_pass_through_the_examples_and_the_trace_works_out_the_slope(digits):
+    for p in get_task("pyfunc", kinds="fit", fit_digits=digits).problems("train", n=200, seed=0):
         y0, y1 = map(int, re.fullmatch(r"f\(x\): x\*a\+b, where f\(0\)=(\d+) and f\(1\)=(\d+)\.", p.prompt).groups())
         assert (run(p.answer, 0), run(p.answer, 1)) == (y0, y1) and y1 - y0 >= 2
+        assert len(str(y0)) == len(str(y1)) == digits
         trace = r"a=(\d+-\d+): .* so \d+\. b=(\d+)\. (x\*\d+\+\d+)\."
         sub, b, body = re.fullmatch(trace, p.reasoning).groups()
         assert int(b) == y0 and sub == f"{y1}-{y0}" and p.answer == f"def f(x): return {body}"
         assert f"so {y1 - y0}." in p.reasoning
-        assert ("borrow" in p.reasoning) == (y1 % 10 < y0 % 10)  # worked by columns, as arithmetic writes it
+        assert p.reasoning.count("borrow") == borrows(y1, y0)  # worked by columns, as arithmetic writes it

@@ -65,6 +65,7 @@ class PyFunc(CodeTask, SyntheticTask):
     kinds: str = "int,list"
     min_steps: int = 1               # fewest operations in an integer chain
     int_ops: str = ",".join(INT_OPS)  # the integer chain's operations, a comma-separated subset of INT_OPS
+    fit_digits: int = 2              # digits of a fitted line's f(0) and f(1)
     max_const: int = 9
     n_tests: int = 5
     name: ClassVar[str] = "pyfunc"
@@ -74,10 +75,10 @@ class PyFunc(CodeTask, SyntheticTask):
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()]
         if not kinds or set(kinds) - set(KINDS):
             raise ValueError(f"kinds must be a comma-separated list of {', '.join(KINDS)} (got {self.kinds!r})")
-        if not 1 <= self.min_steps <= self.steps or self.max_const < 2 or self.n_tests < 1:
-            raise ValueError(f"pyfunc needs 1 <= min_steps <= steps, max_const >= 2 and n_tests >= 1 (got "
-                             f"min_steps={self.min_steps}, steps={self.steps}, max_const={self.max_const}, "
-                             f"n_tests={self.n_tests})")
+        if not 1 <= self.min_steps <= self.steps or self.max_const < 2 or self.n_tests < 1 or self.fit_digits < 2:
+            raise ValueError(f"pyfunc needs 1 <= min_steps <= steps, max_const >= 2, n_tests >= 1 and fit_digits >= 2 "
+                             f"(got min_steps={self.min_steps}, steps={self.steps}, max_const={self.max_const}, "
+                             f"n_tests={self.n_tests}, fit_digits={self.fit_digits})")
         ops = [o.strip() for o in self.int_ops.split(",") if o.strip()]
         if not ops or set(ops) - set(INT_OPS):
             raise ValueError(f"int_ops must be a comma-separated list of {', '.join(INT_OPS)} (got {self.int_ops!r})")
@@ -129,10 +130,11 @@ class PyFunc(CodeTask, SyntheticTask):
         return "x", ", then ".join(words), expr, " ".join(steps)
 
     def _fit(self, rng):
-        """x*a+b from its values at 0 and 1: b is f(0), and a = f(1)-f(0) is worked out column by column (two-digit
-        values, as the arithmetic task writes subtraction), so the program's constant must be computed, not copied."""
-        b = rng.randint(10, 89)
-        a = rng.randint(2, 99 - b)
+        """x*a+b from its values at 0 and 1, both of `fit_digits` digits: b is f(0), and a = f(1)-f(0) is worked out
+        column by column (as the arithmetic task writes subtraction), so that constant must be computed, not copied."""
+        top = 10 ** self.fit_digits - 1
+        b = rng.randint(10 ** (self.fit_digits - 1), top - 2)
+        a = rng.randint(2, top - b)
         work = worked(a + b, "-", b)[0]
         reasoning = f"a={a + b}-{b}: {work}. b={b}. x*{a}+{b}."  # b restated just before its use
         return "x", f"x*a+b, where f(0)={b} and f(1)={a + b}", f"x*{a}+{b}", reasoning
