@@ -21,16 +21,18 @@ truncation (temperature 0 -> raw logits). The GRPO trainer computes its policy l
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from r1lab.tools import ToolCall, program_of
 
 # DeepSeek's sampling settings for R1 models: the R1 evaluation protocol, and what serving and distillation default to.
 R1_TEMPERATURE = 0.6
@@ -52,7 +54,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None   # None: the model's end-of-sequence ids
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -90,7 +92,7 @@ class CachedBackend:
     can_merge = True
 
     def __init__(self, model):
-        from r1lab.model.deepseek import LatentCache
+        from r1lab.model.cache import LatentCache
 
         self.model, self.Cache = model, getattr(model, "Cache", LatentCache)  # or a FastDecoder's KVCache
         self.device = model.lm_head.weight.device
@@ -98,17 +100,32 @@ class CachedBackend:
         self.max_len = model.config.max_position_embeddings
 
     def prefill(self, prompts: list[list[int]], capacity: int):
-        B, P = len(prompts), max(len(p) for p in prompts)
+        cache = self.Cache(self.model.config, len(prompts), capacity, dtype=self.dtype, device=self.device)
+        return cache, self._feed(cache, prompts)
+
+    def extend(self, cache, tokens: list[list[int]]) -> torch.Tensor:
+        """Feed each row its new tokens after what its cache holds (a row back from a tool call: its call's closing
+        token and the output); the logits after each row's last token."""
+        return self._feed(cache, tokens)
+
+    def _feed(self, cache, tokens: list[list[int]]) -> torch.Tensor:
+        """Right-padded new tokens through the model on top of `cache` (a prefill: an empty one)."""
+        B, P = len(tokens), max(len(t) for t in tokens)
         ids = torch.zeros(B, P, dtype=torch.long)
         am = torch.zeros(B, P, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-            am[i, : len(p)] = 1
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t)
+            am[i, : len(t)] = 1
         ids, am = ids.to(self.device), am.to(self.device)
-        cache = self.Cache(self.model.config, B, capacity, dtype=self.dtype, device=self.device)
         hidden = self.model.body(ids, attention_mask=am, cache=cache)[0]
-        last = hidden[torch.arange(B, device=self.device), am.sum(1) - 1]   # only each prompt's last position
-        return cache, self.model.lm_head(self.model.model.norm(last))
+        last = hidden[torch.arange(B, device=self.device), am.sum(1) - 1]   # only each row's last position
+        return self.model.lm_head(self.model.model.norm(last))
+
+    def take(self, cache, rows: list[int]):
+        """A copy of these rows' cache (a row that pauses for a tool keeps it); the batch keeps its own."""
+        part = copy.copy(cache)
+        part.keep(torch.tensor(rows, device=self.device))
+        return part
 
     def decode(self, cache, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens[:, None], cache=cache).logits[:, 0]
@@ -227,7 +244,7 @@ class RowControls:
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           device="cpu", order: Sequence[int] | None = None) -> "RowControls":
+           device="cpu", order: Sequence[int] | None = None) -> RowControls:
         """`order` ranks the rows (their creation order): a generator's uniforms go to its rows in that order, so
         what a row draws does not depend on where it sits in the batch."""
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -313,6 +330,8 @@ class Paused:
     future: Future                    # of the sandbox's Result
     due: int                          # the batch step at which it re-enters (generate()'s schedule)
     shared: bool = False              # an identical program of another row runs for it
+    saved: object = None              # the cache of the rows that paused with it (backends that can keep it)
+    slot: int = 0                     # its row in `saved`
 
 
 class Batch:
@@ -320,7 +339,7 @@ class Batch:
     for every row and returns the rows that finished. Cancelled or finished rows leave the batch immediately.
     With a tool, rows that close a call leave for `paused` and come back through `resume`."""
 
-    def __init__(self, sampler: "Sampler", share_programs: bool = False,
+    def __init__(self, sampler: Sampler, share_programs: bool = False,
                  on_program_done: Callable[[], None] | None = None):
         self.s = sampler
         self.state = None
@@ -369,7 +388,10 @@ class Batch:
         idx = torch.tensor(owner, device=logits.device)
         if len(owner) != len(contexts):
             state = self.s.backend.keep(state, idx)
-        logits = logits[idx]
+        return self._merge(new_rows, state, logits[idx])
+
+    def _merge(self, new_rows: list[Row], state, logits: torch.Tensor) -> list[Row]:
+        """Join rows whose state and next-token logits are ready, sample their next token."""
         if self.state is None:
             self.state, self.rows = state, new_rows
         else:
@@ -416,11 +438,9 @@ class Batch:
     def resume(self, entries: list[Paused]) -> list[Row]:
         """Re-enter paused rows with their tools' output appended (waiting for programs still running), sample each
         one's next token; returns the rows that finished (a limit reached, or at their first token back)."""
-        from r1lab.tools import ToolCall
-
         gone = {id(p) for p in entries}
         self.paused = [p for p in self.paused if id(p) not in gone]
-        tools, rows, contexts, finished = self.s.tools, [], [], []
+        tools, back, finished = self.s.tools, [], []
         for p in entries:
             r = p.row
             if not p.future.done():
@@ -441,41 +461,72 @@ class Batch:
                 r.logprobs += [0.0] * len(ids)
                 r.token_mask += [0] * len(ids)
                 r.tool_tokens += len(ids)
-                rows.append(r)
-                contexts.append(r.prompt_ids + r.token_ids)
+                back.append((p, len(ids)))
                 continue
             finished.append(r)
-        if rows:
-            finished += self._join(rows, contexts, list(range(len(rows))))
+        if back:
+            finished += self._reenter(back)
         return finished
 
-    def _pause(self, row: Row) -> bool:
-        """Send the call `row` just closed to the sandbox and set the row aside; False (and finish reason
+    def _reenter(self, back: list[tuple[Paused, int]]) -> list[Row]:
+        """Rows with their tools' output (n tokens each) appended join the batch again; rows with the same context
+        (the same call after the same prompt) share the work. A row that kept its cache (a backend that can `take`
+        one) is fed only its call's closing token and the output; otherwise its whole context is prefilled again."""
+        rows = [p.row for p, _ in back]
+        keys = [tuple(r.prompt_ids + r.token_ids) for r in rows]
+        unique: dict[tuple, int] = {}
+        owner = [unique.setdefault(k, len(unique)) for k in keys]
+        if all(p.saved is not None for p, _ in back):
+            first = {}  # unique context -> the first row that has it, grouped by the cache it kept
+            for (p, n), u in zip(back, owner):
+                first.setdefault(u, (p, n))
+            groups: dict[int, list[tuple[int, Paused, int]]] = {}
+            for u, (p, n) in first.items():
+                groups.setdefault(id(p.saved), []).append((u, p, n))
+            order = [u for items in groups.values() for u, _, _ in items]
+            parts = [items[0][1].saved if [p.slot for _, p, _ in items] == list(range(items[0][1].saved.batch))
+                     else self.s.backend.take(items[0][1].saved, [p.slot for _, p, _ in items])
+                     for items in groups.values()]
+            fed = [p.row.token_ids[-n - 1:] for items in groups.values() for _, p, n in items]
+            state = parts[0]
+            for other in parts[1:]:
+                state = self.s.backend.merge(state, other)
+            longest = max(len(r.prompt_ids) + len(r.token_ids) for r in rows)
+            if longest - min(map(len, fed)) + max(map(len, fed)) <= state.capacity:  # the padded feed fits
+                logits = self.s.backend.extend(state, fed)
+                where = {u: i for i, u in enumerate(order)}
+                idx = torch.tensor([where[u] for u in owner], device=logits.device)
+                if len(owner) != len(order):
+                    state = self.s.backend.keep(state, idx)
+                return self._merge(rows, state, logits[idx])
+        return self._join(rows, [list(k) for k in unique], owner)
+
+    def _pause(self, row: Row) -> Paused | None:
+        """Send the call `row` just closed to the sandbox and set the row aside; None (and finish reason
         "tool_limit") when the row may make no more calls."""
         tools = self.s.tools
         if len(row.tool_calls) >= tools.limits.max_calls:
             row.finish_reason = "tool_limit"
-            return False
-        from r1lab.tools import program_of
-
+            return None
         program = program_of(self.s.decode(row.token_ids))
         if program is None:  # a closing tag with no call open: the model's mistake, answered like a failed program
             from r1lab.sandbox import Result
 
             future: Future = Future()
             future.set_result(Result(status="failed", stderr="SyntaxError: </tool> closes no <tool>"))
-            self.paused.append(Paused(row, "", future, self.clock + REENTRY_STEPS))
-            return True
-        future = self._programs.get(program) if self.share_programs else None
-        shared = future is not None
-        if future is None:
-            future = tools.submit(program)
-            if self.on_program_done is not None:
-                future.add_done_callback(lambda _: self.on_program_done())
-            if self.share_programs:
-                self._programs[program] = future
-        self.paused.append(Paused(row, program, future, self.clock + REENTRY_STEPS, shared))
-        return True
+            paused = Paused(row, "", future, self.clock + REENTRY_STEPS)
+        else:
+            future = self._programs.get(program) if self.share_programs else None
+            shared = future is not None
+            if future is None:
+                future = tools.submit(program)
+                if self.on_program_done is not None:
+                    future.add_done_callback(lambda _: self.on_program_done())
+                if self.share_programs:
+                    self._programs[program] = future
+            paused = Paused(row, program, future, self.clock + REENTRY_STEPS, shared)
+        self.paused.append(paused)
+        return paused
 
     # ------------------------------------------------------------------ internals
 
@@ -486,7 +537,7 @@ class Batch:
     def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int, controls: RowControls) -> list[Row]:
         tokens, logps = sample_next(logits, controls)
         tools = self.s.tools
-        done, paused = [], []
+        done, paused, records = [], [], []
         for i, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), logps.tolist())):
             r.token_ids.append(t)
             r.logprobs.append(lp)
@@ -498,10 +549,15 @@ class Batch:
                 r.finish_reason = "stop"
             elif len(r.token_ids) >= r.max_new:
                 r.finish_reason = "length"
-            elif tools is not None and tools.closes_call(r.token_ids) and self._pause(r):
+            elif tools is not None and tools.closes_call(r.token_ids) and (record := self._pause(r)):
                 paused.append(offset + i)
+                records.append(record)
             if r.finish_reason:
                 done.append(offset + i)
+        if paused and getattr(self.s.backend, "take", None):  # the rows that paused keep their cache
+            saved = self.s.backend.take(self.state, paused)
+            for slot, record in enumerate(records):
+                record.saved, record.slot = saved, slot
         finished = [self.rows[i] for i in done]
         self._drop(done + paused)
         return finished

@@ -84,7 +84,7 @@ def test_pretraining_corpus_calls_the_tool_and_leaves_its_output_out_of_the_labe
         lambda t: "<think> </think>" in t, lambda t: "<tool>" in t, lambda t: "so " in t)]
     assert shares == pytest.approx([0.3, 0.4, 0.3], abs=0.08)
     t = next(t for t in texts if "<tool>" in t)
-    a, op, b, out = re.search(r"print\((\d+)(\*)(\d+)\) </tool> <output> (\d+) </output>", t).groups()
+    a, op, b, out = re.search(r"print\((\d+) (\*) (\d+)\) </tool> <output> (\d+) </output>", t).groups()
     assert int(a) * int(b) == int(out)
     ids, labels = corpus.completion_ids(t)
     assert ids == tk(t, add_special_tokens=False).input_ids  # as the whole text tokenises
@@ -266,14 +266,16 @@ def test_a_paused_row_re_enters_a_fixed_number_of_steps_later(monkeypatch, tok):
 
 
 @needs_sandbox
-def test_identical_programs_in_one_generate_call_run_once(monkeypatch, tok):
+def test_identical_programs_run_once_and_identical_contexts_share_one_prefill(monkeypatch, tok):
     sampler = scripted(monkeypatch, tok)
-    calls = []
-    real = sampler.tools.submit
+    calls, prefills = [], []
+    real, real_prefill = sampler.tools.submit, sampler.backend.prefill
     monkeypatch.setattr(sampler.tools, "submit", lambda program: calls.append(program) or real(program))
+    monkeypatch.setattr(sampler.backend, "prefill", lambda ctx, cap: prefills.append(len(ctx)) or real_prefill(ctx, cap))
     outs = sampler.generate(["run print(3*3) =>", "run print(4*4) =>"], S.SamplingParams(max_new_tokens=80,
                                                                                       temperature=0, n=3))
     assert sorted(calls) == ["print(3*3)", "print(4*4)"]
+    assert prefills == [2, 2]  # the two prompts, then the six rows back from their calls: two distinct contexts
     assert [c.text.split("<answer>")[1] for c in outs] == [" 9 </answer>"] * 3 + [" 16 </answer>"] * 3
     assert [k.shared for c in outs for k in c.tool_calls] == [False, True, True] * 2
 
@@ -286,3 +288,29 @@ def test_without_a_sandbox_tools_are_refused_with_the_fix(monkeypatch, tok):
     backends.set_default_backend(None)
     with pytest.raises(SandboxUnavailable, match="install it"):
         PythonTool(tok)
+
+
+@pytest.mark.parametrize("which", ["native", "llama"])
+def test_a_kept_cache_fed_the_output_equals_a_prefill_of_the_whole_context(which, request):
+    """A row that pauses keeps a copy of its cache (`take`); fed its call's end and the output (`extend`), its
+    next-token logits equal those of a fresh prefill of prompt + reply + output, and the batch is untouched."""
+    from r1lab.model.load import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(request.getfixturevalue(
+        "tiny_native_dir_long" if which == "native" else "tiny_llama_dir"))
+    backend = S.make_backend(model, tok)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda *shape: torch.randint(5, len(tok) - 5, shape, generator=g)  # noqa: E731
+    prompts = [ids(n).tolist() for n in (9, 14, 6)]
+    with torch.inference_mode():
+        state, _ = backend.prefill(prompts, 64)
+        steps = [ids(3) for _ in range(3)]
+        for t in steps:
+            backend.decode(state, t)
+        kept = backend.take(state, [2, 0])
+        fed = [ids(3).tolist(), ids(5).tolist()]
+        got = backend.extend(kept, fed)
+        whole = [prompts[i] + [int(t[i]) for t in steps] + f for i, f in zip((2, 0), fed)]
+        _, ref = backend.prefill(whole, 64)
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+        assert state.lengths.tolist() == [len(p) + 3 for p in prompts]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import grpo_interrupted_at
+
 from r1lab.sampler import Completion
 from r1lab.sandbox import unavailable
 from r1lab.tasks import Problem
@@ -101,6 +101,9 @@ def test_a_run_with_tools_logs_tool_metrics_and_resumes_exactly(tool_model_dir, 
     for key in ("tool_calls_per_reply", "tool_share", "tool_errors", "tool_seconds", "tool_wait_seconds"):
         assert all(key in r for r in rows), key
     assert sum(r["tool_calls_per_reply"] for r in rows) > 0 and sum(r["tool_seconds"] for r in rows) > 0
+    # the rows that came back from a tool call kept their cache and were fed the output: the trainer's forward over
+    # the whole reply gives the sampler's log-probs at every token the model wrote
+    assert max(r["mismatch/logp_abs_diff_max"] for r in rows) < 1e-4
     for (k, a), (_, b) in zip(ref_model.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     assert [r["reward_mean"] for r in read_metrics(run_b.metrics_path)] == [r["reward_mean"] for r in rows]

@@ -6,7 +6,7 @@
     What is 47 * 38?   47*8=376. 47*3=141, shift 1410. 376+1410=1786. so 1786   (multi-digit multiplier)
 
 With the Python tool (r1lab.tools) the same problem is one call: `tool_solution` gives its program and what it prints,
-    What is 47 * 38?   <tool> print(47*38) </tool> <output> 1786 </output>
+    What is 47 * 38?   <tool> print(47 * 38) </tool> <output> 1786 </output>
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ class Arithmetic(SyntheticTask):
         return value is not None and value == int(problem.answer)
 
     def tool_solution(self, problem: Problem) -> tuple[str, str]:
-        """The program a reply that uses the Python tool runs, and what it prints: ("print(47*38)", "1786")."""
+        """The program a reply that uses the Python tool runs, and what it prints: ("print(47 * 38)", "1786"). The
+        operands are written as the question writes them, which makes them easier for a tiny model to copy."""
         m = problem.meta
-        return f"print({m['a']}{m['op']}{m['b']})", problem.answer
+        return f"print({m['a']} {m['op']} {m['b']})", problem.answer
 
 
 def worked(a: int, op: str, b: int) -> tuple[str, int]:
