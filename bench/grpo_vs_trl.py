@@ -127,7 +127,7 @@ def profile_summary(prof: cProfile.Profile, n: int = 14) -> list[dict]:
     """The functions with the most self time in one profiled step."""
     stats = pstats.Stats(prof, stream=io.StringIO())
     rows = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():
+    for (file, line, fn), (_, nc, tt, ct, _) in stats.stats.items():
         rows.append({"function": f"{Path(file).name}:{line}({fn})" if line else fn, "calls": nc,
                      "self_s": round(tt, 4), "cumulative_s": round(ct, 4)})
     return sorted(rows, key=lambda r: -r["self_s"])[:n]

@@ -24,16 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from record import versions, write_json
 import transformers
+from record import versions, write_json
 
-from r1lab.model.checkpoint import save_model
-from r1lab.model.config import tiny_config
-from r1lab.model.deepseek import DeepseekV3
 from r1lab.runtime import settle_allocator
 from r1lab.sampler import Sampler, SamplingParams
 from r1lab.tasks import get_task
-from r1lab.tokenizer import render_prompt, train_tokenizer
+from r1lab.tokenizer import render_prompt
 
 
 def build(tmp: Path, kind: str = "native", size: str = "tiny"):

@@ -9,7 +9,6 @@ import sys
 
 from r1lab import config as C
 
-
 # ----------------------------------------------------------------------------- generate / info
 
 def _add_generate(sub):

@@ -22,9 +22,10 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence, cast
+from typing import cast
 
 from r1lab.reasoning import THINK_END, THINK_START
 

@@ -6,8 +6,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from r1lab.cost import (GiB, PRESETS, QUANT_BITS, _check_positive, inference_memory, load_config, parameter_counts,
-                        summary, training_cost)
+from r1lab.cost import (
+    PRESETS,
+    QUANT_BITS,
+    GiB,
+    _check_positive,
+    inference_memory,
+    load_config,
+    parameter_counts,
+    summary,
+    training_cost,
+)
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from r1lab.client import Reply
 from r1lab.config import opt
@@ -83,7 +83,7 @@ class DistillConfig:
     sft: SFTConfig = opt(factory=SFTConfig, help="")
     onpolicy: GRPOConfig = opt(factory=lambda: GRPOConfig(rewards=[], reward_weights=[], template="r1"), help="")
 
-    def validate(self) -> "DistillConfig":
+    def validate(self) -> DistillConfig:
         if self.method not in ("sft", "on-policy"):
             raise ValueError(f"method must be sft or on-policy (got {self.method!r})")
         if self.method == "on-policy":

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from r1lab.config import opt
-
 from r1lab.reasoning import split_reasoning
 from r1lab.sampler import R1_TEMPERATURE, R1_TOP_P
 from r1lab.tasks import R1_MATH_INSTRUCTION, Problem, get_task
@@ -47,7 +47,7 @@ class EvalConfig:
     tools: str = opt("none", "a tool a local model's replies may call while they think: none or python (programs "
                              "run in the sandbox; r1lab.tools)")
 
-    def validate(self) -> "EvalConfig":
+    def validate(self) -> EvalConfig:
         if self.k < 1:
             raise ValueError(f"--k must be >= 1 (got {self.k})")
         if self.tools not in ("none", "python"):

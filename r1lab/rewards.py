@@ -18,9 +18,9 @@ import sys
 import traceback
 import unicodedata
 import warnings
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 from r1lab.reasoning import THINK_END, THINK_START, split_reasoning
 from r1lab.tasks import Problem, get_task

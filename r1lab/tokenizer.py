@@ -10,7 +10,7 @@ corpus calls the tool, so tokenizers of corpora without tool calls stay as they 
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"

@@ -50,7 +50,7 @@ class ToolLimits:
     cpu_seconds: int = opt(2, "CPU seconds per program")
     memory_mb: int = opt(512, "address space per program process, in MiB")
 
-    def validate(self) -> "ToolLimits":
+    def validate(self) -> ToolLimits:
         for name in ("max_calls", "cpu_seconds", "memory_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tool limit {name} must be >= 1 (got {getattr(self, name)})")

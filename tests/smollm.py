@@ -44,7 +44,7 @@ def _key(gguf: Path) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imported(cache_root: Path) -> Path:
     from r1lab.model.gguf import import_gguf
 

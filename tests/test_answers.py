@@ -21,7 +21,6 @@ from r1lab.tasks import grading
 from r1lab.tasks.answers import SCAN_CHARS, extract_answer, extract_boxed, grade, normalize_answer, parse_number
 from r1lab.tasks.benchmarks import load_benchmark
 
-
 # --- extraction ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [

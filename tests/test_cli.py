@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from r1lab.cli import main
 from r1lab.cost import parameter_counts
 from r1lab.model.load import load_model_and_tokenizer

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 import transformers as T
-
 from conftest import tiny_model_config
+
 from r1lab import cost, cost_report
 from r1lab.cli import main
 

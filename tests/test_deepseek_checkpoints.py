@@ -13,7 +13,7 @@ from conftest import tiny_model_config
 from safetensors.torch import load_file, save_file
 
 from r1lab.cli import main
-from r1lab.model.checkpoint import (CheckpointError, dequantize_block_fp8, load_model, save_model, to_disk_names)
+from r1lab.model.checkpoint import CheckpointError, dequantize_block_fp8, load_model, save_model, to_disk_names
 from r1lab.model.deepseek import DeepseekV3
 
 transformers.logging.set_verbosity_error()

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import transformers
-
 from conftest import save_hf
+
 from r1lab import distill as D
 from r1lab.cli import main
 from r1lab.sampler import Completion

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_distill import student_dir, teacher_dir  # noqa: F401  (fixtures: a trained tiny teacher, a student)
 
 from r1lab import distill as D
 from r1lab.cli import main
 from r1lab.client import ChatClient, EndpointError, Reply, Usage, retry_after
 from r1lab.sampler import Completion
 from r1lab.tasks import Problem
-from test_distill import student_dir, teacher_dir  # noqa: F401  (fixtures: a trained tiny teacher, a student)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,7 @@ from r1lab.cli import main
 from r1lab.model.checkpoint import save_model
 from r1lab.model.config import ModelConfig, tiny_config
 from r1lab.model.deepseek import DeepseekV3
-from r1lab.model.gguf_export import (GGUFExportError, deepseek_refusals, export_gguf, llama_refusals,
-                                     tokenizer_refusals)
+from r1lab.model.gguf_export import GGUFExportError, deepseek_refusals, export_gguf, llama_refusals, tokenizer_refusals
 from r1lab.tokenizer import R1_TEMPLATE, R1ZERO_TEMPLATE, train_tokenizer
 
 
@@ -115,7 +114,7 @@ def test_q8_0_keeps_norms_router_and_biases_f32_and_falls_back_to_f16_off_32(tin
     keys, tensors = read(tmp_path / "m.gguf")
     assert keys["general.file_type"] == 7  # LlamaFileType.MOSTLY_Q8_0
     ref = disk(tiny_native_dir)
-    for name, (kind, shape, values) in tensors.items():
+    for name, (kind, shape, _) in tensors.items():
         if len(shape) == 1 or "norm" in name or "ffn_gate_inp" in name:
             assert kind == "F32", name
         else:

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 import transformers
+from conftest import grpo_interrupted_at
 
-from conftest import grpo_interrupted_at, save_hf
 from r1lab.model.load import load_model_and_tokenizer
 from r1lab.train import grpo as GR
 from r1lab.train import logprobs

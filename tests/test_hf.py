@@ -227,7 +227,10 @@ def test_interrupted_lora_grpo_resumes_exactly_from_its_adapters(llama_dir, tmp_
     assert [r["step"] for r in run.metrics()] == [1, 2, 3]
 
 
-def llama_state(path, _cache={}):
-    if path not in _cache:
-        _cache[path] = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
-    return _cache[path]
+_STATES: dict = {}
+
+
+def llama_state(path):
+    if path not in _STATES:
+        _STATES[path] = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    return _STATES[path]

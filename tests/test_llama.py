@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-from r1lab.train import logprobs
 from r1lab.model.cache import KVCache
 from r1lab.model.llama import FastDecoder, fast_decoder
 from r1lab.sampler import CachedBackend, HFBackend, Sampler, SamplingParams, make_backend
+from r1lab.train import logprobs
 
 transformers.logging.set_verbosity_error()
 V = 97
@@ -182,8 +182,8 @@ def test_the_kv_cache_keeps_and_joins_rows():
 
 @pytest.mark.parametrize("cache", ["latent", "kv"])
 def test_dropping_rows_moves_the_last_survivors_into_their_slots(cache):
-    from r1lab.model.config import tiny_config
     from r1lab.model.cache import LatentCache
+    from r1lab.model.config import tiny_config
 
     c = LatentCache(tiny_config(64), 6, 8) if cache == "latent" else KVCache(build("qwen3").config, 6, 8)
     for b in c.buf:

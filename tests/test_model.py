@@ -8,9 +8,9 @@ import torch.nn.functional as F
 import transformers
 from conftest import tiny_model_config
 
+from r1lab.model.cache import LatentCache
 from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import ModelConfig
-from r1lab.model.cache import LatentCache
 from r1lab.model.deepseek import DeepseekV3, Experts, MoE
 
 transformers.logging.set_verbosity_error()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model_config
+
 from r1lab.model.checkpoint import save_model
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.model.load import load_model_and_tokenizer

@@ -56,7 +56,7 @@ def test_short_run_writes_model_metrics_and_flops(tmp_path):
     model, tok, run = P.pretrain(cfg, progress=False)
     rows = read_metrics(run.metrics_path)
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 6 and all(l > 0 for l in losses)
+    assert len(losses) == 6 and all(loss > 0 for loss in losses)
     assert {"tokens_per_s", "flops_per_s", "mfu"} <= set(rows[0])
     assert 0 < rows[0]["mfu"] < 1
     assert "eval" in rows[-1] and set(rows[-1]["eval"]["arithmetic"]) == {"greedy", "think_share", "mean_length"}

@@ -70,7 +70,7 @@ def test_r1_recipe_runs_four_evaluated_stages_and_reports(run_dir, worked_teache
     r1 = run_dir / "r1"
     summary = json.loads((r1 / "summary.json").read_text())
     assert list(summary["stages"]) == ["base", "r1zero", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
-    for name, h in summary["stages"].items():
+    for h in summary["stages"].values():
         _headline_ok(h)
     for stage, model in [("cold_start", "cold_start/sft/model"), ("reasoning_rl", "reasoning_rl/model"),
                          ("rejection_sft", "rejection_sft/sft/model"), ("final_rl", "final_rl/model")]:

@@ -9,8 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from r1lab.rewards import (FORMAT_MAX_CHARS, RewardError, accuracy, completion_text, format_reward, get_reward,
-                           language_consistency, list_rewards, overlong, script_words, weighted_sum)
+from r1lab.rewards import (
+    FORMAT_MAX_CHARS,
+    RewardError,
+    accuracy,
+    completion_text,
+    format_reward,
+    get_reward,
+    language_consistency,
+    list_rewards,
+    overlong,
+    script_words,
+    weighted_sum,
+)
 from r1lab.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]

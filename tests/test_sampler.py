@@ -152,7 +152,7 @@ def test_seeded_rows_draw_the_same_whichever_rows_leave_before_them(native, qwen
         params = {p: SamplingParams(max_new_tokens=m, temperature=1.0, n=2 if p == "1" else 3)
                   for p, m in lengths.items()}
 
-        def run(prompts):
+        def run(prompts, s=s, params=params):
             batch, done = s.new_batch(), {}
             gens = [torch.Generator().manual_seed(len(p)) for p in prompts]
             rows = batch.add([s.encode(p) for p in prompts], [params[p] for p in prompts], prompts, gens)

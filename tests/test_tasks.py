@@ -11,10 +11,18 @@ from fractions import Fraction
 
 import pytest
 
-from r1lab.tasks import (R1_MATH_INSTRUCTION, TEST_PER_MILLE, Problem, Task, get_task, list_tasks, register_task,
-                         split_of)
+from r1lab.tasks import (
+    R1_MATH_INSTRUCTION,
+    TEST_PER_MILLE,
+    Problem,
+    Task,
+    benchmarks,
+    get_task,
+    list_tasks,
+    register_task,
+    split_of,
+)
 from r1lab.tasks.arithmetic import worked
-from r1lab.tasks import benchmarks
 from r1lab.tasks.benchmarks import load_benchmark
 from r1lab.tasks.countdown import evaluate
 
@@ -251,7 +259,7 @@ def test_linear_answers_satisfy_the_equation_in_the_prompt():
     for p in task.problems("train", 300, seed=2):
         lhs, rhs = re.fullmatch(r"Solve for x: (.+) = (.+)\.", p.prompt).groups()
         x = int(p.answer)
-        side = lambda s: eval(re.sub(r"(\d*)x", lambda m: f"({m.group(1) or 1}*{x})", s))
+        side = lambda s, x=x: eval(re.sub(r"(\d*)x", lambda m: f"({m.group(1) or 1}*{x})", s))
         assert side(lhs) == side(rhs), p
         for lhs_, rhs_ in re.findall(r"(-?[\d+\-/]+)=(-?\d+)\.", p.reasoning):
             assert Fraction(eval(lhs_)) == int(rhs_), p.reasoning

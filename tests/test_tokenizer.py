@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from r1lab.tokenizer import (ASSISTANT, BOS, EOS, R1ZERO_PREAMBLE, TAGS, USER, render_prompt, train_tokenizer)
+from r1lab.tokenizer import ASSISTANT, BOS, EOS, R1ZERO_PREAMBLE, TAGS, USER, render_prompt, train_tokenizer
 
 
 def test_trained_tokenizer_has_r1_tokens_and_splits_digits(tiny_tokenizer):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import openai
 import pytest
+from test_serve_web import browser  # noqa: F401  (the headless Chromium fixture)
+from test_tools import Script, ScriptBackend, tok  # noqa: F401  (tok: the tokenizer fixture)
 
 from r1lab import sampler as S
 from r1lab.cli import build_parser
 from r1lab.sandbox import unavailable
 from r1lab.serve.app import BackgroundServer, create_app
-from test_serve_web import browser  # noqa: F401  (the headless Chromium fixture)
-from test_tools import Script, ScriptBackend, tok  # noqa: F401  (tok: the tokenizer fixture)
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no sandbox here: {unavailable()}")
 ASK = [{"role": "user", "content": "run print(47*38) =>"}]

@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import grpo_interrupted_at
+
 from r1lab.cli import main
 from r1lab.recipes.report import curve_points
 from r1lab.train import grpo as GR

@@ -24,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 
 class FakeLLM:
-    instances: list["FakeLLM"] = []
+    instances: list[FakeLLM] = []
 
     def __init__(self, model, tensor_parallel_size, distributed_executor_backend, gpu_memory_utilization, dtype,
                  seed, enable_prefix_caching):

@@ -95,7 +95,7 @@ class RowCache:
         self.lengths = self.lengths[:n]
         return order
 
-    def extend(self, other: "RowCache") -> None:
+    def extend(self, other: RowCache) -> None:
         """Append the rows of another cache (new requests joining a running batch)."""
         cap = max(self.capacity, other.capacity)
         after = (0, 0) * (self.buf[0].dim() - 1 - self.seq_dim)  # F.pad counts from the last dimension

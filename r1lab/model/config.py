@@ -142,7 +142,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
         """Read a DeepSeek-V3 config.json: transformers >= 5 (`rope_parameters`) or the original release
         (`rope_theta` + `rope_scaling`, as in deepseek-ai/DeepSeek-V3)."""
         mt = d.get("model_type", "deepseek_v3")
@@ -175,7 +175,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             return cls.from_hf_dict(json.loads(path.read_text()))

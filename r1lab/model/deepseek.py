@@ -150,7 +150,7 @@ class MLA(nn.Module):
                                k.reshape(B * H, T, -1).transpose(1, 2), alpha=self.scale)
         return torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * H, T, -1)).view(B, H, S, -1)
 
-    def forward(self, x, rot, mask, cache: "LatentCache | None" = None, layer: int = 0):
+    def forward(self, x, rot, mask, cache: LatentCache | None = None, layer: int = 0):
         B, S, _ = x.shape
         q_nope, q_pe, latent, k_pe = self._project(x, rot)
         if cache is not None and cache.fresh:  # a prefill with no past: store the latent, attend as without cache
@@ -348,7 +348,7 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
-    def forward_grouped(self, x, rot, lay: "GroupedLayout"):
+    def forward_grouped(self, x, rot, lay: GroupedLayout):
         """`forward` on the real tokens [R, D] of GRPO's grouped layout (r1lab.model.grouped)."""
         x = x + grouped.attention(self.self_attn, self.input_layernorm(x), rot, lay)
         h = self.post_attention_layernorm(x)
@@ -446,7 +446,7 @@ class DeepseekV3(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def cast(self, dtype: torch.dtype) -> "DeepseekV3":
+    def cast(self, dtype: torch.dtype) -> DeepseekV3:
         """Cast parameters to dtype; RoPE frequencies and the balancing biases stay float32 (tiny bias steps
         would vanish in bf16)."""
         for p in self.parameters():
@@ -468,7 +468,7 @@ class DeepseekV3(nn.Module):
         return torch.polar(torch.full_like(angles, self.cos_scale), angles).unsqueeze(2)
 
     def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, cache: "LatentCache | None" = None,
+             position_ids: torch.Tensor | None = None, cache: LatentCache | None = None,
              segment_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
              advance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings through the main layers: (hidden before the final norm [B, S, D], rotations).
@@ -513,7 +513,7 @@ class DeepseekV3(nn.Module):
         bias = bias[:, 0]
         return bias if S == 1 else bias.repeat(1, self.config.num_attention_heads, 1)
 
-    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, rot: torch.Tensor, cache: "LatentCache",
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, rot: torch.Tensor, cache: LatentCache,
               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The MTP module's next-next-token logits [B, S, V] at the positions the last `body` call wrote (before
         its rows advance): position i combines the main model's hidden state h_i [B, S, D] with the embedding of
@@ -540,7 +540,7 @@ class DeepseekV3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: "LatentCache | None" = None, segment_ids: torch.Tensor | None = None,
+                cache: LatentCache | None = None, segment_ids: torch.Tensor | None = None,
                 logits_to_keep: int = 0, return_hidden: bool = False, token_mask: torch.Tensor | None = None,
                 **_) -> Output:
         """input_ids [B, S]. `attention_mask` [B, S] marks real tokens (1) and padding (0), or is a custom boolean
@@ -617,7 +617,7 @@ class DeepseekV3(nn.Module):
         Returns the load imbalance (max/mean) per layer before the update."""
         speed = self.config.bias_update_speed if speed is None else speed
         imbalance = []
-        for m in [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]:
+        for m in [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]:
             load = m.load
             if load.sum() == 0:
                 continue

@@ -8,13 +8,12 @@ plain model on export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from r1lab.config import opt
-
 from r1lab.model.checkpoint import CheckpointError, recover
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,7 +30,7 @@ class HFOptions:
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
     dtype: str = opt("float32", "weights as loaded and trained: float32, bfloat16 or float16")
 
-    def validate(self) -> "HFOptions":
+    def validate(self) -> HFOptions:
         from r1lab.runtime import parse_dtype
 
         if self.lora_rank < 0:

@@ -23,7 +23,7 @@ from r1lab.model.grouped import GroupedLayout, attention_bias
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def fast_decoder(model) -> "FastDecoder | None":
+def fast_decoder(model) -> FastDecoder | None:
     """The fast path over `model` (looking through a `peft` wrapper), or None where it would not compute exactly
     what the model's own forward does: another architecture, sliding-window layers, attention dropout, or weights
     sharded by FSDP (whose gathering hooks run only through the layers' own forward)."""

@@ -7,8 +7,16 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from r1lab.model.checkpoint import (CheckpointError, check_native, is_native, load_model, native_config,
-                                    read_config, read_weights, recover)
+from r1lab.model.checkpoint import (
+    CheckpointError,
+    check_native,
+    is_native,
+    load_model,
+    native_config,
+    read_config,
+    read_weights,
+    recover,
+)
 
 
 def _one_line(e: Exception) -> str:

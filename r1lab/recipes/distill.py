@@ -19,10 +19,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from r1lab import config
-from r1lab.recipes.settings import PipelineConfig
 from r1lab.recipes.r1 import r1zero_models
-from r1lab.recipes.stages import (begin, compare, data_headline, eval_settings, evaluate, finish, grpo_config,
-                                  headline, load_json, run_grpo, run_pretrain, teach)
+from r1lab.recipes.settings import PipelineConfig
+from r1lab.recipes.stages import (
+    begin,
+    compare,
+    data_headline,
+    eval_settings,
+    evaluate,
+    finish,
+    grpo_config,
+    headline,
+    load_json,
+    run_grpo,
+    run_pretrain,
+    teach,
+)
 
 ARMS = {"distilled": "student + SFT distillation", "onpolicy": "student + on-policy distillation",
         "student_rl": "student + GRPO"}

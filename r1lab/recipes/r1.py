@@ -21,8 +21,17 @@ from pathlib import Path
 
 from r1lab.recipes import r1zero
 from r1lab.recipes.settings import PipelineConfig
-from r1lab.recipes.stages import (begin, data_headline, eval_settings, evaluate, finish, grpo_config, headline,
-                                  run_grpo, teach)
+from r1lab.recipes.stages import (
+    begin,
+    data_headline,
+    eval_settings,
+    evaluate,
+    finish,
+    grpo_config,
+    headline,
+    run_grpo,
+    teach,
+)
 
 STAGES = [("cold_start", "1 cold-start SFT"), ("reasoning_rl", "2 reasoning RL"),
           ("rejection_sft", "3 rejection sampling + SFT"), ("final_rl", "4 final RL")]

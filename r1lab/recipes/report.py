@@ -273,7 +273,7 @@ def efficiency(run_dir: Path) -> list[str]:
         rows = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if r.get(prefix + "flops_per_s")]
         if not rows:
             continue
-        mean = lambda k: sum(r[prefix + k] for r in rows) / len(rows)  # noqa: E731
+        mean = lambda k, rows=rows, prefix=prefix: sum(r[prefix + k] for r in rows) / len(rows)  # noqa: E731
         flops = sum(r[prefix + "flops"] for r in rows)
         mfu = [r[prefix + "mfu"] for r in rows if r.get(prefix + "mfu")]
         share = f", {100 * sum(mfu) / len(mfu):.2f}% of the measured matmul peak" if mfu else ""

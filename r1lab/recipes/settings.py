@@ -80,7 +80,7 @@ class PipelineConfig:
     r1: R1Settings = opt(factory=R1Settings, help="")
     distill: DistillSettings = opt(factory=DistillSettings, help="")
 
-    def validate(self) -> "PipelineConfig":
+    def validate(self) -> PipelineConfig:
         """Every recipe's sizes, checked before any stage runs."""
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")

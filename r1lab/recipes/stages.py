@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from r1lab import config
 from r1lab.reasoning import split_reasoning
@@ -74,7 +74,8 @@ def evaluate(model_dir: Path, cfg: PipelineConfig, path: Path) -> dict:
     cached = load_json(path)
     if cached:
         return cached
-    from r1lab.eval import EvalConfig, evaluate as run_eval, load_problems, local_generator, write_report
+    from r1lab.eval import EvalConfig, load_problems, local_generator, write_report
+    from r1lab.eval import evaluate as run_eval
     from r1lab.model.load import load_model_and_tokenizer
     from r1lab.tools import make_tool
 

@@ -11,8 +11,14 @@ explicit opt-in) applies the resource limits and the clean environment only. See
         result = pool.run("def f(x): return x + 1", tests=["assert f(1) == 2"])   # Result(status="passed", ...)
 """
 
-from r1lab.sandbox.backends import (BACKENDS, SandboxUnavailable, default_backend, require, set_default_backend,
-                                    unavailable)
+from r1lab.sandbox.backends import (
+                                    BACKENDS,
+                                    SandboxUnavailable,
+                                    default_backend,
+                                    require,
+                                    set_default_backend,
+                                    unavailable,
+)
 from r1lab.sandbox.pool import STATUSES, Limits, Result, SandboxPool, close_default_pool, default_pool, run, submit
 
 __all__ = ["BACKENDS", "STATUSES", "Limits", "Result", "SandboxPool", "SandboxUnavailable", "default_backend",

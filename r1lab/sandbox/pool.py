@@ -17,9 +17,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import IO, Sequence
+from typing import IO
 
 from r1lab.sandbox.backends import SandboxUnavailable, default_backend, require, unavailable, worker_command
 
@@ -212,7 +213,7 @@ class SandboxPool:
         for t in self._threads:
             t.join()
 
-    def __enter__(self) -> "SandboxPool":
+    def __enter__(self) -> SandboxPool:
         return self
 
     def __exit__(self, *exc) -> None:

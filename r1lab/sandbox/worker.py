@@ -14,30 +14,29 @@ namespace; process mode kills the tree through a subreaper instead.
 Frames on stdin and stdout are a 4-byte big-endian length and UTF-8 JSON.
 """
 
+# Imported once here, so that programs do not pay for them (all forks share these pages).
+import builtins  # noqa: F401
+import collections  # noqa: F401
 import ctypes
+import functools  # noqa: F401
+import heapq  # noqa: F401
+import itertools  # noqa: F401
 import json
+import math  # noqa: F401
 import os
+import random
+import re  # noqa: F401
 import resource
 import select
 import shutil
 import signal
+import string  # noqa: F401
 import struct
 import sys
 import tempfile
 import time
 import traceback
 import types
-
-# Imported once here, so that programs do not pay for them (all forks share these pages).
-import builtins  # noqa: F401
-import collections  # noqa: F401
-import functools  # noqa: F401
-import heapq  # noqa: F401
-import itertools  # noqa: F401
-import math  # noqa: F401
-import random
-import re  # noqa: F401
-import string  # noqa: F401
 import typing  # noqa: F401
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
@@ -210,7 +209,7 @@ def become_program(job, cfg, files, record_fd, work):
     os.chdir(work)
     os.environ.clear()
     os.environ.update(PATH=ENV_PATH, HOME=work, TMPDIR=cfg["tmp"] or work, LANG="C.UTF-8")
-    sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
     sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
     random.seed()

@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -129,7 +129,7 @@ class Engine:
 
     # ------------------------------------------------------------------ public, any thread
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None or not self._thread.is_alive():
             self._stop = False
             self._thread = threading.Thread(target=self._run, name="r1lab-engine", daemon=True)

@@ -23,7 +23,7 @@ class ServerLimits:
     allowed_hosts: tuple[str, ...] = opt((), "Host names answered besides localhost and the bound host "
                                              "('*.example.com' patterns; '*' answers any)")
 
-    def validate(self) -> "ServerLimits":
+    def validate(self) -> ServerLimits:
         """Named as `r1lab serve` spells them (--max-body-mb ...)."""
         for name in ("max_body_mb", "header_timeout", "body_timeout", "keep_alive"):
             if not 0 < getattr(self, name) < math.inf:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
@@ -78,7 +78,7 @@ class _Body(BaseModel):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[dict], None] = None
+    content: str | list[dict] | None = None
     reasoning_content: str | None = None
     name: str | None = None
 
@@ -109,7 +109,7 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-Stop = Union[str, list[str], None]
+Stop = str | list[str] | None
 Seed = Annotated[StrictInt, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
 
 
@@ -163,7 +163,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
 
     @field_validator("prompt", mode="before")
     @classmethod

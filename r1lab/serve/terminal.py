@@ -9,8 +9,9 @@ from __future__ import annotations
 import queue
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import TextIO
 
 from r1lab.serve import protocol as P
 from r1lab.serve.service import ModelService

@@ -13,8 +13,9 @@ import hashlib
 import importlib
 import inspect
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 __all__ = ["Problem", "Task", "SyntheticTask", "R1_MATH_INSTRUCTION", "TEST_PER_MILLE", "split_of",
            "get_task", "list_tasks", "register_task"]

@@ -7,7 +7,7 @@ advantage 0, so unjudged samples neither push nor pull.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,13 +41,14 @@ from r1lab.rewards import get_reward, list_rewards
 from r1lab.sampler import Sampler
 from r1lab.tasks import get_task
 from r1lab.tokenizer import carry_template, check_template
+from r1lab.tools import TOOLS, ToolLimits, make_tool
 from r1lab.train import dist, loop, losses
 from r1lab.train.advantages import ADVANTAGES, get_advantage
 from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to_matrix, token_logprobs
-from r1lab.tools import TOOLS, ToolLimits, make_tool
 from r1lab.train.rollout import Rollout, Rollouts, gather_rollout, model_tokens, tool_columns, tool_metrics
 from r1lab.train.run import adamw, check_optimizer, cosine_lr
 from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
+
 
 @dataclass
 class GRPOConfig:
@@ -116,7 +117,7 @@ class GRPOConfig:
     report_samples: int = opt(4, "completions (prompt, reply, reward) sent to the --report-to trackers as a table "
                                  "each logged step; 0: none")
 
-    def validate(self) -> "GRPOConfig":
+    def validate(self) -> GRPOConfig:
         config.require_finite(self)
         check_optimizer(self)
         if not self.tasks:

@@ -18,7 +18,6 @@ import torch
 from r1lab.model.hf import base_model, is_native
 from r1lab.train.packing import Packed, assign_rows, pack_groups
 
-
 # ----------------------------------------------------------------------------- layouts
 
 

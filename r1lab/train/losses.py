@@ -17,7 +17,7 @@ global (the whole rollout batch), so gradient accumulation over micro-batches eq
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -14,8 +14,7 @@ by its share of the step's label tokens, so N processes take the steps one proce
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +23,7 @@ from r1lab.config import opt
 from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
 from r1lab.tasks import Problem, get_task
-from r1lab.tokenizer import carry_template, render_prompt, train_tokenizer
+from r1lab.tokenizer import carry_template, check_template, render_prompt, train_tokenizer
 from r1lab.tools import CALL_END, CALL_START, OUTPUT_END, OUTPUT_START, format_output
 from r1lab.train import dist, loop
 from r1lab.train.packing import Packed, pack
@@ -33,42 +32,43 @@ from r1lab.train.run import adamw, check_optimizer
 
 @dataclass
 class PretrainConfig:
-    out: str = "runs/pretrain"
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    task_args: dict[str, dict] = field(
-        default_factory=lambda: {"arithmetic": {"min_digits": 2, "max_digits": 2, "ops": "+-"}})
-    direct_fraction: float = 0.65    # share of examples that answer at once with an empty think block. Measured:
-                                     # at 0.5 the base model thought 72% of the time and RL gained +10.9 pts; at
-                                     # 0.6, +19 to +22 (so small a margin that float noise decided); 0.65: +26
-    tool_fraction: float = 0.0       # share of examples whose thinking calls the Python tool (tasks with a
-                                     # tool_solution); the other thinking ones are worked by hand
-    template: str = "r1zero"
-    tokenizer: str | None = None     # a tokenizer directory to reuse; default: train one on the corpus
-    vocab_size: int = 512
-    model: dict = field(default_factory=dict)           # overrides of the tiny DeepSeek-V3 config
-    steps: int = 600
-    rows: int = 16                   # packed rows per step
-    seq_len: int = 256
-    lr: float = 2e-3                 # 3e-3 left the column work half-learned at the same step count
-    warmup: int = 30
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    bf16: bool | None = None         # bf16 autocast for matmuls (weights and optimiser stay float32); None: on GPUs
-                                     # with bf16, float32 on CPUs (runtime.use_bf16)
-    eval_every: int = 200
-    eval_problems: int = 200
-    log_every: int = 10
-    save_every: int = 100
-    seed: int = 0
-    device: str = "cpu"              # cpu | cuda | auto (CUDA when present)
-    parallel: str = "ddp"            # under torchrun: ddp (a replica per process) | fsdp (weights sharded)
+    out: str = opt("runs/pretrain", "run directory; re-running with the same one resumes")
+    tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks whose train splits make the corpus")
+    task_args: dict[str, dict] = opt(factory=lambda: {"arithmetic": {"min_digits": 2, "max_digits": 2, "ops": "+-"}},
+                                     help="knobs per task as JSON")
+    direct_fraction: float = opt(0.65, "share of examples that answer at once with an empty think block (the rest "
+                                       "work step by step): what lets RL discover that thinking pays")
+    tool_fraction: float = opt(0.0, "share of examples whose thinking calls the Python tool (tasks with a "
+                                    "tool_solution); the other thinking ones are worked by hand")
+    template: str = opt("r1zero", "prompt format of the corpus: r1zero or r1")
+    tokenizer: str | None = opt(None, "a tokenizer directory to reuse; default: train one on the corpus")
+    vocab_size: int = opt(512, "size of the trained byte-level BPE")
+    model: dict = opt(factory=dict, help="overrides of the tiny DeepSeek-V3 config as JSON, e.g. "
+                                         '\'{"num_hidden_layers": 6}\'')
+    steps: int = opt(600, "optimiser steps")
+    rows: int = opt(16, "packed rows per step")
+    seq_len: int = opt(256, "packed row length")
+    lr: float = opt(2e-3, "peak learning rate")
+    warmup: int = opt(30, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr x this")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    bf16: bool | None = opt(None, "bf16 autocast for matmuls (weights and optimiser stay float32); none: on GPUs "
+                                  "with bf16, float32 on CPUs")
+    eval_every: int = opt(200, "steps between held-out greedy evaluations")
+    eval_problems: int = opt(200, "held-out problems per evaluation")
+    log_every: int = opt(10, "steps between metrics rows")
+    save_every: int = opt(100, "steps between checkpoints")
+    seed: int = opt(0, "seed of the corpus, the tokenizer and the initial weights")
+    device: str = opt("cpu", "cpu, cuda, cuda:N or auto (CUDA when present)")
+    parallel: str = opt("ddp", "under torchrun: ddp (a replica per process) or fsdp (weights sharded)")
     report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
                                                   "samples: tensorboard, wandb, mlflow (comma-separated; each an "
                                                   "extra: pip install 'r1lab[wandb]')")
 
-    def validate(self) -> "PretrainConfig":
+    def validate(self) -> PretrainConfig:
         config.require_finite(self)
+        check_template(self.template, allow_model=False)  # the corpus is rendered with one of r1lab's own
         if not 0 <= self.direct_fraction <= 1:
             raise ValueError(f"direct_fraction must be in [0, 1] (got {self.direct_fraction})")
         if not 0 <= self.tool_fraction <= 1 - self.direct_fraction:
@@ -222,16 +222,19 @@ def build_model(cfg: PretrainConfig, tok) -> DeepseekV3:
 
 
 def quick_eval(model, tok, cfg: PretrainConfig, seed: int = 0) -> dict:
-    """Held-out greedy accuracy, think share and mean reply length (the test split training never draws)."""
+    """Held-out greedy accuracy, think share and mean reply length (the test split training never draws); with a
+    corpus that calls the tool, the replies may call it too."""
     from r1lab.eval import EvalConfig, evaluate, local_generator
+    from r1lab.tools import make_tool
 
+    tools = make_tool("python", tok) if cfg.tool_fraction else None
     result = {}
     for name in cfg.tasks:
         ecfg = EvalConfig(task=name, limit=cfg.eval_problems, k=1, template=cfg.template, seed=seed,
                           max_new_tokens=cfg.seq_len // 2)
         task = get_task(name, **cfg.task_args.get(name, {}))
         problems = task.problems("test", n=cfg.eval_problems, seed=seed)
-        s = evaluate(local_generator(model, tok, cfg.template), problems, ecfg)["summary"]
+        s = evaluate(local_generator(model, tok, cfg.template, tools=tools), problems, ecfg)["summary"]
         result[name] = {"greedy": s["greedy"], "think_share": s["greedy_think_share"],
                         "mean_length": s["greedy_mean_length"]}
     return result

@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +65,7 @@ class SFTConfig:
                                                   "samples: tensorboard, wandb, mlflow (comma-separated; each an "
                                                   "extra: pip install 'r1lab[wandb]')")
 
-    def validate(self, files: bool = True) -> "SFTConfig":
+    def validate(self, files: bool = True) -> SFTConfig:
         """Check the settings; `files=False` skips the data files (a caller that writes them later)."""
         config.require_finite(self)
         if not self.model:
