@@ -251,7 +251,8 @@ def run_pair(path: Path, args) -> dict:
         num_generations=Gn, max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
         num_iterations=1, loss_type="dapo", scale_rewards="group", epsilon=0.2, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
-        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu", max_steps=total, shuffle_dataset=False, seed=0,
+        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu", max_steps=total,
+        shuffle_dataset=False, seed=0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False)
     model_t = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -286,7 +287,8 @@ def summarise(steps: list[dict], system: str) -> dict:
         phases = {"generate": mean("generate"), "reward": mean("reward"),
                   "rollout other": mean("rollout") - mean("generate") - mean("reward"),
                   "layout": mean("layout"), "forward": mean("forward"), "optimizer": mean("optimizer"),
-                  "loss + backward + clip + other": mean("update") - mean("layout") - mean("forward") - mean("optimizer")}
+                  "loss + backward + clip + other":
+                      mean("update") - mean("layout") - mean("forward") - mean("optimizer")}
     return {"best_s": min(totals), "median_s": statistics.median(totals), "mean_s": statistics.fmean(totals),
             "phases_mean_s": phases, "mean_completion_length": sum(s["completion_tokens"] for s in steps)
             / max(1, sum(s["completions"] for s in steps)),
@@ -297,7 +299,8 @@ def print_pair(name: str, res: dict) -> None:
     t, r = res["trl"], res["r1lab"]
     print(f"\n== {name}: TRL runs {res['model_class_trl']}, r1lab runs {res['model_class_r1lab']}")
     print(f"{'':26s}{'TRL':>10s}{'r1lab':>10s}")
-    print(f"{'seconds/step (best)':26s}{t['best_s']:10.3f}{r['best_s']:10.3f}   r1lab is {res['ratio_best']:.2f}x faster")
+    print(f"{'seconds/step (best)':26s}{t['best_s']:10.3f}{r['best_s']:10.3f}   "
+          f"r1lab is {res['ratio_best']:.2f}x faster")
     print(f"{'seconds/step (median)':26s}{t['median_s']:10.3f}{r['median_s']:10.3f}   "
           f"r1lab is {res['ratio_median']:.2f}x faster")
     print(f"{'mean completion length':26s}{t['mean_completion_length']:10.1f}{r['mean_completion_length']:10.1f}")

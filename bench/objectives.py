@@ -7,7 +7,8 @@ update per rollout batch the three objectives take the same gradient (their rati
 tests/test_losses.py shows it), so the arms run `--mu` updates per batch (default 2), where they differ. Everything
 else is the main job's GRPO stage (`r1lab pipeline`'s defaults).
 
-    python bench/objectives.py [--base runs/r1zero/pretrain/model] [--mu 2] [--steps 40] [--out bench/results/objectives.json]
+    python bench/objectives.py [--base runs/r1zero/pretrain/model] [--mu 2] [--steps 40]
+                               [--out bench/results/objectives.json]
 
 Without --base the base model is pretrained first, as the main job does (about 4.5 minutes on 2 cores).
 """

@@ -2,7 +2,8 @@
 
 The model (bench/models.py: random weights, speed does not depend on them) is saved once and loaded by both: the
 tiny default DeepSeek-V3 (r1lab runs it natively, transformers as DeepseekV3ForCausalLM) or a Qwen2 (both run the
-transformers modules; r1lab through FastDecoder), at the main job's size or about 0.5B (--size 0.5b, for GPUs). Both sample at temperature 1 and are
+transformers modules; r1lab through FastDecoder), at the main job's size or about 0.5B (--size 0.5b, for GPUs).
+Both sample at temperature 1 and are
 forced to produce exactly --new-tokens tokens (no early stop), so tokens/s compare like for like. After a warm-up
 the two engines alternate for --repeats runs, run r sampling with seed r in both; the figures are the medians
 (the sampled tokens route the MoE differently from run to run, so a best-of would pick whichever engine drew the

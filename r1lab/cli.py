@@ -15,7 +15,8 @@ def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text from a model directory (r1lab or transformers)")
     p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
     p.add_argument("--prompt", required=True, help="prompt text, used as is (no chat template)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user turn with the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
@@ -40,7 +41,8 @@ def _run_generate(args):
         if not getattr(tok, "chat_template", None):
             raise C.ConfigError(f"--chat: {args.model} has no chat template (tokenizer_config.json or "
                                 "chat_template.jinja); drop --chat and pass the prompt as the model expects it")
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     out = Sampler(model, tok).generate([prompt], params)[0]

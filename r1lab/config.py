@@ -204,7 +204,8 @@ def resolve(cls: type[T], args: argparse.Namespace, config_file: str | None = No
             raise ConfigError(f"--config {path} is not a text file (not UTF-8); give a YAML file") from None
         except yaml.YAMLError as e:  # its message spans lines (the line and a caret under the column)
             mark = getattr(e, "problem_mark", None)
-            where = f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}" \
+            where = f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, " \
+                    f"column {mark.column + 1}" \
                 if mark is not None else " ".join(str(e).split())
             raise ConfigError(f"--config {path} is not valid YAML: {where}") from None
         if not isinstance(data, dict):

@@ -206,7 +206,8 @@ def model_shape(config: Any) -> Shape:
         experts = d.get("n_routed_experts") or 0
         first_dense = d.get("first_k_dense_replace", 0) if experts else L
         return Shape(**common, q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=_need(d, "kv_lora_rank", mt),
-                     qk_nope_head_dim=_need(d, "qk_nope_head_dim", mt), qk_rope_head_dim=_need(d, "qk_rope_head_dim", mt),
+                     qk_nope_head_dim=_need(d, "qk_nope_head_dim", mt),
+                     qk_rope_head_dim=_need(d, "qk_rope_head_dim", mt),
                      v_head_dim=_need(d, "v_head_dim", mt), qkv_bias=attn_bias, o_bias=attn_bias,
                      n_moe_layers=max(0, L - first_dense), n_routed_experts=experts,
                      experts_per_tok=d.get("num_experts_per_tok") or 0,
@@ -215,12 +216,15 @@ def model_shape(config: Any) -> Shape:
                      router_bias=bool(experts), num_mtp_layers=d.get("num_nextn_predict_layers") or 0)
     if mt in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen3"):
         return Shape(**common, qkv_bias=attn_bias, o_bias=attn_bias, mlp_bias=bool(d.get("mlp_bias") or False),
-                     qk_norm=mt in ("qwen3", "gemma3_text"), norms_per_layer=4 if mt in ("gemma2", "gemma3_text") else 2)
+                     qk_norm=mt in ("qwen3", "gemma3_text"),
+                     norms_per_layer=4 if mt in ("gemma2", "gemma3_text") else 2)
     if mt == "qwen2":  # transformers always builds q, k, v with a bias and o without
         return Shape(**common, qkv_bias=True)
     if mt == "mixtral":
-        return Shape(**{**common, "intermediate_size": 0}, n_moe_layers=L, n_routed_experts=d.get("num_local_experts") or _need(d, "num_experts", mt),
-                     experts_per_tok=_need(d, "num_experts_per_tok", mt), moe_intermediate_size=_need(d, "intermediate_size", mt))
+        return Shape(**{**common, "intermediate_size": 0}, n_moe_layers=L,
+                     n_routed_experts=d.get("num_local_experts") or _need(d, "num_experts", mt),
+                     experts_per_tok=_need(d, "num_experts_per_tok", mt),
+                     moe_intermediate_size=_need(d, "intermediate_size", mt))
     # qwen2_moe / qwen3_moe: a layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step
     # published Qwen configs say num_experts; transformers >= 5 writes qwen3_moe's as num_local_experts
     experts, step = d.get("num_experts") or d.get("num_local_experts") or 0, d.get("decoder_sparse_step") or 1
@@ -268,7 +272,8 @@ def parameter_breakdown(config: Any) -> dict[str, int]:
     s = model_shape(config)
     h, V, E = s.hidden_size, s.vocab_size, s.n_routed_experts
     attn, _ = _attention_params(s)
-    moe_shared = _mlp_params(h, s.shared_intermediate_size) + (h if s.shared_expert_gate else 0) if s.shared_intermediate_size else 0
+    moe_shared = (_mlp_params(h, s.shared_intermediate_size) + (h if s.shared_expert_gate else 0)
+                  if s.shared_intermediate_size else 0)
     b = {
         "embedding": V * h,
         "lm_head": 0 if s.tie_word_embeddings else V * h,
@@ -290,7 +295,8 @@ def _mtp_layer_params(s: Shape) -> int:
     h = s.hidden_size
     block = _attention_params(s)[0] + s.norms_per_layer * h
     if s.n_routed_experts:
-        block += (s.n_routed_experts * _mlp_params(h, s.moe_intermediate_size) + _mlp_params(h, s.shared_intermediate_size)
+        block += (s.n_routed_experts * _mlp_params(h, s.moe_intermediate_size)
+                  + _mlp_params(h, s.shared_intermediate_size)
                   + s.n_routed_experts * h + (s.n_routed_experts if s.router_bias else 0))
     else:
         block += _mlp_params(h, s.intermediate_size)
@@ -384,7 +390,8 @@ def activation_bytes_per_token(config: Any) -> float:
     s = model_shape(config)
     h = s.hidden_size
     if s.is_mla:  # keys and values are decompressed per head for training; plus the two latents
-        attn = s.num_heads * (2 * s.qk_head_dim + 2 * s.v_dim) + (s.q_lora_rank or 0) + s.kv_lora_rank + s.qk_rope_head_dim
+        attn = (s.num_heads * (2 * s.qk_head_dim + 2 * s.v_dim) + (s.q_lora_rank or 0) + s.kv_lora_rank
+                + s.qk_rope_head_dim)
     else:
         attn = 2 * s.num_heads * s.head_dim + 2 * s.num_kv_heads * s.head_dim
     moe_ffn = s.experts_per_tok * s.moe_intermediate_size + s.shared_intermediate_size
@@ -418,7 +425,8 @@ def inference_memory(config: Any, seq_len: int = 4096, batch: int = 1, kv_bytes:
     out = {}
     for q, bits in QUANT_BITS.items():
         w = n * bits / 8
-        out[q] = {"weights": w, "kv_cache": kv, "overhead": RUNTIME_OVERHEAD_BYTES, "total": w + kv + RUNTIME_OVERHEAD_BYTES}
+        out[q] = {"weights": w, "kv_cache": kv, "overhead": RUNTIME_OVERHEAD_BYTES,
+                  "total": w + kv + RUNTIME_OVERHEAD_BYTES}
     return out
 
 
@@ -441,7 +449,7 @@ def training_cost(train_flops_per_token: float, tokens: float, peaks: dict[str, 
             raise ValueError(f"--mfu must be in (0, 1] (got {mfu:g}); 0.4 means 40% of the peak")
         gpu_hours = total / (mfu * peaks[peak_dtype]) / 3600
     else:
-        _check_positive("--gpu-hours", gpu_hours)
+        gpu_hours = _check_positive("--gpu-hours", gpu_hours)
     if price is not None and price < 0:
         raise ValueError(f"--price must be >= 0 $ per GPU-hour (got {price:g})")
     seconds = gpu_hours * 3600
@@ -454,9 +462,11 @@ def training_cost(train_flops_per_token: float, tokens: float, peaks: dict[str, 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _check_positive(name: str, value) -> None:
+def _check_positive(name: str, value: object) -> float:
+    """`value`, once it is a finite number > 0 (else a ValueError that names the flag)."""
     if value is None or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be > 0 (got {value})")
+    return value
 
 
 def summary(config: Any, seq_len: int = 4096, batch: int = 1, kv_bytes: float = 2) -> dict:

@@ -70,6 +70,7 @@ def report(model: Any = None, seq_len: int = 4096, batch: int = 1, tokens: str |
             peaks = {dt: g.peak_flops(dt) for dt in ("bf16", "fp8") if dt in g.peak_tflops}
             if peak_dtype not in peaks:
                 peaks[peak_dtype] = g.peak_flops(peak_dtype)
+            assert tokens is not None  # --gpu needs --gpu-hours or --mfu, and each of those needs --tokens (above)
             out.update(gpu=g.name, peak_flops=peaks, **training_cost(
                 out["training_flops_per_token"], tokens, peaks, gpu_hours, mfu, price, peak_dtype))
     if fits_gpu is not None:
@@ -127,7 +128,8 @@ def render(r: dict) -> str:
                       f"(causal: {S}/2 keys)",
                   f"  training                       {r['training_flops_per_token'] / 1e9:.2f} GFLOP = 3 x forward"
                   f"{' (MTP modules included)' if r['params_mtp'] else ''}",
-                  "", f"KV cache per token (bf16)       {r['kv_cache_bytes_per_token']:,.0f} bytes = {_b(r['kv_cache_bytes_per_token'])}"
+                  "", f"KV cache per token (bf16)       {r['kv_cache_bytes_per_token']:,.0f} bytes = "
+                      f"{_b(r['kv_cache_bytes_per_token'])}"
                       f"   (MHA equivalent {_b(r['kv_cache_bytes_per_token_mha'])}, "
                       f"{r['kv_cache_bytes_per_token_mha'] / r['kv_cache_bytes_per_token']:.1f}x)"]
         t = r["training_memory_bytes"]
@@ -136,7 +138,8 @@ def render(r: dict) -> str:
                   f"{_b(t['optimizer'])}, activations ~{_b(t['activations'])}: total {_b(t['total'])}",
                   "", f"Inference memory ({S} tokens of context, weights + bf16 KV cache + runtime overhead)"]
         for q, m in r["inference_memory_bytes"].items():
-            lines.append(f"  {q:<5} {_b(m['weights']):>11} + {_b(m['kv_cache'])} + {_b(m['overhead'])} = {_b(m['total'])}")
+            lines.append(f"  {q:<5} {_b(m['weights']):>11} + {_b(m['kv_cache'])} + {_b(m['overhead'])} = "
+                         f"{_b(m['total'])}")
     if "tokens" in r:
         lines += ["", f"Training: {_n(r['tokens'])} tokens x {r['training_flops_per_token'] / 1e9:.2f} GFLOP = "
                       f"{r['training_flops']:.3e} FLOPs"]
@@ -155,8 +158,10 @@ def render(r: dict) -> str:
     if "fits" in r:
         f = r["fits"]
         lines += ["", f"Inference on {f['gpu']} ({_b(f['gpu_memory_bytes'])}), {f['seq_len']} tokens of "
-                  f"context, batch {f['batch']}:", f"  {'model':<32}{'params':>9}" + "".join(f"{q:>16}" for q in QUANT_BITS)]
+                  f"context, batch {f['batch']}:",
+                  f"  {'model':<32}{'params':>9}" + "".join(f"{q:>16}" for q in QUANT_BITS)]
         for row in f["models"]:
-            cells = "".join(f"{_b(row['memory_bytes'][q]) + (' ok' if row['fits'][q] else ' no'):>16}" for q in QUANT_BITS)
+            cells = "".join(f"{_b(row['memory_bytes'][q]) + (' ok' if row['fits'][q] else ' no'):>16}"
+                            for q in QUANT_BITS)
             lines.append(f"  {row['model']:<32}{_n(row['params_total']):>9}{cells}")
     return "\n".join(lines).strip("\n")

@@ -61,7 +61,8 @@ class DistillConfig:
                                                          "(e.g. 0.55,2.19)")
     student: str = opt("", "student model directory to fine-tune")
     tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks to draw problems from")
-    task_args: dict[str, dict] = opt(factory=dict, help='knobs per task as JSON, e.g. \'{"arithmetic": {"max_digits": 2}}\'')
+    task_args: dict[str, dict] = opt(factory=dict,
+                                     help='knobs per task as JSON, e.g. \'{"arithmetic": {"max_digits": 2}}\'')
     split: str = opt("train", "the split problems are drawn from")
     problems: int = opt(200, "problems per task, a seeded sample of the split")
     k: int = opt(4, "teacher samples per problem")
@@ -104,7 +105,8 @@ class DistillConfig:
         if self.teacher_url:
             self._validate_served()
         if self.teacher_template != "model" and self.teacher_template not in TEMPLATES:
-            raise ValueError(f"unknown teacher_template {self.teacher_template!r}; choose model, {', '.join(TEMPLATES)}")
+            raise ValueError(f"unknown teacher_template {self.teacher_template!r}; "
+                             f"choose model, {', '.join(TEMPLATES)}")
         if self.language not in LANGUAGE_SCRIPTS:
             raise ValueError(f"unknown language {self.language!r}; choose one of {', '.join(LANGUAGE_SCRIPTS)}")
         if not 0 <= self.language_threshold <= 1:
@@ -113,7 +115,8 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_length < 0 or self.max_per_problem < 0:
-            raise ValueError(f"max_length and max_per_problem must be >= 0 (got {self.max_length}, {self.max_per_problem})")
+            raise ValueError("max_length and max_per_problem must be >= 0 "
+                             f"(got {self.max_length}, {self.max_per_problem})")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
         for t in self.tasks:
@@ -147,7 +150,7 @@ class DistillConfig:
                                        "seed": self.seed, "template": self.teacher_template
                                        if self.teacher_template != "model" else self.onpolicy.template})
 
-    def student_sft(self, data: str) -> SFTConfig:
+    def student_sft(self, data: str | Path) -> SFTConfig:
         """The student's SFT settings: `sft` with its run under `out/sft`, on `data`."""
         from r1lab import config as C
 

@@ -24,6 +24,8 @@ from r1lab.tasks.answers import extract_answer, normalize_answer
 
 BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
 CODE_BENCHMARKS = ("humaneval",)  # judged by running tests in the sandbox; no math instruction
+# the prompt formats; as EvalConfig.template's type, also the check of --template (r1lab.config)
+EvalTemplate = Literal["auto", "r1zero", "r1", "model"]
 
 
 @dataclass
@@ -39,7 +41,7 @@ class EvalConfig:
     top_p: float = opt(R1_TOP_P, "nucleus sampling of the k samples (the R1 protocol: 0.95)")
     max_new_tokens: int = opt(256, "most tokens per reply")
     greedy: bool = opt(True, "also decode each problem greedily (temperature 0)")
-    template: Literal["auto", "r1zero", "r1", "model"] = opt(
+    template: EvalTemplate = opt(
         "auto", "prompt format: auto (the model's own chat template when it has one, else r1zero for synthetic "
                 "tasks and r1 for benchmarks), r1zero, r1, or model")
     seed: int = opt(0, "seed of the samples (and of the synthetic problems drawn)")
@@ -162,7 +164,8 @@ def run_settings(path: str | Path) -> tuple[Path, dict, Path | None]:
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     except yaml.YAMLError as e:
-        raise CheckpointError(f"{run / 'config.yaml'} is not valid YAML ({e}); pass the model directory itself") from None
+        raise CheckpointError(f"{run / 'config.yaml'} is not valid YAML ({e}); "
+                              "pass the model directory itself") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{run / 'config.yaml'} is not a run config; pass the model directory itself")
     for key, kind in (("recipe", str), ("tasks", list), ("task_args", dict), ("grpo", dict), ("eval", dict)):
@@ -170,11 +173,11 @@ def run_settings(path: str | Path) -> tuple[Path, dict, Path | None]:
             raise CheckpointError(f"{run / 'config.yaml'}: {key} is a {type(cfg[key]).__name__}, not a "
                                   f"{kind.__name__}; correct it, or pass the model directory itself")
     if "recipe" in cfg and "grpo" in cfg:  # a pipeline's output directory (runs/r1zero)
-        e = cfg.get("eval") or {}
+        ev = cfg.get("eval") or {}
         settings = {"task": cfg.get("task"), "task_args": cfg.get("task_args") or {},
-                    "template": (cfg.get("grpo") or {}).get("template"), "limit": e.get("limit"), "k": e.get("k"),
-                    "temperature": e.get("temperature"), "top_p": e.get("top_p"),
-                    "max_new_tokens": e.get("max_new_tokens"), "seed": 0,
+                    "template": (cfg.get("grpo") or {}).get("template"), "limit": ev.get("limit"), "k": ev.get("k"),
+                    "temperature": ev.get("temperature"), "top_p": ev.get("top_p"),
+                    "max_new_tokens": ev.get("max_new_tokens"), "seed": 0,
                     "tools": (cfg.get("grpo") or {}).get("tools")}
         model = run / RECIPE_MODELS.get(cfg["recipe"], "grpo/model") if path == run else path
     else:  # a trainer's run directory (pretrain, sft, grpo)
@@ -197,7 +200,7 @@ def to_sample(text: str, tokens: int) -> Sample:
 
 # ----------------------------------------------------------------------------- generation sources
 
-Generate = Callable[[list[str], int, float, float, int], list[list[Sample]]]
+Generate = Callable[[list[str], int, float, float, int, int], list[list[Sample]]]
 
 
 def local_generator(model, tokenizer, template: str, max_batch: int = 256, tools=None) -> Generate:
@@ -275,7 +278,7 @@ def evaluate(generate: Generate, problems: list[Problem], cfg: EvalConfig) -> di
             skipped += 1
             records.append({"id": p.id, "skipped": True, "gold": p.answer, "meta": p.meta})
             continue
-        c = sum(judged)
+        c = sum(1 for ok in judged if ok)  # every sample judged (none is None)
         vote = majority_answer([s.answer for s in samples])
         records.append({
             "id": p.id, "prompt": p.prompt, "gold": p.answer, "meta": p.meta, "skipped": False,

@@ -53,7 +53,8 @@ def _hopper(name: str, memory_gib: float, note: str = "") -> GPU:
 
 
 GPUS: dict[str, GPU] = {
-    "h800": _hopper("H800 SXM", 80, "H100 SXM compute, NVLink cut to 400 GB/s; DeepSeek-V3 was trained on 2048 of them"),
+    "h800": _hopper("H800 SXM", 80,
+                    "H100 SXM compute, NVLink cut to 400 GB/s; DeepSeek-V3 was trained on 2048 of them"),
     "h100sxm": _hopper("H100 SXM", 80),
     "h200": _hopper("H200 SXM", 141),
     "h100pcie": GPU("H100 PCIe", 80, dict(fp32=51.2, tf32=378.0, bf16=756.0, fp16=756.0, fp8=1513.0, int8=1513.0)),

@@ -28,11 +28,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from r1lab.tools import ToolCall, program_of
+
+if TYPE_CHECKING:
+    from r1lab.model.cache import RowCache
 
 # DeepSeek's sampling settings for R1 models: the R1 evaluation protocol, and what serving and distillation default to.
 R1_TEMPERATURE = 0.6
@@ -306,7 +310,7 @@ def _draw(probs: torch.Tensor, rows: RowControls) -> torch.Tensor:
 @dataclass
 class Row:
     """One sequence being generated."""
-    key: object                       # caller's handle (prompt index, request id, ...)
+    key: Any                          # caller's handle (prompt index, request id, ...), any hashable value
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
@@ -330,7 +334,7 @@ class Paused:
     future: Future                    # of the sandbox's Result
     due: int                          # the batch step at which it re-enters (generate()'s schedule)
     shared: bool = False              # an identical program of another row runs for it
-    saved: object = None              # the cache of the rows that paused with it (backends that can keep it)
+    saved: RowCache | None = None     # the cache of the rows that paused with it (backends that can keep it)
     slot: int = 0                     # its row in `saved`
 
 
@@ -459,7 +463,8 @@ class Batch:
                 call.tokens = len(ids)
                 r.token_ids += ids
                 r.logprobs += [0.0] * len(ids)
-                r.token_mask += [0] * len(ids)
+                if r.token_mask is not None:  # always, with a tool
+                    r.token_mask += [0] * len(ids)
                 r.tool_tokens += len(ids)
                 back.append((p, len(ids)))
                 continue
@@ -477,17 +482,18 @@ class Batch:
         unique: dict[tuple, int] = {}
         owner = [unique.setdefault(k, len(unique)) for k in keys]
         if all(p.saved is not None for p, _ in back):
-            first = {}  # unique context -> the first row that has it, grouped by the cache it kept
+            first: dict[int, tuple[Paused, int]] = {}  # unique context -> the first row that has it
             for (p, n), u in zip(back, owner):
                 first.setdefault(u, (p, n))
-            groups: dict[int, list[tuple[int, Paused, int]]] = {}
+            groups: dict[int, tuple[RowCache, list[tuple[int, Paused, int]]]] = {}  # grouped by the cache it kept
             for u, (p, n) in first.items():
-                groups.setdefault(id(p.saved), []).append((u, p, n))
-            order = [u for items in groups.values() for u, _, _ in items]
-            parts = [items[0][1].saved if [p.slot for _, p, _ in items] == list(range(items[0][1].saved.batch))
-                     else self.s.backend.take(items[0][1].saved, [p.slot for _, p, _ in items])
-                     for items in groups.values()]
-            fed = [p.row.token_ids[-n - 1:] for items in groups.values() for _, p, n in items]
+                assert p.saved is not None  # every row kept one (checked above)
+                groups.setdefault(id(p.saved), (p.saved, []))[1].append((u, p, n))
+            order = [u for _, items in groups.values() for u, _, _ in items]
+            parts = [saved if [p.slot for _, p, _ in items] == list(range(saved.batch))
+                     else self.s.backend.take(saved, [p.slot for _, p, _ in items])
+                     for saved, items in groups.values()]
+            fed = [p.row.token_ids[-n - 1:] for _, items in groups.values() for _, p, n in items]
             state = parts[0]
             for other in parts[1:]:
                 state = self.s.backend.merge(state, other)
@@ -516,12 +522,15 @@ class Batch:
             future.set_result(Result(status="failed", stderr="SyntaxError: </tool> closes no <tool>"))
             paused = Paused(row, "", future, self.clock + REENTRY_STEPS)
         else:
-            future = self._programs.get(program) if self.share_programs else None
-            shared = future is not None
-            if future is None:
+            running = self._programs.get(program) if self.share_programs else None
+            shared = running is not None
+            if running is not None:
+                future = running
+            else:
                 future = tools.submit(program)
-                if self.on_program_done is not None:
-                    future.add_done_callback(lambda _: self.on_program_done())
+                done = self.on_program_done
+                if done is not None:
+                    future.add_done_callback(lambda _: done())
                 if self.share_programs:
                     self._programs[program] = future
             paused = Paused(row, program, future, self.clock + REENTRY_STEPS, shared)
@@ -613,6 +622,7 @@ class Sampler:
         return True
 
     def finish(self, row: Row, prompt_index: int) -> Completion:
+        assert row.finish_reason is not None, "finish() takes a row that has finished"
         ids = row.token_ids
         if row.stop_at is not None:
             text = self.decode(ids)[: row.stop_at]
@@ -657,7 +667,7 @@ class Sampler:
                 if back:
                     finished = batch.resume(back)
                 elif admit:
-                    take = []
+                    take: list[tuple[int, list[int]]] = []
                     while queue and (len(take) + 1) * per_prompt <= max(room, per_prompt):
                         take.append(queue.popleft())
                     finished = batch.add([ids for _, ids in take], [params] * len(take),

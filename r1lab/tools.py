@@ -162,7 +162,7 @@ class PythonTool:
         added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
         self.end_id = added.get(CALL_END)  # a single token: the fast check
         # without it, only a token whose text has '>' can complete the closing tag
-        self.end_candidates = frozenset(i for t, i in vocab.items() if ">" in t) if self.end_id is None else None
+        self.end_candidates = frozenset(i for t, i in vocab.items() if ">" in t) if self.end_id is None else frozenset()
         specials = list(getattr(tokenizer, "all_special_tokens", []))
         self.protected = sorted(set(TOOL_TAGS + TAGS) | set(added)
                                 | set(specials), key=len, reverse=True)

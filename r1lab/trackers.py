@@ -24,7 +24,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
@@ -68,17 +70,34 @@ def evaluation_scalars(summary: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the adapters
 
 
+class Tracker(Protocol):
+    """What `Trackers` needs of an adapter: `state` (its run id...) is saved in trackers.json to resume it."""
+
+    name: str
+    state: dict
+
+    def config(self, cfg: dict) -> None: ...
+
+    def log(self, step: int, values: dict[str, float]) -> None: ...
+
+    def samples(self, step: int, columns: list[str], rows: list[list]) -> None: ...
+
+    def evaluation(self, step: int, values: dict[str, float]) -> None: ...
+
+    def close(self, failed: bool) -> None: ...
+
+
 class TensorBoard:
     name = "tensorboard"
 
     def __init__(self, run_dir: Path, run_name: str, state: dict, fresh: bool):
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            from tensorboardX import SummaryWriter
+        except ImportError:  # the same writer, from the standalone package
+            from tensorboardX import SummaryWriter  # type: ignore[no-redef]
         # --fresh: a START event at step 0 makes TensorBoard's reader drop everything the earlier run wrote here
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=0 if fresh else None)
-        self.state = {}
+        self.state: dict = {}
 
     def config(self, cfg: dict) -> None:
         self.writer.add_text("config", _indent(yaml.safe_dump(cfg, sort_keys=False)), 0)
@@ -120,7 +139,7 @@ class WandB:
         self.run.log(values, step=step)
 
     def samples(self, step: int, columns: list[str], rows: list[list]) -> None:
-        self.run.log({"samples": self.wandb.Table(columns=columns, data=rows)}, step=step)
+        self.run.log({"samples": self.wandb.Table(columns=list(columns), data=rows)}, step=step)
 
     def evaluation(self, step: int, values: dict[str, float]) -> None:
         self.run.summary.update(values)  # W&B keeps final figures in the summary (history steps only go forward)
@@ -186,7 +205,8 @@ class MLflow:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
-ADAPTERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+ADAPTERS: dict[str, Callable[[Path, str, dict, bool], Tracker]] = {
+    "tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
 def mlflow_key(key: str) -> str:
@@ -204,7 +224,7 @@ class Trackers:
     def __init__(self, names: list[str], run_dir: str | Path, fresh: bool = False):
         self.dir = Path(run_dir)
         self.path = self.dir / STATE
-        self.active: list = []
+        self.active: list[Tracker] = []
         self.rows: dict[str, int] = {}  # rows of metrics.jsonl each tracker holds
         self.skip: dict[str, int] = {}  # rows still to leave out (held from before a resume)
         self.held_step: dict[str, int] = {}  # step of the last row left out: its samples are held too
@@ -282,7 +302,7 @@ class Trackers:
         if self in _OPEN:
             _OPEN.remove(self)
 
-    def _call(self, t, method: str, *args) -> bool:
+    def _call(self, t: Tracker, method: str, *args) -> bool:
         """Call one tracker; one that fails mid-run is dropped with one warning (metrics.jsonl keeps every row)."""
         try:
             getattr(t, method)(*args)

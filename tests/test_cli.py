@@ -55,7 +55,8 @@ def test_info_reports_parameters_and_latent_cache(tiny_native_dir, capsys):
     assert info["params_mtp"] > 0
     assert info["params_active"] < info["params_total"]
     assert info["params_total"] == parameter_counts(cfg)["params_total"]
-    assert info["kv_cache_bytes_per_token"] == cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    assert info["kv_cache_bytes_per_token"] \
+        == cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
 
 
 def test_a_bad_allocator_setting_is_named_before_anything_runs(tiny_native_dir, monkeypatch, capsys):

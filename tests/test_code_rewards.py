@@ -49,7 +49,8 @@ def test_code_rewards_score_right_wrong_partial_and_missing_code():
 
 def test_accuracy_reward_takes_the_program_out_of_a_code_reply():
     p = get_task("humaneval").problems()[2]
-    reply = "<think>\nmod 1\n</think>\n```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```"
+    reply = ("<think>\nmod 1\n</think>\n```python\ndef truncate_number(number: float) -> float:\n"
+             "    return number % 1.0\n```")
     assert rewards.accuracy([reply, "<think>x</think> no code here?"], **_rows([p, p])) == [1.0, 0.0]
 
 

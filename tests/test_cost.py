@@ -37,7 +37,8 @@ def _hf_configs():
                                       moe_intermediate_size=12, shared_expert_intermediate_size=20,
                                       decoder_sparse_step=1, mlp_only_layers=[1]),
         "qwen3_moe": T.Qwen3MoeConfig(**{**SMALL, "num_hidden_layers": 4}, num_key_value_heads=2, num_experts=6,
-                                      num_experts_per_tok=2, moe_intermediate_size=12, decoder_sparse_step=2, head_dim=8),
+                                      num_experts_per_tok=2, moe_intermediate_size=12, decoder_sparse_step=2,
+                                      head_dim=8),
         "deepseek_v3-q_lora": T.DeepseekV3Config(**ds, q_lora_rank=24),
         "deepseek_v3-2-shared": T.DeepseekV3Config(**ds, q_lora_rank=24, n_shared_experts=2),
         "deepseek_v3-no-q_lora-bias": T.DeepseekV3Config(**ds, q_lora_rank=None, attention_bias=True),
@@ -237,12 +238,14 @@ def test_inference_memory_is_weights_plus_kv_cache_plus_overhead():
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("argv, message", [
-    (["deepseek-v3-671b", "--tokens", "1T", "--gpu", "H900", "--gpu-hours", "1M"], r"--gpu: unknown GPU 'H900'; choose one of: .*H800"),
+    (["deepseek-v3-671b", "--tokens", "1T", "--gpu", "H900", "--gpu-hours", "1M"],
+     r"--gpu: unknown GPU 'H900'; choose one of: .*H800"),
     (["deepseek-v3-671b", "--tokens", "1T", "--gpu", "H800", "--gpu-hours", "1M", "--mfu", "0.4"],
      r"either --gpu-hours .* or --mfu .*not both"),
     (["deepseek-v3-671b", "--tokens", "-5"], r"--tokens must be > 0 \(got -5"),
     (["deepseek-v3-671b", "--tokens", "lots"], r"--tokens must be a number such as 14.8T"),
-    (["/nonexistent/model"], r"no model config at '/nonexistent/model': give a model directory, a config.json, or a preset"),
+    (["/nonexistent/model"],
+     r"no model config at '/nonexistent/model': give a model directory, a config.json, or a preset"),
     (["deepseek-v9"], r"no model config at 'deepseek-v9'.*deepseek-v3-671b.*smollm2-135m"),
     ([], r"give a model .* or --fits GPU"),
     (["deepseek-v3-671b", "--tokens", "1T", "--gpu", "H800", "--mfu", "40"], r"--mfu must be in \(0, 1\] \(got 40\)"),

@@ -90,7 +90,8 @@ def _mtp_model(seed=0, **kw) -> DeepseekV3:
 
 
 def _write_deepseek_layout(model: DeepseekV3, path) -> dict:
-    """The model's files as DeepSeek publishes V3: the MTP layer in its own shard with its copies of embedding and head."""
+    """The model's files as DeepSeek publishes V3: the MTP layer in its own shard with its copies of embedding
+    and head."""
     L = model.config.num_hidden_layers
     state = to_disk_names({k: v.detach().clone() for k, v in model.state_dict().items()})
     state[f"model.layers.{L}.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
@@ -171,7 +172,8 @@ def _dequantise_reference(q: torch.Tensor, s: torch.Tensor, block: tuple[int, in
     out = torch.empty(q.shape, dtype=torch.float32)
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            out[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float() * s[i, j]
+            out[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = \
+                q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float() * s[i, j]
     return out
 
 

@@ -86,7 +86,8 @@ def test_the_written_jsonl_round_trips_into_sft(tmp_path, tiny_tokenizer):
     examples = S.read_examples(data)
     assert examples == kept
     tok = tiny_tokenizer
-    for ex, reply in zip(examples, ["2 plus 3 is 5\n</think>\n\n\\boxed{5}", "9 minus 4\n</think>\n\n<answer> 5 </answer>"]):
+    for ex, reply in zip(examples, ["2 plus 3 is 5\n</think>\n\n\\boxed{5}",
+                                    "9 minus 4\n</think>\n\n<answer> 5 </answer>"]):
         (sample,) = S.tokenize_example(tok, ex, "r1")
         ids, mask = sample
         learned = tok.decode([t for t, m in zip(ids, mask) if m])
@@ -111,7 +112,8 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(0)
     save_model(DeepseekV3(cfg), root / "base", tokenizer=tok)
     rows = [{"messages": [{"role": "user", "content": p.prompt},
-                          {"role": "assistant", "content": f"<think>\n{p.reasoning}\n</think>\n\n\\boxed{{{p.answer}}}"}]}
+                          {"role": "assistant",
+                           "content": f"<think>\n{p.reasoning}\n</think>\n\n\\boxed{{{p.answer}}}"}]}
             for p in get_task("arithmetic", max_digits=1).problems("train", n=300, seed=1)]
     _, _, run = S.sft(S.SFTConfig(out=str(root / "sft"), model=str(root / "base"), data=_write(root / "t.jsonl", rows),
                                   template="r1", epochs=3, seq_len=256, rows=2, lr=1e-2, warmup=5, eval_fraction=0,

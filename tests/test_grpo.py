@@ -234,7 +234,8 @@ def test_sampler_and_trainer_log_probs_agree_to_rounding(family, tiny_native_dir
         assert row["mismatch/logp_abs_diff_mean"] < 2e-6 and abs(row["mismatch/kl"]) < 1e-9
 
 
-@pytest.mark.parametrize("loss,correction", [("clip", "token-truncate"), ("gspo", "none"), ("gspo-token", "sequence-mask"),
+@pytest.mark.parametrize("loss,correction", [("clip", "token-truncate"), ("gspo", "none"),
+                                             ("gspo-token", "sequence-mask"),
                                              ("cispo", "token-mask"), ("clip", "sequence-truncate")])
 def test_every_objective_and_correction_trains_through_the_trainer(loss, correction, tiny_native_dir, tmp_path):
     eps = dict(epsilon_low=3e-4, epsilon_high=4e-4) if loss.startswith("gspo") else {}

@@ -73,7 +73,8 @@ def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir,
     cfg = GRPOConfig(out=str(tmp_path / "grpo"), model=str(smollm_dir), tasks=["gsm8k"], template="model",
                      rewards=["accuracy", f"{reward}:length"], reward_weights=[1.0, 1.0], steps=2,
                      prompts_per_step=2, num_generations=2, max_new_tokens=32, lr=1e-3, warmup=0, bf16=False,
-                     save_every=100, hf=H.HFOptions(lora_rank=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]))
+                     save_every=100,
+                     hf=H.HFOptions(lora_rank=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]))
     trainer = GRPOTrainer(cfg, progress=False)  # the policy is loaded with cfg.hf: LoRA adapters over a frozen base
     assert hasattr(trainer.model, "get_base_model")
     lora0 = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}

@@ -79,7 +79,8 @@ def test_a_yaml_config_runs_a_transformers_model_on_a_benchmark(tmp_path, tiny_l
 
 
 def test_task_knobs_are_checked_before_any_stage(tmp_path, capsys):
-    assert main(["pipeline", "--out", str(tmp_path / "run"), "--task", "gsm8k", "--task-args", '{"max_digits": 3}']) == 2
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--task", "gsm8k",
+                 "--task-args", '{"max_digits": 3}']) == 2
     assert "max_digits" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -162,7 +162,8 @@ def test_kept_replies_are_written_exactly_as_the_base_model_was_pretrained():
 
 def _record(pid, reasoning):
     return {"id": pid, "messages": [{"role": "user", "content": pid},
-                                    {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n<answer> 1 </answer>"}]}
+                                    {"role": "assistant",
+                                     "content": f"<think>\n{reasoning}\n</think>\n\n<answer> 1 </answer>"}]}
 
 
 def test_the_longest_reasoning_is_kept_per_problem_in_problem_order():
@@ -191,5 +192,6 @@ def test_the_comparison_is_paired_over_problems_and_says_when_it_cannot_tell():
     assert c["difference"] == pytest.approx(mean) and c["interval95"] == pytest.approx(1.96 * sd / 6 ** 0.5)
     assert c["winner"] == "first" and "SFT distillation is ahead" in verdict(c)
     assert compare(result(b), result(a))["winner"] == "second"
-    tie = dict(first="onpolicy", second="student_rl", **compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0])))
+    tie = dict(first="onpolicy", second="student_rl",
+               **compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0])))
     assert tie["winner"] == "neither" and "no clear difference" in verdict(tie)

@@ -280,5 +280,6 @@ def test_get_reward_file_errors_say_what_is_wrong(tmp_path):
         get_reward(f"{f}:mine", max_len=3)
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('import-time failure')\n")
-    with pytest.raises(RewardError, match=r"failed to import: RuntimeError: import-time failure \(.*broken.py line 1\)"):
+    with pytest.raises(RewardError,
+                       match=r"failed to import: RuntimeError: import-time failure \(.*broken.py line 1\)"):
         get_reward(f"{broken}:f")

@@ -88,7 +88,8 @@ def any_pool(request):
 
 def test_program_gets_stdin_and_arguments_and_tests_are_counted(bwrap_pool):
     r = bwrap_pool.run("import sys\nprint(sys.argv[1:], input()[::-1])\ndef f(x): return x + 1",
-                       stdin="abc\n", args=["-n", 3], tests=["assert f(1) == 2", "assert f(2) == 4", "assert f(0) == 1"])
+                       stdin="abc\n", args=["-n", 3],
+                       tests=["assert f(1) == 2", "assert f(2) == 4", "assert f(0) == 1"])
     assert r.status == "failed" and (r.tests_passed, r.tests_total) == (2, 3)
     assert r.stdout == "['-n', '3'] cba\n"
     assert "AssertionError" in r.stderr and "<test 1>" in r.stderr
@@ -150,7 +151,8 @@ def test_writing_outside_the_work_directory_fails(bwrap_pool, tmp_path):
     marker = f"r1lab-escape-{uuid.uuid4().hex}"
     runtime = backends.python_runtime()[1][0]
     targets = [str(tmp_path / marker), f"{runtime}/{marker}", f"/usr/lib/{marker}", f"/{marker}", f"/proc/sys/{marker}"]
-    r = bwrap_pool.run("import sys\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'w').write('x')\n        print('wrote')\n"
+    r = bwrap_pool.run("import sys\nfor p in sys.argv[1:]:\n    try:\n"
+                       "        open(p, 'w').write('x')\n        print('wrote')\n"
                        "    except OSError as e:\n        print(type(e).__name__)\n"
                        f"open('/tmp/{marker}', 'w').write('x')", args=targets)
     assert r.passed, r
@@ -252,7 +254,8 @@ def test_a_fork_bomb_is_capped_and_killed(any_pool):
 def test_a_double_forked_setsid_daemon_does_not_outlive_the_program(any_pool):
     marker = f"{time.time_ns() % 10**9}.{os.getpid()}"
     r = any_pool.run("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-                     "        os.execv('/bin/sleep', ['sleep', sys.argv[1]])\n    os._exit(0)\nos.wait()\nprint('parent done')",
+                     "        os.execv('/bin/sleep', ['sleep', sys.argv[1]])\n    os._exit(0)\n"
+                     "os.wait()\nprint('parent done')",
                      args=[marker])
     assert r.passed and r.stdout == "parent done\n", r
     deadline = time.monotonic() + 2.0

@@ -14,7 +14,8 @@ N = 400_000  # rows simulated at once: each is one independent speculative step
 def _simulate(p, p_next, q, seed=0):
     g = torch.Generator().manual_seed(seed)
     drafted = draw(q.expand(N, -1), torch.rand(N, generator=g))
-    tokens, kept = verify(p.expand(N, -1), p_next.expand(N, -1), q.expand(N, -1), drafted, torch.rand(N, 3, generator=g))
+    tokens, kept = verify(p.expand(N, -1), p_next.expand(N, -1), q.expand(N, -1), drafted,
+                          torch.rand(N, 3, generator=g))
     return tokens, kept, drafted
 
 

@@ -41,7 +41,8 @@ def test_program_is_the_last_call_with_its_surrounding_space_taken_off():
 
 def test_the_tool_says_what_the_program_printed_or_why_it_stopped():
     assert output_text(Result("passed", stdout="1786\n")) == "1786"
-    assert output_text(Result("failed", stdout="a\n", stderr="Traceback ...\n  x\nZeroDivisionError: division by zero\n")) \
+    assert output_text(Result("failed", stdout="a\n",
+                              stderr="Traceback ...\n  x\nZeroDivisionError: division by zero\n")) \
         == "a\nZeroDivisionError: division by zero"
     assert output_text(Result("timeout", detail="wall-clock limit of 5.0 s")) == "timeout: wall-clock limit of 5.0 s"
     assert "could not run" in output_text(Result("error", detail="worker died"))
@@ -236,7 +237,8 @@ def test_other_rows_keep_decoding_while_a_slow_program_runs(monkeypatch, tok):
         done = {}
         t0 = time.perf_counter()
         outs = sampler.generate([slow, "count 60 =>"], GREEDY,
-                                on_finish=lambda c: done.setdefault(c.prompt_index, time.perf_counter() - t0))
+                                on_finish=lambda c, done=done, t0=t0:
+                                    done.setdefault(c.prompt_index, time.perf_counter() - t0))
         assert outs[0].text.endswith("<answer> 7 </answer>") and outs[0].tool_calls[0].seconds >= 1.5
         if reentry == "ready":  # the other row finished long before the program did
             assert done[1] < 1.0 < 1.5 < done[0]
@@ -271,7 +273,8 @@ def test_identical_programs_run_once_and_identical_contexts_share_one_prefill(mo
     calls, prefills = [], []
     real, real_prefill = sampler.tools.submit, sampler.backend.prefill
     monkeypatch.setattr(sampler.tools, "submit", lambda program: calls.append(program) or real(program))
-    monkeypatch.setattr(sampler.backend, "prefill", lambda ctx, cap: prefills.append(len(ctx)) or real_prefill(ctx, cap))
+    monkeypatch.setattr(sampler.backend, "prefill",
+                        lambda ctx, cap: prefills.append(len(ctx)) or real_prefill(ctx, cap))
     outs = sampler.generate(["run print(3*3) =>", "run print(4*4) =>"], S.SamplingParams(max_new_tokens=80,
                                                                                       temperature=0, n=3))
     assert sorted(calls) == ["print(3*3)", "print(4*4)"]

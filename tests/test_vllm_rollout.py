@@ -66,7 +66,8 @@ def fake_vllm(monkeypatch):
     module.__spec__ = NS(name="vllm")
     monkeypatch.setitem(sys.modules, "vllm", module)
     real = V.importlib.util.find_spec
-    monkeypatch.setattr(V.importlib.util, "find_spec", lambda name, *a: module.__spec__ if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(V.importlib.util, "find_spec",
+                        lambda name, *a: module.__spec__ if name == "vllm" else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     FakeLLM.instances.clear()
     return FakeLLM
@@ -122,7 +123,8 @@ def test_grpo_with_rollout_vllm_pushes_every_update_and_samples_the_trained_weig
                       "    return [sum(t % 3 == 0 for t in ids) / len(ids) for ids in completion_ids]\n")
     args = ["grpo", "--model", str(llama_dir), "--out", str(out), "--rollout", "vllm", "--device", "cpu",
             "--steps", "2", "--prompts-per-step", "2", "--num-generations", "4", "--max-new-tokens", "8",
-            "--template", "r1", "--eval-problems", "2", "--lr", "1e-2", "--rewards", f"{reward}:share", "--reward-weights", "1.0",
+            "--template", "r1", "--eval-problems", "2", "--lr", "1e-2", "--rewards", f"{reward}:share",
+            "--reward-weights", "1.0",
             "--task-args", '{"arithmetic": {"min_digits": 1, "max_digits": 1}}']
     code = main(args)
     engine = fake_vllm.instances[0]

@@ -108,7 +108,8 @@ def read_config(path: str | Path) -> dict:
     except OSError as e:
         raise CheckpointError(f"cannot read {f} ({e.strerror}); check its permissions") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object of settings; restore it or re-save the model")
+        raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object of settings; "
+                              "restore it or re-save the model")
     return cfg
 
 
@@ -118,7 +119,8 @@ def is_native(path: str | Path) -> bool:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a directory: the shards named in model.safetensors.index.json, else model.safetensors."""
+    """The safetensors files of a directory: the shards named in model.safetensors.index.json,
+    else model.safetensors."""
     index = path / "model.safetensors.index.json"
     names = ["model.safetensors"]
     if index.is_file():
@@ -133,7 +135,8 @@ def weight_files(path: Path) -> list[Path]:
                                   "re-save the model")
     for name in names:
         if not (path / name).is_file():
-            raise CheckpointError(f"{path / name} is missing; the model directory is incomplete (re-save or re-download it)")
+            raise CheckpointError(f"{path / name} is missing; the model directory is incomplete "
+                                  "(re-save or re-download it)")
     return [path / name for name in names]
 
 
@@ -204,7 +207,8 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     return weight.float() * s.repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
 
 
-def dequantize_fp8(state: dict[str, torch.Tensor], block: tuple[int, int] | None, where: Path) -> dict[str, torch.Tensor]:
+def dequantize_fp8(state: dict[str, torch.Tensor], block: tuple[int, int] | None,
+                   where: Path) -> dict[str, torch.Tensor]:
     """Replace every FP8 weight and its `{name}_scale_inv` by the float32 weight they encode; other tensors pass."""
     out = {}
     for k, v in state.items():
@@ -346,7 +350,8 @@ def check_native(path: Path, cfg_dict: dict, stored: dict[str, torch.Tensor]) ->
         raise CheckpointError(
             f"{weights}: the multi-token-prediction module ({', '.join(p + '*' for p in mtp_prefixes(cfg))}) is "
             f"incomplete: {len(mtp_missing)} tensors missing ({', '.join(mtp_missing[:3])}"
-            f"{', ...' if len(mtp_missing) > 3 else ''}); restore the files, or remove all its tensors to load without it")
+            f"{', ...' if len(mtp_missing) > 3 else ''}); restore the files, or remove all its tensors "
+            "to load without it")
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match {path / 'config.json'}: "

@@ -93,13 +93,15 @@ class ModelConfig:
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
         need(self.rope_theta > 1, f"rope_theta must be > 1, the RoPE base (got {self.rope_theta})")
         need(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
-             f"n_routed_experts and n_shared_experts must be >= 0 (got {self.n_routed_experts}, {self.n_shared_experts})")
+             "n_routed_experts and n_shared_experts must be >= 0 "
+             f"(got {self.n_routed_experts}, {self.n_shared_experts})")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (got {self.qk_rope_head_dim})")
         need(self.qk_nope_head_dim >= 0, f"qk_nope_head_dim must be >= 0 (got {self.qk_nope_head_dim})")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, f"q_lora_rank must be None or > 0 (got {self.q_lora_rank})")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0,
+             f"q_lora_rank must be None or > 0 (got {self.q_lora_rank})")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
              f"first_k_dense_replace must be in [0, num_hidden_layers] (got {self.first_k_dense_replace})")
         need(self.num_nextn_predict_layers >= 0,
@@ -107,7 +109,8 @@ class ModelConfig:
         if self.n_routed_experts:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 for a MoE model")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
-                 f"num_experts_per_tok must be in [1, n_routed_experts={self.n_routed_experts}] (got {self.num_experts_per_tok})")
+                 f"num_experts_per_tok must be in [1, n_routed_experts={self.n_routed_experts}] "
+                 f"(got {self.num_experts_per_tok})")
             need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
                  f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
             need(self.n_group == 1 or self.n_routed_experts // self.n_group >= 2,

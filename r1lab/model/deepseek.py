@@ -321,7 +321,8 @@ class MoE(nn.Module):
         """V3 eq. 17-20: alpha * sum_i f_i * P_i per sequence, averaged over the batch."""
         E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         B, T = shape[0], shape[1]
-        m = (token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=scores.device)).to(scores.dtype)
+        m = (token_mask if token_mask is not None
+             else torch.ones(B, T, dtype=torch.bool, device=scores.device)).to(scores.dtype)
         n_tok = m.sum(1).clamp(min=1)                                            # [B]
         chosen = torch.zeros(B * T, E, dtype=scores.dtype, device=scores.device).scatter_(1, idx, 1.0).view(B, T, E)
         f = (chosen * m[..., None]).sum(1) * E / (k * n_tok[:, None])            # [B, E]

@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f32", skip
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hparams(writer, hparams)
         vocab.write(writer)
-        types = Counter()
+        types: Counter[str] = Counter()
         for name, array in tensors:
             data, kind = stored(name, array, qtype)
             writer.add_tensor(name, data, raw_dtype=kind)
@@ -188,7 +189,7 @@ def deepseek_tensors(path: Path, cfg_dict: dict):
     grouped = cfg.n_routed_experts and cfg.n_group > 1 and cfg.topk_group < cfg.n_group
     rs = cfg.rope_scaling
     rs = rs if rs and rs.get("rope_type", rs.get("type")) == "yarn" else None
-    hparams = dict(
+    hparams: dict[str, Any] = dict(  # numbers, flags and gguf enums, each written by its own add_<key>
         vocab_size=cfg.vocab_size, context_length=cfg.max_position_embeddings, embedding_length=cfg.hidden_size,
         block_count=L, feed_forward_length=cfg.intermediate_size, head_count=H, head_count_kv=1,
         layer_norm_rms_eps=cfg.rms_norm_eps, rope_freq_base=cfg.rope_theta, rope_dimension_count=rope,
@@ -478,6 +479,7 @@ def read_vocab(path: Path, n_vocab: int, skip_nfc: bool = False) -> Vocab:
             raise GGUFExportError(f"{path}: chat template name {name!r} has characters a GGUF key cannot hold; "
                                   "rename it to letters, digits and _")
     pre = pre_tokenizer_type(j.get("pre_tokenizer"), bool(j["model"].get("ignore_merges")))
+    assert pre is not None  # tokenizer_refusals refused a pre-tokenizer with no llama.cpp type above
     return Vocab(tokens, types, merges, pre, special_ids, add_bos, add_eos, dict(templates))
 
 

@@ -95,7 +95,9 @@ def add_lora(model, opts: HFOptions):
     from peft import LoraConfig, get_peft_model
 
     targets = opts.lora_target_modules
-    cfg = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+    # peft annotates lora_alpha as int; it only scales the adapters by alpha / rank, so a float works the same
+    cfg = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha,  # type: ignore[arg-type]
+                     lora_dropout=opts.lora_dropout,
                      target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
                      task_type="CAUSAL_LM")
     try:
@@ -125,9 +127,10 @@ def restore_adapter(model, path: str | Path) -> None:
         raise CheckpointError(f"{f} is missing; the checkpoint is incomplete (start again with --fresh)")
     result = set_peft_model_state_dict(model, load_file(f))
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-    if missing or getattr(result, "unexpected_keys", []):
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
         raise CheckpointError(f"{f} does not fit this model's adapters (missing {missing[:3]}, unexpected "
-                              f"{list(result.unexpected_keys)[:3]}); use the LoRA options of the run that wrote it")
+                              f"{unexpected[:3]}); use the LoRA options of the run that wrote it")
 
 
 def load_trainable(path: str | Path, opts: HFOptions, device="cpu", resume_from: str | Path | None = None):
@@ -139,7 +142,7 @@ def load_trainable(path: str | Path, opts: HFOptions, device="cpu", resume_from:
     source = path if resume_from is None or adapter else resume_from
     model, tok = load_model_and_tokenizer(source, device=device)
     model = prepare_model(model, opts)
-    if adapter:
+    if adapter and resume_from is not None:
         restore_adapter(model, resume_from)
         tok = load_tokenizer(resume_from)
     return model, tok

@@ -31,11 +31,12 @@ def fast_decoder(model) -> FastDecoder | None:
 
     base = base_model(model)
     cfg = getattr(base, "config", None)
-    if getattr(cfg, "model_type", None) not in FAMILIES or not hasattr(base, "model"):
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in FAMILIES or not hasattr(base, "model"):
         return None
     if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
         return None
-    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+    if model_type == "mistral" and getattr(cfg, "sliding_window", None) is not None:
         return None
     if getattr(cfg, "attention_dropout", 0.0) or getattr(cfg, "pretraining_tp", 1) != 1:
         return None

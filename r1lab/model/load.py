@@ -60,7 +60,7 @@ def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype 
     if local.exists() or recover(local).exists():
         cfg = read_config(local)  # names a missing or corrupt config.json before anything else
         if cfg.get("model_type") == "deepseek_v3":
-            native_config(recover(local), cfg)  # and a wrong value in it, which transformers' tokenizer loading trips on
+            native_config(recover(local), cfg)  # and a wrong value in it, which trips transformers' tokenizer loading
         tokenizer = load_tokenizer(local)
         if is_native(local):
             return load_model(local, device=device, dtype=dtype), tokenizer
@@ -84,7 +84,8 @@ def model_info(path: str | Path) -> dict:
         sizes = {**model.config.to_hf_dict(), "model_type": cfg["model_type"]}  # as loaded: without an unsaved MTP
     else:
         sizes = cfg
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), 4)
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(
+        str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), 4)
     try:
         counts = cost.parameter_counts(sizes)
         kv = cost.kv_cache_bytes_per_token(sizes, bytes_per_value=dtype_bytes)

@@ -10,9 +10,15 @@ Re-running with the same --out skips finished stages and resumes an interrupted 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from r1lab import config
 from r1lab.recipes.settings import RECIPES, TASK_DEFAULTS, PipelineConfig
+
+if TYPE_CHECKING:
+    from r1lab.train.grpo import GRPOConfig
+    from r1lab.train.pretrain import PretrainConfig
 
 __all__ = ["PipelineConfig", "RECIPES", "TASK_DEFAULTS", "run_pipeline"]
 
@@ -25,7 +31,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     if cfg.task_args is None:
         cfg = config.merge(cfg, {"task_args": TASK_DEFAULTS.get(cfg.task, {})})
     try:  # an unknown task or knob is named now, before any stage runs
-        get_task(cfg.task, **cfg.task_args)
+        get_task(cfg.task, **(cfg.task_args or {}))  # never None here: set just above
     except TypeError as e:
         raise ValueError(f"{e}; fix --task-args (or task_args in the YAML) for task {cfg.task!r}") from None
     check_stages(cfg)
@@ -42,7 +48,8 @@ def check_stages(cfg: PipelineConfig) -> None:
 
     out = Path(cfg.out)
     base = Path(cfg.base_model) if cfg.base_model else out / "pretrain" / "model"
-    checks = [("the grpo settings (--grpo.* flags)", lambda: grpo_config(cfg, out / "grpo", base, cfg.grpo.steps))]
+    checks: list[tuple[str, Callable[[], GRPOConfig | PretrainConfig]]] = [
+        ("the grpo settings (--grpo.* flags)", lambda: grpo_config(cfg, out / "grpo", base, cfg.grpo.steps))]
     if not cfg.base_model:
         checks.append(("the pretrain settings (--pretrain.* flags)", lambda: config.merge(
             cfg.pretrain, {"tasks": [cfg.task], "task_args": {cfg.task: cfg.task_args}})))

@@ -96,7 +96,8 @@ def run(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
 
     log("[5/5] comparing and writing the report")
     t_info, s_info = model_info(teacher), model_info(student)
-    teacher_eval = load_json(Path(cfg.out) / "eval_final.json") or evaluate(teacher, cfg, Path(cfg.out) / "eval_final.json")
+    teacher_eval = (load_json(Path(cfg.out) / "eval_final.json")
+                    or evaluate(teacher, cfg, Path(cfg.out) / "eval_final.json"))
     stages = {"teacher": dict(label="teacher: R1-Zero RL model", **headline(teacher_eval["summary"])),
               "student_base": dict(label="student, pretrained", **headline(evals["student_base"]["summary"]))}
     arms = {}

@@ -61,7 +61,8 @@ def _render_stages(summary: dict) -> str:
     if "student" in summary:
         t, s = summary["teacher"], summary["student"]
         lines.append(f"  teacher {t['params_total']:,} parameters ({t['params_active']:,} active); student "
-                     f"{s['params_total']:,} (dense, pretrained {s['pretrain_steps']} steps on the base model's corpus)")
+                     f"{s['params_total']:,} (dense, pretrained {s['pretrain_steps']} steps "
+                     "on the base model's corpus)")
     lines.append(f"  {'':<34}{'pass@1':>8}{'greedy':>8}{'cons@k':>8}{'thinks':>8}{'tokens':>8}{'seconds':>9}")
     pct = lambda x: f"{100 * x:7.1f}%" if x is not None else f"{'-':>8}"  # noqa: E731
     for v in summary["stages"].values():
@@ -100,7 +101,8 @@ def verdict(c: dict) -> str:
 def curve_points(rows: list[dict], key: str) -> tuple[tuple, tuple]:
     """(steps, values) of one metric, one point per step (the last row logged for it), in step order."""
     by_step = {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
-    return tuple(zip(*sorted(by_step.items()))) or ((), ())
+    points = sorted(by_step.items())
+    return tuple(s for s, _ in points), tuple(v for _, v in points)
 
 
 def _pyplot():
@@ -124,7 +126,8 @@ def plot_curves(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.plot(steps, [100 * v for v in vals] if pct else vals, color="#3b6fb6", lw=1.2, alpha=0.45)
         if len(vals) >= 5:  # a moving average makes the trend readable
             w = max(3, len(vals) // 10)
-            smooth = [sum(vals[max(0, i - w + 1): i + 1]) / len(vals[max(0, i - w + 1): i + 1]) for i in range(len(vals))]
+            smooth = [sum(vals[max(0, i - w + 1): i + 1]) / len(vals[max(0, i - w + 1): i + 1])
+                      for i in range(len(vals))]
             ax.plot(steps, [100 * v for v in smooth] if pct else smooth, color="#1d3f73", lw=2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO step", fontsize=9)
@@ -208,7 +211,8 @@ def write_report(run_dir: str | Path, summary: dict, rl_runs: dict[str, Path]) -
         parts += ["<h2>The arms compared on the same problems</h2>",
                   "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in comparisons) + "</ul>"]
     for title, paths in curves.items():
-        parts += [f"<h2>{html.escape(title)} over steps</h2>", "<div class=grid>" + "".join(map(_img, paths)) + "</div>"]
+        parts += [f"<h2>{html.escape(title)} over steps</h2>",
+                  "<div class=grid>" + "".join(map(_img, paths)) + "</div>"]
     if examples:
         parts.append("<h2>Replies to the same held-out problem, before and after RL</h2>")
         parts += [f"<h3>{html.escape(t)}</h3><pre>{html.escape(x)}</pre>" for t, x in examples]

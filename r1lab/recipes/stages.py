@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from r1lab import config
 from r1lab.reasoning import split_reasoning
@@ -74,7 +75,7 @@ def evaluate(model_dir: Path, cfg: PipelineConfig, path: Path) -> dict:
     cached = load_json(path)
     if cached:
         return cached
-    from r1lab.eval import EvalConfig, load_problems, local_generator, write_report
+    from r1lab.eval import EvalConfig, EvalTemplate, load_problems, local_generator, write_report
     from r1lab.eval import evaluate as run_eval
     from r1lab.model.load import load_model_and_tokenizer
     from r1lab.tools import make_tool
@@ -82,7 +83,8 @@ def evaluate(model_dir: Path, cfg: PipelineConfig, path: Path) -> dict:
     model, tok = load_model_and_tokenizer(model_dir)
     e = cfg.eval
     ecfg = EvalConfig(task=cfg.task, task_args=cfg.task_args or {}, limit=e.limit, k=e.k, temperature=e.temperature,
-                      top_p=e.top_p, max_new_tokens=e.max_new_tokens, template=cfg.grpo.template, seed=0)
+                      top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=0,
+                      template=cast(EvalTemplate, cfg.grpo.template))  # checked by GRPOConfig.validate
     tools = make_tool(cfg.grpo.tools, tok, cfg.grpo.tool_limits)  # the tool RL had, for every model evaluated
     result = run_eval(local_generator(model, tok, cfg.grpo.template, tools=tools), load_problems(ecfg), ecfg)
     write_report(result, path)
@@ -189,9 +191,9 @@ def make_sft_data(out: Path, teacher: Path, cfg: PipelineConfig, problems: int, 
     if (out / "data.jsonl").is_file() and stats.is_file():
         return json.loads(stats.read_text())
     dcfg = DistillConfig(out=str(out), teacher=str(teacher), student=str(teacher), tasks=[cfg.task],
-                         task_args={cfg.task: cfg.task_args}, problems=problems, k=k, temperature=cfg.eval.temperature,
-                         top_p=cfg.eval.top_p, max_new_tokens=cfg.grpo.max_new_tokens, teacher_template="r1zero",
-                         seed=seed)
+                         task_args={cfg.task: cfg.task_args or {}}, problems=problems, k=k,
+                         temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.grpo.max_new_tokens,
+                         teacher_template="r1zero", seed=seed)
     probs = load_problems(dcfg)
     passed, counts = filter_samples(sample_teacher(dcfg, probs, progress), probs)
     kept = select_longest(passed, per_problem, need_reasoning)

@@ -58,7 +58,7 @@ MAX_HEAD_BYTES = 16 * 1024    # request line and headers (h11's default, fixed h
 class _Sink:
     """Receives engine events on the engine thread and queues them on the request's event loop."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[list[Event]] = asyncio.Queue()
 
@@ -287,14 +287,14 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
 
     limits = (limits or ServerLimits()).validate()
     if isinstance(model_source, (tuple, list)):
-        model, tokenizer = model_source
-        default_name = Path(str(getattr(model.config, "name_or_path", "") or "")).name
+        lm, tokenizer = model_source
+        default_name = Path(str(getattr(lm.config, "name_or_path", "") or "")).name
     else:
         from r1lab.model.load import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(model_source, device=device, dtype=dtype)
+        lm, tokenizer = load_model_and_tokenizer(model_source, device=device, dtype=dtype)
         default_name = Path(str(model_source)).resolve().name
-    service = ModelService(model, tokenizer, model_name or default_name or "r1lab", max_batch=max_batch,
+    service = ModelService(lm, tokenizer, model_name or default_name or "r1lab", max_batch=max_batch,
                            default_max_tokens=default_max_tokens, tools=make_tool(tools, tokenizer))
 
     @asynccontextmanager
@@ -418,16 +418,23 @@ async def _collect(service: ModelService, prep: Prepared, request: Request) -> l
     return [done[c] for c in range(total)]
 
 
+def _final(ev: Event) -> tuple[str, list[int], str]:
+    """(whole text, every generated id, finish reason) of a choice's last event, which carries all three."""
+    assert ev.full_text is not None and ev.token_ids is not None and ev.finish_reason is not None
+    return ev.full_text, ev.token_ids, ev.finish_reason
+
+
 async def _complete_chat(service: ModelService, prep: Prepared, request: Request):
     finals = await _collect(service, prep, request)
     if finals is None:
         return JSONResponse(P.error_body("client disconnected"), 499)
     choices, completion, reasoning_total = [], 0, 0
     for ev in finals:
-        reasoning, content = prep.split(ev.full_text)
-        choices.append(P.chat_choice(ev.choice, reasoning, content, ev.finish_reason))
-        completion += len(ev.token_ids)
-        reasoning_total += service.reasoning_tokens(ev.token_ids, reasoning is not None)
+        text, ids, finish_reason = _final(ev)
+        reasoning, content = prep.split(text)
+        choices.append(P.chat_choice(ev.choice, reasoning, content, finish_reason))
+        completion += len(ids)
+        reasoning_total += service.reasoning_tokens(ids, reasoning is not None)
     usage = P.usage(len(prep.prompts[0]), completion, reasoning_total)
     return P.chat_completion(P.new_id("chatcmpl"), service.name, choices, usage)
 
@@ -436,8 +443,12 @@ async def _complete_text(service: ModelService, prep: Prepared, request: Request
     finals = await _collect(service, prep, request)
     if finals is None:
         return JSONResponse(P.error_body("client disconnected"), 499)
-    choices = [P.text_choice(ev.choice, ev.full_text, ev.finish_reason) for ev in finals]
-    usage = P.usage(sum(len(p) for p in prep.prompts), sum(len(ev.token_ids) for ev in finals))
+    choices, completion = [], 0
+    for ev in finals:
+        text, ids, finish_reason = _final(ev)
+        choices.append(P.text_choice(ev.choice, text, finish_reason))
+        completion += len(ids)
+    usage = P.usage(sum(len(p) for p in prep.prompts), completion)
     return P.text_completion(P.new_id("cmpl"), service.name, choices, usage, int(time.time()))
 
 
@@ -562,8 +573,10 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str = "info", g
     names, any_ip = allowed_host_names(host, limits.allowed_hosts)
     return uvicorn.Config(
         _HostCheck(app, names, any_ip), host=host, port=port, log_level=log_level,
-        http=functools.partial(_HeadTimeoutH11, header_timeout=limits.header_timeout),
-        limit_concurrency=limits.max_connections, timeout_keep_alive=limits.keep_alive,
+        # uvicorn calls `http` to make each connection's protocol: a factory works, though it annotates a class
+        http=functools.partial(_HeadTimeoutH11, header_timeout=limits.header_timeout),  # type: ignore[arg-type]
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]  # annotated int; used as seconds (float)
         h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_graceful_shutdown=graceful_shutdown_s)
 
 

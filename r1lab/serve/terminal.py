@@ -30,8 +30,9 @@ class Printer:
         try:
             from rich.console import Console
 
-            self.console = Console(file=self.out, force_terminal=color, no_color=not color, highlight=False,
-                                   soft_wrap=True, color_system="standard" if color else None)
+            self.console: Console | None = Console(file=self.out, force_terminal=color, no_color=not color,
+                                                   highlight=False, soft_wrap=True,
+                                                   color_system="standard" if color else None)
         except ImportError:
             self.console = None
         self.color = color
@@ -82,7 +83,9 @@ class TerminalChat:
         events: queue.Queue = queue.Queue()
         (job,) = self.service.jobs(prep, events.put)
         splitter = prep.stream()
-        reasoning, content, tokens, finish = [], [], 0, None
+        reasoning: list[str] = []
+        content: list[str] = []
+        tokens, finish = 0, None
         started = time.perf_counter()
         self.service.engine.submit(job)
         try:

@@ -55,6 +55,14 @@ class Task(Protocol):
         """Is the extracted answer right? None when it cannot be judged (the gold does not parse)."""
 
 
+@runtime_checkable
+class ToolTask(Task, Protocol):
+    """A task whose problems one Python program solves (pretraining's tool-calling examples)."""
+
+    def tool_solution(self, problem: Problem) -> tuple[str, str]:
+        """(program, what it prints) for `problem`."""
+
+
 def split_of(task: str, key: str) -> str:
     """The split ("train" or "test") a synthetic problem belongs to, from its task name and canonical key alone."""
     digest = hashlib.sha256(f"{task}\x00{key}".encode()).digest()

@@ -87,5 +87,7 @@ def split_check(test: str, entry_point: str) -> list[str]:
     body = [s for s in checks[0].body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
     if not body or not all(isinstance(s, ast.Assert) for s in body):
         return whole
-    prelude = ast.unparse([n for n in tree.body if n is not checks[0]]) if len(tree.body) > 1 else ""
+    rest = [n for n in tree.body if n is not checks[0]]
+    # ast.unparse takes a list of statements too (typeshed declares a single node)
+    prelude = ast.unparse(rest) if len(tree.body) > 1 else ""  # type: ignore[arg-type]
     return [f"{prelude}\ncandidate = {entry_point}\n{ast.unparse(s)}\n" for s in body]

@@ -45,7 +45,8 @@ INT_OPS = {
 FILTERS = {"even": ("keep the even ones", "x%2==0"), "odd": ("keep the odd ones", "x%2==1"),
            "gt": ("keep those over {k}", "x>{k}"), "lt": ("keep those under {k}", "x<{k}")}
 MAPS = {"mul": ("times {k}", "x*{k}"), "add": ("plus {k}", "x+{k}"), "sq": ("squared", "x*x")}
-REDUCES = {"sum": ("sum", "sum({g})"), "count": ("count", "len([{g}])"), "max": ("max, 0 if none", "max([{g}], default=0)"),
+REDUCES = {"sum": ("sum", "sum({g})"), "count": ("count", "len([{g}])"),
+           "max": ("max, 0 if none", "max([{g}], default=0)"),
            "list": ("as a list", "[{g}]")}
 STR_OPS = {"rev": ("reverse it", "s[::-1]"), "upper": ("upper-case it", "s.upper()"),
            "count": ("count the letter {c}", "s.count('{c}')"), "head": ("first {k} letters", "s[:{k}]"),
@@ -71,7 +72,7 @@ class PyFunc(CodeTask, SyntheticTask):
     name: ClassVar[str] = "pyfunc"
     limits: ClassVar[Limits] = Limits(cpu_seconds=2, wall_seconds=5.0)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()]
         if not kinds or set(kinds) - set(KINDS):
             raise ValueError(f"kinds must be a comma-separated list of {', '.join(KINDS)} (got {self.kinds!r})")

@@ -23,6 +23,7 @@ import datetime
 import functools
 import os
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -153,7 +154,8 @@ def wrap(model: nn.Module, fn, parallel: str = "ddp"):
         # per-process buffers that `sync_expert_load` sums, so buffers are not broadcast at each forward
         params = inspect.signature(DDP).parameters
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-        return DDP(module, find_unused_parameters=True, **{no_sync: False})
+        flags: dict[str, Any] = {no_sync: False}  # the keyword this torch version has
+        return DDP(module, find_unused_parameters=True, **flags)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -164,8 +166,8 @@ def wrap(model: nn.Module, fn, parallel: str = "ddp"):
         fully_shard(block, mesh=mesh)
         if hasattr(block, "forward_grouped"):  # GRPO's grouped layout calls the native blocks through this
             register_fsdp_forward_method(block, "forward_grouped")
-    fully_shard(module, mesh=mesh)
-    module._get_fsdp_state()._lazy_init()  # the wrapper is the root even if a block runs first (in sampling)
+    root = fully_shard(module, mesh=mesh)  # `module` itself, now also an FSDPModule
+    root._get_fsdp_state()._lazy_init()  # the wrapper is the root even if a block runs first (in sampling)
     return module
 
 
@@ -174,7 +176,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
     from r1lab.model.deepseek import Block
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)  # a peft model's base
+    base = get_base() if get_base is not None else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if isinstance(m, Block) or type(m).__name__ in names]
     if not blocks:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -48,6 +49,9 @@ from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to
 from r1lab.train.rollout import Rollout, Rollouts, gather_rollout, model_tokens, tool_columns, tool_metrics
 from r1lab.train.run import adamw, check_optimizer, cosine_lr
 from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
+
+if TYPE_CHECKING:
+    from r1lab.train.vllm_rollout import VLLMRollout
 
 
 @dataclass
@@ -139,8 +143,8 @@ class GRPOConfig:
                              "must have the same length")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for group-relative advantages (got {self.num_generations})")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_tokens", "row_tokens", "log_every",
-                     "save_every", "eval_problems"):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_tokens", "row_tokens",
+                     "log_every", "save_every", "eval_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.temperature <= 0:
@@ -192,7 +196,8 @@ class GRPOTrainer:
         from r1lab.model.load import load_model_and_tokenizer
 
         session = loop.open_run(cfg, resume)
-        self.cfg, self.run, self.bf16, self.peak, self.state = cfg, session.run, session.bf16, session.peak, session.state
+        self.cfg, self.run, self.bf16, self.peak, self.state = \
+            cfg, session.run, session.bf16, session.peak, session.state
         device, finished = session.device, session.finished
         self.progress = progress
         torch.manual_seed(cfg.seed)  # LoRA's initial adapters
@@ -223,6 +228,7 @@ class GRPOTrainer:
         self.start = loop.restore(self.opt, self.state)
         self.step = self.start  # the step being taken (named in errors)
         self.seconds = self.state["extra"].get("seconds", 0.0) if self.state else 0.0  # training time so far
+        self.sampler: Sampler | VLLMRollout
         if cfg.rollout == "vllm":
             if self.native:
                 raise ValueError("--rollout vllm samples transformers models; r1lab's native DeepSeek-V3 samples with "
@@ -453,12 +459,13 @@ class GRPOTrainer:
                 for i, (p, g) in enumerate(zip(ro.problems[: self.cfg.report_samples], ro.completions))]
 
     def quick_eval(self) -> dict:
-        from r1lab.eval import EvalConfig, evaluate, local_generator
+        from r1lab.eval import EvalConfig, EvalTemplate, evaluate, local_generator
 
         out = {}
         for task, name in zip(self.tasks, self.cfg.tasks):
             probs = task.problems("test", n=self.cfg.eval_problems, seed=0)
-            ecfg = EvalConfig(task=name, k=1, template=self.cfg.template, max_new_tokens=self.cfg.max_new_tokens)
+            ecfg = EvalConfig(task=name, k=1, max_new_tokens=self.cfg.max_new_tokens,
+                              template=cast(EvalTemplate, self.cfg.template))  # checked by GRPOConfig.validate
             s = evaluate(local_generator(self.model, self.tok, self.cfg.template, tools=self.sampler.tools), probs,
                          ecfg)["summary"]
             out[name] = {"greedy": s["greedy"], "think_share": s["greedy_think_share"],

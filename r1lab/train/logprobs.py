@@ -68,7 +68,7 @@ def packed_rows(prompt_ids: list[list[int]], completion_ids: list[list[list[int]
     batches: list[PackedRows] = []
     current: list[list[int]] = []
     used = 0
-    for row in rows + [None]:  # type: ignore[operator]  # None closes the last micro-batch
+    for row in rows + [None]:  # None closes the last micro-batch
         n_row = sum(sizes[g] for g in row) if row else 0
         if current and (row is None or used + n_row > max_tokens):
             members = [g for r in current for g in r]
@@ -106,7 +106,7 @@ def grouped_batches(prompt_ids: list[list[int]], completion_ids: list[list[list[
     batches: list[GroupedBatch] = []
     current: list[int] = []
     used = 0
-    for g in list(range(len(prompt_ids))) + [None]:  # type: ignore[operator]  # None closes the last micro-batch
+    for g in list(range(len(prompt_ids))) + [None]:  # None closes the last micro-batch
         if current and (g is None or used + sizes[g] > max_tokens):
             batches.append(_grouped_batch(current, prompt_ids, completion_ids, G, pad_id))
             current, used = [], 0

@@ -198,7 +198,8 @@ def seq_mean(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: fl
 
 
 @register_aggregation("drgrpo")
-def constant_norm(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float, max_tokens: int) -> torch.Tensor:
+def constant_norm(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float,
+                  max_tokens: int) -> torch.Tensor:
     """Dr. GRPO: sum over tokens divided by a constant (sequences x max new tokens), no length normalisation."""
     return (loss * mask).sum() / (n_seqs * max_tokens)
 

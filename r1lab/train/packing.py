@@ -24,6 +24,12 @@ class Packed:
     places: list[list[tuple[int, int]]]   # per group, per sample: (row, first column)
     labels: torch.Tensor | None = None    # [R, L], -100 where no loss (set by the caller)
 
+    def require_labels(self) -> torch.Tensor:
+        """`labels`, on a batch that has them (`pack` sets them, `pack_groups` leaves them to the caller)."""
+        if self.labels is None:
+            raise ValueError("this packed batch has no labels")
+        return self.labels
+
     @property
     def attention_mask(self) -> torch.Tensor:
         return (self.group >= 0).long()

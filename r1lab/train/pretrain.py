@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -22,7 +23,7 @@ from r1lab import config, trackers
 from r1lab.config import opt
 from r1lab.model.config import tiny_config
 from r1lab.model.deepseek import DeepseekV3
-from r1lab.tasks import Problem, get_task
+from r1lab.tasks import Problem, ToolTask, get_task
 from r1lab.tokenizer import carry_template, check_template, render_prompt, train_tokenizer
 from r1lab.tools import CALL_END, CALL_START, OUTPUT_END, OUTPUT_START, format_output
 from r1lab.train import dist, loop
@@ -122,7 +123,7 @@ class Corpus:
     def __init__(self, cfg: PretrainConfig, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
         self.tasks = [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
-        self.by_name = {t.name: t for t in self.tasks}
+        self.tool_tasks = {t.name: t for t in self.tasks if isinstance(t, ToolTask)}  # all, with tool_fraction
 
     def problems(self, seed: int, n: int) -> list[Problem]:
         rng = random.Random(seed)
@@ -140,7 +141,7 @@ class Corpus:
         cfg, out = self.cfg, []
         for p in self.problems(seed, n):
             u = rng.random()
-            tool = self.by_name[p.task].tool_solution(p) if cfg.direct_fraction <= u < (cfg.direct_fraction +
+            tool = self.tool_tasks[p.task].tool_solution(p) if cfg.direct_fraction <= u < (cfg.direct_fraction +
                                                                                         cfg.tool_fraction) else None
             out.append((render_prompt(self.tok, p.prompt, cfg.template),
                         completion_text(p, u < cfg.direct_fraction, tool) + self.tok.eos_token))
@@ -196,7 +197,7 @@ class Corpus:
         packed = pack(samples, cfg.seq_len, pad_id=self.tok.pad_token_id, prefix=prefix)
         keep = slice(0, cfg.rows)
         return Packed(packed.input_ids[keep], packed.position_ids[keep], packed.group[keep], packed.segment[keep],
-                      [], packed.labels[keep])
+                      [], packed.require_labels()[keep])
 
 
 def build_tokenizer(cfg: PretrainConfig):
@@ -207,7 +208,7 @@ def build_tokenizer(cfg: PretrainConfig):
 
     probe = Corpus.__new__(Corpus)  # problems only; no tokenizer needed to draw them
     probe.cfg, probe.tasks = cfg, [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
-    tools = {t.name: t for t in probe.tasks} if cfg.tool_fraction else {}
+    tools = {t.name: t for t in probe.tasks if isinstance(t, ToolTask)} if cfg.tool_fraction else {}
     texts = [f"{R1ZERO_PREAMBLE} User: {p.prompt}. Assistant:"
              f"{completion_text(p, False, tools[p.task].tool_solution(p) if tools and i % 2 else None)}"
              for i, p in enumerate(probe.problems(cfg.seed + 7919, 3000))]
@@ -224,14 +225,14 @@ def build_model(cfg: PretrainConfig, tok) -> DeepseekV3:
 def quick_eval(model, tok, cfg: PretrainConfig, seed: int = 0) -> dict:
     """Held-out greedy accuracy, think share and mean reply length (the test split training never draws); with a
     corpus that calls the tool, the replies may call it too."""
-    from r1lab.eval import EvalConfig, evaluate, local_generator
+    from r1lab.eval import EvalConfig, EvalTemplate, evaluate, local_generator
     from r1lab.tools import make_tool
 
     tools = make_tool("python", tok) if cfg.tool_fraction else None
     result = {}
     for name in cfg.tasks:
-        ecfg = EvalConfig(task=name, limit=cfg.eval_problems, k=1, template=cfg.template, seed=seed,
-                          max_new_tokens=cfg.seq_len // 2)
+        ecfg = EvalConfig(task=name, limit=cfg.eval_problems, k=1, seed=seed, max_new_tokens=cfg.seq_len // 2,
+                          template=cast(EvalTemplate, cfg.template))  # r1zero or r1 (PretrainConfig.validate)
         task = get_task(name, **cfg.task_args.get(name, {}))
         problems = task.problems("test", n=cfg.eval_problems, seed=seed)
         s = evaluate(local_generator(model, tok, cfg.template, tools=tools), problems, ecfg)["summary"]
@@ -324,7 +325,7 @@ def process_rows(batch: Packed) -> tuple[Packed, tuple[float, float]]:
     tokens (for token means) and of its rows (for the per-row balance loss)."""
     mine = dist.share(batch.input_ids.shape[0])
     part = Packed(batch.input_ids[mine], batch.position_ids[mine], batch.group[mine], batch.segment[mine], [],
-                  batch.labels[mine])
-    n_mine = int((part.labels[:, 1:] != -100).sum())
+                  batch.require_labels()[mine])
+    n_mine = int((part.require_labels()[:, 1:] != -100).sum())
     n_all = dist.all_sum(n_mine)
     return part, (n_mine / max(1.0, n_all), (mine.stop - mine.start) / batch.input_ids.shape[0])

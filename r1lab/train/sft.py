@@ -71,12 +71,14 @@ class SFTConfig:
         if not self.model:
             raise ValueError("--model is required: the model directory to fine-tune")
         if not self.data:
-            raise ValueError("--data is required: a JSONL file of chats ({\"messages\": [...]}) or prompt/completion pairs")
+            raise ValueError("--data is required: a JSONL file of chats ({\"messages\": [...]}) "
+                             "or prompt/completion pairs")
         for name in ("data", "eval_data"):
             path = getattr(self, name)
             if files and path and not Path(path).is_file():
                 raise FileNotFoundError(f"--{name.replace('_', '-')} {path} is a directory; give the JSONL file"
-                                        if Path(path).is_dir() else f"--{name.replace('_', '-')} file not found: {path}")
+                                        if Path(path).is_dir()
+                                        else f"--{name.replace('_', '-')} file not found: {path}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
         check_template(self.template)
@@ -113,7 +115,8 @@ def read_examples(path: str | Path) -> list[dict]:
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.pos + 1}); one object per line") from None
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.pos + 1}); "
+                                 "one object per line") from None
             problem = check_example(ex)
             if problem:
                 raise ValueError(f"{path}:{i}: {problem}")
@@ -265,7 +268,7 @@ def select_rows(packed: Packed, rows: torch.Tensor) -> Packed:
     """These rows, trimmed to their longest real content."""
     n = int((packed.group[rows] >= 0).sum(1).max())
     return Packed(packed.input_ids[rows, :n], packed.position_ids[rows, :n], packed.group[rows, :n],
-                  packed.segment[rows, :n], [], packed.labels[rows, :n])
+                  packed.segment[rows, :n], [], packed.require_labels()[rows, :n])
 
 
 # ----------------------------------------------------------------------------- loss
@@ -275,7 +278,7 @@ def token_losses(model, batch: Packed) -> torch.Tensor:
     """Cross-entropy [R, L] of each label token predicted from the column before it (0 elsewhere); the vocabulary
     projection runs only where a label is predicted. Packed samples see only themselves."""
     h, head, cap = packed_hidden_states(model, batch)
-    labels = batch.labels
+    labels = batch.require_labels()
     r, c = (labels != -100).nonzero(as_tuple=True)
     dev = h.device
     logits = head(h.reshape(-1, h.shape[-1])[(r * labels.shape[1] + c - 1).to(dev)]).float()
@@ -311,7 +314,7 @@ def held_out_loss(model, packed: Packed, rows: int, bf16: bool, device) -> float
             batch = select_rows(packed, torch.arange(i, min(i + rows, packed.input_ids.shape[0])))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 total += token_losses(model, batch).sum().item()
-            n += int((batch.labels != -100).sum())
+            n += int((batch.require_labels() != -100).sum())
     finally:
         model.train(was)
     total, n = dist.all_sum([total, n])
@@ -361,7 +364,7 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         parts = [order[m * cfg.rows:(m + 1) * cfg.rows] for m in micro]
         mine = [p[dist.share(len(p))] for p in parts]  # this process's rows of each micro-batch (all of them alone)
         batches = [select_rows(data.train, r) if len(r) else None for r in mine]
-        n_labels = int(dist.all_sum(sum(int((b.labels != -100).sum()) for b in batches if b is not None)))
+        n_labels = int(dist.all_sum(sum(int((b.require_labels() != -100).sum()) for b in batches if b is not None)))
         lr = loop.set_lr(opt, step, total, cfg)
         loss_sum, step_tokens = 0.0, 0
         for i, b in enumerate(batches):

@@ -44,6 +44,9 @@ def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
 class VLLMRollout:
     """A colocated vLLM engine with the sampler's interface: `encode`, `generate(prompt_ids, params, seeds=...)`."""
 
+    tools = None      # no tool: GRPOConfig refuses --tools with --rollout vllm
+    tool_wait = 0.0   # so no time spent waiting for programs
+
     def __init__(self, model_dir: str, model, tokenizer, gpu_memory: float = 0.3, dtype: str = "bfloat16",
                  seed: int = 0):
         check_available()
@@ -90,13 +93,13 @@ class VLLMRollout:
         from vllm import SamplingParams as VLLMParams
 
         params.validate()
-        seeds = seeds if seeds is not None else [params.seed] * len(prompts)
+        per_prompt: list[int | None] = list(seeds) if seeds is not None else [params.seed] * len(prompts)
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_ids
         requests = [VLLMParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
                                seed=None if s is None else int(s) % (1 << 63), stop=list(params.stop) or None,
                                stop_token_ids=list(stop_ids), logprobs=0, skip_special_tokens=False)
-                    for s in seeds]
+                    for s in per_prompt]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], requests, use_tqdm=False)
         completions = []
         for i, out in enumerate(outs):
