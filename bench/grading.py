@@ -52,8 +52,13 @@ def measure(data: str, setting: str, name: str) -> dict:
             with ThreadPoolExecutor(int(setting)) as pool:
                 verdicts = list(pool.map(lambda pg: grade(*pg), ps))
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        out[phase] = {"pairs_per_s": round(len(ps) / seconds, 1), "cpu_ms_per_pair": round(cpu / len(ps) * 1e3, 3),
-                      "true": verdicts.count(True), "false": verdicts.count(False), "none": verdicts.count(None)}
+        out[phase] = {
+            "pairs_per_s": round(len(ps) / seconds, 1),
+            "cpu_ms_per_pair": round(cpu / len(ps) * 1e3, 3),
+            "true": verdicts.count(True),
+            "false": verdicts.count(False),
+            "none": verdicts.count(None),
+        }
     return out
 
 
@@ -84,14 +89,24 @@ def main():
     for setting in map(str, SETTINGS):
         result["settings"][setting] = row = {}
         for name in SETS:
-            runs = [json.loads(subprocess.run([sys.executable, __file__, "--data", args.data, "--one", setting, name],
-                                              capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-                    for _ in range(args.repeats)]
+            runs = [
+                json.loads(
+                    subprocess.run(
+                        [sys.executable, __file__, "--data", args.data, "--one", setting, name],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout.splitlines()[-1]
+                )
+                for _ in range(args.repeats)
+            ]
             for phase in ("cold", "warm"):
                 row[f"{name}_{phase}"] = max((r[phase] for r in runs), key=lambda r: r["pairs_per_s"])
                 row[f"{name}_{phase}"]["cpu_ms_per_pair"] = min(r[phase]["cpu_ms_per_pair"] for r in runs)
-        print(f"{setting:>5}: " + "  ".join(f"{k} {v['pairs_per_s']:.0f}/s {v['cpu_ms_per_pair']:.2f} ms"
-                                            for k, v in row.items()))
+        print(
+            f"{setting:>5}: "
+            + "  ".join(f"{k} {v['pairs_per_s']:.0f}/s {v['cpu_ms_per_pair']:.2f} ms" for k, v in row.items())
+        )
     write_json(args.out, result)
 
 

@@ -104,6 +104,7 @@ class Clock:
                 return fn(*a, **kw)
             finally:
                 self.step[name] += time.perf_counter() - t0
+
         return timed
 
     def close(self, **extra) -> dict:
@@ -128,8 +129,14 @@ def profile_summary(prof: cProfile.Profile, n: int = 14) -> list[dict]:
     stats = pstats.Stats(prof, stream=io.StringIO())
     rows = []
     for (file, line, fn), (_, nc, tt, ct, _) in stats.stats.items():
-        rows.append({"function": f"{Path(file).name}:{line}({fn})" if line else fn, "calls": nc,
-                     "self_s": round(tt, 4), "cumulative_s": round(ct, 4)})
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({fn})" if line else fn,
+                "calls": nc,
+                "self_s": round(tt, 4),
+                "cumulative_s": round(ct, 4),
+            }
+        )
     return sorted(rows, key=lambda r: -r["self_s"])[:n]
 
 
@@ -151,12 +158,29 @@ def run_pair(path: Path, args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="grpo_vs_trl_"))
 
     # ---- r1lab
-    cfg = G.GRPOConfig(out=str(tmp / "r1lab"), model=str(path), tasks=["arithmetic"], template=args.template,
-                       rewards=[f"{BENCH_FILE}:text_hash_reward"], reward_weights=[1.0], steps=total,
-                       prompts_per_step=P, num_generations=Gn, max_new_tokens=T, temperature=1.0, top_p=1.0,
-                       lr=args.lr, warmup=0, beta=0.0, mu=1, bf16=args.dtype == "bfloat16", loss_agg="token-mean",
-                       seed=0, device=args.device,
-                       **({"row_tokens": args.row_tokens} if args.row_tokens else {}))
+    cfg = G.GRPOConfig(
+        out=str(tmp / "r1lab"),
+        model=str(path),
+        tasks=["arithmetic"],
+        template=args.template,
+        rewards=[f"{BENCH_FILE}:text_hash_reward"],
+        reward_weights=[1.0],
+        steps=total,
+        prompts_per_step=P,
+        num_generations=Gn,
+        max_new_tokens=T,
+        temperature=1.0,
+        top_p=1.0,
+        lr=args.lr,
+        warmup=0,
+        beta=0.0,
+        mu=1,
+        bf16=args.dtype == "bfloat16",
+        loss_agg="token-mean",
+        seed=0,
+        device=args.device,
+        **({"row_tokens": args.row_tokens} if args.row_tokens else {}),
+    )
     model_r, tok_r = load_model_and_tokenizer(path, device=args.device)
     r1 = G.GRPOTrainer(cfg, model=model_r, tokenizer=tok_r, resume=False, progress=False)
     r1_clock = Clock()
@@ -170,8 +194,9 @@ def run_pair(path: Path, args) -> dict:
         for p in r1.rollouts.draw(s, 0, P):
             rows.append({"prompt": render_prompt(tok_r, p.prompt, args.template), "answer": p.answer})
     tok_t = AutoTokenizer.from_pretrained(path)
-    assert tok_t(text=[rows[0]["prompt"]])["input_ids"][0] == r1.sampler.encode(rows[0]["prompt"]), \
+    assert tok_t(text=[rows[0]["prompt"]])["input_ids"][0] == r1.sampler.encode(rows[0]["prompt"]), (
         "TRL and r1lab must see the same prompt tokens"
+    )
 
     trl_clock = Clock()
 
@@ -202,8 +227,11 @@ def run_pair(path: Path, args) -> dict:
 
     def r1lab_step(step: int) -> None:
         prof = cProfile.Profile() if args.profile and step == total - 1 else None
-        with patched(rollout_module, "score", r1_clock, "reward"), patched(G, "packed_rows", r1_clock, "layout"), \
-                patched(G, "grouped_batches", r1_clock, "layout"):
+        with (
+            patched(rollout_module, "score", r1_clock, "reward"),
+            patched(G, "packed_rows", r1_clock, "layout"),
+            patched(G, "grouped_batches", r1_clock, "layout"),
+        ):
             if prof:
                 prof.enable()
             t0 = time.perf_counter()
@@ -217,10 +245,16 @@ def run_pair(path: Path, args) -> dict:
                 prof.disable()
                 r1_profile.extend(profile_summary(prof))
         flat = ro.flat
-        r1_clock.close(total=t2 - t0, rollout=t1 - t0, update=t2 - t1, completions=len(flat),
-                       completion_tokens=sum(len(c.token_ids) for c in flat),
-                       truncated=sum(c.finish_reason == "length" for c in flat),
-                       trained_tokens=stats["trained_tokens"], threads=torch.get_num_threads())
+        r1_clock.close(
+            total=t2 - t0,
+            rollout=t1 - t0,
+            update=t2 - t1,
+            completions=len(flat),
+            completion_tokens=sum(len(c.token_ids) for c in flat),
+            truncated=sum(c.finish_reason == "length" for c in flat),
+            trained_tokens=stats["trained_tokens"],
+            threads=torch.get_num_threads(),
+        )
 
     class Alternate(TrainerCallback):
         """Times each TRL optimiser step, then runs one r1lab step, so the two interleave."""
@@ -247,25 +281,61 @@ def run_pair(path: Path, args) -> dict:
     # (per_device_train_batch_size 128, gradient accumulation 1 -> generation_batch_size 128, steps_per_generation 1,
     # so TRL also takes old log-probs as the detached current ones: no extra forward)
     targs = trl.GRPOConfig(
-        output_dir=str(tmp / "trl"), per_device_train_batch_size=P * Gn, gradient_accumulation_steps=1,
-        num_generations=Gn, max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
-        num_iterations=1, loss_type="dapo", scale_rewards="group", epsilon=0.2, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
-        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu", max_steps=total,
-        shuffle_dataset=False, seed=0,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, log_completions=False)
+        output_dir=str(tmp / "trl"),
+        per_device_train_batch_size=P * Gn,
+        gradient_accumulation_steps=1,
+        num_generations=Gn,
+        max_completion_length=T,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="dapo",
+        scale_rewards="group",
+        epsilon=0.2,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=args.dtype == "bfloat16",
+        fp16=False,
+        use_cpu=args.device == "cpu",
+        max_steps=total,
+        shuffle_dataset=False,
+        seed=0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
     model_t = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = TimedTRL(model=model_t, reward_funcs=text_hash_reward, args=targs, train_dataset=Dataset.from_list(rows),
-                       processing_class=tok_t, callbacks=[Alternate()])
+    trainer = TimedTRL(
+        model=model_t,
+        reward_funcs=text_hash_reward,
+        args=targs,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok_t,
+        callbacks=[Alternate()],
+    )
     torch.set_num_threads(args.threads)
     with redirect_stdout(io.StringIO()):  # TRL prints a summary dict at the end
         trainer.train()
 
     measured = slice(args.warmup, args.warmup + args.steps)
-    out = {"model_class_trl": type(model_t).__name__, "model_class_r1lab": type(model_r).__name__,
-           "trl_steps": trl_clock.steps, "r1lab_steps": r1_clock.steps,
-           "trl": summarise(trl_clock.steps[measured], "trl"), "r1lab": summarise(r1_clock.steps[measured], "r1lab")}
+    out = {
+        "model_class_trl": type(model_t).__name__,
+        "model_class_r1lab": type(model_r).__name__,
+        "trl_steps": trl_clock.steps,
+        "r1lab_steps": r1_clock.steps,
+        "trl": summarise(trl_clock.steps[measured], "trl"),
+        "r1lab": summarise(r1_clock.steps[measured], "r1lab"),
+    }
     out["ratio_best"] = out["trl"]["best_s"] / out["r1lab"]["best_s"]
     out["ratio_median"] = out["trl"]["median_s"] / out["r1lab"]["median_s"]
     if args.profile:
@@ -278,31 +348,46 @@ def summarise(steps: list[dict], system: str) -> dict:
     totals = [s["total"] for s in steps]
     mean = lambda k: statistics.fmean(s.get(k, 0.0) for s in steps)  # noqa: E731
     if system == "trl":
-        phases = {"generate": mean("generate"), "reward": mean("reward"),
-                  "rollout other": mean("rollout") - mean("generate") - mean("reward"),
-                  "forward + loss": mean("forward"),
-                  "backward": mean("training_step") - mean("rollout") - mean("forward"),
-                  "clip + optimizer + other": mean("total") - mean("training_step")}
+        phases = {
+            "generate": mean("generate"),
+            "reward": mean("reward"),
+            "rollout other": mean("rollout") - mean("generate") - mean("reward"),
+            "forward + loss": mean("forward"),
+            "backward": mean("training_step") - mean("rollout") - mean("forward"),
+            "clip + optimizer + other": mean("total") - mean("training_step"),
+        }
     else:
-        phases = {"generate": mean("generate"), "reward": mean("reward"),
-                  "rollout other": mean("rollout") - mean("generate") - mean("reward"),
-                  "layout": mean("layout"), "forward": mean("forward"), "optimizer": mean("optimizer"),
-                  "loss + backward + clip + other":
-                      mean("update") - mean("layout") - mean("forward") - mean("optimizer")}
-    return {"best_s": min(totals), "median_s": statistics.median(totals), "mean_s": statistics.fmean(totals),
-            "phases_mean_s": phases, "mean_completion_length": sum(s["completion_tokens"] for s in steps)
-            / max(1, sum(s["completions"] for s in steps)),
-            "truncated_share": sum(s["truncated"] for s in steps) / max(1, sum(s["completions"] for s in steps))}
+        phases = {
+            "generate": mean("generate"),
+            "reward": mean("reward"),
+            "rollout other": mean("rollout") - mean("generate") - mean("reward"),
+            "layout": mean("layout"),
+            "forward": mean("forward"),
+            "optimizer": mean("optimizer"),
+            "loss + backward + clip + other": mean("update") - mean("layout") - mean("forward") - mean("optimizer"),
+        }
+    return {
+        "best_s": min(totals),
+        "median_s": statistics.median(totals),
+        "mean_s": statistics.fmean(totals),
+        "phases_mean_s": phases,
+        "mean_completion_length": sum(s["completion_tokens"] for s in steps)
+        / max(1, sum(s["completions"] for s in steps)),
+        "truncated_share": sum(s["truncated"] for s in steps) / max(1, sum(s["completions"] for s in steps)),
+    }
 
 
 def print_pair(name: str, res: dict) -> None:
     t, r = res["trl"], res["r1lab"]
     print(f"\n== {name}: TRL runs {res['model_class_trl']}, r1lab runs {res['model_class_r1lab']}")
     print(f"{'':26s}{'TRL':>10s}{'r1lab':>10s}")
-    print(f"{'seconds/step (best)':26s}{t['best_s']:10.3f}{r['best_s']:10.3f}   "
-          f"r1lab is {res['ratio_best']:.2f}x faster")
-    print(f"{'seconds/step (median)':26s}{t['median_s']:10.3f}{r['median_s']:10.3f}   "
-          f"r1lab is {res['ratio_median']:.2f}x faster")
+    print(
+        f"{'seconds/step (best)':26s}{t['best_s']:10.3f}{r['best_s']:10.3f}   r1lab is {res['ratio_best']:.2f}x faster"
+    )
+    print(
+        f"{'seconds/step (median)':26s}{t['median_s']:10.3f}{r['median_s']:10.3f}   "
+        f"r1lab is {res['ratio_median']:.2f}x faster"
+    )
     print(f"{'mean completion length':26s}{t['mean_completion_length']:10.1f}{r['mean_completion_length']:10.1f}")
     print(f"{'truncated at 64':26s}{t['truncated_share']:10.2f}{r['truncated_share']:10.2f}")
     for sys_name, s in (("TRL", t), ("r1lab", r)):
@@ -320,17 +405,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["qwen2", "native"], choices=["qwen2", "native"])
     ap.add_argument("--size", default="tiny", choices=list(models.SIZES), help="the models' size (bench/models.py)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for both systems")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="bfloat16: autocast in both systems (weights and optimiser float32)")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: autocast in both systems (weights and optimiser float32)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (two threads on two busy cores "
-                                                            "collapse; 1 is the steadier default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both (two threads on two busy cores collapse; 1 is the steadier default)",
+    )
     ap.add_argument("--template", default="r1", choices=["r1", "r1zero"])
     ap.add_argument("--target-length", type=float, default=32.0, help="mean completion length the EOS boost aims at")
-    ap.add_argument("--lr", type=float, default=1e-6, help="the same for both; TRL's default. At 1e-4 a few Adam "
-                    "steps move the random model's EOS rate (mean length 32 -> 15 or -> 60 within 3 steps, in "
-                    "either direction), and the two systems would no longer time the same workload")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=1e-6,
+        help="the same for both; TRL's default. At 1e-4 a few Adam "
+        "steps move the random model's EOS rate (mean length 32 -> 15 or -> 60 within 3 steps, in "
+        "either direction), and the two systems would no longer time the same workload",
+    )
     ap.add_argument("--row-tokens", type=int, default=0, help="r1lab's packed training row length (0: its default)")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra step of each (not in the timings)")
     ap.add_argument("--out", default="bench/results/grpo_vs_trl.json")
@@ -356,16 +454,35 @@ def main(argv=None) -> dict:
             results[name] = run_pair(path, args)
             print_pair(name, results[name])
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    result = {"benchmark": "grpo_vs_trl", "models": built, "size": args.size, "device": args.device,
-              "threads": args.threads, "load_average_at_end": load,
-              "settings": {"prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 64, "temperature": 1.0,
-                           "top_p": 1.0, "beta": 0.0, "updates_per_batch": 1, "dtype": args.dtype, "lr": args.lr,
-                           "template": args.template, "task": "arithmetic", "reward": "crc32 of the text % 1000 / 1000",
-                           "eos_target_length": args.target_length, "warmup_steps": args.warmup,
-                           "measured_steps": args.steps},
-              "results": results,
-              "allocator": allocator, "versions": versions("torch", "transformers", "trl"),
-              "machine": platform.processor() or platform.machine()}
+    result = {
+        "benchmark": "grpo_vs_trl",
+        "models": built,
+        "size": args.size,
+        "device": args.device,
+        "threads": args.threads,
+        "load_average_at_end": load,
+        "settings": {
+            "prompts_per_step": 16,
+            "num_generations": 8,
+            "max_new_tokens": 64,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "beta": 0.0,
+            "updates_per_batch": 1,
+            "dtype": args.dtype,
+            "lr": args.lr,
+            "template": args.template,
+            "task": "arithmetic",
+            "reward": "crc32 of the text % 1000 / 1000",
+            "eos_target_length": args.target_length,
+            "warmup_steps": args.warmup,
+            "measured_steps": args.steps,
+        },
+        "results": results,
+        "allocator": allocator,
+        "versions": versions("torch", "transformers", "trl"),
+        "machine": platform.processor() or platform.machine(),
+    }
     print()
     write_json(args.out, result)
     return result

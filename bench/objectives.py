@@ -55,15 +55,33 @@ def main() -> None:
     base = Path(args.base) if args.base else work / "pretrain" / "model"
     if not args.base:
         t0 = time.perf_counter()
-        run_pretrain(config.merge(cfg.pretrain, {"out": str(work / "pretrain"), "seed": cfg.seed,
-                                                 "tasks": [cfg.task], "task_args": {cfg.task: cfg.task_args}}), True)
+        run_pretrain(
+            config.merge(
+                cfg.pretrain,
+                {
+                    "out": str(work / "pretrain"),
+                    "seed": cfg.seed,
+                    "tasks": [cfg.task],
+                    "task_args": {cfg.task: cfg.task_args},
+                },
+            ),
+            True,
+        )
         print(f"pretrained the base model in {time.perf_counter() - t0:.0f} s")
     rows = [dict(arm="base model", **_figures(evaluate(base, cfg, work / "eval_base.json")))]
     for name, settings in OBJECTIVES.items():
         for correction in ("none", "token-truncate"):
             arm = name + (" + truncated IS" if correction != "none" else "")
-            gcfg = grpo_config(cfg, work / f"{name}-{correction}", base, args.steps or cfg.grpo.steps,
-                               mu=args.mu, rollout_correction=correction, correction_high=2.0, **settings)
+            gcfg = grpo_config(
+                cfg,
+                work / f"{name}-{correction}",
+                base,
+                args.steps or cfg.grpo.steps,
+                mu=args.mu,
+                rollout_correction=correction,
+                correction_high=2.0,
+                **settings,
+            )
             t0 = time.perf_counter()
             model = run_grpo(gcfg, progress=True)
             wall = time.perf_counter() - t0
@@ -72,15 +90,29 @@ def main() -> None:
             print(_row(rows[-1]))
     print("\n".join(["", _header()] + [_row(r) for r in rows]))
     print(f"  matmul peak {peak / 1e9:.0f} GFLOP/s float32 on {args.threads} threads")
-    write_json(args.out, {"rows": rows, "mu": args.mu, "steps": args.steps or cfg.grpo.steps, "threads": args.threads,
-                          "matmul_peak_flops": peak, "machine": platform.processor() or platform.machine(),
-                          "eval": {"problems": cfg.eval.limit, "k": cfg.eval.k}, **versions("torch")})
+    write_json(
+        args.out,
+        {
+            "rows": rows,
+            "mu": args.mu,
+            "steps": args.steps or cfg.grpo.steps,
+            "threads": args.threads,
+            "matmul_peak_flops": peak,
+            "machine": platform.processor() or platform.machine(),
+            "eval": {"problems": cfg.eval.limit, "k": cfg.eval.k},
+            **versions("torch"),
+        },
+    )
 
 
 def _figures(result: dict) -> dict:
     s = result["summary"]
-    return {"pass@1": s["pass@1"], "greedy": s["greedy"], "think_share": s["think_share"],
-            "mean_length": s["mean_length"]}
+    return {
+        "pass@1": s["pass@1"],
+        "greedy": s["greedy"],
+        "think_share": s["think_share"],
+        "mean_length": s["mean_length"],
+    }
 
 
 def _header() -> str:
@@ -89,8 +121,10 @@ def _header() -> str:
 
 def _row(r: dict) -> str:
     sec = f"{r['grpo_seconds']:8.0f}" if "grpo_seconds" in r else f"{'':>8}"
-    return (f"  {r['arm']:<26}{100 * r['pass@1']:7.1f}%{100 * r['greedy']:7.1f}%{100 * r['think_share']:7.1f}%"
-            f"{r['mean_length']:8.1f}{sec}")
+    return (
+        f"  {r['arm']:<26}{100 * r['pass@1']:7.1f}%{100 * r['greedy']:7.1f}%{100 * r['think_share']:7.1f}%"
+        f"{r['mean_length']:8.1f}{sec}"
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,17 @@ def time_hf(model, tok, prompts, new_tokens, seed: int) -> float:
     torch.manual_seed(seed)  # generate samples from the global generator
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=None)
+        out = model.generate(
+            **enc,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=None,
+        )
     if out.is_cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -102,17 +111,36 @@ def main(argv=None) -> dict:
                 t_ours.append(time_r1lab(ours, tok, batch, args.new_tokens, seed))
                 t_hf.append(time_hf(hf, tok, batch, args.new_tokens, seed))
             tokens, med = B * args.new_tokens, statistics.median
-            row = {"batch": B, "new_tokens": args.new_tokens, "r1lab_tokens_per_s": tokens / med(t_ours),
-                   "transformers_tokens_per_s": tokens / med(t_hf), "speedup": med(t_hf) / med(t_ours),
-                   "speedup_best": min(t_hf) / min(t_ours), "r1lab_seconds": t_ours, "transformers_seconds": t_hf}
+            row = {
+                "batch": B,
+                "new_tokens": args.new_tokens,
+                "r1lab_tokens_per_s": tokens / med(t_ours),
+                "transformers_tokens_per_s": tokens / med(t_hf),
+                "speedup": med(t_hf) / med(t_ours),
+                "speedup_best": min(t_hf) / min(t_ours),
+                "r1lab_seconds": t_ours,
+                "transformers_seconds": t_hf,
+            }
             rows.append(row)
-            print(f"batch {B:3d}: r1lab {row['r1lab_tokens_per_s']:8.0f} tok/s   transformers generate "
-                  f"{row['transformers_tokens_per_s']:8.0f} tok/s   r1lab is {row['speedup']:.2f}x "
-                  f"(median; best of each {row['speedup_best']:.2f}x)", flush=True)
-    result = {"benchmark": "sampler", "model": args.model, "size": args.size, **described, "device": str(device),
-              "dtype": args.dtype, "threads": args.threads,
-              "results": rows, "allocator": allocator, "versions": versions("torch", "transformers"),
-              "machine": platform.processor() or platform.machine()}
+            print(
+                f"batch {B:3d}: r1lab {row['r1lab_tokens_per_s']:8.0f} tok/s   transformers generate "
+                f"{row['transformers_tokens_per_s']:8.0f} tok/s   r1lab is {row['speedup']:.2f}x "
+                f"(median; best of each {row['speedup_best']:.2f}x)",
+                flush=True,
+            )
+    result = {
+        "benchmark": "sampler",
+        "model": args.model,
+        "size": args.size,
+        **described,
+        "device": str(device),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "results": rows,
+        "allocator": allocator,
+        "versions": versions("torch", "transformers"),
+        "machine": platform.processor() or platform.machine(),
+    }
     write_json(args.out, result)
     return result
 

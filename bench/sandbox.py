@@ -61,8 +61,13 @@ def sandboxed(pairs, workers: int, backend: str) -> dict:
         start = time.perf_counter()
         results = [f.result() for f in [pool.submit(program, tests=[test]) for program, test in pairs]]
         wall = time.perf_counter() - start
-    return {"seconds": wall, "startup_seconds": startup, "passed": sum(r.passed for r in results),
-            "programs": len(results), "statuses": sorted({r.status for r in results})}
+    return {
+        "seconds": wall,
+        "startup_seconds": startup,
+        "passed": sum(r.passed for r in results),
+        "programs": len(results),
+        "statuses": sorted({r.status for r in results}),
+    }
 
 
 def main() -> None:
@@ -78,22 +83,35 @@ def main() -> None:
     for backend in args.backends.split(","):
         rows[f"sandbox ({backend})"] = sandboxed(pairs, args.workers, backend)
     base = rows["subprocess.run"]["seconds"]
-    print(f"{len(pairs)} HumanEval programs with their tests, {args.workers} at a time, "
-          f"{len(os.sched_getaffinity(0))} cores")
+    print(
+        f"{len(pairs)} HumanEval programs with their tests, {args.workers} at a time, "
+        f"{len(os.sched_getaffinity(0))} cores"
+    )
     print(f"{'':22} {'programs/s':>11} {'ms/program':>11} {'x baseline time':>16} {'passed':>8}")
     for name, r in rows.items():
         r["programs_per_second"] = r["programs"] / r["seconds"]
         r["ms_per_program"] = 1000 * r["seconds"] / r["programs"]
         r["time_vs_baseline"] = r["seconds"] / base
-        print(f"{name:22} {r['programs_per_second']:11.1f} {r['ms_per_program']:11.2f} "
-              f"{r['time_vs_baseline']:16.2f} {r['passed']:>4}/{r['programs']}")
+        print(
+            f"{name:22} {r['programs_per_second']:11.1f} {r['ms_per_program']:11.2f} "
+            f"{r['time_vs_baseline']:16.2f} {r['passed']:>4}/{r['programs']}"
+        )
         if "startup_seconds" in r:
             print(f"{'':22} (pool start-up and warm-up, not timed above: {r['startup_seconds']:.2f} s)")
     if any(r["passed"] != r["programs"] for r in rows.values()):
         raise SystemExit("some canonical solutions did not pass: figures not written")
-    write_json(args.out, {"workload": "HumanEval canonical solutions + check", "programs": len(pairs),
-                          "workers": args.workers, "cores": len(os.sched_getaffinity(0)), "results": rows,
-                          "target": "sandbox time per program <= 2x the baseline's", "versions": versions()})
+    write_json(
+        args.out,
+        {
+            "workload": "HumanEval canonical solutions + check",
+            "programs": len(pairs),
+            "workers": args.workers,
+            "cores": len(os.sched_getaffinity(0)),
+            "results": rows,
+            "target": "sandbox time per program <= 2x the baseline's",
+            "versions": versions(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -11,16 +11,22 @@ from r1lab import config as C
 
 # ----------------------------------------------------------------------------- generate / info
 
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text from a model directory (r1lab or transformers)")
     p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
     p.add_argument("--prompt", required=True, help="prompt text, used as is (no chat template)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt as one user turn with the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
-                                                            "whose probability reaches this")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens whose probability reaches this",
+    )
     p.add_argument("--top-k", type=int, default=0, help="0 means no top-k")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -39,12 +45,21 @@ def _run_generate(args):
     prompt = args.prompt
     if args.chat:
         if not getattr(tok, "chat_template", None):
-            raise C.ConfigError(f"--chat: {args.model} has no chat template (tokenizer_config.json or "
-                                "chat_template.jinja); drop --chat and pass the prompt as the model expects it")
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop)
+            raise C.ConfigError(
+                f"--chat: {args.model} has no chat template (tokenizer_config.json or "
+                "chat_template.jinja); drop --chat and pass the prompt as the model expects it"
+            )
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
     out = Sampler(model, tok).generate([prompt], params)[0]
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
@@ -72,15 +87,28 @@ def _run_info(args):
 
 # ----------------------------------------------------------------------------- cost
 
+
 def _add_cost(sub):
-    p = sub.add_parser("cost", help="parameters, FLOPs, KV cache, memory and training cost of a model config",
-                       description="Parameters, FLOPs, KV cache, memory and training cost of a model config, from the "
-                                   "config alone. Example: r1lab cost deepseek-v3-671b --tokens 14.8T --gpu H800 "
-                                   "--gpu-hours 2.788M --price 2")
-    p.add_argument("model", nargs="?", help="a preset (deepseek-v3-671b, deepseek-r1-distill-qwen-7b, ...), a model "
-                                            "directory or a config.json")
-    p.add_argument("--seq-len", "--context", dest="seq_len", type=int, default=4096,
-                   help="sequence length for attention FLOPs and activations; context for the KV cache (default 4096)")
+    p = sub.add_parser(
+        "cost",
+        help="parameters, FLOPs, KV cache, memory and training cost of a model config",
+        description="Parameters, FLOPs, KV cache, memory and training cost of a model config, from the "
+        "config alone. Example: r1lab cost deepseek-v3-671b --tokens 14.8T --gpu H800 "
+        "--gpu-hours 2.788M --price 2",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="a preset (deepseek-v3-671b, deepseek-r1-distill-qwen-7b, ...), a model directory or a config.json",
+    )
+    p.add_argument(
+        "--seq-len",
+        "--context",
+        dest="seq_len",
+        type=int,
+        default=4096,
+        help="sequence length for attention FLOPs and activations; context for the KV cache (default 4096)",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences at once (KV cache, activations)")
     p.add_argument("--tokens", help="training tokens, e.g. 14.8T")
     p.add_argument("--gpu", help="GPU the training ran on, e.g. H800, H100, A100, RTX 3080")
@@ -88,8 +116,11 @@ def _add_cost(sub):
     p.add_argument("--mfu", help="assumed MFU in (0, 1]: prints the GPU-hours needed")
     p.add_argument("--price", help="$ per GPU-hour: prints the cost")
     p.add_argument("--peak-dtype", default="bf16", help="dtype of the peak that --mfu refers to (default bf16)")
-    p.add_argument("--fits", metavar="GPU", help="which models and quantisations fit this GPU for inference "
-                                                 "(all presets, or MODEL only)")
+    p.add_argument(
+        "--fits",
+        metavar="GPU",
+        help="which models and quantisations fit this GPU for inference (all presets, or MODEL only)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_run_cost)
 
@@ -98,15 +129,25 @@ def _run_cost(args):
     from r1lab import cost_report
 
     try:
-        r = cost_report.report(args.model, seq_len=args.seq_len, batch=args.batch, tokens=args.tokens, gpu=args.gpu,
-                        gpu_hours=args.gpu_hours, mfu=args.mfu, price=args.price, peak_dtype=args.peak_dtype,
-                        fits_gpu=args.fits)
+        r = cost_report.report(
+            args.model,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            tokens=args.tokens,
+            gpu=args.gpu,
+            gpu_hours=args.gpu_hours,
+            mfu=args.mfu,
+            price=args.price,
+            peak_dtype=args.peak_dtype,
+            fits_gpu=args.fits,
+        )
     except (ValueError, FileNotFoundError) as e:
         raise C.ConfigError(str(e)) from None
     print(json.dumps(r, indent=2) if args.json else cost_report.render(r))
 
 
 # ----------------------------------------------------------------------------- pretrain / eval
+
 
 def _config_args(p, cls, skip=()):
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with config values (flags override it)")
@@ -117,9 +158,12 @@ def _config_args(p, cls, skip=()):
 def _add_pretrain(sub):
     from r1lab.train.pretrain import PretrainConfig
 
-    p = sub.add_parser("pretrain", help="pretrain the tiny native base model on synthetic verifiable problems",
-                       description="Train a tokenizer and a tiny DeepSeek-V3 on worked and bare-answer problems; "
-                                   "re-running with the same --out resumes.")
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain the tiny native base model on synthetic verifiable problems",
+        description="Train a tokenizer and a tiny DeepSeek-V3 on worked and bare-answer problems; "
+        "re-running with the same --out resumes.",
+    )
     _config_args(p, PretrainConfig)
     p.set_defaults(run=_run_pretrain)
 
@@ -133,8 +177,10 @@ def _run_pretrain(args):
         return
     final = run.metrics()[-1].get("eval", {})
     for task, m in final.items():
-        print(f"{task}: held-out greedy accuracy {100 * m['greedy']:.1f}%, thinks {100 * m['think_share']:.0f}% "
-              f"of the time, mean reply {m['mean_length']:.1f} tokens")
+        print(
+            f"{task}: held-out greedy accuracy {100 * m['greedy']:.1f}%, thinks {100 * m['think_share']:.0f}% "
+            f"of the time, mean reply {m['mean_length']:.1f} tokens"
+        )
     print(f"model written to {run.model_dir}")
 
 
@@ -148,13 +194,16 @@ def _main_process() -> bool:
 def _add_eval(sub):
     from r1lab.eval import EvalConfig
 
-    p = sub.add_parser("eval", help="evaluate a model with the R1 protocol (pass@1 over k samples, cons@k)",
-                       description="Greedy accuracy, pass@1 (mean over k samples at temperature 0.6, top-p 0.95), "
-                                   "cons@k (majority vote) and pass@k. MODEL is a model directory, or a run directory "
-                                   "(`r1lab pipeline`'s --out, or a trainer's): then its final model is evaluated on "
-                                   "the task, task knobs, template and eval settings the run used, unless flags say "
-                                   "otherwise. With --base-url, MODEL is the model name at an OpenAI-compatible "
-                                   "endpoint.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model with the R1 protocol (pass@1 over k samples, cons@k)",
+        description="Greedy accuracy, pass@1 (mean over k samples at temperature 0.6, top-p 0.95), "
+        "cons@k (majority vote) and pass@k. MODEL is a model directory, or a run directory "
+        "(`r1lab pipeline`'s --out, or a trainer's): then its final model is evaluated on "
+        "the task, task knobs, template and eval settings the run used, unless flags say "
+        "otherwise. With --base-url, MODEL is the model name at an OpenAI-compatible "
+        "endpoint.",
+    )
     p.add_argument("model", help="model or run directory, or the model name served at --base-url")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with eval settings (flags override it)")
     p.add_argument("--out", default=None, help="write the summary and per-problem records as JSON")
@@ -163,9 +212,13 @@ def _add_eval(sub):
     p.add_argument("--concurrency", type=int, default=16, help="parallel requests to --base-url")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--sandbox", choices=("bwrap", "process"), default=None,
-                   help="where code tasks run programs: bwrap (default: bubblewrap isolation) or process (resource "
-                        "limits only, no filesystem or network isolation; also R1LAB_SANDBOX)")
+    p.add_argument(
+        "--sandbox",
+        choices=("bwrap", "process"),
+        default=None,
+        help="where code tasks run programs: bwrap (default: bubblewrap isolation) or process (resource "
+        "limits only, no filesystem or network isolation; also R1LAB_SANDBOX)",
+    )
     C.add_arguments(p, EvalConfig)
     p.set_defaults(run=_run_eval)
 
@@ -178,8 +231,9 @@ def _run_eval(args):
     if args.concurrency < 1:
         raise C.ConfigError(f"--concurrency must be >= 1 (got {args.concurrency})")
     if args.out and os.path.isdir(args.out):  # checked before the evaluation, which the report would otherwise lose
-        raise C.ConfigError(f"--out {args.out} is a directory; give the JSON file to write (e.g. "
-                            f"{os.path.join(args.out, 'eval.json')})")
+        raise C.ConfigError(
+            f"--out {args.out} is a directory; give the JSON file to write (e.g. {os.path.join(args.out, 'eval.json')})"
+        )
     from r1lab.sandbox import set_default_backend
 
     set_default_backend(args.sandbox)
@@ -190,8 +244,9 @@ def _run_eval(args):
         print(f"evaluating {model_dir} with the settings of its run ({source}): {shown}; flags override them")
     problems = E.load_problems(cfg)
     if args.base_url:
-        gen = E.endpoint_generator(args.base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                                   concurrency=args.concurrency)
+        gen = E.endpoint_generator(
+            args.base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"), concurrency=args.concurrency
+        )
     else:
         from r1lab.model.load import load_model_and_tokenizer
         from r1lab.runtime import parse_dtype, pick_device
@@ -199,8 +254,9 @@ def _run_eval(args):
         model, tok = load_model_and_tokenizer(model_dir, device=pick_device(args.device), dtype=parse_dtype(args.dtype))
         from r1lab.tools import make_tool
 
-        gen = E.local_generator(model, tok, E.resolve_template(cfg, tok), max_batch=cfg.max_batch,
-                                tools=make_tool(cfg.tools, tok))
+        gen = E.local_generator(
+            model, tok, E.resolve_template(cfg, tok), max_batch=cfg.max_batch, tools=make_tool(cfg.tools, tok)
+        )
     result = E.evaluate(gen, problems, cfg)
     print(E.render_table(result["summary"]))
     if args.out:
@@ -211,9 +267,12 @@ def _run_eval(args):
 def _add_grpo(sub):
     from r1lab.train.grpo import GRPOConfig
 
-    p = sub.add_parser("grpo", help="GRPO (R1-Zero) reinforcement learning with verifiable rewards",
-                       description="GRPO and its variants (Dr. GRPO, DAPO) on a model directory (--model): native "
-                                   "r1lab or any transformers causal LM. Re-running with the same --out resumes.")
+    p = sub.add_parser(
+        "grpo",
+        help="GRPO (R1-Zero) reinforcement learning with verifiable rewards",
+        description="GRPO and its variants (Dr. GRPO, DAPO) on a model directory (--model): native "
+        "r1lab or any transformers causal LM. Re-running with the same --out resumes.",
+    )
     _config_args(p, GRPOConfig)
     p.set_defaults(run=_run_grpo)
 
@@ -230,22 +289,37 @@ def _run_grpo(args):
 
 # ----------------------------------------------------------------------------- pipeline
 
-PIPELINE_SETS = ("pretrain.report_to", "grpo.report_to",  # one --report-to for every stage
-                 "pretrain.out", "grpo.out", "grpo.model", "pretrain.tasks", "pretrain.task_args", "grpo.tasks",
-                 "grpo.task_args", "pretrain.seed", "grpo.seed", "grpo.teacher", "grpo.teacher_weight",
-                 "pretrain.tokenizer")
+PIPELINE_SETS = (
+    "pretrain.report_to",
+    "grpo.report_to",  # one --report-to for every stage
+    "pretrain.out",
+    "grpo.out",
+    "grpo.model",
+    "pretrain.tasks",
+    "pretrain.task_args",
+    "grpo.tasks",
+    "grpo.task_args",
+    "pretrain.seed",
+    "grpo.seed",
+    "grpo.teacher",
+    "grpo.teacher_weight",
+    "pretrain.tokenizer",
+)
 
 
 def _add_pipeline(sub):
     from r1lab.recipes import PipelineConfig
 
-    p = sub.add_parser("pipeline", help="the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
-                       description="R1-Zero in miniature with no arguments. Every stage writes under --out "
-                                   "(default runs/r1zero); re-running with the same --out resumes. --recipe r1 runs "
-                                   "DeepSeek-R1's four stages and --recipe distill compares distillation with RL on a "
-                                   "smaller student, both in <out>/<recipe>/ on top of the r1zero models (made first "
-                                   "when missing). Nested settings take dotted flags (--grpo.steps 40) or a --config "
-                                   "YAML file.")
+    p = sub.add_parser(
+        "pipeline",
+        help="the main job: tokenizer -> tiny base model -> eval -> GRPO -> eval -> report",
+        description="R1-Zero in miniature with no arguments. Every stage writes under --out "
+        "(default runs/r1zero); re-running with the same --out resumes. --recipe r1 runs "
+        "DeepSeek-R1's four stages and --recipe distill compares distillation with RL on a "
+        "smaller student, both in <out>/<recipe>/ on top of the r1zero models (made first "
+        "when missing). Nested settings take dotted flags (--grpo.steps 40) or a --config "
+        "YAML file.",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with pipeline settings (flags override it)")
     # set by the pipeline itself, so not flags: stage directories, the models each stage starts from, the task and
     # the seed (one top-level --task and --seed for all), and the teacher (the distill recipe's on-policy arm)
@@ -262,15 +336,19 @@ def _run_pipeline(args):
 
 # ----------------------------------------------------------------------------- sft / distill / import-gguf
 
+
 def _add_sft(sub):
     from r1lab.train.sft import SFTConfig
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat or prompt/completion JSONL",
-                       description="Fine-tune a model directory (--model: native r1lab or any transformers causal LM) "
-                                   "on --data JSONL: {\"messages\": [...]} chats (loss on assistant turns) or "
-                                   "{\"prompt\", \"completion\"} pairs. Samples are packed without seeing each "
-                                   "other; LoRA and gradient checkpointing take --hf.* flags. Re-running with the "
-                                   "same --out resumes.")
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on chat or prompt/completion JSONL",
+        description="Fine-tune a model directory (--model: native r1lab or any transformers causal LM) "
+        'on --data JSONL: {"messages": [...]} chats (loss on assistant turns) or '
+        '{"prompt", "completion"} pairs. Samples are packed without seeing each '
+        "other; LoRA and gradient checkpointing take --hf.* flags. Re-running with the "
+        "same --out resumes.",
+    )
     _config_args(p, SFTConfig)
     p.set_defaults(run=_run_sft)
 
@@ -289,30 +367,47 @@ def _print_sft(run):
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     held = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     if losses:
-        print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps"
-              + (f"; held-out loss {held[-1]:.3f}" if held else ""))
+        print(
+            f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps"
+            + (f"; held-out loss {held[-1]:.3f}" if held else "")
+        )
     print(f"model written to {run.model_dir}; metrics in {run.metrics_path}")
 
 
 def _add_distill(sub):
     from r1lab.distill import DistillConfig
 
-    p = sub.add_parser("distill", help="distil a reasoning teacher into a small student (rejection sampling + SFT, "
-                                       "or on-policy)",
-                       description="The teacher samples --k completions per problem; those correct, well-formed, in "
-                                   "one language, not duplicated and within the length cap are written to "
-                                   "OUT/data.jsonl (counts by rejection reason in OUT/data_stats.json); then the "
-                                   "student is fine-tuned on them (--sft.* flags). Re-running with the same --out "
-                                   "reuses the data and resumes training; --fresh samples again. The teacher is a "
-                                   "model directory (--teacher) or any OpenAI-compatible endpoint that returns "
-                                   "reasoning_content (--teacher-url, --teacher-model): its answers are cached in "
-                                   "OUT/teacher_cache, so a rerun (--fresh too) sends only the requests never "
-                                   "answered; delete that folder to ask again. --method on-policy instead lets the "
-                                   "student sample and the teacher score every sampled token (--onpolicy.* flags: "
-                                   "steps, lr, ...).")
-    _config_args(p, DistillConfig, skip=("sft.out", "sft.model", "sft.data", "onpolicy.out", "onpolicy.model",
-                                         "onpolicy.teacher", "onpolicy.tasks", "onpolicy.task_args", "onpolicy.seed",
-                                         "onpolicy.template"))
+    p = sub.add_parser(
+        "distill",
+        help="distil a reasoning teacher into a small student (rejection sampling + SFT, or on-policy)",
+        description="The teacher samples --k completions per problem; those correct, well-formed, in "
+        "one language, not duplicated and within the length cap are written to "
+        "OUT/data.jsonl (counts by rejection reason in OUT/data_stats.json); then the "
+        "student is fine-tuned on them (--sft.* flags). Re-running with the same --out "
+        "reuses the data and resumes training; --fresh samples again. The teacher is a "
+        "model directory (--teacher) or any OpenAI-compatible endpoint that returns "
+        "reasoning_content (--teacher-url, --teacher-model): its answers are cached in "
+        "OUT/teacher_cache, so a rerun (--fresh too) sends only the requests never "
+        "answered; delete that folder to ask again. --method on-policy instead lets the "
+        "student sample and the teacher score every sampled token (--onpolicy.* flags: "
+        "steps, lr, ...).",
+    )
+    _config_args(
+        p,
+        DistillConfig,
+        skip=(
+            "sft.out",
+            "sft.model",
+            "sft.data",
+            "onpolicy.out",
+            "onpolicy.model",
+            "onpolicy.teacher",
+            "onpolicy.tasks",
+            "onpolicy.task_args",
+            "onpolicy.seed",
+            "onpolicy.template",
+        ),
+    )
     p.set_defaults(run=_run_distill)
 
 
@@ -328,8 +423,10 @@ def _run_distill(args):
         print(f"model written to {run.model_dir}; metrics in {run.metrics_path}")
         return
     why = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items() if v) or "none"
-    print(f"kept {counts['kept']} of {counts['candidates']} teacher samples "
-          f"({counts['problems_with_kept']} of {counts['problems']} problems); rejected: {why}")
+    print(
+        f"kept {counts['kept']} of {counts['candidates']} teacher samples "
+        f"({counts['problems_with_kept']} of {counts['problems']} problems); rejected: {why}"
+    )
     if "teacher_usage" in counts:
         from r1lab.distill import usage_line
 
@@ -338,10 +435,13 @@ def _run_distill(args):
 
 
 def _add_import_gguf(sub):
-    p = sub.add_parser("import-gguf", help="turn a GGUF file into a safetensors model directory",
-                       description="Dequantise a GGUF model (llama.cpp's format) into a plain transformers model "
-                                   "directory with its tokenizer and chat template, trainable and servable by r1lab. "
-                                   "The written directory is loaded back and checked before it replaces OUT_DIR.")
+    p = sub.add_parser(
+        "import-gguf",
+        help="turn a GGUF file into a safetensors model directory",
+        description="Dequantise a GGUF model (llama.cpp's format) into a plain transformers model "
+        "directory with its tokenizer and chat template, trainable and servable by r1lab. "
+        "The written directory is loaded back and checked before it replaces OUT_DIR.",
+    )
     p.add_argument("file", help="the .gguf file")
     p.add_argument("out_dir", help="model directory to write")
     p.add_argument("--dtype", default="float32", help="weights as written: float32 (default), bfloat16 or float16")
@@ -360,16 +460,26 @@ def _run_import_gguf(args):
 def _add_export_gguf(sub):
     from r1lab.model.gguf_export import QTYPES
 
-    p = sub.add_parser("export-gguf", help="write a model directory as a GGUF file for llama.cpp",
-                       description="Write an r1lab DeepSeek-V3 (llama.cpp's deepseek2) or a Llama, Mistral or Qwen2 "
-                                   "model directory as one GGUF file with its tokenizer and chat templates. Settings "
-                                   "llama.cpp would compute differently are refused by name; nothing is approximated.")
+    p = sub.add_parser(
+        "export-gguf",
+        help="write a model directory as a GGUF file for llama.cpp",
+        description="Write an r1lab DeepSeek-V3 (llama.cpp's deepseek2) or a Llama, Mistral or Qwen2 "
+        "model directory as one GGUF file with its tokenizer and chat templates. Settings "
+        "llama.cpp would compute differently are refused by name; nothing is approximated.",
+    )
     p.add_argument("model", help="model directory")
     p.add_argument("out", help="the .gguf file to write")
-    p.add_argument("--type", default="f32", choices=QTYPES,
-                   help="weight storage: f32 (default), f16 or q8_0; norms, biases and the expert router stay f32")
-    p.add_argument("--skip-nfc", action="store_true",
-                   help="write a tokenizer whose NFC normaliser llama.cpp lacks (Qwen2's) instead of refusing it")
+    p.add_argument(
+        "--type",
+        default="f32",
+        choices=QTYPES,
+        help="weight storage: f32 (default), f16 or q8_0; norms, biases and the expert router stay f32",
+    )
+    p.add_argument(
+        "--skip-nfc",
+        action="store_true",
+        help="write a tokenizer whose NFC normaliser llama.cpp lacks (Qwen2's) instead of refusing it",
+    )
     p.set_defaults(run=_run_export_gguf)
 
 
@@ -385,11 +495,15 @@ def _run_export_gguf(args):
 
 # ----------------------------------------------------------------------------- serve / chat
 
+
 def _add_serve(sub):
-    p = sub.add_parser("serve", help="OpenAI-compatible API with reasoning_content, and a web chat page",
-                       description="Serve a model directory over an OpenAI-compatible API (/v1/chat/completions with "
-                                   "the thinking in reasoning_content, /v1/completions, /v1/models, /health) and a "
-                                   "web chat page at /. Concurrent requests share one continuously refilled batch.")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible API with reasoning_content, and a web chat page",
+        description="Serve a model directory over an OpenAI-compatible API (/v1/chat/completions with "
+        "the thinking in reasoning_content, /v1/completions, /v1/models, /health) and a "
+        "web chat page at /. Concurrent requests share one continuously refilled batch.",
+    )
     p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -398,8 +512,12 @@ def _add_serve(sub):
     p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
-                   help="uvicorn log level: warning, info, debug")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="uvicorn log level: warning, info, debug",
+    )
     import dataclasses
 
     from r1lab.serve.limits import ServerLimits
@@ -407,21 +525,38 @@ def _add_serve(sub):
     limits = {f.name: f for f in dataclasses.fields(ServerLimits)}
     for name in ("max_body_mb", "header_timeout", "body_timeout", "max_connections"):
         f = limits[name]
-        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"{f.metadata['help']} (default {f.default})")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help=limits["allowed_hosts"].metadata["help"] + "; repeatable")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=limits["allowed_hosts"].metadata["help"] + "; repeatable",
+    )
     _tool_flags(p, "on this server")
     p.set_defaults(run=_run_serve)
 
 
 def _tool_flags(p, where: str) -> None:
-    p.add_argument("--tools", choices=("none", "python"), default="none",
-                   help=f"let replies call a Python tool while they think (off by default): the programs the model "
-                        f"writes run {where}, in the sandbox (docs/tools.md)")
-    p.add_argument("--sandbox", choices=("bwrap", "process"), default=None,
-                   help="where --tools programs run: bwrap (default: bubblewrap isolation) or process (resource "
-                        "limits only, no filesystem or network isolation; also R1LAB_SANDBOX)")
+    p.add_argument(
+        "--tools",
+        choices=("none", "python"),
+        default="none",
+        help=f"let replies call a Python tool while they think (off by default): the programs the model "
+        f"writes run {where}, in the sandbox (docs/tools.md)",
+    )
+    p.add_argument(
+        "--sandbox",
+        choices=("bwrap", "process"),
+        default=None,
+        help="where --tools programs run: bwrap (default: bubblewrap isolation) or process (resource "
+        "limits only, no filesystem or network isolation; also R1LAB_SANDBOX)",
+    )
 
 
 def _run_serve(args):
@@ -435,21 +570,38 @@ def _run_serve(args):
         raise C.ConfigError(f"--port must be in 0..65535 (got {args.port})")
     if args.max_batch < 1:
         raise C.ConfigError(f"--max-batch must be >= 1 (got {args.max_batch})")
-    limits = ServerLimits(max_body_mb=args.max_body_mb, header_timeout=args.header_timeout,
-                          body_timeout=args.body_timeout, max_connections=args.max_connections,
-                          allowed_hosts=tuple(args.allowed_host))
+    limits = ServerLimits(
+        max_body_mb=args.max_body_mb,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        allowed_hosts=tuple(args.allowed_host),
+    )
     from r1lab.sandbox import set_default_backend
 
     set_default_backend(args.sandbox)
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("R1LAB_API_KEY"),
-          model_name=args.model_name, max_batch=args.max_batch, device=pick_device(args.device),
-          dtype=parse_dtype(args.dtype), log_level=args.log_level, limits=limits.validate(), tools=args.tools)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("R1LAB_API_KEY"),
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        device=pick_device(args.device),
+        dtype=parse_dtype(args.dtype),
+        log_level=args.log_level,
+        limits=limits.validate(),
+        tools=args.tools,
+    )
 
 
 def _add_chat(sub):
-    p = sub.add_parser("chat", help="terminal chat that shows the model's thinking",
-                       description="Talk to a model directory in the terminal: replies stream, the thinking dimmed "
-                                   "above the answer. /new starts over, /exit leaves, Ctrl-C stops a reply.")
+    p = sub.add_parser(
+        "chat",
+        help="terminal chat that shows the model's thinking",
+        description="Talk to a model directory in the terminal: replies stream, the thinking dimmed "
+        "above the answer. /new starts over, /exit leaves, Ctrl-C stops a reply.",
+    )
     p.add_argument("model", help="model directory (r1lab checkpoint or transformers causal LM)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 means greedy")
     p.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply (default: up to 4096)")
@@ -472,20 +624,45 @@ def _run_chat(args):
     from r1lab.sandbox import set_default_backend
 
     set_default_backend(args.sandbox)
-    run_chat(args.model, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-             system=args.system, device=pick_device(args.device), dtype=parse_dtype(args.dtype), tools=args.tools)
+    run_chat(
+        args.model,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        system=args.system,
+        device=pick_device(args.device),
+        dtype=parse_dtype(args.dtype),
+        tools=args.tools,
+    )
 
 
 # ----------------------------------------------------------------------------- main
 
-BUILDERS = [_add_generate, _add_info, _add_cost, _add_pretrain, _add_eval, _add_grpo, _add_pipeline, _add_sft,
-            _add_distill, _add_import_gguf, _add_export_gguf, _add_serve, _add_chat]
+BUILDERS = [
+    _add_generate,
+    _add_info,
+    _add_cost,
+    _add_pretrain,
+    _add_eval,
+    _add_grpo,
+    _add_pipeline,
+    _add_sft,
+    _add_distill,
+    _add_import_gguf,
+    _add_export_gguf,
+    _add_serve,
+    _add_chat,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1lab", description="DeepSeek-R1, open and runnable.")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: R1LAB_THREADS or the cores this process may use)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: R1LAB_THREADS or the cores this process may use)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for build in BUILDERS:
         build(sub)

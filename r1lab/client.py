@@ -40,13 +40,14 @@ class EndpointError(ValueError):
 @dataclass
 class Reply:
     """One choice of a chat completion and the tokens its request used."""
-    reasoning: str | None              # `reasoning_content` (None: the server split off no thinking)
+
+    reasoning: str | None  # `reasoning_content` (None: the server split off no thinking)
     content: str
-    finish_reason: str | None          # "stop", or "length" when max_tokens cut the reply
+    finish_reason: str | None  # "stop", or "length" when max_tokens cut the reply
     prompt_tokens: int = 0
-    completion_tokens: int = 0         # the thinking included, as DeepSeek and OpenAI count them
+    completion_tokens: int = 0  # the thinking included, as DeepSeek and OpenAI count them
     reasoning_tokens: int | None = None
-    cached: bool = False               # answered by an earlier run: not paid for again
+    cached: bool = False  # answered by an earlier run: not paid for again
 
     @property
     def text(self) -> str:
@@ -60,6 +61,7 @@ class Reply:
 @dataclass
 class Usage:
     """Requests and tokens summed over replies."""
+
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -88,11 +90,14 @@ def parse_reply(data) -> Reply:
         content, reasoning = msg.get("content"), msg.get("reasoning_content", msg.get("reasoning"))
         usage = data.get("usage") or {}
         details = usage.get("completion_tokens_details") or {}
-        reply = Reply(reasoning=reasoning, content=content or "", finish_reason=choice.get("finish_reason"),
-                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0),
-                      reasoning_tokens=None if details.get("reasoning_tokens") is None
-                      else int(details["reasoning_tokens"]))
+        reply = Reply(
+            reasoning=reasoning,
+            content=content or "",
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            reasoning_tokens=None if details.get("reasoning_tokens") is None else int(details["reasoning_tokens"]),
+        )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"no chat completion in the body ({type(e).__name__}: {e})") from None
     if not isinstance(reply.content, str) or not isinstance(reply.reasoning, (str, type(None))):
@@ -104,14 +109,26 @@ class ChatClient:
     """Requests to one model at one endpoint. `complete(bodies)` answers a list of request bodies, in order;
     `answered` and `cached` count the tokens of fresh and cached replies, `retried` the retries by cause."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, concurrency: int = 8,
-                 timeout: float = 600.0, max_retries: int = 6, retry_wait: float = 1.0, max_wait: float = 60.0,
-                 cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 8,
+        timeout: float = 600.0,
+        max_retries: int = 6,
+        retry_wait: float = 1.0,
+        max_wait: float = 60.0,
+        cache_dir: str | Path | None = None,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"the endpoint URL must start with http:// or https:// (got {base_url!r})")
         if concurrency < 1 or timeout <= 0 or max_retries < 0 or retry_wait < 0 or max_wait < 0:
-            raise ValueError(f"need concurrency >= 1, timeout > 0 and retries, waits >= 0 (got concurrency "
-                             f"{concurrency}, timeout {timeout}, max_retries {max_retries}, retry_wait {retry_wait})")
+            raise ValueError(
+                f"need concurrency >= 1, timeout > 0 and retries, waits >= 0 (got concurrency "
+                f"{concurrency}, timeout {timeout}, max_retries {max_retries}, retry_wait {retry_wait})"
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, api_key
         self.concurrency, self.timeout = concurrency, timeout
@@ -123,14 +140,20 @@ class ChatClient:
 
     def body(self, prompt: str, *, temperature: float, top_p: float, max_tokens: int, seed: int | None) -> dict:
         """One user turn, no system prompt (the R1 protocol), one choice per request: every server supports that."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
-                "top_p": top_p, "max_tokens": max_tokens}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+        }
         if seed is not None:
             body["seed"] = seed
         return body
 
-    def complete(self, bodies: Sequence[dict], tags: Sequence | None = None,
-                 on_reply: Callable[[Reply], None] | None = None) -> list[Reply]:
+    def complete(
+        self, bodies: Sequence[dict], tags: Sequence | None = None, on_reply: Callable[[Reply], None] | None = None
+    ) -> list[Reply]:
         """One reply per body, in order, from the cache or the endpoint. `tags` (JSON values) join the cache key
         where bodies alone do not tell requests apart; `on_reply` is called as each reply arrives."""
         tags = list(tags) if tags is not None else [None] * len(bodies)
@@ -140,10 +163,14 @@ class ChatClient:
 
     def usage(self, price_per_mtok: Sequence[float] = ()) -> dict:
         """JSON-ready token counts: fresh replies (paid by this run), cached ones (paid before), retries."""
-        return {"url": self.url, "model": self.model,
-                "answered": {**asdict(self.answered), "cost": self.answered.cost(price_per_mtok)},
-                "cached": {**asdict(self.cached), "cost": self.cached.cost(price_per_mtok)},
-                "retried": dict(self.retried), "price_per_mtok": list(price_per_mtok)}
+        return {
+            "url": self.url,
+            "model": self.model,
+            "answered": {**asdict(self.answered), "cost": self.answered.cost(price_per_mtok)},
+            "cached": {**asdict(self.cached), "cost": self.cached.cost(price_per_mtok)},
+            "retried": dict(self.retried),
+            "price_per_mtok": list(price_per_mtok),
+        }
 
     # -------------------------------------------------------------- requests
 
@@ -195,12 +222,16 @@ class ChatClient:
                 raise EndpointError(
                     f"{self.url} failed {self.max_retries + 1} times in a row for one request, last with {why}; "
                     f"{self.answered.requests} requests were answered"
-                    + (f" and are cached in {self.cache_dir}: run the same command again to resume"
-                       if self.cache_dir else "")
-                    + " (check that the server is up; --max-retries and --request-timeout give it longer)")
+                    + (
+                        f" and are cached in {self.cache_dir}: run the same command again to resume"
+                        if self.cache_dir
+                        else ""
+                    )
+                    + " (check that the server is up; --max-retries and --request-timeout give it longer)"
+                )
             self.retried[cause] = self.retried.get(cause, 0) + 1
             if wait is None:
-                wait = min(self.max_wait, self.retry_wait * 2 ** attempt) * random.uniform(0.5, 1.0)
+                wait = min(self.max_wait, self.retry_wait * 2**attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(min(wait, MAX_RETRY_AFTER))
         return None
 
@@ -222,22 +253,34 @@ class ChatClient:
                 data = r.json()
                 parse_reply(data)
             except ValueError as e:
-                return None, "malformed", f"200 and a body that is not a chat completion ({e}: " \
-                                          f"{_one_line(r.text)[:120]!r})", None
+                return (
+                    None,
+                    "malformed",
+                    f"200 and a body that is not a chat completion ({e}: {_one_line(r.text)[:120]!r})",
+                    None,
+                )
             return data, "", "", None
         if r.status_code in RETRY_STATUSES or r.status_code >= 500:
-            return None, str(r.status_code), f"status {r.status_code} ({_error_message(r)})", \
-                retry_after(r.headers.get("retry-after"))
+            return (
+                None,
+                str(r.status_code),
+                f"status {r.status_code} ({_error_message(r)})",
+                retry_after(r.headers.get("retry-after")),
+            )
         raise EndpointError(self._refusal(r))
 
     def _refusal(self, r) -> str:
         msg = _error_message(r)
         if r.status_code in (401, 403):
-            return (f"{self.url} refused the API key ({r.status_code}: {msg}); pass the right key with --api-key "
-                    f"(or set OPENAI_API_KEY)")
+            return (
+                f"{self.url} refused the API key ({r.status_code}: {msg}); pass the right key with --api-key "
+                f"(or set OPENAI_API_KEY)"
+            )
         if r.status_code == 404:
-            return (f"{self.url} answered 404 ({msg}); check the model name {self.model!r} and the URL (the base "
-                    f"URL usually ends in /v1)")
+            return (
+                f"{self.url} answered 404 ({msg}); check the model name {self.model!r} and the URL (the base "
+                f"URL usually ends in /v1)"
+            )
         return f"{self.url} refused the request ({r.status_code}: {msg}); fix the settings it names"
 
     # -------------------------------------------------------------- cache
@@ -271,8 +314,11 @@ class ChatClient:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{key}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"url": self.url, "body": body, "tag": tag, "response": data, "time": time.time()}, f,
-                      ensure_ascii=False)
+            json.dump(
+                {"url": self.url, "body": body, "tag": tag, "response": data, "time": time.time()},
+                f,
+                ensure_ascii=False,
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -119,10 +119,16 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         inner, _ = _strip_optional(tp)
         if isinstance(inner, type) and dataclasses.is_dataclass(inner) and isinstance(value, dict):
             kwargs[key] = from_dict(inner, value, prefix + key + ".")
-        elif isinstance(inner, type) and dataclasses.is_dataclass(inner) and value is not None \
-                and not isinstance(value, inner):
-            raise ConfigError(f"{prefix + key} is a group of settings, not {value!r}: give it a mapping of its "
-                              f"keys in the YAML, or dotted flags (--{prefix + key}.NAME VALUE)")
+        elif (
+            isinstance(inner, type)
+            and dataclasses.is_dataclass(inner)
+            and value is not None
+            and not isinstance(value, inner)
+        ):
+            raise ConfigError(
+                f"{prefix + key} is a group of settings, not {value!r}: give it a mapping of its "
+                f"keys in the YAML, or dotted flags (--{prefix + key}.NAME VALUE)"
+            )
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -180,8 +186,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
         if "_" in name:
             flags.append("--" + name)
         shown = json.dumps(default) if isinstance(default, (list, dict)) else default
-        group.add_argument(*flags, dest="cfg::" + name, default=None, metavar="V",
-                           help=f"{help_text} [{_type_name(tp)}, default {shown}]".strip().replace("%", "%%"))
+        group.add_argument(
+            *flags,
+            dest="cfg::" + name,
+            default=None,
+            metavar="V",
+            help=f"{help_text} [{_type_name(tp)}, default {shown}]".strip().replace("%", "%%"),
+        )
 
 
 def _type_name(tp) -> str:
@@ -196,21 +207,28 @@ def resolve(cls: type[T], args: argparse.Namespace, config_file: str | None = No
     if config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"--config {path} is a directory; give a YAML file" if path.is_dir()
-                              else f"--config file not found: {path}")
+            raise ConfigError(
+                f"--config {path} is a directory; give a YAML file"
+                if path.is_dir()
+                else f"--config file not found: {path}"
+            )
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"--config {path} is not a text file (not UTF-8); give a YAML file") from None
         except yaml.YAMLError as e:  # its message spans lines (the line and a caret under the column)
             mark = getattr(e, "problem_mark", None)
-            where = f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, " \
-                    f"column {mark.column + 1}" \
-                if mark is not None else " ".join(str(e).split())
+            where = (
+                f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}"
+                if mark is not None
+                else " ".join(str(e).split())
+            )
             raise ConfigError(f"--config {path} is not valid YAML: {where}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping of settings "
-                              f"(write key: value lines, e.g. 'steps: 100')")
+            raise ConfigError(
+                f"--config {path} holds a YAML {type(data).__name__}, not a mapping of settings "
+                f"(write key: value lines, e.g. 'steps: 100')"
+            )
         cfg = merge(cfg, data)
     updates: dict = {}
     for key, value in vars(args).items():

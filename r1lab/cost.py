@@ -37,28 +37,64 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # ----------------------------------------------------------------------------- presets (real config.json fields)
 
 _DEEPSEEK_V3 = dict(  # deepseek-ai/DeepSeek-V3 and DeepSeek-R1 config.json (same architecture)
-    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-    moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
-    first_k_dense_replace=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-    v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
-    routed_scaling_factor=2.5, num_nextn_predict_layers=1, tie_word_embeddings=False, attention_bias=False,
-    max_position_embeddings=163840)
+    model_type="deepseek_v3",
+    vocab_size=129280,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    num_key_value_heads=128,
+    first_k_dense_replace=3,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    max_position_embeddings=163840,
+)
 
 
 def _qwen2(hidden, inter, layers, heads, kv, vocab, tied=False):
-    return dict(model_type="qwen2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    return dict(
+        model_type="qwen2",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+    )
 
 
 def _llama(hidden, inter, layers, heads, kv, vocab, tied=False):
-    return dict(model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
-                attention_bias=False, mlp_bias=False)
+    return dict(
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        attention_bias=False,
+        mlp_bias=False,
+    )
 
 
 PRESETS: dict[str, dict] = {
@@ -75,20 +111,32 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m": _llama(576, 1536, 30, 9, 3, 49152, tied=True),
 }
 
-SUPPORTED_TYPES = ("deepseek_v3", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                   "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_TYPES = (
+    "deepseek_v3",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 
 
 # ----------------------------------------------------------------------------- reading a config
+
 
 def load_config(source: Any) -> tuple[str, dict]:
     """(name, config dict) from a preset name, a model directory, a config.json path, a dict, an r1lab
     `ModelConfig` or a `transformers.PretrainedConfig`."""
     if isinstance(source, dict):
         return source.get("_name_or_path") or source.get("model_type", "config"), source
-    if hasattr(source, "to_hf_dict"):        # r1lab ModelConfig
+    if hasattr(source, "to_hf_dict"):  # r1lab ModelConfig
         return "r1lab", source.to_hf_dict()
-    if hasattr(source, "to_dict"):           # transformers PretrainedConfig
+    if hasattr(source, "to_dict"):  # transformers PretrainedConfig
         return getattr(source, "name_or_path", "") or source.model_type, source.to_dict()
     text = str(source)
     if text.lower() in PRESETS:
@@ -97,8 +145,9 @@ def load_config(source: Any) -> tuple[str, dict]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no model config at {text!r}: give a model directory, a config.json, or a preset "
-                                f"({', '.join(PRESETS)})")
+        raise FileNotFoundError(
+            f"no model config at {text!r}: give a model directory, a config.json, or a preset ({', '.join(PRESETS)})"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -106,8 +155,10 @@ def load_config(source: Any) -> tuple[str, dict]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix or re-save the config") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a model config object; give a model "
-                         "directory or its config.json")
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not a model config object; give a model "
+            "directory or its config.json"
+        )
     return text, data
 
 
@@ -122,12 +173,12 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int                 # dense FFN width
+    intermediate_size: int  # dense FFN width
     tie_word_embeddings: bool
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False                  # per-head RMSNorm on q and k (qwen3, gemma3)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3, gemma3)
     norms_per_layer: int = 2
     # Multi-head latent attention (DeepSeek-V3); kv_lora_rank == 0 means ordinary (GQA/MHA) attention
     q_lora_rank: int | None = None
@@ -140,9 +191,9 @@ class Shape:
     n_routed_experts: int = 0
     experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    shared_intermediate_size: int = 0      # total width of the always-on shared expert(s)
-    shared_expert_gate: bool = False       # qwen2_moe's sigmoid gate on the shared expert
-    router_bias: bool = False              # DeepSeek's e_score_correction_bias
+    shared_intermediate_size: int = 0  # total width of the always-on shared expert(s)
+    shared_expert_gate: bool = False  # qwen2_moe's sigmoid gate on the shared expert
+    router_bias: bool = False  # DeepSeek's e_score_correction_bias
     num_mtp_layers: int = 0
 
     @property
@@ -164,10 +215,25 @@ class Shape:
 
 _NEEDED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 SIZE_KEYS = _NEEDED_SIZES + (
-    "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
-    "num_local_experts", "num_experts", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-    "first_k_dense_replace", "decoder_sparse_step", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-    "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers")
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "decoder_sparse_step",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "num_nextn_predict_layers",
+)
 
 
 def _need(d: dict, key: str, model_type: str):
@@ -182,7 +248,7 @@ def model_shape(config: Any) -> Shape:
     if isinstance(config, Shape):
         return config
     _, d = load_config(config)
-    if "text_config" in d and "hidden_size" not in d:    # multimodal wrappers: the language model part
+    if "text_config" in d and "hidden_size" not in d:  # multimodal wrappers: the language model part
         d = d["text_config"]
     for key in SIZE_KEYS:  # a hand-edited size ("64", -2, 0 heads) is named here, not met as a TypeError below
         v, least = d.get(key), 1 if key in _NEEDED_SIZES else 0
@@ -196,35 +262,58 @@ def model_shape(config: Any) -> Shape:
     h, L = _need(d, "hidden_size", mt), _need(d, "num_hidden_layers", mt)
     nh = _need(d, "num_attention_heads", mt)
     nkv = d.get("num_key_value_heads") or nh
-    common = dict(model_type=mt, vocab_size=_need(d, "vocab_size", mt), hidden_size=h, num_layers=L, num_heads=nh,
-                  num_kv_heads=nkv, head_dim=d.get("head_dim") or h // nh,
-                  intermediate_size=d.get("intermediate_size") or 0,
-                  tie_word_embeddings=bool(d.get("tie_word_embeddings", mt.startswith("gemma"))))
+    common = dict(
+        model_type=mt,
+        vocab_size=_need(d, "vocab_size", mt),
+        hidden_size=h,
+        num_layers=L,
+        num_heads=nh,
+        num_kv_heads=nkv,
+        head_dim=d.get("head_dim") or h // nh,
+        intermediate_size=d.get("intermediate_size") or 0,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", mt.startswith("gemma"))),
+    )
     attn_bias = bool(d.get("attention_bias") or False)
 
     if mt == "deepseek_v3":
         experts = d.get("n_routed_experts") or 0
         first_dense = d.get("first_k_dense_replace", 0) if experts else L
-        return Shape(**common, q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=_need(d, "kv_lora_rank", mt),
-                     qk_nope_head_dim=_need(d, "qk_nope_head_dim", mt),
-                     qk_rope_head_dim=_need(d, "qk_rope_head_dim", mt),
-                     v_head_dim=_need(d, "v_head_dim", mt), qkv_bias=attn_bias, o_bias=attn_bias,
-                     n_moe_layers=max(0, L - first_dense), n_routed_experts=experts,
-                     experts_per_tok=d.get("num_experts_per_tok") or 0,
-                     moe_intermediate_size=d.get("moe_intermediate_size") or 0,
-                     shared_intermediate_size=(d.get("moe_intermediate_size") or 0) * (d.get("n_shared_experts") or 0),
-                     router_bias=bool(experts), num_mtp_layers=d.get("num_nextn_predict_layers") or 0)
+        return Shape(
+            **common,
+            q_lora_rank=d.get("q_lora_rank"),
+            kv_lora_rank=_need(d, "kv_lora_rank", mt),
+            qk_nope_head_dim=_need(d, "qk_nope_head_dim", mt),
+            qk_rope_head_dim=_need(d, "qk_rope_head_dim", mt),
+            v_head_dim=_need(d, "v_head_dim", mt),
+            qkv_bias=attn_bias,
+            o_bias=attn_bias,
+            n_moe_layers=max(0, L - first_dense),
+            n_routed_experts=experts,
+            experts_per_tok=d.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=d.get("moe_intermediate_size") or 0,
+            shared_intermediate_size=(d.get("moe_intermediate_size") or 0) * (d.get("n_shared_experts") or 0),
+            router_bias=bool(experts),
+            num_mtp_layers=d.get("num_nextn_predict_layers") or 0,
+        )
     if mt in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen3"):
-        return Shape(**common, qkv_bias=attn_bias, o_bias=attn_bias, mlp_bias=bool(d.get("mlp_bias") or False),
-                     qk_norm=mt in ("qwen3", "gemma3_text"),
-                     norms_per_layer=4 if mt in ("gemma2", "gemma3_text") else 2)
+        return Shape(
+            **common,
+            qkv_bias=attn_bias,
+            o_bias=attn_bias,
+            mlp_bias=bool(d.get("mlp_bias") or False),
+            qk_norm=mt in ("qwen3", "gemma3_text"),
+            norms_per_layer=4 if mt in ("gemma2", "gemma3_text") else 2,
+        )
     if mt == "qwen2":  # transformers always builds q, k, v with a bias and o without
         return Shape(**common, qkv_bias=True)
     if mt == "mixtral":
-        return Shape(**{**common, "intermediate_size": 0}, n_moe_layers=L,
-                     n_routed_experts=d.get("num_local_experts") or _need(d, "num_experts", mt),
-                     experts_per_tok=_need(d, "num_experts_per_tok", mt),
-                     moe_intermediate_size=_need(d, "intermediate_size", mt))
+        return Shape(
+            **{**common, "intermediate_size": 0},
+            n_moe_layers=L,
+            n_routed_experts=d.get("num_local_experts") or _need(d, "num_experts", mt),
+            experts_per_tok=_need(d, "num_experts_per_tok", mt),
+            moe_intermediate_size=_need(d, "intermediate_size", mt),
+        )
     # qwen2_moe / qwen3_moe: a layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step
     # published Qwen configs say num_experts; transformers >= 5 writes qwen3_moe's as num_local_experts
     experts, step = d.get("num_experts") or d.get("num_local_experts") or 0, d.get("decoder_sparse_step") or 1
@@ -232,13 +321,22 @@ def model_shape(config: Any) -> Shape:
     n_moe = sum(1 for i in range(L) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
     shared = (d.get("shared_expert_intermediate_size") or 0) if mt == "qwen2_moe" else 0
     bias = bool(d.get("qkv_bias", True)) if mt == "qwen2_moe" else attn_bias
-    return Shape(**common, qkv_bias=bias, o_bias=bias and mt == "qwen3_moe", qk_norm=mt == "qwen3_moe",
-                 n_moe_layers=n_moe, n_routed_experts=experts, experts_per_tok=d.get("num_experts_per_tok") or 0,
-                 moe_intermediate_size=d.get("moe_intermediate_size") or 0, shared_intermediate_size=shared,
-                 shared_expert_gate=shared > 0)
+    return Shape(
+        **common,
+        qkv_bias=bias,
+        o_bias=bias and mt == "qwen3_moe",
+        qk_norm=mt == "qwen3_moe",
+        n_moe_layers=n_moe,
+        n_routed_experts=experts,
+        experts_per_tok=d.get("num_experts_per_tok") or 0,
+        moe_intermediate_size=d.get("moe_intermediate_size") or 0,
+        shared_intermediate_size=shared,
+        shared_expert_gate=shared > 0,
+    )
 
 
 # ----------------------------------------------------------------------------- parameters
+
 
 def _attention_params(s: Shape) -> tuple[int, int]:
     """(all parameters, matmul weights) of one attention block, its internal norms and biases included."""
@@ -247,12 +345,12 @@ def _attention_params(s: Shape) -> tuple[int, int]:
         qk = s.qk_nope_head_dim + s.qk_rope_head_dim
         if s.q_lora_rank:
             q_w = h * s.q_lora_rank + s.q_lora_rank * nh * qk
-            q_extra = s.q_lora_rank + (s.q_lora_rank if s.qkv_bias else 0)   # q_a_layernorm, q_a_proj bias
+            q_extra = s.q_lora_rank + (s.q_lora_rank if s.qkv_bias else 0)  # q_a_layernorm, q_a_proj bias
         else:
             q_w, q_extra = h * nh * qk, 0
         kv_a = s.kv_lora_rank + s.qk_rope_head_dim
         kv_w = h * kv_a + s.kv_lora_rank * nh * (s.qk_nope_head_dim + s.v_head_dim)
-        kv_extra = s.kv_lora_rank + (kv_a if s.qkv_bias else 0)            # kv_a_layernorm, kv_a_proj bias
+        kv_extra = s.kv_lora_rank + (kv_a if s.qkv_bias else 0)  # kv_a_layernorm, kv_a_proj bias
         o_w = nh * s.v_head_dim * h
         weights = q_w + kv_w + o_w
         return weights + q_extra + kv_extra + (h if s.o_bias else 0), weights
@@ -272,8 +370,11 @@ def parameter_breakdown(config: Any) -> dict[str, int]:
     s = model_shape(config)
     h, V, E = s.hidden_size, s.vocab_size, s.n_routed_experts
     attn, _ = _attention_params(s)
-    moe_shared = (_mlp_params(h, s.shared_intermediate_size) + (h if s.shared_expert_gate else 0)
-                  if s.shared_intermediate_size else 0)
+    moe_shared = (
+        _mlp_params(h, s.shared_intermediate_size) + (h if s.shared_expert_gate else 0)
+        if s.shared_intermediate_size
+        else 0
+    )
     b = {
         "embedding": V * h,
         "lm_head": 0 if s.tie_word_embeddings else V * h,
@@ -295,9 +396,12 @@ def _mtp_layer_params(s: Shape) -> int:
     h = s.hidden_size
     block = _attention_params(s)[0] + s.norms_per_layer * h
     if s.n_routed_experts:
-        block += (s.n_routed_experts * _mlp_params(h, s.moe_intermediate_size)
-                  + _mlp_params(h, s.shared_intermediate_size)
-                  + s.n_routed_experts * h + (s.n_routed_experts if s.router_bias else 0))
+        block += (
+            s.n_routed_experts * _mlp_params(h, s.moe_intermediate_size)
+            + _mlp_params(h, s.shared_intermediate_size)
+            + s.n_routed_experts * h
+            + (s.n_routed_experts if s.router_bias else 0)
+        )
     else:
         block += _mlp_params(h, s.intermediate_size)
     return block + 2 * h * h + 3 * h
@@ -312,15 +416,26 @@ def parameter_counts(config: Any) -> dict[str, int]:
     routed_active = s.n_moe_layers * s.experts_per_tok * _mlp_params(h, s.moe_intermediate_size)
     active = b["total"] - b["moe_routed_experts"] + routed_active
     _, attn_w = _attention_params(s)
-    matmul = (s.num_layers * attn_w + s.n_dense_layers * 3 * h * s.intermediate_size + routed_active
-              + s.n_moe_layers * (3 * h * s.shared_intermediate_size + s.n_routed_experts * h
-                                  + (h if s.shared_expert_gate else 0)) + V * h)
+    matmul = (
+        s.num_layers * attn_w
+        + s.n_dense_layers * 3 * h * s.intermediate_size
+        + routed_active
+        + s.n_moe_layers
+        * (3 * h * s.shared_intermediate_size + s.n_routed_experts * h + (h if s.shared_expert_gate else 0))
+        + V * h
+    )
     copies = s.num_mtp_layers * (2 * V * h)
-    return {"params_total": b["total"], "params_active": active, "params_active_matmul": matmul,
-            "params_mtp": b["mtp"], "params_checkpoint": b["total"] + b["mtp"] + copies}
+    return {
+        "params_total": b["total"],
+        "params_active": active,
+        "params_active_matmul": matmul,
+        "params_mtp": b["mtp"],
+        "params_checkpoint": b["total"] + b["mtp"] + copies,
+    }
 
 
 # ----------------------------------------------------------------------------- FLOPs
+
 
 def attention_flops_per_token(config: Any, seq_len: int, causal: bool = True) -> float:
     """Score and value FLOPs of one token: 2 * layers * heads * (qk_head_dim + v_head_dim) * keys seen, with
@@ -343,8 +458,15 @@ def mtp_flops_per_token(config: Any, seq_len: int = 4096) -> float:
     if not s.num_mtp_layers:
         return 0.0
     h = s.hidden_size
-    ffn = (s.experts_per_tok * 3 * h * s.moe_intermediate_size + 3 * h * s.shared_intermediate_size
-           + s.n_routed_experts * h) if s.n_routed_experts else 3 * h * s.intermediate_size
+    ffn = (
+        (
+            s.experts_per_tok * 3 * h * s.moe_intermediate_size
+            + 3 * h * s.shared_intermediate_size
+            + s.n_routed_experts * h
+        )
+        if s.n_routed_experts
+        else 3 * h * s.intermediate_size
+    )
     matmul = _attention_params(s)[1] + ffn + 2 * h * h + s.vocab_size * h
     attn = attention_flops_per_token(s, seq_len) / s.num_layers
     return s.num_mtp_layers * (2.0 * matmul + attn)
@@ -363,11 +485,11 @@ def achieved_flops_report(tokens: float, seconds: float, flops_per_token: float,
         raise ValueError(f"seconds must be > 0 (got {seconds}); time at least one step before reporting")
     flops = float(tokens) * flops_per_token
     rate = flops / seconds
-    return {"tokens_per_s": tokens / seconds, "flops": flops, "flops_per_s": rate,
-            "mfu": rate / peak if peak else None}
+    return {"tokens_per_s": tokens / seconds, "flops": flops, "flops_per_s": rate, "mfu": rate / peak if peak else None}
 
 
 # ----------------------------------------------------------------------------- KV cache and memory
+
 
 def kv_cache_bytes_per_token(config: Any, bytes_per_value: float = 2) -> dict[str, float]:
     """Cache bytes per token over all layers: MLA keeps the latent plus the shared RoPE key (kv_lora_rank +
@@ -379,8 +501,10 @@ def kv_cache_bytes_per_token(config: Any, bytes_per_value: float = 2) -> dict[st
     else:
         per_layer = 2 * s.num_kv_heads * s.head_dim
     mha = s.num_heads * (s.qk_head_dim + s.v_dim)
-    return {"kv_cache_bytes_per_token": s.num_layers * per_layer * bytes_per_value,
-            "kv_cache_bytes_per_token_mha": s.num_layers * mha * bytes_per_value}
+    return {
+        "kv_cache_bytes_per_token": s.num_layers * per_layer * bytes_per_value,
+        "kv_cache_bytes_per_token_mha": s.num_layers * mha * bytes_per_value,
+    }
 
 
 def activation_bytes_per_token(config: Any) -> float:
@@ -390,8 +514,9 @@ def activation_bytes_per_token(config: Any) -> float:
     s = model_shape(config)
     h = s.hidden_size
     if s.is_mla:  # keys and values are decompressed per head for training; plus the two latents
-        attn = (s.num_heads * (2 * s.qk_head_dim + 2 * s.v_dim) + (s.q_lora_rank or 0) + s.kv_lora_rank
-                + s.qk_rope_head_dim)
+        attn = (
+            s.num_heads * (2 * s.qk_head_dim + 2 * s.v_dim) + (s.q_lora_rank or 0) + s.kv_lora_rank + s.qk_rope_head_dim
+        )
     else:
         attn = 2 * s.num_heads * s.head_dim + 2 * s.num_kv_heads * s.head_dim
     moe_ffn = s.experts_per_tok * s.moe_intermediate_size + s.shared_intermediate_size
@@ -406,15 +531,19 @@ def training_memory(config: Any, seq_len: int = 4096, micro_batch: int = 1) -> d
     MTP weights are trained too, so they are included."""
     n = parameter_counts(config)
     p = n["params_total"] + n["params_mtp"]
-    out = {"weights": 2.0 * p, "gradients": 2.0 * p, "optimizer": 12.0 * p,
-           "activations": activation_bytes_per_token(config) * seq_len * micro_batch}
+    out = {
+        "weights": 2.0 * p,
+        "gradients": 2.0 * p,
+        "optimizer": 12.0 * p,
+        "activations": activation_bytes_per_token(config) * seq_len * micro_batch,
+    }
     out["total"] = sum(out.values())
     return out
 
 
 # Bits per weight as stored: int4 carries an fp16 scale and zero per group of 128 (GPTQ/AWQ-style).
 QUANT_BITS = {"bf16": 16.0, "int8": 8.0, "int4": 4.25}
-RUNTIME_OVERHEAD_BYTES = GiB // 2   # CUDA context, allocator slack, workspace and prefill activations at batch 1
+RUNTIME_OVERHEAD_BYTES = GiB // 2  # CUDA context, allocator slack, workspace and prefill activations at batch 1
 
 
 def inference_memory(config: Any, seq_len: int = 4096, batch: int = 1, kv_bytes: float = 2) -> dict[str, dict]:
@@ -425,21 +554,33 @@ def inference_memory(config: Any, seq_len: int = 4096, batch: int = 1, kv_bytes:
     out = {}
     for q, bits in QUANT_BITS.items():
         w = n * bits / 8
-        out[q] = {"weights": w, "kv_cache": kv, "overhead": RUNTIME_OVERHEAD_BYTES,
-                  "total": w + kv + RUNTIME_OVERHEAD_BYTES}
+        out[q] = {
+            "weights": w,
+            "kv_cache": kv,
+            "overhead": RUNTIME_OVERHEAD_BYTES,
+            "total": w + kv + RUNTIME_OVERHEAD_BYTES,
+        }
     return out
 
 
 # ----------------------------------------------------------------------------- training cost
 
-def training_cost(train_flops_per_token: float, tokens: float, peaks: dict[str, float],
-                  gpu_hours: float | None = None, mfu: float | None = None, price: float | None = None,
-                  peak_dtype: str = "bf16") -> dict:
+
+def training_cost(
+    train_flops_per_token: float,
+    tokens: float,
+    peaks: dict[str, float],
+    gpu_hours: float | None = None,
+    mfu: float | None = None,
+    price: float | None = None,
+    peak_dtype: str = "bf16",
+) -> dict:
     """Given tokens and GPU-hours: the implied MFU against each peak in `peaks` ({dtype: FLOP/s});
     given an MFU (against `peaks[peak_dtype]`): the GPU-hours needed. With `price` ($/GPU-hour): cost_usd."""
     if (gpu_hours is None) == (mfu is None):
-        raise ValueError("give either --gpu-hours (to get the implied MFU) or --mfu (to get the GPU-hours needed), "
-                         "not both")
+        raise ValueError(
+            "give either --gpu-hours (to get the implied MFU) or --mfu (to get the GPU-hours needed), not both"
+        )
     _check_positive("--tokens", tokens)
     if peak_dtype not in peaks:
         raise ValueError(f"no {peak_dtype} peak for this GPU; choose one of {', '.join(peaks)}")
@@ -453,14 +594,21 @@ def training_cost(train_flops_per_token: float, tokens: float, peaks: dict[str, 
     if price is not None and price < 0:
         raise ValueError(f"--price must be >= 0 $ per GPU-hour (got {price:g})")
     seconds = gpu_hours * 3600
-    return {"tokens": tokens, "training_flops": total, "gpu_hours": gpu_hours, "peak_dtype": peak_dtype,
-            "achieved_flops_per_gpu": total / seconds,
-            "mfu": total / seconds / peaks[peak_dtype],
-            "mfu_by_peak": {dt: total / seconds / p for dt, p in peaks.items()},
-            "price_per_gpu_hour": price, "cost_usd": None if price is None else gpu_hours * price}
+    return {
+        "tokens": tokens,
+        "training_flops": total,
+        "gpu_hours": gpu_hours,
+        "peak_dtype": peak_dtype,
+        "achieved_flops_per_gpu": total / seconds,
+        "mfu": total / seconds / peaks[peak_dtype],
+        "mfu_by_peak": {dt: total / seconds / p for dt, p in peaks.items()},
+        "price_per_gpu_hour": price,
+        "cost_usd": None if price is None else gpu_hours * price,
+    }
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _check_positive(name: str, value: object) -> float:
     """`value`, once it is a finite number > 0 (else a ValueError that names the flag)."""
@@ -478,13 +626,18 @@ def summary(config: Any, seq_len: int = 4096, batch: int = 1, kv_bytes: float = 
         s = model_shape(d)
     except ValueError as e:  # name the config the user gave
         raise ValueError(f"{name}: {e}") from None
-    out = {"model": name, "model_type": s.model_type, "seq_len": seq_len, **parameter_counts(s),
-           "params_breakdown": parameter_breakdown(s),
-           "flops_per_token": flops_per_token(s, seq_len),
-           "flops_per_token_attention": attention_flops_per_token(s, seq_len),
-           "training_flops_per_token": training_flops_per_token(s, seq_len),
-           **kv_cache_bytes_per_token(s, kv_bytes),
-           "attention": "mla" if s.is_mla else ("mha" if s.num_kv_heads == s.num_heads else "gqa"),
-           "training_memory_bytes": training_memory(s, seq_len, batch),
-           "inference_memory_bytes": inference_memory(s, seq_len, batch, kv_bytes)}
+    out = {
+        "model": name,
+        "model_type": s.model_type,
+        "seq_len": seq_len,
+        **parameter_counts(s),
+        "params_breakdown": parameter_breakdown(s),
+        "flops_per_token": flops_per_token(s, seq_len),
+        "flops_per_token_attention": attention_flops_per_token(s, seq_len),
+        "training_flops_per_token": training_flops_per_token(s, seq_len),
+        **kv_cache_bytes_per_token(s, kv_bytes),
+        "attention": "mla" if s.is_mla else ("mha" if s.num_kv_heads == s.num_heads else "gqa"),
+        "training_memory_bytes": training_memory(s, seq_len, batch),
+        "inference_memory_bytes": inference_memory(s, seq_len, batch, kv_bytes),
+    }
     return out

@@ -30,24 +30,32 @@ EvalTemplate = Literal["auto", "r1zero", "r1", "model"]
 
 @dataclass
 class EvalConfig:
-    task: str = opt("arithmetic", "arithmetic, countdown, linear, pyfunc, gsm8k, math500, aime24, amc23, humaneval "
-                                  "(or a registered task)")
-    task_args: dict = opt(factory=dict, help='knobs of a synthetic task as JSON, e.g. \'{"max_digits": 2}\'')
+    task: str = opt(
+        "arithmetic",
+        "arithmetic, countdown, linear, pyfunc, gsm8k, math500, aime24, amc23, humaneval (or a registered task)",
+    )
+    task_args: dict = opt(factory=dict, help="knobs of a synthetic task as JSON, e.g. '{\"max_digits\": 2}'")
     split: str = opt("test", "the split to evaluate: test (held out) or train")
-    limit: int | None = opt(None, "first N problems of a benchmark, or N held-out problems of a synthetic task "
-                                  "(default: all, or 200)")
+    limit: int | None = opt(
+        None, "first N problems of a benchmark, or N held-out problems of a synthetic task (default: all, or 200)"
+    )
     k: int = opt(4, "samples per problem for pass@1 (their mean) and cons@k (their majority vote)")
     temperature: float = opt(R1_TEMPERATURE, "sampling temperature of the k samples (the R1 protocol: 0.6)")
     top_p: float = opt(R1_TOP_P, "nucleus sampling of the k samples (the R1 protocol: 0.95)")
     max_new_tokens: int = opt(256, "most tokens per reply")
     greedy: bool = opt(True, "also decode each problem greedily (temperature 0)")
     template: EvalTemplate = opt(
-        "auto", "prompt format: auto (the model's own chat template when it has one, else r1zero for synthetic "
-                "tasks and r1 for benchmarks), r1zero, r1, or model")
+        "auto",
+        "prompt format: auto (the model's own chat template when it has one, else r1zero for synthetic "
+        "tasks and r1 for benchmarks), r1zero, r1, or model",
+    )
     seed: int = opt(0, "seed of the samples (and of the synthetic problems drawn)")
     max_batch: int = opt(256, "most sequences a local model decodes together")
-    tools: str = opt("none", "a tool a local model's replies may call while they think: none or python (programs "
-                             "run in the sandbox; r1lab.tools)")
+    tools: str = opt(
+        "none",
+        "a tool a local model's replies may call while they think: none or python (programs "
+        "run in the sandbox; r1lab.tools)",
+    )
 
     def validate(self) -> EvalConfig:
         if self.k < 1:
@@ -61,8 +69,9 @@ class EvalConfig:
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1 (got {self.max_batch})")
         if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1:
-            raise ValueError(f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {self.temperature}, "
-                             f"{self.top_p})")
+            raise ValueError(
+                f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {self.temperature}, {self.top_p})"
+            )
         try:  # an unknown task or knob is named now
             get_task(self.task, **self.task_args)
         except TypeError as e:
@@ -72,7 +81,7 @@ class EvalConfig:
 
 @dataclass
 class Sample:
-    text: str                         # the full reply (thinking and answer)
+    text: str  # the full reply (thinking and answer)
     reasoning: str | None
     content: str
     tokens: int
@@ -164,32 +173,48 @@ def run_settings(path: str | Path) -> tuple[Path, dict, Path | None]:
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     except yaml.YAMLError as e:
-        raise CheckpointError(f"{run / 'config.yaml'} is not valid YAML ({e}); "
-                              "pass the model directory itself") from None
+        raise CheckpointError(
+            f"{run / 'config.yaml'} is not valid YAML ({e}); pass the model directory itself"
+        ) from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{run / 'config.yaml'} is not a run config; pass the model directory itself")
     for key, kind in (("recipe", str), ("tasks", list), ("task_args", dict), ("grpo", dict), ("eval", dict)):
         if cfg.get(key) is not None and not isinstance(cfg[key], kind):  # a hand-edited or foreign config.yaml
-            raise CheckpointError(f"{run / 'config.yaml'}: {key} is a {type(cfg[key]).__name__}, not a "
-                                  f"{kind.__name__}; correct it, or pass the model directory itself")
+            raise CheckpointError(
+                f"{run / 'config.yaml'}: {key} is a {type(cfg[key]).__name__}, not a "
+                f"{kind.__name__}; correct it, or pass the model directory itself"
+            )
     if "recipe" in cfg and "grpo" in cfg:  # a pipeline's output directory (runs/r1zero)
         ev = cfg.get("eval") or {}
-        settings = {"task": cfg.get("task"), "task_args": cfg.get("task_args") or {},
-                    "template": (cfg.get("grpo") or {}).get("template"), "limit": ev.get("limit"), "k": ev.get("k"),
-                    "temperature": ev.get("temperature"), "top_p": ev.get("top_p"),
-                    "max_new_tokens": ev.get("max_new_tokens"), "seed": 0,
-                    "tools": (cfg.get("grpo") or {}).get("tools")}
+        settings = {
+            "task": cfg.get("task"),
+            "task_args": cfg.get("task_args") or {},
+            "template": (cfg.get("grpo") or {}).get("template"),
+            "limit": ev.get("limit"),
+            "k": ev.get("k"),
+            "temperature": ev.get("temperature"),
+            "top_p": ev.get("top_p"),
+            "max_new_tokens": ev.get("max_new_tokens"),
+            "seed": 0,
+            "tools": (cfg.get("grpo") or {}).get("tools"),
+        }
         model = run / RECIPE_MODELS.get(cfg["recipe"], "grpo/model") if path == run else path
     else:  # a trainer's run directory (pretrain, sft, grpo)
         tasks = cfg.get("tasks") or []
         task = tasks[0] if tasks else None
-        settings = {"task": task, "task_args": (cfg.get("task_args") or {}).get(task, {}) if task else None,
-                    "template": cfg.get("template"), "max_new_tokens": cfg.get("max_new_tokens"),
-                    "tools": cfg.get("tools")}
+        settings = {
+            "task": task,
+            "task_args": (cfg.get("task_args") or {}).get(task, {}) if task else None,
+            "template": cfg.get("template"),
+            "max_new_tokens": cfg.get("max_new_tokens"),
+            "tools": cfg.get("tools"),
+        }
         model = run / "model" if path == run else path
     if not (model / "config.json").is_file():
-        raise CheckpointError(f"{run} has no final model yet ({model} is missing): let the run finish, or "
-                              f"evaluate a checkpoint directory directly")
+        raise CheckpointError(
+            f"{run} has no final model yet ({model} is missing): let the run finish, or "
+            f"evaluate a checkpoint directory directly"
+        )
     return model, {k: v for k, v in settings.items() if v is not None}, run / "config.yaml"
 
 
@@ -223,8 +248,9 @@ def local_generator(model, tokenizer, template: str, max_batch: int = 256, tools
     return generate
 
 
-def endpoint_generator(base_url: str, model: str, api_key: str | None = None, concurrency: int = 16,
-                       timeout: float = 600.0) -> Generate:
+def endpoint_generator(
+    base_url: str, model: str, api_key: str | None = None, concurrency: int = 16, timeout: float = 600.0
+) -> Generate:
     """The same interface over an OpenAI-compatible /chat/completions endpoint (one request per sample, so
     servers without `n` work too), with `r1lab.client`'s retries. `reasoning_content` is used when the server
     splits the thinking."""
@@ -238,10 +264,13 @@ def endpoint_generator(base_url: str, model: str, api_key: str | None = None, co
         return Sample(text=r.text, reasoning=r.reasoning, content=r.content, tokens=r.completion_tokens)
 
     def generate(prompts, n, temperature, top_p, seed, max_new_tokens=256):
-        bodies = [client.body(p, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + j)
-                  for p in prompts for j in range(n)]
+        bodies = [
+            client.body(p, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + j)
+            for p in prompts
+            for j in range(n)
+        ]
         flat = [sample(r) for r in client.complete(bodies)]
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     return generate
 
@@ -280,12 +309,21 @@ def evaluate(generate: Generate, problems: list[Problem], cfg: EvalConfig) -> di
             continue
         c = sum(1 for ok in judged if ok)  # every sample judged (none is None)
         vote = majority_answer([s.answer for s in samples])
-        records.append({
-            "id": p.id, "prompt": p.prompt, "gold": p.answer, "meta": p.meta, "skipped": False,
-            "pass@1": c / cfg.k, "correct": c, "cons": bool(vote is not None and check(vote, p)), "vote": vote,
-            "greedy": asdict(g[0]) if g else None,
-            "samples": [asdict(s) for s in samples],
-        })
+        records.append(
+            {
+                "id": p.id,
+                "prompt": p.prompt,
+                "gold": p.answer,
+                "meta": p.meta,
+                "skipped": False,
+                "pass@1": c / cfg.k,
+                "correct": c,
+                "cons": bool(vote is not None and check(vote, p)),
+                "vote": vote,
+                "greedy": asdict(g[0]) if g else None,
+                "samples": [asdict(s) for s in samples],
+            }
+        )
     return {"summary": summarize(records, cfg, skipped), "records": records}
 
 
@@ -299,20 +337,29 @@ def summarize(records: list[dict], cfg: EvalConfig, skipped: int) -> dict:
 
     samples = [s for r in judged for s in r["samples"]]
     summary = {
-        "task": cfg.task, "n": n, "skipped": skipped, "k": cfg.k,
+        "task": cfg.task,
+        "n": n,
+        "skipped": skipped,
+        "k": cfg.k,
         "greedy": mean(r["greedy"]["correct"] for r in judged) if cfg.greedy else None,
         "pass@1": mean(r["pass@1"] for r in judged),
         "cons@k": mean(r["cons"] for r in judged),
-        "pass@k": {str(j): mean(pass_at_k(cfg.k, r["correct"], j) for r in judged)
-                   for j in sorted({1, 2, 4, 8, 16, 32, 64, cfg.k}) if j <= cfg.k},
+        "pass@k": {
+            str(j): mean(pass_at_k(cfg.k, r["correct"], j) for r in judged)
+            for j in sorted({1, 2, 4, 8, 16, 32, 64, cfg.k})
+            if j <= cfg.k
+        },
         "think_share": mean(bool(s["reasoning"] and s["reasoning"].strip()) for s in samples),
         "tool_share": mean("</tool>" in (s["reasoning"] or "") for s in samples),  # replies that called a tool
         "mean_length": mean(s["tokens"] for s in samples),
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
     }
     if cfg.greedy and judged:
-        summary["greedy_think_share"] = mean(bool(r["greedy"]["reasoning"] and r["greedy"]["reasoning"].strip())
-                                             for r in judged)
+        summary["greedy_think_share"] = mean(
+            bool(r["greedy"]["reasoning"] and r["greedy"]["reasoning"].strip()) for r in judged
+        )
         summary["greedy_mean_length"] = mean(r["greedy"]["tokens"] for r in judged)
     for key in ("level", "subject"):  # MATH-500's breakdown
         groups = defaultdict(list)
@@ -328,11 +375,13 @@ def render_table(summary: dict) -> str:
     def pct(x):
         return "   -  " if x is None else f"{100 * x:5.1f}%"
 
-    lines = [f"{summary['task']}: {summary['n']} problems ({summary['skipped']} skipped), k={summary['k']}, "
-             f"T={summary['temperature']}, top-p={summary['top_p']}",
-             f"  greedy       {pct(summary['greedy'])}",
-             f"  pass@1       {pct(summary['pass@1'])}   (mean over {summary['k']} samples)",
-             f"  cons@{summary['k']:<7} {pct(summary['cons@k'])}   (majority vote)"]
+    lines = [
+        f"{summary['task']}: {summary['n']} problems ({summary['skipped']} skipped), k={summary['k']}, "
+        f"T={summary['temperature']}, top-p={summary['top_p']}",
+        f"  greedy       {pct(summary['greedy'])}",
+        f"  pass@1       {pct(summary['pass@1'])}   (mean over {summary['k']} samples)",
+        f"  cons@{summary['k']:<7} {pct(summary['cons@k'])}   (majority vote)",
+    ]
     for j, v in summary["pass@k"].items():
         if j != "1":
             lines.append(f"  pass@{j:<7} {pct(v)}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a measurement runs
     import torch
 
-GiB = 1024 ** 3
+GiB = 1024**3
 T = 1e12
 
 # Peak *dense* tensor/vector throughput in TFLOP/s (TOPS for int8): the datasheets' "with sparsity" figures
@@ -43,8 +43,9 @@ class GPU:
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Peak dense FLOP/s at `dtype` (fp32, tf32, bf16, fp16, fp8, int8)."""
         if dtype not in self.peak_tflops:
-            raise ValueError(f"{self.name} has no {dtype} peak in r1lab's table; "
-                             f"choose one of {', '.join(self.peak_tflops)}")
+            raise ValueError(
+                f"{self.name} has no {dtype} peak in r1lab's table; choose one of {', '.join(self.peak_tflops)}"
+            )
         return self.peak_tflops[dtype] * T
 
 
@@ -53,8 +54,9 @@ def _hopper(name: str, memory_gib: float, note: str = "") -> GPU:
 
 
 GPUS: dict[str, GPU] = {
-    "h800": _hopper("H800 SXM", 80,
-                    "H100 SXM compute, NVLink cut to 400 GB/s; DeepSeek-V3 was trained on 2048 of them"),
+    "h800": _hopper(
+        "H800 SXM", 80, "H100 SXM compute, NVLink cut to 400 GB/s; DeepSeek-V3 was trained on 2048 of them"
+    ),
     "h100sxm": _hopper("H100 SXM", 80),
     "h200": _hopper("H200 SXM", 141),
     "h100pcie": GPU("H100 PCIe", 80, dict(fp32=51.2, tf32=378.0, bf16=756.0, fp16=756.0, fp8=1513.0, int8=1513.0)),
@@ -71,14 +73,21 @@ GPUS: dict[str, GPU] = {
     "rtx3080": GPU("RTX 3080 (10 GB)", 10, dict(fp32=29.8, bf16=59.5, fp16=59.5, int8=238.0)),
     "rtx3060": GPU("RTX 3060 (12 GB)", 12, dict(fp32=12.7, bf16=25.5, fp16=25.5, int8=101.9)),
 }
-ALIASES = {"h100": "h100sxm", "h800sxm": "h800", "h200sxm": "h200", "a100": "a10080gb", "a100sxm": "a10080gb",
-           "rtx308010gb": "rtx3080", "rtx306012gb": "rtx3060"}
+ALIASES = {
+    "h100": "h100sxm",
+    "h800sxm": "h800",
+    "h200sxm": "h200",
+    "a100": "a10080gb",
+    "a100sxm": "a10080gb",
+    "rtx308010gb": "rtx3080",
+    "rtx306012gb": "rtx3060",
+}
 
 
 def _key(name: str) -> str:
     k = re.sub(r"[^a-z0-9]", "", name.lower())
     k = re.sub(r"^(nvidia|geforce|amd|instinct)+", "", k)
-    if re.fullmatch(r"[34]0[6-9]0(\d+gb)?", k):   # "3080" -> "rtx3080"
+    if re.fullmatch(r"[34]0[6-9]0(\d+gb)?", k):  # "3080" -> "rtx3080"
         k = "rtx" + k
     return ALIASES.get(k, k)
 
@@ -96,8 +105,12 @@ def find_gpu(name: str) -> GPU:
 _PEAK_CACHE: dict[tuple, float] = {}
 
 
-def measure_matmul_peak(dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                        threads: int | None = None, seconds: float = 0.4) -> float:
+def measure_matmul_peak(
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    seconds: float = 0.4,
+) -> float:
     """Best FLOP/s of square matmuls on this device after a warm-up (about `seconds` of timing per call).
 
     The best rep, not the mean, so a neighbour process stealing a core lowers it less. Cached per
@@ -138,6 +151,6 @@ def measure_matmul_peak(dtype: torch.dtype | str | None = None, device: str | to
             reps += 1
     finally:
         torch.set_num_threads(old)
-    peak = 2 * n ** 3 / best
+    peak = 2 * n**3 / best
     _PEAK_CACHE[key] = peak
     return peak

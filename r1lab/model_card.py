@@ -40,23 +40,53 @@ def render(cfg, model, rows: list[dict]) -> str:
     licence, licence_note = _licence(start, parent)
     results = quick_eval_results(cfg, rows)
     data = ModelCardData(
-        base_model=hub, license=licence["license"], license_name=licence.get("license_name"),
-        license_link=licence.get("license_link"), library_name="transformers", pipeline_tag="text-generation",
-        tags=["r1lab", arch, STAGE_TAGS[kind]] + (["on-policy-distillation"] if getattr(cfg, "teacher", "") else [])
-        + ["reasoning"], datasets=[dataset_id(t) for t in tasks] or None, model_name=cfg.out,
-        eval_results=results or None)
+        base_model=hub,
+        license=licence["license"],
+        license_name=licence.get("license_name"),
+        license_link=licence.get("license_link"),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["r1lab", arch, STAGE_TAGS[kind]]
+        + (["on-policy-distillation"] if getattr(cfg, "teacher", "") else [])
+        + ["reasoning"],
+        datasets=[dataset_id(t) for t in tasks] or None,
+        model_name=cfg.out,
+        eval_results=results or None,
+    )
     tiny = arch == "deepseek-v3" and sizes["total"] < 100e6
-    body = [f"# {Path(cfg.out).name} (r1lab)", "",
-            f"A {_arch_name(arch)} model ({_size_line(sizes)}) trained with r1lab's "
-            f"`r1lab {kind}`: {_what(kind)}.", "",
-            "## How it was trained", "", *training_lines(cfg, kind, rows, start, hub, parent, licence_note), "",
-            "## Train it again", "", "```bash", command_line(cfg), "```", "",
-            f"The resolved config is `{Path(cfg.out) / 'config.yaml'}` (`r1lab {kind} --config` reads it); the same "
-            "seed and thread count give the same model.", "",
-            "## Evaluation", "", *evaluation_lines(results), "",
-            "## Intended use and limits", "", *_limits(tiny, sizes, tasks, start, hub), "",
-            "## Use", "", "```bash", f"r1lab chat {cfg.out}/model        # or: r1lab serve, r1lab eval", "```",
-            "It also loads with `transformers.AutoModelForCausalLM.from_pretrained`."]
+    body = [
+        f"# {Path(cfg.out).name} (r1lab)",
+        "",
+        f"A {_arch_name(arch)} model ({_size_line(sizes)}) trained with r1lab's `r1lab {kind}`: {_what(kind)}.",
+        "",
+        "## How it was trained",
+        "",
+        *training_lines(cfg, kind, rows, start, hub, parent, licence_note),
+        "",
+        "## Train it again",
+        "",
+        "```bash",
+        command_line(cfg),
+        "```",
+        "",
+        f"The resolved config is `{Path(cfg.out) / 'config.yaml'}` (`r1lab {kind} --config` reads it); the same "
+        "seed and thread count give the same model.",
+        "",
+        "## Evaluation",
+        "",
+        *evaluation_lines(results),
+        "",
+        "## Intended use and limits",
+        "",
+        *_limits(tiny, sizes, tasks, start, hub),
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"r1lab chat {cfg.out}/model        # or: r1lab serve, r1lab eval",
+        "```",
+        "It also loads with `transformers.AutoModelForCausalLM.from_pretrained`.",
+    ]
     return _assemble(data, "\n".join(body) + "\n")
 
 
@@ -89,41 +119,58 @@ def training_lines(cfg, kind: str, rows: list[dict], start, hub, parent, licence
     first = lambda key: next((r[key] for r in rows if r.get(key) is not None), None)  # noqa: E731
     steps = max((r.get("step", 0) for r in rows), default=0)
     if kind == "pretrain":
-        lines = [f"- from scratch on synthetic {_names(cfg.tasks)} problems in the R1-Zero format: "
-                 f"{cfg.direct_fraction:.0%} of the examples answer at once with an empty think block, the rest work "
-                 "step by step",
-                 f"- {steps} steps of {cfg.rows} packed rows x {cfg.seq_len} tokens; AdamW, learning rate {cfg.lr} "
-                 f"({cfg.warmup} warm-up steps, cosine to {cfg.min_lr_ratio}x), weight decay {cfg.weight_decay}",
-                 "- tokenizer: " + (f"`{cfg.tokenizer}`" if cfg.tokenizer else
-                                    f"byte-level BPE, {cfg.vocab_size} tokens, trained on the corpus")]
+        lines = [
+            f"- from scratch on synthetic {_names(cfg.tasks)} problems in the R1-Zero format: "
+            f"{cfg.direct_fraction:.0%} of the examples answer at once with an empty think block, the rest work "
+            "step by step",
+            f"- {steps} steps of {cfg.rows} packed rows x {cfg.seq_len} tokens; AdamW, learning rate {cfg.lr} "
+            f"({cfg.warmup} warm-up steps, cosine to {cfg.min_lr_ratio}x), weight decay {cfg.weight_decay}",
+            "- tokenizer: "
+            + (
+                f"`{cfg.tokenizer}`"
+                if cfg.tokenizer
+                else f"byte-level BPE, {cfg.vocab_size} tokens, trained on the corpus"
+            ),
+        ]
         if last("loss") is not None:
-            lines.append(f"- training loss {first('loss'):.3f} at the first logged step, {last('loss'):.3f} at the "
-                         "last")
+            lines.append(
+                f"- training loss {first('loss'):.3f} at the first logged step, {last('loss'):.3f} at the last"
+            )
     elif kind == "sft":
         lora = f", LoRA rank {cfg.hf.lora_rank}" if cfg.hf.lora else ""
-        lines = [f"- fine-tuned from `{start}` on `{cfg.data}` (template {cfg.template}; loss on the reply tokens "
-                 "only)",
-                 f"- {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {steps} steps of {cfg.grad_accum} x "
-                 f"{cfg.rows} packed rows x {cfg.seq_len} tokens; learning rate {cfg.lr}{lora}"]
+        lines = [
+            f"- fine-tuned from `{start}` on `{cfg.data}` (template {cfg.template}; loss on the reply tokens only)",
+            f"- {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {steps} steps of {cfg.grad_accum} x "
+            f"{cfg.rows} packed rows x {cfg.seq_len} tokens; learning rate {cfg.lr}{lora}",
+        ]
         if last("loss") is not None:
-            lines.append(f"- training loss {first('loss'):.3f} -> {last('loss'):.3f}"
-                         + (f"; held-out loss {last('eval_loss'):.3f}" if last("eval_loss") is not None else ""))
+            lines.append(
+                f"- training loss {first('loss'):.3f} -> {last('loss'):.3f}"
+                + (f"; held-out loss {last('eval_loss'):.3f}" if last("eval_loss") is not None else "")
+            )
     else:
         rewards = ", ".join(f"{r} x {w:g}" for r, w in zip(cfg.rewards, cfg.reward_weights)) or "none"
-        lines = [f"- GRPO from `{start}` on {_names(cfg.tasks)} with the {cfg.template} template; rewards: {rewards}"
-                 + (f"; on-policy distillation from `{cfg.teacher}` (weight {cfg.teacher_weight:g})"
-                    if cfg.teacher else ""),
-                 f"- {steps} steps of {cfg.prompts_per_step} prompts x {cfg.num_generations} completions "
-                 f"(temperature {cfg.temperature}, top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens); "
-                 f"objective {cfg.policy_loss}, advantage {cfg.advantage}, loss {cfg.loss_agg}, KL weight {cfg.beta}, "
-                 f"learning rate {cfg.lr}"]
-        for key, label in (("reward_mean", "mean reward"), ("accuracy", "accuracy of the samples"),
-                           ("think_share", "share of replies that think"), ("mean_length", "mean reply tokens")):
+        lines = [
+            f"- GRPO from `{start}` on {_names(cfg.tasks)} with the {cfg.template} template; rewards: {rewards}"
+            + (f"; on-policy distillation from `{cfg.teacher}` (weight {cfg.teacher_weight:g})" if cfg.teacher else ""),
+            f"- {steps} steps of {cfg.prompts_per_step} prompts x {cfg.num_generations} completions "
+            f"(temperature {cfg.temperature}, top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens); "
+            f"objective {cfg.policy_loss}, advantage {cfg.advantage}, loss {cfg.loss_agg}, KL weight {cfg.beta}, "
+            f"learning rate {cfg.lr}",
+        ]
+        for key, label in (
+            ("reward_mean", "mean reward"),
+            ("accuracy", "accuracy of the samples"),
+            ("think_share", "share of replies that think"),
+            ("mean_length", "mean reply tokens"),
+        ):
             if last(key) is not None:
                 lines.append(f"- {label}: {first(key):.3g} at the first step, {last(key):.3g} at step {steps}")
     if start and not hub:
-        lines.append(f"- the starting model `{start}` is a local directory (no Hub id is known for it, so the metadata "
-                     "names no base_model)")
+        lines.append(
+            f"- the starting model `{start}` is a local directory (no Hub id is known for it, so the metadata "
+            "names no base_model)"
+        )
     if parent is not None and "r1lab" in (parent.data.tags or []):
         lines.append(f"- the starting model's own card, `{Path(start) / CARD}`, says how it was made")
     if licence_note:
@@ -154,16 +201,24 @@ def quick_eval_results(cfg, rows: list[dict]) -> list:
         if m.get("greedy") is not None:
             out.append(_result(task, "accuracy", "greedy accuracy (end-of-training check)", m["greedy"], args))
         if m.get("think_share") is not None:
-            out.append(_result(task, "think_share", "greedy replies that think (end-of-training check)",
-                               m["think_share"], args))
+            out.append(
+                _result(
+                    task, "think_share", "greedy replies that think (end-of-training check)", m["think_share"], args
+                )
+            )
     return out
 
 
 def protocol_results(summary: dict) -> list:
     """An R1-protocol evaluation summary (`r1lab.eval.evaluate`) as model-index results."""
     task, k = summary["task"], summary["k"]
-    sampled = {"problems": summary["n"], "k": k, "temperature": summary["temperature"], "top_p": summary["top_p"],
-               "max_new_tokens": summary["max_new_tokens"]}
+    sampled = {
+        "problems": summary["n"],
+        "k": k,
+        "temperature": summary["temperature"],
+        "top_p": summary["top_p"],
+        "max_new_tokens": summary["max_new_tokens"],
+    }
     out = []
     if summary.get("greedy") is not None:
         greedy = {"problems": summary["n"], "decoding": "greedy", "max_new_tokens": summary["max_new_tokens"]}
@@ -198,13 +253,17 @@ def add_evaluation(model_dir: str | Path, summary: dict) -> bool:
 def evaluation_lines(results: list) -> list[str]:
     """The evaluation table of a card, from its model-index results."""
     if not results:
-        return ["Not evaluated yet: `r1lab eval MODEL_DIR --task TASK` measures greedy accuracy, pass@1 over k "
-                "samples and cons@k with the R1 protocol."]
+        return [
+            "Not evaluated yet: `r1lab eval MODEL_DIR --task TASK` measures greedy accuracy, pass@1 over k "
+            "samples and cons@k with the R1 protocol."
+        ]
     lines = ["| dataset | split | metric | value | settings |", "|---|---|---|---|---|"]
     for r in results:
         settings = ", ".join(f"{k} {v}" for k, v in (r.metric_args or {}).items())
-        lines.append(f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name or r.metric_type} | "
-                     f"{r.metric_value}% | {settings} |")
+        lines.append(
+            f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name or r.metric_type} | "
+            f"{r.metric_value}% | {settings} |"
+        )
     return lines
 
 
@@ -247,11 +306,17 @@ def _result(task: str, metric_type: str, name: str, value: float, args: dict):
     from r1lab.tasks.benchmarks import BENCHMARKS
 
     hub = BENCHMARKS.get(task)
-    return EvalResult(task_type="text-generation", dataset_type=hub[0] if hub else task,
-                      dataset_name=task if hub else f"{task} (r1lab synthetic, held-out split)",
-                      dataset_config=hub[1] if hub else None, dataset_split=hub[2]["test"] if hub else "test",
-                      metric_type=metric_type, metric_name=name, metric_value=round(100 * value, 1),
-                      metric_args=args)
+    return EvalResult(
+        task_type="text-generation",
+        dataset_type=hub[0] if hub else task,
+        dataset_name=task if hub else f"{task} (r1lab synthetic, held-out split)",
+        dataset_config=hub[1] if hub else None,
+        dataset_split=hub[2]["test"] if hub else "test",
+        metric_type=metric_type,
+        metric_name=name,
+        metric_value=round(100 * value, 1),
+        metric_args=args,
+    )
 
 
 def _licence(start, parent) -> tuple[dict, str | None]:
@@ -261,29 +326,37 @@ def _licence(start, parent) -> tuple[dict, str | None]:
     if parent is not None and parent.data.license:
         d = parent.data
         return {"license": d.license, "license_name": d.license_name, "license_link": d.license_link}, None
-    return ({"license": "other", "license_name": "unknown"},
-            f"licence: the starting model `{start}` has no model card that states one; it is that model's licence "
-            "(check it before sharing)")
+    return (
+        {"license": "other", "license_name": "unknown"},
+        f"licence: the starting model `{start}` has no model card that states one; it is that model's licence "
+        "(check it before sharing)",
+    )
 
 
 def _limits(tiny: bool, sizes: dict, tasks: list[str], start, hub) -> list[str]:
     what = _names(tasks) if tasks else "its fine-tuning data"
     if tiny:
-        return [f"A tiny research model ({_size_line(sizes)}): it shows R1-style training at a size that trains on a "
-                f"laptop CPU. It answers problems like its training tasks ({what}) in the format it was trained on, "
-                "and nothing else: it holds no conversation, knows no facts and follows no instructions outside that "
-                "format. Its answers are often wrong (see the evaluation): use it to study training, not to compute "
-                "anything."]
+        return [
+            f"A tiny research model ({_size_line(sizes)}): it shows R1-style training at a size that trains on a "
+            f"laptop CPU. It answers problems like its training tasks ({what}) in the format it was trained on, "
+            "and nothing else: it holds no conversation, knows no facts and follows no instructions outside that "
+            "format. Its answers are often wrong (see the evaluation): use it to study training, not to compute "
+            "anything."
+        ]
     base = f"`{hub or start}`" if start else "its pretraining"
-    return [f"Trained for {what}; it keeps the abilities, limits and biases of {base} and the terms of its licence. "
-            "It was evaluated only as listed above: check it on your own data before any use where correctness "
-            "matters."]
+    return [
+        f"Trained for {what}; it keeps the abilities, limits and biases of {base} and the terms of its licence. "
+        "It was evaluated only as listed above: check it on your own data before any use where correctness "
+        "matters."
+    ]
 
 
 def _what(kind: str) -> str:
-    return {"pretrain": "a base model pretrained on synthetic verifiable problems",
-            "sft": "supervised fine-tuning on chats or prompt/completion pairs",
-            "grpo": "reinforcement learning with verifiable rewards (GRPO, as in DeepSeek-R1-Zero)"}[kind]
+    return {
+        "pretrain": "a base model pretrained on synthetic verifiable problems",
+        "sft": "supervised fine-tuning on chats or prompt/completion pairs",
+        "grpo": "reinforcement learning with verifiable rewards (GRPO, as in DeepSeek-R1-Zero)",
+    }[kind]
 
 
 def _arch_name(arch: str) -> str:
@@ -293,6 +366,7 @@ def _arch_name(arch: str) -> str:
 def _size_line(sizes: dict) -> str:
     def n(x):
         return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}K"
+
     active = f", {n(sizes['active'])} active per token" if sizes.get("active") else ""
     return f"{n(sizes['total'])} parameters{active}"
 

@@ -19,8 +19,9 @@ ANSWER_START = "<answer>"
 ANSWER_END = "</answer>"
 
 
-def split_reasoning(text: str, start: str = THINK_START, end: str = THINK_END, *,
-                    prefilled: bool = False, answer_tags: bool = False) -> tuple[str | None, str]:
+def split_reasoning(
+    text: str, start: str = THINK_START, end: str = THINK_END, *, prefilled: bool = False, answer_tags: bool = False
+) -> tuple[str | None, str]:
     """(reasoning, content). The first closing tag ends the reasoning. No tags: (None, text). A closing tag with no
     opening one: what precedes it is reasoning. An opening tag that never closes: all of it is reasoning, content "".
     Text before an opening tag is kept at the start of the reasoning. `prefilled=True` says the prompt ended with
@@ -39,10 +40,10 @@ def strip_answer_tags(content: str) -> str:
     i = content.find(ANSWER_START)
     if i == -1:
         return content
-    rest = content[i + len(ANSWER_START):]
+    rest = content[i + len(ANSWER_START) :]
     j = rest.find(ANSWER_END)
     if j != -1:
-        rest = rest[:j] + rest[j + len(ANSWER_END):]
+        rest = rest[:j] + rest[j + len(ANSWER_END) :]
     return (content[:i] + rest).strip()
 
 
@@ -51,13 +52,13 @@ def _split(text: str, start: str, end: str, prefilled: bool) -> tuple[str | None
         text = start + text
     i_start, i_end = text.find(start), text.find(end)
     if i_start != -1 and (i_end == -1 or i_start < i_end):
-        prefix, body = text[:i_start], text[i_start + len(start):]
+        prefix, body = text[:i_start], text[i_start + len(start) :]
         j = body.find(end)
         if j == -1:
             return (prefix + body).strip(), ""
-        return (prefix + body[:j]).strip(), body[j + len(end):].strip()
+        return (prefix + body[:j]).strip(), body[j + len(end) :].strip()
     if i_end != -1:
-        return text[:i_end].strip(), text[i_end + len(end):].strip()
+        return text[:i_end].strip(), text[i_end + len(end) :].strip()
     return None, text.strip()
 
 
@@ -70,8 +71,9 @@ class ReasoningStream:
     starts with the opening tag, has no tags, or `prefilled=True`. Without `prefilled`, text that does not open with
     the tag is streamed as content at once (a streamer cannot wait for a closing tag that may never come)."""
 
-    def __init__(self, start: str = THINK_START, end: str = THINK_END, *, prefilled: bool = False,
-                 answer_tags: bool = False):
+    def __init__(
+        self, start: str = THINK_START, end: str = THINK_END, *, prefilled: bool = False, answer_tags: bool = False
+    ):
         if not start or not end:
             raise ValueError(f"reasoning tags must be non-empty (got start={start!r}, end={end!r})")
         self.start, self.end, self.prefilled = start, end, prefilled
@@ -93,7 +95,7 @@ class ReasoningStream:
             if self._section == "before":
                 head = self._buf.lstrip()
                 if head.startswith(self.start):
-                    self._buf, self._section = head[len(self.start):], "reasoning"
+                    self._buf, self._section = head[len(self.start) :], "reasoning"
                     continue
                 if self.start.startswith(head):  # still possibly the opening tag (or only whitespace so far)
                     break
@@ -109,7 +111,7 @@ class ReasoningStream:
                     self._answer_tags.pop(0)
                 continue
             keep = _partial_tag_suffix(self._buf, tag) if tag else 0
-            text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+            text, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
             self._emit(text, out)
             break
         return "".join(out["reasoning"]), "".join(out["content"])
@@ -128,7 +130,7 @@ class ReasoningStream:
         if not self._begun[self._section]:
             full = full.lstrip()
         body = full.rstrip()
-        self._ws = full[len(body):]
+        self._ws = full[len(body) :]
         if body:
             self._begun[self._section] = True
             out[self._section].append(body)

@@ -26,8 +26,20 @@ from r1lab.reasoning import THINK_END, THINK_START, split_reasoning
 from r1lab.tasks import Problem, get_task
 from r1lab.tasks.answers import extract_answer, grade
 
-__all__ = ["RewardFn", "completion_text", "final_answer", "accuracy", "format_reward", "overlong",
-           "language_consistency", "code_passed", "code_fraction", "weighted_sum", "get_reward", "list_rewards"]
+__all__ = [
+    "RewardFn",
+    "completion_text",
+    "final_answer",
+    "accuracy",
+    "format_reward",
+    "overlong",
+    "language_consistency",
+    "code_passed",
+    "code_fraction",
+    "weighted_sum",
+    "get_reward",
+    "list_rewards",
+]
 
 RewardFn = Callable[..., list]
 Completion = str | list[dict] | dict
@@ -56,8 +68,13 @@ def final_answer(text: str) -> str | None:
     return extract_answer(content)
 
 
-def accuracy(completions: Sequence[Completion], answer: Sequence[str], task: Sequence[str] | None = None,
-             meta: Sequence[dict | None] | None = None, **kw) -> list[float | None]:
+def accuracy(
+    completions: Sequence[Completion],
+    answer: Sequence[str],
+    task: Sequence[str] | None = None,
+    meta: Sequence[dict | None] | None = None,
+    **kw,
+) -> list[float | None]:
     """1.0 if the final answer is right, else 0.0 (also when no answer can be extracted); None when the gold
     cannot be judged. With a `task` column, the task's own `check` judges (e.g. any valid countdown expression),
     given the `meta` column when there is one, and a code task's own `extract` takes the program out of the reply;
@@ -78,28 +95,41 @@ def accuracy(completions: Sequence[Completion], answer: Sequence[str], task: Seq
     return rewards
 
 
-def code_passed(completions: Sequence[Completion], task: Sequence[str], meta: Sequence[dict | None],
-                answer: Sequence[str] | None = None, **kw) -> list[float | None]:
+def code_passed(
+    completions: Sequence[Completion],
+    task: Sequence[str],
+    meta: Sequence[dict | None],
+    answer: Sequence[str] | None = None,
+    **kw,
+) -> list[float | None]:
     """Code tasks: 1.0 when the reply's program passes every hidden test in the sandbox, else 0.0 (also when the
     reply has no code); None when the sandbox could not judge (unavailable, or an infrastructure error)."""
-    return [None if r is None else float(r.passed)
-            for r in _sandbox_results(completions, task, meta, answer)]
+    return [None if r is None else float(r.passed) for r in _sandbox_results(completions, task, meta, answer)]
 
 
-def code_fraction(completions: Sequence[Completion], task: Sequence[str], meta: Sequence[dict | None],
-                  answer: Sequence[str] | None = None, **kw) -> list[float | None]:
+def code_fraction(
+    completions: Sequence[Completion],
+    task: Sequence[str],
+    meta: Sequence[dict | None],
+    answer: Sequence[str] | None = None,
+    **kw,
+) -> list[float | None]:
     """Code tasks: the fraction of hidden tests the reply's program passes (0.0 without code); None when the sandbox
     could not judge."""
-    return [None if r is None else (r.tests_passed or 0) / max(1, r.tests_total or 0)
-            for r in _sandbox_results(completions, task, meta, answer)]
+    return [
+        None if r is None else (r.tests_passed or 0) / max(1, r.tests_total or 0)
+        for r in _sandbox_results(completions, task, meta, answer)
+    ]
 
 
 def _sandbox_results(completions, task, meta, answer) -> list:
     """Every completion's program submitted to the shared sandbox pool at once, then gathered: Results, a passing-
     nothing stand-in for replies without code, None where the sandbox could not judge (warned once, with the fix)."""
     if task is None or meta is None:
-        raise ValueError("code rewards need the `task` and `meta` columns (the tests live in meta); the dataset rows "
-                         "must come from a code task such as humaneval or pyfunc")
+        raise ValueError(
+            "code rewards need the `task` and `meta` columns (the tests live in meta); the dataset rows "
+            "must come from a code task such as humaneval or pyfunc"
+        )
     _same_length(completions, task=task, meta=meta, answer=answer)
     from r1lab.sandbox import Result
 
@@ -108,11 +138,15 @@ def _sandbox_results(completions, task, meta, answer) -> list:
         judge = _task(task[i])
         if not hasattr(judge, "submit"):
             raise ValueError(f"code rewards need a code task (humaneval, pyfunc); row {i} is task {task[i]!r}")
-        problem = Problem(id="", task=task[i], prompt="", answer=answer[i] if answer is not None else "",
-                          meta=dict(meta[i] or {}))
+        problem = Problem(
+            id="", task=task[i], prompt="", answer=answer[i] if answer is not None else "", meta=dict(meta[i] or {})
+        )
         code = judge.extract(split_reasoning(completion_text(completion))[1])
-        pending.append(judge.submit(code, problem) if code is not None
-                       else Result(status="failed", tests_passed=0, tests_total=len(judge.tests(problem))))
+        pending.append(
+            judge.submit(code, problem)
+            if code is not None
+            else Result(status="failed", tests_passed=0, tests_total=len(judge.tests(problem)))
+        )
     results = [p if isinstance(p, Result) else p.result() for p in pending]
     for r in results:
         if not r.judged:
@@ -142,10 +176,10 @@ def _well_formed(text: str) -> bool:
     if not text.startswith(THINK_START):
         text = THINK_START + text  # the prefilled case; a completion with no closing tag still fails below
     end = text.find(THINK_END)
-    rest = text[end + len(THINK_END):].lstrip() if end != -1 else ""
+    rest = text[end + len(THINK_END) :].lstrip() if end != -1 else ""
     if not (rest.startswith("<answer>") and rest.endswith("</answer>") and len(rest) >= len("<answer></answer>")):
         return False
-    thinking, answer = text[len(THINK_START):end], rest[len("<answer>"):-len("</answer>")]
+    thinking, answer = text[len(THINK_START) : end], rest[len("<answer>") : -len("</answer>")]
     return answer.strip() != "" and not any(t in thinking or t in answer for t in _TAGS)
 
 
@@ -153,14 +187,18 @@ def overlong(max_len: int = 256, cache_len: int = 64) -> RewardFn:
     """DAPO's soft overlong punishment as a reward: 0 up to max_len - cache_len tokens, then falling linearly to
     -1 at max_len, and -1 beyond. Lengths are taken from the `completion_ids` column (token ids per completion)."""
     if max_len < 1 or not 0 <= cache_len <= max_len:
-        raise ValueError(f"overlong needs max_len >= 1 and 0 <= cache_len <= max_len (got max_len={max_len}, "
-                         f"cache_len={cache_len})")
+        raise ValueError(
+            f"overlong needs max_len >= 1 and 0 <= cache_len <= max_len (got max_len={max_len}, cache_len={cache_len})"
+        )
 
-    def overlong_reward(completions: Sequence[Completion], completion_ids: Sequence[Sequence[int]] | None = None,
-                        **kw) -> list[float | None]:
+    def overlong_reward(
+        completions: Sequence[Completion], completion_ids: Sequence[Sequence[int]] | None = None, **kw
+    ) -> list[float | None]:
         if completion_ids is None:
-            raise ValueError("the overlong reward needs the `completion_ids` column (token ids of each completion, "
-                             "as TRL passes it); pass completion_ids=[[...], ...]")
+            raise ValueError(
+                "the overlong reward needs the `completion_ids` column (token ids of each completion, "
+                "as TRL passes it); pass completion_ids=[[...], ...]"
+            )
         _same_length(completions, completion_ids=completion_ids)
         return [overlong_penalty(len(ids), max_len, cache_len) for ids in completion_ids]
 
@@ -180,17 +218,43 @@ def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
 
 # Letter scripts by Unicode name prefix; a language is judged by script, which needs no language model or
 # dictionary. Scripts written without spaces count one word per character.
-SCRIPTS = ("LATIN", "CJK", "HIRAGANA", "KATAKANA", "HANGUL", "CYRILLIC", "GREEK", "ARABIC", "HEBREW",
-           "DEVANAGARI", "THAI")
+SCRIPTS = (
+    "LATIN",
+    "CJK",
+    "HIRAGANA",
+    "KATAKANA",
+    "HANGUL",
+    "CYRILLIC",
+    "GREEK",
+    "ARABIC",
+    "HEBREW",
+    "DEVANAGARI",
+    "THAI",
+)
 _UNSPACED = {"CJK", "HIRAGANA", "KATAKANA", "THAI"}
-LANGUAGE_SCRIPTS = {"en": {"LATIN"}, "fr": {"LATIN"}, "de": {"LATIN"}, "es": {"LATIN"}, "it": {"LATIN"},
-                    "pt": {"LATIN"}, "zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL", "CJK"},
-                    "ru": {"CYRILLIC"}, "uk": {"CYRILLIC"}, "el": {"GREEK"}, "ar": {"ARABIC"}, "he": {"HEBREW"},
-                    "hi": {"DEVANAGARI"}, "th": {"THAI"}}
+LANGUAGE_SCRIPTS = {
+    "en": {"LATIN"},
+    "fr": {"LATIN"},
+    "de": {"LATIN"},
+    "es": {"LATIN"},
+    "it": {"LATIN"},
+    "pt": {"LATIN"},
+    "zh": {"CJK"},
+    "ja": {"CJK", "HIRAGANA", "KATAKANA"},
+    "ko": {"HANGUL", "CJK"},
+    "ru": {"CYRILLIC"},
+    "uk": {"CYRILLIC"},
+    "el": {"GREEK"},
+    "ar": {"ARABIC"},
+    "he": {"HEBREW"},
+    "hi": {"DEVANAGARI"},
+    "th": {"THAI"},
+}
 
 
-def language_consistency(completions: Sequence[Completion], language: str | Sequence[str] = "en",
-                         **kw) -> list[float | None]:
+def language_consistency(
+    completions: Sequence[Completion], language: str | Sequence[str] = "en", **kw
+) -> list[float | None]:
     """R1's language-consistency reward: the share of the reasoning's words written in the target language's
     script (the whole text when there is no think block). Latin languages are not told apart from each other.
     LaTeX commands and one-letter Latin words (variables) are not words; None when there are no words."""
@@ -198,8 +262,9 @@ def language_consistency(completions: Sequence[Completion], language: str | Sequ
     for i, completion in enumerate(completions):
         lang = language if isinstance(language, str) else language[i]
         if lang not in LANGUAGE_SCRIPTS:
-            raise ValueError(f"unknown language {lang!r} for language consistency; choose one of "
-                             f"{', '.join(LANGUAGE_SCRIPTS)}")
+            raise ValueError(
+                f"unknown language {lang!r} for language consistency; choose one of {', '.join(LANGUAGE_SCRIPTS)}"
+            )
         reasoning, content = split_reasoning(completion_text(completion))
         words = script_words(content if reasoning is None else reasoning)
         out.append(None if not words else sum(s in LANGUAGE_SCRIPTS[lang] for s in words) / len(words))
@@ -305,8 +370,10 @@ def get_reward(spec: str | RewardFn, **params) -> RewardFn:
         except TypeError as e:
             raise TypeError(f"reward {spec!r} does not take {sorted(params)}: {e}") from e
     if ":" not in spec:
-        raise ValueError(f"unknown reward {spec!r}; choose one of {', '.join(list_rewards())}, "
-                         f"or give a file as 'path/to/file.py:function'")
+        raise ValueError(
+            f"unknown reward {spec!r}; choose one of {', '.join(list_rewards())}, "
+            f"or give a file as 'path/to/file.py:function'"
+        )
     if params:
         raise TypeError(f"parameters {sorted(params)} cannot be passed to a reward from a file ({spec!r})")
     return _load_user_reward(spec)
@@ -316,8 +383,10 @@ def _load_user_reward(spec: str) -> RewardFn:
     path_str, _, func_name = spec.rpartition(":")
     path = Path(path_str).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"reward file {path_str!r} not found (looked at {path.resolve()}); "
-                                f"give the path to a .py file, relative to {Path.cwd()} or absolute")
+        raise FileNotFoundError(
+            f"reward file {path_str!r} not found (looked at {path.resolve()}); "
+            f"give the path to a .py file, relative to {Path.cwd()} or absolute"
+        )
     if not func_name.isidentifier():
         raise ValueError(f"{func_name!r} in reward spec {spec!r} is not a Python function name")
     module_name = f"r1lab_user_reward_{abs(hash(str(path.resolve())))}"
@@ -330,15 +399,18 @@ def _load_user_reward(spec: str) -> RewardFn:
         module_spec.loader.exec_module(module)
     except Exception as e:  # the user's file, not r1lab: named in one line, the cause kept on the exception
         del sys.modules[module_name]
-        raise RewardError(f"reward file {path} failed to import: {type(e).__name__}: {e}{_where(e, path)}; "
-                          "fix the file") from e
+        raise RewardError(
+            f"reward file {path} failed to import: {type(e).__name__}: {e}{_where(e, path)}; fix the file"
+        ) from e
     if not hasattr(module, func_name):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise RewardError(f"{path} has no function {func_name!r}; it defines {', '.join(found) or 'no functions'}")
     func = getattr(module, func_name)
     if not callable(func):
-        raise RewardError(f"{path}:{func_name} is a {type(func).__name__}, not a function; a reward is "
-                          f"f(completions, **columns) -> list[float | None]")
+        raise RewardError(
+            f"{path}:{func_name} is a {type(func).__name__}, not a function; a reward is "
+            f"f(completions, **columns) -> list[float | None]"
+        )
     return _checked(func, spec, path)
 
 
@@ -355,22 +427,30 @@ def _checked(func: RewardFn, spec: str, path: Path) -> RewardFn:
         try:
             values = func(completions, **columns)
         except Exception as e:  # noqa: BLE001 - the user's code
-            raise RewardError(f"reward {spec!r} raised {type(e).__name__}: {e}{_where(e, path)}; fix the "
-                              "function (return None for a completion it cannot judge)") from e
+            raise RewardError(
+                f"reward {spec!r} raised {type(e).__name__}: {e}{_where(e, path)}; fix the "
+                "function (return None for a completion it cannot judge)"
+            ) from e
         if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
-            raise RewardError(f"reward {spec!r} returned {_shown(values)}, not a list; a reward returns one number "
-                              "(or None) per completion")
+            raise RewardError(
+                f"reward {spec!r} returned {_shown(values)}, not a list; a reward returns one number "
+                "(or None) per completion"
+            )
         if len(values) != len(completions):
-            raise RewardError(f"reward {spec!r} returned {len(values)} values for {len(completions)} completions; "
-                              "return one number (or None) per completion")
+            raise RewardError(
+                f"reward {spec!r} returned {len(values)} values for {len(completions)} completions; "
+                "return one number (or None) per completion"
+            )
         for i, v in enumerate(values):
             try:
                 ok = v is None or (not isinstance(v, (str, bytes)) and math.isfinite(float(v)))
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise RewardError(f"reward {spec!r} returned {_shown(v)} for completion {i}; each value must be a "
-                                  "finite number, or None where the reward cannot judge")
+                raise RewardError(
+                    f"reward {spec!r} returned {_shown(v)} for completion {i}; each value must be a "
+                    "finite number, or None where the reward cannot judge"
+                )
         return values
 
     return reward

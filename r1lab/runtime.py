@@ -18,8 +18,10 @@ def default_threads() -> int:
     env = os.environ.get("R1LAB_THREADS")
     if env:
         if not env.strip().isdigit() or int(env) < 1:
-            raise ValueError(f"R1LAB_THREADS must be >= 1, a whole number of threads (got {env!r}); set it to the "
-                             "cores to use, or unset it")
+            raise ValueError(
+                f"R1LAB_THREADS must be >= 1, a whole number of threads (got {env!r}); set it to the "
+                "cores to use, or unset it"
+            )
         return int(env)
     try:
         cores = len(os.sched_getaffinity(0))
@@ -59,8 +61,10 @@ def settle_allocator() -> str:
         return "left as it is (not glibc)"
     libc = ctypes.CDLL(name)
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    if all(libc.mallopt(opt, val) == 1 for opt, val in (
-            (M_MMAP_THRESHOLD, 256 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))):
+    if all(
+        libc.mallopt(opt, val) == 1
+        for opt, val in ((M_MMAP_THRESHOLD, 256 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+    ):
         return "glibc: mmap threshold 256 MiB, trim threshold 1 GiB, top pad 64 MiB"
     return "left as it is (glibc refused mallopt)"
 
@@ -82,8 +86,10 @@ def pick_device(name: str | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1}")
+        raise ValueError(
+            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: this torch has no usable MPS (Apple GPU) device; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
@@ -98,8 +104,10 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         cpu = torch.cpu
-        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+        return bool(
+            getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        )
     return False
 
 
@@ -110,13 +118,22 @@ def use_bf16(asked: bool | None, device: torch.device) -> bool:
     if asked is None:
         return device.type == "cuda" and native_bf16(device)
     if asked and not native_bf16(device):
-        print(f"warning: bf16 was asked for, but this {device.type} has no native bf16 matmuls; they will run far "
-              "slower than float32 (leave --bf16 unset to choose automatically)", file=sys.stderr)
+        print(
+            f"warning: bf16 was asked for, but this {device.type} has no native bf16 matmuls; they will run far "
+            "slower than float32 (leave --bf16 unset to choose automatically)",
+            file=sys.stderr,
+        )
     return bool(asked)
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -50,13 +50,13 @@ REENTRY = ("steps", "ready")
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0         # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0                   # 0 = off
-    n: int = 1                       # samples per prompt
+    top_k: int = 0  # 0 = off
+    n: int = 1  # samples per prompt
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None   # None: the model's end-of-sequence ids
+    stop_token_ids: list[int] | None = None  # None: the model's end-of-sequence ids
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
@@ -77,10 +77,10 @@ class SamplingParams:
 @dataclass
 class Completion:
     prompt_index: int
-    text: str                    # decoded reply, without the stop token or stop string
-    token_ids: list[int]         # generated ids, including the stop token when finish_reason is "stop"
-    logprobs: list[float]        # one per generated id
-    finish_reason: str           # "stop", "length", or "tool_limit" (a tool call the limits do not allow)
+    text: str  # decoded reply, without the stop token or stop string
+    token_ids: list[int]  # generated ids, including the stop token when finish_reason is "stop"
+    logprobs: list[float]  # one per generated id
+    finish_reason: str  # "stop", "length", or "tool_limit" (a tool call the limits do not allow)
     prompt_tokens: int = 0
     token_mask: list[int] | None = None  # with tools: 1 where the model wrote the token, 0 where the tool did
     tool_calls: list = field(default_factory=list)  # r1lab.tools.ToolCall, in order
@@ -122,7 +122,7 @@ class CachedBackend:
             am[i, : len(t)] = 1
         ids, am = ids.to(self.device), am.to(self.device)
         hidden = self.model.body(ids, attention_mask=am, cache=cache)[0]
-        last = hidden[torch.arange(B, device=self.device), am.sum(1) - 1]   # only each row's last position
+        last = hidden[torch.arange(B, device=self.device), am.sum(1) - 1]  # only each row's last position
         return self.model.lm_head(self.model.model.norm(last))
 
     def take(self, cache, rows: list[int]):
@@ -159,8 +159,9 @@ class HFBackend:
 
         self.model, self.DynamicCache, self.pad_id = model, DynamicCache, pad_id
         # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes in 5.40)
-        self.cache_arg = "cache" if "cache" in inspect.signature(base_model(model).forward).parameters \
-            else "past_key_values"
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+        )
         self.device = next(model.parameters()).device
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_len = getattr(cfg, "max_position_embeddings", None) or 1 << 30
@@ -171,20 +172,31 @@ class HFBackend:
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         am = torch.zeros(B, P, dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            am[i, P - len(p):] = 1
+            ids[i, P - len(p) :] = torch.tensor(p)
+            am[i, P - len(p) :] = 1
         ids, am = ids.to(self.device), am.to(self.device)
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         cache = self.DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{self.cache_arg: cache})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=am,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_arg: cache},
+        )
         state = {"cache": cache, "mask": am, "pos": pos[:, -1] + 1}  # the model fills the cache in place
         return state, out.logits[:, -1]
 
     def decode(self, state, tokens: torch.Tensor) -> torch.Tensor:
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"][:, None],
-                         use_cache=True, **{self.cache_arg: state["cache"]})
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=state["mask"],
+            position_ids=state["pos"][:, None],
+            use_cache=True,
+            **{self.cache_arg: state["cache"]},
+        )
         state["pos"] = state["pos"] + 1
         return out.logits[:, -1]
 
@@ -239,16 +251,22 @@ class RowControls:
     """The running rows' sampling settings as tensors, plus what `sample_next` would otherwise read back from them
     at every step: which rows sample (the rest are greedy), whether any of those truncates (top-p / top-k), and
     which sampled rows draw from each generator. Built when the rows change, not per token."""
+
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
-    sampled: torch.Tensor | None     # indices of the rows that sample; None: every row samples
+    sampled: torch.Tensor | None  # indices of the rows that sample; None: every row samples
     truncate: bool
     draws: list[tuple[torch.Generator | None, slice | torch.Tensor]]  # a generator, its rows among the sampled
 
     @classmethod
-    def of(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           device="cpu", order: Sequence[int] | None = None) -> RowControls:
+    def of(
+        cls,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        device="cpu",
+        order: Sequence[int] | None = None,
+    ) -> RowControls:
         """`order` ranks the rows (their creation order): a generator's uniforms go to its rows in that order, so
         what a row draws does not depend on where it sits in the batch."""
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -261,11 +279,14 @@ class RowControls:
                 pos.sort(key=lambda j: order[rows[j]])
             contiguous = pos == list(range(pos[0], pos[0] + len(pos)))
             draws.append((gen, slice(pos[0], pos[0] + len(pos)) if contiguous else torch.tensor(pos, device=device)))
-        return cls(torch.tensor([p.temperature for p in params], device=device),
-                   torch.tensor([p.top_p for p in params], device=device),
-                   torch.tensor([p.top_k for p in params], device=device),
-                   None if len(rows) == len(params) else torch.tensor(rows, dtype=torch.long, device=device),
-                   any(params[i].top_p < 1 or params[i].top_k > 0 for i in rows), draws)
+        return cls(
+            torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+            torch.tensor([p.top_k for p in params], device=device),
+            None if len(rows) == len(params) else torch.tensor(rows, dtype=torch.long, device=device),
+            any(params[i].top_p < 1 or params[i].top_k > 0 for i in rows),
+            draws,
+        )
 
 
 def sample_next(logits: torch.Tensor, rows: RowControls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +311,7 @@ def _draw(probs: torch.Tensor, rows: RowControls) -> torch.Tensor:
     if rows.truncate:
         sp, si = probs.sort(-1, descending=True)
         rank = torch.arange(sp.shape[1], device=sp.device)[None, :]
-        drop = (sp.cumsum(-1) - sp) >= top_p[:, None]                      # keep the smallest set reaching top_p
+        drop = (sp.cumsum(-1) - sp) >= top_p[:, None]  # keep the smallest set reaching top_p
         drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
         drop[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
@@ -310,7 +331,8 @@ def _draw(probs: torch.Tensor, rows: RowControls) -> torch.Tensor:
 @dataclass
 class Row:
     """One sequence being generated."""
-    key: Any                          # caller's handle (prompt index, request id, ...), any hashable value
+
+    key: Any  # caller's handle (prompt index, request id, ...), any hashable value
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
@@ -319,9 +341,9 @@ class Row:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_at: int | None = None        # character offset where a stop string begins
-    seq: int = 0                      # creation order within the batch (rows move when others leave)
-    token_mask: list[int] | None = None   # with tools: 1 where the model wrote the token, 0 where the tool did
+    stop_at: int | None = None  # character offset where a stop string begins
+    seq: int = 0  # creation order within the batch (rows move when others leave)
+    token_mask: list[int] | None = None  # with tools: 1 where the model wrote the token, 0 where the tool did
     tool_calls: list = field(default_factory=list)
     tool_tokens: int = 0
 
@@ -329,13 +351,14 @@ class Row:
 @dataclass
 class Paused:
     """A row waiting for its tool call's program."""
+
     row: Row
     program: str
-    future: Future                    # of the sandbox's Result
-    due: int                          # the batch step at which it re-enters (generate()'s schedule)
-    shared: bool = False              # an identical program of another row runs for it
-    saved: RowCache | None = None     # the cache of the rows that paused with it (backends that can keep it)
-    slot: int = 0                     # its row in `saved`
+    future: Future  # of the sandbox's Result
+    due: int  # the batch step at which it re-enters (generate()'s schedule)
+    shared: bool = False  # an identical program of another row runs for it
+    saved: RowCache | None = None  # the cache of the rows that paused with it (backends that can keep it)
+    slot: int = 0  # its row in `saved`
 
 
 class Batch:
@@ -343,16 +366,17 @@ class Batch:
     for every row and returns the rows that finished. Cancelled or finished rows leave the batch immediately.
     With a tool, rows that close a call leave for `paused` and come back through `resume`."""
 
-    def __init__(self, sampler: Sampler, share_programs: bool = False,
-                 on_program_done: Callable[[], None] | None = None):
+    def __init__(
+        self, sampler: Sampler, share_programs: bool = False, on_program_done: Callable[[], None] | None = None
+    ):
         self.s = sampler
         self.state = None
         self.rows: list[Row] = []
         self.controls: RowControls | None = None  # of self.rows; rebuilt when they change
         self.created = 0
         self.paused: list[Paused] = []
-        self.clock = 0                    # decode steps taken: the re-entry schedule's time
-        self.tool_wait = 0.0              # seconds spent waiting for programs with nothing else to do
+        self.clock = 0  # decode steps taken: the re-entry schedule's time
+        self.tool_wait = 0.0  # seconds spent waiting for programs with nothing else to do
         self.share_programs = share_programs  # identical programs run once (one generate() call's rows)
         self.on_program_done = on_program_done  # called from a sandbox thread when a program ends (the server)
         self._programs: dict[str, Future] = {}
@@ -373,13 +397,24 @@ class Batch:
         for ids, p, key, g in zip(prompt_ids, params, keys, generators):
             max_new = min(p.max_new_tokens, self.s.backend.max_len - len(ids))
             if max_new < 1:
-                raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room in the model's context "
-                                 f"of {self.s.backend.max_len}; shorten the prompt")
+                raise ValueError(
+                    f"prompt has {len(ids)} tokens, which leaves no room in the model's context "
+                    f"of {self.s.backend.max_len}; shorten the prompt"
+                )
             stop_ids = frozenset(p.stop_token_ids if p.stop_token_ids is not None else self.s.eos_ids)
             unique.append(ids)
             for j in range(p.n):
-                new_rows.append(Row((key, j) if p.n > 1 else key, ids, p, g, stop_ids, max_new,
-                                    token_mask=[] if self.s.tools is not None else None))
+                new_rows.append(
+                    Row(
+                        (key, j) if p.n > 1 else key,
+                        ids,
+                        p,
+                        g,
+                        stop_ids,
+                        max_new,
+                        token_mask=[] if self.s.tools is not None else None,
+                    )
+                )
                 owner.append(len(unique) - 1)
         for r in new_rows:
             r.seq, self.created = self.created, self.created + 1
@@ -490,10 +525,13 @@ class Batch:
                 assert p.saved is not None  # every row kept one (checked above)
                 groups.setdefault(id(p.saved), (p.saved, []))[1].append((u, p, n))
             order = [u for _, items in groups.values() for u, _, _ in items]
-            parts = [saved if [p.slot for _, p, _ in items] == list(range(saved.batch))
-                     else self.s.backend.take(saved, [p.slot for _, p, _ in items])
-                     for saved, items in groups.values()]
-            fed = [p.row.token_ids[-n - 1:] for _, items in groups.values() for _, p, n in items]
+            parts = [
+                saved
+                if [p.slot for _, p, _ in items] == list(range(saved.batch))
+                else self.s.backend.take(saved, [p.slot for _, p, _ in items])
+                for saved, items in groups.values()
+            ]
+            fed = [p.row.token_ids[-n - 1 :] for _, items in groups.values() for _, p, n in items]
             state = parts[0]
             for other in parts[1:]:
                 state = self.s.backend.merge(state, other)
@@ -540,8 +578,9 @@ class Batch:
     # ------------------------------------------------------------------ internals
 
     def _controls(self, rows: list[Row]) -> RowControls:
-        return RowControls.of([r.params for r in rows], [r.generator for r in rows], self.s.backend.device,
-                              order=[r.seq for r in rows])
+        return RowControls.of(
+            [r.params for r in rows], [r.generator for r in rows], self.s.backend.device, order=[r.seq for r in rows]
+        )
 
     def _accept(self, rows: list[Row], logits: torch.Tensor, offset: int, controls: RowControls) -> list[Row]:
         tokens, logps = sample_next(logits, controls)
@@ -586,8 +625,15 @@ class Sampler:
     """Batched generation for the native model or any `transformers` causal LM; with `tools` (r1lab.tools), rows
     may call a tool mid-reply."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 256, eos_ids: Sequence[int] | None = None,
-                 tools=None, reentry: str = "steps"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 256,
+        eos_ids: Sequence[int] | None = None,
+        tools=None,
+        reentry: str = "steps",
+    ):
         from r1lab.tokenizer import eos_ids as default_eos
 
         if reentry not in REENTRY:
@@ -614,7 +660,7 @@ class Sampler:
     def stop_string_hit(self, row: Row) -> bool:
         """Does a stop string end within the newest tokens? Only the tail is decoded; on a hit, record where."""
         longest = max(len(s) for s in row.params.stop)
-        tail = self.decode(row.token_ids[-(longest + 4):])
+        tail = self.decode(row.token_ids[-(longest + 4) :])
         if not any(s in tail for s in row.params.stop):
             return False
         text = self.decode(row.token_ids)
@@ -628,17 +674,28 @@ class Sampler:
             text = self.decode(ids)[: row.stop_at]
         else:
             text = self.decode(ids[:-1] if row.finish_reason == "stop" else ids)
-        return Completion(prompt_index, text, list(ids), list(row.logprobs), row.finish_reason,
-                          len(row.prompt_ids), None if row.token_mask is None else list(row.token_mask),
-                          list(row.tool_calls))
+        return Completion(
+            prompt_index,
+            text,
+            list(ids),
+            list(row.logprobs),
+            row.finish_reason,
+            len(row.prompt_ids),
+            None if row.token_mask is None else list(row.token_mask),
+            list(row.tool_calls),
+        )
 
     def new_batch(self, **kw) -> Batch:
         return Batch(self, **kw)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None,
-                 on_finish: Callable[[Completion], None] | None = None,
-                 seeds: Sequence[int] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams | None = None,
+        on_finish: Callable[[Completion], None] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
         """Complete every prompt `params.n` times; results are prompt-major (prompt 0's samples first).
         Rows are admitted up to `max_batch` at a time and refilled as others finish. With `seeds` (one per prompt)
         each prompt samples from its own generator, so its completions do not depend on the prompts beside it.
@@ -670,8 +727,9 @@ class Sampler:
                     take: list[tuple[int, list[int]]] = []
                     while queue and (len(take) + 1) * per_prompt <= max(room, per_prompt):
                         take.append(queue.popleft())
-                    finished = batch.add([ids for _, ids in take], [params] * len(take),
-                                         [i for i, _ in take], [gens[i] for i, _ in take])
+                    finished = batch.add(
+                        [ids for _, ids in take], [params] * len(take), [i for i, _ in take], [gens[i] for i, _ in take]
+                    )
                 elif len(batch):
                     finished = batch.step()
                 else:  # every row waits for a program ("ready" re-entry)

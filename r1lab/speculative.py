@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                          top_k: torch.Tensor) -> torch.Tensor:
+def sampling_distribution(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
+) -> torch.Tensor:
     """The distribution each row samples from [B, V]: softmax(logits / T) truncated to the smallest set reaching
     top_p and to the top_k most likely tokens, renormalised; a one-hot at the argmax where T is 0 (greedy)."""
     logits = logits.float()
@@ -23,7 +24,7 @@ def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_p
     probs = (logits / temperature.masked_fill(greedy, 1.0)[:, None]).softmax(-1)
     sp, si = probs.sort(-1, descending=True)
     rank = torch.arange(sp.shape[1], device=sp.device)[None, :]
-    drop = (sp.cumsum(-1) - sp) >= top_p[:, None]                       # keep the smallest set reaching top_p
+    drop = (sp.cumsum(-1) - sp) >= top_p[:, None]  # keep the smallest set reaching top_p
     drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
     drop[:, 0] = False
     probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(drop, 0.0))
@@ -38,8 +39,9 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)[:, 0]
 
 
-def verify(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor,
-           u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One speculative step per row. p [B, V]: the main model's distribution for the drafted position; p_next:
     its distribution for the position after it (valid if the draft is kept); q: the draft's distribution;
     drafted [B]: the drafted tokens; u [B, 3]: uniforms (acceptance, residual, next). Returns (tokens [B, 2], kept
@@ -47,9 +49,9 @@ def verify(p: torch.Tensor, p_next: torch.Tensor, q: torch.Tensor, drafted: torc
     from p_next, meaningful only where kept."""
     rows = torch.arange(len(drafted), device=drafted.device)
     p_d, q_d = p[rows, drafted], q[rows, drafted]
-    kept = u[:, 0] * q_d < p_d                                   # u < p(d) / q(d), without dividing by 0
+    kept = u[:, 0] * q_d < p_d  # u < p(d) / q(d), without dividing by 0
     residual = (p - q).clamp_(min=0)
-    empty = residual.sum(-1, keepdim=True) <= 0                  # p == q: a rejection cannot happen
+    empty = residual.sum(-1, keepdim=True) <= 0  # p == q: a rejection cannot happen
     residual = torch.where(empty, p, residual)
     first = torch.where(kept, drafted, draw(residual, u[:, 1]))
     return torch.stack([first, draw(p_next, u[:, 2])], dim=1), kept

@@ -36,7 +36,8 @@ R1_TEMPLATE = (
     "{% if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}"
     "{% if '</think>' in c %}{% set c = c.split('</think>')[-1].lstrip() %}{% endif %}"
-    + ASSISTANT + "{{ c }}{{ eos_token }}"
+    + ASSISTANT
+    + "{{ c }}{{ eos_token }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "<think>\n{% endif %}"
 )
@@ -44,8 +45,7 @@ R1_TEMPLATE = (
 # An earlier assistant turn is written back as the model writes a direct answer: an empty think block and the answer
 # in its tags (a chat client sends back the answer alone; a reply with its tags keeps its answer part).
 R1ZERO_TEMPLATE = (
-    "{{ bos_token }}" + R1ZERO_PREAMBLE +
-    "{% for m in messages %}"
+    "{{ bos_token }}" + R1ZERO_PREAMBLE + "{% for m in messages %}"
     "{% if m['role'] == 'user' %} User: {{ m['content'] }}. Assistant:"
     "{% elif m['role'] == 'assistant' %}{% set c = m['content'].split('</think>')[-1].strip() %}"
     "{% if not c.startswith('<answer>') %}{% set c = '<answer> ' + c + ' </answer>' %}{% endif %}"
@@ -74,12 +74,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, individual_digi
     pieces = [pre_tokenizers.Digits(individual_digits=True)] if individual_digits else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tags), special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(tags),
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_strip_tags(texts, tags), trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=1 << 20)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=1 << 20
+    )
     fast.chat_template = {"default": R1_TEMPLATE, "r1zero": R1ZERO_TEMPLATE}
     return fast
 
@@ -134,8 +139,9 @@ def apply_template(tokenizer, messages: list[dict], template: str = "r1", add_ge
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)} or 'model'")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=TEMPLATES[template])
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=TEMPLATES[template]
+    )
 
 
 def load_tokenizer(path):

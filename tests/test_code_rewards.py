@@ -13,8 +13,11 @@ pytestmark = pytest.mark.skipif(sandbox.unavailable() is not None, reason=f"{san
 
 
 def _rows(problems):
-    return {"task": [p.task for p in problems], "meta": [p.meta for p in problems],
-            "answer": [p.answer for p in problems]}
+    return {
+        "task": [p.task for p in problems],
+        "meta": [p.meta for p in problems],
+        "answer": [p.answer for p in problems],
+    }
 
 
 def _local_fraction(code: str, tests: list[str]) -> float:
@@ -34,10 +37,12 @@ def _local_fraction(code: str, tests: list[str]) -> float:
 def test_code_rewards_score_right_wrong_partial_and_missing_code():
     problems = [p for p in get_task("pyfunc", kinds="int").problems("test", n=30, seed=0)][:3]
     partial = "def f(x): return {} if x > 0 else -999".format(problems[2].answer.split("return ", 1)[1])
-    completions = [f"<think> {problems[0].reasoning} </think> <answer> {problems[0].answer} </answer>",
-                   "<think> hmm </think> <answer> def f(x): return 12345 </answer>",
-                   f"```python\n{partial}\n```",
-                   "<think> never closes"]
+    completions = [
+        f"<think> {problems[0].reasoning} </think> <answer> {problems[0].answer} </answer>",
+        "<think> hmm </think> <answer> def f(x): return 12345 </answer>",
+        f"```python\n{partial}\n```",
+        "<think> never closes",
+    ]
     cols = _rows(problems + problems[:1])
     passed = rewards.get_reward("code")(completions, **cols)
     fraction = rewards.get_reward("code_fraction")(completions, **cols)
@@ -49,8 +54,10 @@ def test_code_rewards_score_right_wrong_partial_and_missing_code():
 
 def test_accuracy_reward_takes_the_program_out_of_a_code_reply():
     p = get_task("humaneval").problems()[2]
-    reply = ("<think>\nmod 1\n</think>\n```python\ndef truncate_number(number: float) -> float:\n"
-             "    return number % 1.0\n```")
+    reply = (
+        "<think>\nmod 1\n</think>\n```python\ndef truncate_number(number: float) -> float:\n"
+        "    return number % 1.0\n```"
+    )
     assert rewards.accuracy([reply, "<think>x</think> no code here?"], **_rows([p, p])) == [1.0, 0.0]
 
 

@@ -39,7 +39,7 @@ def test_humaneval_ships_164_problems_with_prompt_entry_point_and_tests():
 @needs_sandbox
 def test_every_canonical_humaneval_solution_passes_and_wrong_ones_fail():
     task, problems = HumanEval(), HumanEval().problems()
-    bodies = [p.answer[len(p.meta["stub"]):] for p in problems]
+    bodies = [p.answer[len(p.meta["stub"]) :] for p in problems]
     right = [task.submit(b, p) for b, p in zip(bodies, problems)]
     empty = [task.submit("    pass\n", p) for p in problems]
     swapped = [task.submit(bodies[(i + 1) % len(problems)], p) for i, p in enumerate(problems)]
@@ -54,8 +54,9 @@ def test_every_canonical_humaneval_solution_passes_and_wrong_ones_fail():
 def test_humaneval_reply_as_a_fenced_function_or_as_a_bare_completion():
     task = HumanEval()
     p = task.problems()[2]  # truncate_number(number) -> number % 1.0
-    whole = (f"Here it is:\n```python\ndef {p.meta['entry_point']}(number: float) -> float:\n"
-             "    return number % 1.0\n```")
+    whole = (
+        f"Here it is:\n```python\ndef {p.meta['entry_point']}(number: float) -> float:\n    return number % 1.0\n```"
+    )
     assert task.check(task.extract(whole), p) is True
     assert task.check(task.extract("    return number % 1.0\n"), p) is True
     assert task.check(task.extract("```python\ndef truncate_number(number): return 0.5\n```"), p) is False
@@ -68,11 +69,15 @@ def test_pyfunc_splits_are_disjoint_by_program_and_reproducible():
     test = task.problems("test", n=100, seed=0)
     assert not {p.answer for p in train} & {p.answer for p in test}
     assert all(split_of("pyfunc", p.meta["key"]) == "test" for p in test)
-    assert [p.answer for p in task.problems("train", n=50, seed=3)] \
-        == [p.answer for p in task.problems("train", n=50, seed=3)]
+    assert [p.answer for p in task.problems("train", n=50, seed=3)] == [
+        p.answer for p in task.problems("train", n=50, seed=3)
+    ]
     p = train[0]
-    assert p.answer.startswith("def f(") and p.reasoning.endswith(p.answer.split("return ", 1)[1] + ".") \
+    assert (
+        p.answer.startswith("def f(")
+        and p.reasoning.endswith(p.answer.split("return ", 1)[1] + ".")
         and len(p.meta["tests"]) == 5
+    )
     assert max(len(q.answer) for q in train) < 70  # tens of tokens for the tiny model's tokenizer
 
 
@@ -83,8 +88,9 @@ def test_pyfunc_reference_programs_pass_their_hidden_tests_and_others_fail():
     right = [task.submit(p.answer, p) for p in problems]
     wrong = [task.submit(problems[(i + 1) % 40].answer, p) for i, p in enumerate(problems)]
     assert all(f.result().passed for f in right)
-    fails = [not f.result().passed for f, p, q in zip(wrong, problems, problems[1:] + problems[:1])
-             if p.answer != q.answer]
+    fails = [
+        not f.result().passed for f, p, q in zip(wrong, problems, problems[1:] + problems[:1]) if p.answer != q.answer
+    ]
     assert sum(fails) >= 0.9 * len(fails)  # another program may still agree on all five inputs, rarely
 
 

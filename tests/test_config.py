@@ -38,8 +38,11 @@ def _parse(argv, yaml_text=None, tmp_path=None):
 
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
-    cfg = _parse(["--steps", "7", "--inner.lr", "0.5", "--flag", "true", "--tasks", "x,y"],
-                 "steps: 3\nname: fromyaml\ninner:\n  beta: 0.9\n", tmp_path)
+    cfg = _parse(
+        ["--steps", "7", "--inner.lr", "0.5", "--flag", "true", "--tasks", "x,y"],
+        "steps: 3\nname: fromyaml\ninner:\n  beta: 0.9\n",
+        tmp_path,
+    )
     assert cfg == Outer(name="fromyaml", steps=7, flag=True, tasks=["x", "y"], inner=Inner(lr=0.5, beta=0.9))
 
 
@@ -48,11 +51,14 @@ def test_dashes_and_json_dicts_are_accepted():
     assert cfg.knobs == {"a": {"b": 1}} and cfg.inner.beta is None
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--steps", "2.5"], "steps expects int"),
-    (["--flag", "maybe"], "flag expects bool"),
-    (["--inner.lr", "fast"], "inner.lr expects float"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--steps", "2.5"], "steps expects int"),
+        (["--flag", "maybe"], "flag expects bool"),
+        (["--inner.lr", "fast"], "inner.lr expects float"),
+    ],
+)
 def test_bad_values_name_the_key(argv, msg):
     with pytest.raises(C.ConfigError, match=msg):
         _parse(argv)
@@ -80,8 +86,14 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 # ----------------------------------------------------------------------------- the command explains itself
 
-CONFIGS = ["r1lab.train.pretrain:PretrainConfig", "r1lab.train.sft:SFTConfig", "r1lab.train.grpo:GRPOConfig",
-           "r1lab.recipes:PipelineConfig", "r1lab.eval:EvalConfig", "r1lab.distill:DistillConfig"]
+CONFIGS = [
+    "r1lab.train.pretrain:PretrainConfig",
+    "r1lab.train.sft:SFTConfig",
+    "r1lab.train.grpo:GRPOConfig",
+    "r1lab.recipes:PipelineConfig",
+    "r1lab.eval:EvalConfig",
+    "r1lab.distill:DistillConfig",
+]
 
 
 def _cls(spec):
@@ -116,22 +128,25 @@ def test_pipeline_help_explains_every_option(capsys):
         main(["pipeline", "--help"])
     out = capsys.readouterr().out
     for flag in ("--grpo.policy-loss", "--pretrain.direct-fraction", "--eval.k", "--distill.onpolicy-lr"):
-        entry = out[out.index("\n  " + flag) + 1:].split("\n  --", 1)[0]  # the flag's own help, to the next flag
+        entry = out[out.index("\n  " + flag) + 1 :].split("\n  --", 1)[0]  # the flag's own help, to the next flag
         assert "default" in entry and len(entry.split("]", 1)[0]) > 40, entry
     assert "--pretrain.seed" not in out and "--grpo.model" not in out  # set by the pipeline, so not flags
 
 
-@pytest.mark.parametrize("spec,field,bad,choices", [
-    ("r1lab.train.grpo:GRPOConfig", "template", "chatml", "r1, r1zero, model"),
-    ("r1lab.train.grpo:GRPOConfig", "policy_loss", "ppo2", "clip, gspo, gspo-token, cispo"),
-    ("r1lab.train.grpo:GRPOConfig", "rollout_correction", "tis", "none, token-truncate"),
-    ("r1lab.train.grpo:GRPOConfig", "advantage", "ppo", "grpo, rloo"),
-    ("r1lab.train.grpo:GRPOConfig", "parallel", "tp", "ddp, fsdp"),
-    ("r1lab.train.grpo:GRPOConfig", "rollout", "sglang", "r1lab or vllm"),
-    ("r1lab.train.pretrain:PretrainConfig", "template", "model", "r1, r1zero"),
-    ("r1lab.train.sft:SFTConfig", "template", "chatml", "r1, r1zero, model"),
-    ("r1lab.eval:EvalConfig", "template", "chatml", "auto, r1zero, r1, model"),
-])
+@pytest.mark.parametrize(
+    "spec,field,bad,choices",
+    [
+        ("r1lab.train.grpo:GRPOConfig", "template", "chatml", "r1, r1zero, model"),
+        ("r1lab.train.grpo:GRPOConfig", "policy_loss", "ppo2", "clip, gspo, gspo-token, cispo"),
+        ("r1lab.train.grpo:GRPOConfig", "rollout_correction", "tis", "none, token-truncate"),
+        ("r1lab.train.grpo:GRPOConfig", "advantage", "ppo", "grpo, rloo"),
+        ("r1lab.train.grpo:GRPOConfig", "parallel", "tp", "ddp, fsdp"),
+        ("r1lab.train.grpo:GRPOConfig", "rollout", "sglang", "r1lab or vllm"),
+        ("r1lab.train.pretrain:PretrainConfig", "template", "model", "r1, r1zero"),
+        ("r1lab.train.sft:SFTConfig", "template", "chatml", "r1, r1zero, model"),
+        ("r1lab.eval:EvalConfig", "template", "chatml", "auto, r1zero, r1, model"),
+    ],
+)
 def test_choice_fields_name_their_choices(spec, field, bad, choices):
     from r1lab.config import ConfigError, merge
 

@@ -10,8 +10,10 @@ from r1lab.model.load import load_model_and_tokenizer
 from r1lab.sampler import Sampler, SamplingParams
 from r1lab.tokenizer import render_prompt
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs these)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs these)"),
+]
 
 PROMPTS = ["What is 12 + 7?", "What is 3 + 4?", "What is 40 - 9?"]
 
@@ -19,8 +21,9 @@ PROMPTS = ["What is 12 + 7?", "What is 3 + 4?", "What is 40 - 9?"]
 def _greedy(model_dir, device):
     model, tok = load_model_and_tokenizer(model_dir, device=device)
     prompts = [render_prompt(tok, p, "r1") for p in PROMPTS]
-    return [o.token_ids for o in Sampler(model, tok).generate(prompts, SamplingParams(max_new_tokens=12,
-                                                                                       temperature=0))]
+    return [
+        o.token_ids for o in Sampler(model, tok).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    ]
 
 
 @pytest.mark.parametrize("family", ["native", "llama"])
@@ -45,9 +48,19 @@ def test_a_bf16_grpo_step_on_the_gpu_takes_a_finite_step(tiny_native_dir_long, t
     from r1lab.train import grpo as GR
     from r1lab.train.run import read_metrics
 
-    cfg = GR.GRPOConfig(out=str(tmp_path / "g"), model=str(tiny_native_dir_long), steps=2, prompts_per_step=2,
-                        num_generations=4, max_new_tokens=8, template="r1", bf16=True, device="cuda",
-                        eval_problems=2, task_args={"arithmetic": {"max_digits": 1}})
+    cfg = GR.GRPOConfig(
+        out=str(tmp_path / "g"),
+        model=str(tiny_native_dir_long),
+        steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        max_new_tokens=8,
+        template="r1",
+        bf16=True,
+        device="cuda",
+        eval_problems=2,
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     _, _, run = GR.grpo(cfg, progress=False)
     rows = read_metrics(run.metrics_path)
     assert [r["step"] for r in rows] == [1, 2]

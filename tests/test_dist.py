@@ -53,11 +53,14 @@ def log(self, step, **metrics):
 
 R.write_model, R.Run.log = write_model, log
 """
-LAUNCH = RECORD + """
+LAUNCH = (
+    RECORD
+    + """
 import sys
 from r1lab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 def launch(tmp_path, args: list[str], n: int = 2) -> tuple[list[dict], list[dict]]:
@@ -83,9 +86,21 @@ def launch(tmp_path, args: list[str], n: int = 2) -> tuple[list[dict], list[dict
     else:
         script = tmp_path / "launch.py"
         script.write_text(LAUNCH)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                               str(script), *args], env=dict(os.environ, **env), capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={n}",
+                str(script),
+                *args,
+            ],
+            env=dict(os.environ, **env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     read = lambda f: [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []  # noqa: E731
     return read(writes), read(raw)
@@ -125,9 +140,15 @@ def llama_dir(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory):
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} + {a + 3}?"},
-                          {"role": "assistant", "content": f"<think>\n{a} plus {a + 3}\n</think>\n\n{2 * a + 3}"}]}
-            for a in range(24)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} + {a + 3}?"},
+                {"role": "assistant", "content": f"<think>\n{a} plus {a + 3}\n</think>\n\n{2 * a + 3}"},
+            ]
+        }
+        for a in range(24)
+    ]
     path = tmp_path_factory.mktemp("data") / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -135,18 +156,47 @@ def chats(tmp_path_factory):
 
 def sft_args(model, data, out, **kw) -> list[str]:
     # 3 rows per micro-batch over 2 processes (uneven shares), 2 micro-batches per step, a checkpoint every 2 steps
-    flags = dict(model=model, data=data, out=out, epochs=2, seq_len=64, rows=3, grad_accum=2, bf16="false",
-                 device="cpu", eval_fraction=0.2, lr=1e-2, warmup=1, save_every=2, **kw)
+    flags = dict(
+        model=model,
+        data=data,
+        out=out,
+        epochs=2,
+        seq_len=64,
+        rows=3,
+        grad_accum=2,
+        bf16="false",
+        device="cpu",
+        eval_fraction=0.2,
+        lr=1e-2,
+        warmup=1,
+        save_every=2,
+        **kw,
+    )
     return ["sft"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def grpo_args(model, reward, out, **kw) -> list[str]:
     # 3 prompts over 2 processes (one gets 1 group, the other 2), small micro-batches (uneven counts), mu=2 so the
     # second pass has a ratio away from 1 and a loss away from 0
-    flags = dict(model=model, out=out, steps=3, prompts_per_step=3, num_generations=4, max_new_tokens=8,
-                 template="r1", bf16="false", save_every=2, eval_problems=4, lr=3e-3, mu=2,
-                 micro_batch_tokens=40, rewards=f"{reward}:share", reward_weights=1.0,
-                 task_args=json.dumps({"arithmetic": {"max_digits": 1}}), **kw)
+    flags = dict(
+        model=model,
+        out=out,
+        steps=3,
+        prompts_per_step=3,
+        num_generations=4,
+        max_new_tokens=8,
+        template="r1",
+        bf16="false",
+        save_every=2,
+        eval_problems=4,
+        lr=3e-3,
+        mu=2,
+        micro_batch_tokens=40,
+        rewards=f"{reward}:share",
+        reward_weights=1.0,
+        task_args=json.dumps({"arithmetic": {"max_digits": 1}}),
+        **kw,
+    )
     return ["grpo"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -154,10 +204,12 @@ def grpo_args(model, reward, out, **kw) -> list[str]:
 def share_reward(tmp_path_factory):
     """A reward with spread inside every group (the share of token ids divisible by 3), so updates are not zero."""
     f = tmp_path_factory.mktemp("reward") / "share_reward.py"
-    f.write_text(textwrap.dedent("""
+    f.write_text(
+        textwrap.dedent("""
         def share(completions, completion_ids, **kw):
             return [sum(t % 3 == 0 for t in ids) / len(ids) for ids in completion_ids]
-    """))
+    """)
+    )
     return f
 
 
@@ -230,15 +282,13 @@ def grpo_one(tmp_path_factory, tiny_native_dir, share_reward):
     return base / "one", rows
 
 
-def test_grpo_on_two_processes_samples_and_takes_the_steps_of_one(grpo_one, tmp_path, tiny_native_dir,
-                                                                   share_reward):
+def test_grpo_on_two_processes_samples_and_takes_the_steps_of_one(grpo_one, tmp_path, tiny_native_dir, share_reward):
     out, one = grpo_one
     _, two = launch(tmp_path, grpo_args(tiny_native_dir, share_reward, tmp_path / "two"))
     losses = by_step(one, "loss")
     assert len(losses) == 3 and all(abs(v) > 1e-3 for v in losses.values())
     # the same completions (rewards, lengths), then the same update (loss, gradient)
-    close(one, two, ("reward_mean", "reward_std", "mean_length", "groups", "loss", "grad_norm", "entropy",
-                     "clip_frac"))
+    close(one, two, ("reward_mean", "reward_std", "mean_length", "groups", "loss", "grad_norm", "entropy", "clip_frac"))
     same_weights(out / "model", tmp_path / "two" / "model")
 
 
@@ -254,8 +304,9 @@ def test_a_one_process_grpo_checkpoint_resumes_on_two_with_fsdp(grpo_one, tmp_pa
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
-def test_grpo_on_a_llama_model_takes_the_same_steps_on_its_fast_path_and_packed_under_fsdp(tmp_path, llama_dir,
-                                                                                           share_reward):
+def test_grpo_on_a_llama_model_takes_the_same_steps_on_its_fast_path_and_packed_under_fsdp(
+    tmp_path, llama_dir, share_reward
+):
     """One process samples and trains through FastDecoder (grouped layout); two FSDP processes, whose sharded blocks
     only gather through their own forward, sample with the model's forward and train on packed rows."""
     _, one = launch(tmp_path, grpo_args(llama_dir, share_reward, tmp_path / "one"), n=1)

@@ -43,8 +43,13 @@ def start_server(model_dir, port: int, log: Path, timeout: float = 180) -> subpr
     """`r1lab serve MODEL --port PORT` in its own process, its output (with uvicorn's access log) in `log`."""
     env = {**os.environ, "R1LAB_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "r1lab.cli", "serve", str(model_dir), "--port", str(port),
-                                 "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "r1lab.cli", "serve", str(model_dir), "--port", str(port), "--log-level", "info"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -77,17 +82,25 @@ class Proxy:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with proxy.lock:
                     n = len(proxy.log) + 1
-                    entry = {"n": n, "t": time.monotonic(), "body": hashlib.sha256(body).hexdigest(),
-                             "auth": self.headers.get("Authorization")}
+                    entry = {
+                        "n": n,
+                        "t": time.monotonic(),
+                        "body": hashlib.sha256(body).hexdigest(),
+                        "auth": self.headers.get("Authorization"),
+                    }
                     proxy.log.append(entry)
                 action = proxy.plan(n)
                 headers = {}
                 if action in ("forward", "malformed"):
-                    r = httpx.post(proxy.upstream + self.path, content=body, timeout=120,
-                                   headers={"Content-Type": "application/json"})
+                    r = httpx.post(
+                        proxy.upstream + self.path,
+                        content=body,
+                        timeout=120,
+                        headers={"Content-Type": "application/json"},
+                    )
                     status, payload = r.status_code, r.content
                     if action == "malformed":
-                        payload = payload[:len(payload) // 2]
+                        payload = payload[: len(payload) // 2]
                     elif status == 200:
                         entry["response"] = r.json()
                 else:
@@ -101,8 +114,11 @@ class Proxy:
                 entry["status"], entry["action"] = status, action
                 try:
                     self.send_response(status)
-                    for k, v in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
-                                 **headers}.items():
+                    for k, v in {
+                        "Content-Type": "application/json",
+                        "Content-Length": str(len(payload)),
+                        **headers,
+                    }.items():
                         self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(payload)
@@ -143,8 +159,18 @@ def teacher(tiny_native_dir_long, tmp_path_factory):
 
 
 def served_cfg(out, url, model, **kw) -> D.DistillConfig:
-    base = dict(out=str(out), teacher_url=url, teacher_model=model, student="unused", problems=4, k=3,
-                max_new_tokens=8, concurrency=3, retry_wait=0.01, task_args={"arithmetic": {"max_digits": 1}})
+    base = dict(
+        out=str(out),
+        teacher_url=url,
+        teacher_model=model,
+        student="unused",
+        problems=4,
+        k=3,
+        max_new_tokens=8,
+        concurrency=3,
+        retry_wait=0.01,
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     return D.DistillConfig(**{**base, **kw}).validate()
 
 
@@ -153,9 +179,12 @@ def cache_files(out) -> list[Path]:
 
 
 def usage_of(responses: list[dict]) -> dict:
-    return {"requests": len(responses), "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in responses),
-            "completion_tokens": sum(r["usage"]["completion_tokens"] for r in responses),
-            "reasoning_tokens": sum(r["usage"]["completion_tokens_details"]["reasoning_tokens"] for r in responses)}
+    return {
+        "requests": len(responses),
+        "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in responses),
+        "completion_tokens": sum(r["usage"]["completion_tokens"] for r in responses),
+        "reasoning_tokens": sum(r["usage"]["completion_tokens_details"]["reasoning_tokens"] for r in responses),
+    }
 
 
 # ----------------------------------------------------------------------------- against the real server
@@ -163,8 +192,13 @@ def usage_of(responses: list[dict]) -> dict:
 
 def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_once(teacher, tmp_path):
     url, model = teacher
-    faults = {1: (429, "1"), 2: (500, None), 3: (503, None), 4: "malformed",
-              5: (429, formatdate(time.time() + 2, usegmt=True))}
+    faults = {
+        1: (429, "1"),
+        2: (500, None),
+        3: (503, None),
+        4: "malformed",
+        5: (429, formatdate(time.time() + 2, usegmt=True)),
+    }
     with Proxy(url, lambda n: faults.get(n, "forward")) as proxy:
         cfg = served_cfg(tmp_path, proxy.url, model, price_per_mtok=[1.0, 4.0])
         problems = D.load_problems(cfg)
@@ -176,7 +210,8 @@ def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_onc
         # one more sample per problem: only those 4 are sent
         more, _ = D.sample_served(served_cfg(tmp_path, proxy.url, model, k=4), problems, progress=False)
         assert len(proxy.log) == len(log) + 4 and [[r.text for r in g[:3]] for g in more] == [
-            [r.text for r in g] for g in again]
+            [r.text for r in g] for g in again
+        ]
 
     assert len(log) == 12 + 5 and [e["status"] for e in log[:3]] == [429, 500, 503]
     answered = [e for e in log if e.get("response") is not None]
@@ -187,11 +222,18 @@ def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_onc
     paid = expected["prompt_tokens"] + 4 * expected["completion_tokens"]
     assert usage["answered"]["cost"] == pytest.approx(paid / 1e6)
     # the replies are the server's own answers, the thinking inline
-    served = sorted((f"<think>\n{c['message']['reasoning_content']}\n</think>\n\n{c['message']['content']}",
-                     c["finish_reason"], e["response"]["usage"]["completion_tokens"])
-                    for e in answered for c in e["response"]["choices"])
+    served = sorted(
+        (
+            f"<think>\n{c['message']['reasoning_content']}\n</think>\n\n{c['message']['content']}",
+            c["finish_reason"],
+            e["response"]["usage"]["completion_tokens"],
+        )
+        for e in answered
+        for c in e["response"]["choices"]
+    )
     assert sorted((r.text, r.finish_reason, r.completion_tokens) for g in groups for r in g) == served
     assert [len(g) for g in groups] == [3] * 4
+
     # Retry-After (in seconds, and as a date) was waited for; a 500 without it waited only the short backoff
     def next_try(f):
         return next(e["t"] for e in log if e["n"] > f["n"] and e["body"] == f["body"]) - f["t"]
@@ -203,14 +245,38 @@ def test_429_500_503_and_a_malformed_body_are_retried_and_each_reply_is_kept_onc
     assert usage2["answered"]["requests"] == 0 and {k: usage2["cached"][k] for k in expected} == expected
 
 
-def test_a_teacher_that_stops_answering_fails_in_one_line_and_the_rerun_sends_only_the_rest(teacher, tmp_path,
-                                                                                            capsys):
+def test_a_teacher_that_stops_answering_fails_in_one_line_and_the_rerun_sends_only_the_rest(teacher, tmp_path, capsys):
     url, model = teacher
     out = tmp_path / "run"
-    args = ["distill", "--teacher-url", "", "--teacher-model", model, "--student", str(tmp_path / "student"),
-            "--out", str(out), "--task-args", '{"arithmetic": {"max_digits": 1}}', "--problems", "4", "--k", "3",
-            "--max-new-tokens", "8", "--concurrency", "2", "--max-retries", "2", "--retry-wait", "0.01",
-            "--api-key", "sk-test-secret", "--price-per-mtok", "2"]
+    args = [
+        "distill",
+        "--teacher-url",
+        "",
+        "--teacher-model",
+        model,
+        "--student",
+        str(tmp_path / "student"),
+        "--out",
+        str(out),
+        "--task-args",
+        '{"arithmetic": {"max_digits": 1}}',
+        "--problems",
+        "4",
+        "--k",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--concurrency",
+        "2",
+        "--max-retries",
+        "2",
+        "--retry-wait",
+        "0.01",
+        "--api-key",
+        "sk-test-secret",
+        "--price-per-mtok",
+        "2",
+    ]
     with Proxy(url, lambda n: "forward" if n <= 5 else (503, None)) as proxy:
         args[2] = proxy.url
         assert main(args) == 2
@@ -231,8 +297,9 @@ def test_a_teacher_that_stops_answering_fails_in_one_line_and_the_rerun_sends_on
     usage = json.loads((out / "data_stats.json").read_text())["teacher_usage"]
     assert usage["answered"]["requests"] == 7 and usage["cached"]["requests"] == 5
     assert usage["answered"]["completion_tokens"] == usage_of(rerun)["completion_tokens"]
-    assert usage["answered"]["cost"] == pytest.approx(2 * sum(usage_of(rerun)[k] for k in ("prompt_tokens",
-                                                                                         "completion_tokens")) / 1e6)
+    assert usage["answered"]["cost"] == pytest.approx(
+        2 * sum(usage_of(rerun)[k] for k in ("prompt_tokens", "completion_tokens")) / 1e6
+    )
     assert sent >= 5 + 3  # the failing request was tried 3 times
 
 
@@ -249,8 +316,11 @@ def test_a_request_unanswered_within_the_timeout_is_sent_again(teacher, tmp_path
 def test_a_wrong_model_name_or_key_is_refused_at_once_without_retries(teacher, tmp_path):
     url, model = teacher
     with Proxy(url) as proxy:
-        with pytest.raises(EndpointError, match=r"answered 404 \(The model `nope` does not exist.*check the model "
-                                                r"name 'nope' and the URL"):
+        with pytest.raises(
+            EndpointError,
+            match=r"answered 404 \(The model `nope` does not exist.*check the model "
+            r"name 'nope' and the URL",
+        ):
             D.sample_served(served_cfg(tmp_path, proxy.url, "nope", concurrency=1), [_p()], progress=False)
         assert [e["status"] for e in proxy.log] == [404]
     with Proxy(url, lambda n: (401, None)) as proxy:
@@ -264,14 +334,36 @@ def test_eval_of_an_endpoint_shares_the_client_and_its_retries(teacher, tmp_path
     url, model = teacher
     with Proxy(url, lambda n: (503, None) if n == 2 else "forward") as proxy:
         report = tmp_path / "eval.json"
-        assert main(["eval", model, "--base-url", proxy.url, "--task-args", '{"max_digits": 1}', "--limit", "2",
-                     "--k", "2", "--max-new-tokens", "8", "--concurrency", "2", "--out", str(report)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    model,
+                    "--base-url",
+                    proxy.url,
+                    "--task-args",
+                    '{"max_digits": 1}',
+                    "--limit",
+                    "2",
+                    "--k",
+                    "2",
+                    "--max-new-tokens",
+                    "8",
+                    "--concurrency",
+                    "2",
+                    "--out",
+                    str(report),
+                ]
+            )
+            == 0
+        )
         answered = [e["response"]["choices"][0]["message"] for e in proxy.answered()]
     assert len(proxy.log) == 2 * 2 + 2 + 1 and len(answered) == 6  # k samples and a greedy one per problem, a retry
     records = json.loads(report.read_text())["records"]
     replies = [s for r in records for s in r["samples"] + [r["greedy"]]]
     assert sorted((s["reasoning"], s["content"]) for s in replies) == sorted(
-        (m["reasoning_content"], m["content"]) for m in answered)
+        (m["reasoning_content"], m["content"]) for m in answered
+    )
 
 
 def _p():
@@ -283,14 +375,21 @@ def _p():
 
 @pytest.mark.slow  # trains the teacher (~25 s), starts a server (~20 s), samples 144 replies and trains a student
 def test_a_served_teacher_is_distilled_end_to_end_and_writes_what_the_local_teacher_writes(
-        teacher_dir, student_dir, tmp_path, capsys):
+    teacher_dir, student_dir, tmp_path, capsys
+):
     port, log = free_port(), tmp_path / "serve.log"
     proc = start_server(teacher_dir, port, log)
     try:
         url, name = f"http://127.0.0.1:{port}/v1", Path(teacher_dir).resolve().name
         # greedy, one sample per problem: the served teacher's records are the local teacher's, byte for byte
-        common = dict(student=str(student_dir), problems=16, k=1, temperature=0.0, max_new_tokens=64,
-                      task_args={"arithmetic": {"max_digits": 1}})
+        common = dict(
+            student=str(student_dir),
+            problems=16,
+            k=1,
+            temperature=0.0,
+            max_new_tokens=64,
+            task_args={"arithmetic": {"max_digits": 1}},
+        )
         local_cfg = D.DistillConfig(teacher=str(teacher_dir), out=str(tmp_path / "local"), **common)
         served_cfg_ = D.DistillConfig(teacher_url=url, teacher_model=name, out=str(tmp_path / "greedy"), **common)
         problems = D.load_problems(local_cfg)
@@ -306,11 +405,42 @@ def test_a_served_teacher_is_distilled_end_to_end_and_writes_what_the_local_teac
         assert local[1]["kept"] > 0 and D.filter_samples(served_samples, problems) == local
 
         out = tmp_path / "distill"
-        assert main(["distill", "--teacher-url", url, "--teacher-model", name, "--student", str(student_dir),
-                     "--out", str(out), "--task-args", '{"arithmetic": {"max_digits": 1}}', "--problems", "16",
-                     "--k", "8", "--max-new-tokens", "64", "--price-per-mtok", "0.55,2.19", "--sft.epochs", "1",
-                     "--sft.seq-len", "128", "--sft.bf16", "false", "--sft.device", "cpu",
-                     "--sft.eval-fraction", "0"]) == 0
+        assert (
+            main(
+                [
+                    "distill",
+                    "--teacher-url",
+                    url,
+                    "--teacher-model",
+                    name,
+                    "--student",
+                    str(student_dir),
+                    "--out",
+                    str(out),
+                    "--task-args",
+                    '{"arithmetic": {"max_digits": 1}}',
+                    "--problems",
+                    "16",
+                    "--k",
+                    "8",
+                    "--max-new-tokens",
+                    "64",
+                    "--price-per-mtok",
+                    "0.55,2.19",
+                    "--sft.epochs",
+                    "1",
+                    "--sft.seq-len",
+                    "128",
+                    "--sft.bf16",
+                    "false",
+                    "--sft.device",
+                    "cpu",
+                    "--sft.eval-fraction",
+                    "0",
+                ]
+            )
+            == 0
+        )
         assert answered_at_server(log) == 16 + 128
     finally:
         proc.kill()
@@ -328,10 +458,13 @@ def test_a_served_teacher_is_distilled_end_to_end_and_writes_what_the_local_teac
     usage = counts["teacher_usage"]
     assert usage["answered"]["requests"] == 128 and usage["cached"]["requests"] == 0
     assert usage["answered"]["cost"] == pytest.approx(
-        (0.55 * usage["answered"]["prompt_tokens"] + 2.19 * usage["answered"]["completion_tokens"]) / 1e6)
+        (0.55 * usage["answered"]["prompt_tokens"] + 2.19 * usage["answered"]["completion_tokens"]) / 1e6
+    )
     assert f"kept {counts['kept']} of 128" in printed and D.usage_line(usage) in printed
-    print(f"greedy: {sum(bool(m) for _, m in replies(local_samples))} of 16 well-formed and {local[1]['kept']} kept "
-          f"from both teachers; T=0.6: kept {counts['kept']} of 128; {D.usage_line(usage)}")
+    print(
+        f"greedy: {sum(bool(m) for _, m in replies(local_samples))} of 16 well-formed and {local[1]['kept']} kept "
+        f"from both teachers; T=0.6: kept {counts['kept']} of 128; {D.usage_line(usage)}"
+    )
     assert (out / "sft" / "model" / "model.safetensors").is_file()
 
 
@@ -353,15 +486,17 @@ def _wait_for_cache(out, n: int, future, timeout: float = 120) -> None:
 
 @pytest.mark.slow  # three server starts (~20 s each on two busy cores)
 def test_a_teacher_killed_mid_run_is_retried_through_its_restart_or_the_rerun_resumes_from_the_cache(
-        tiny_native_dir_long, tmp_path):
+    tiny_native_dir_long, tmp_path
+):
     port, logs = free_port(), [tmp_path / f"serve{i}.log" for i in range(3)]
     url, name = f"http://127.0.0.1:{port}/v1", Path(tiny_native_dir_long).resolve().name
     total = 8 * 4
     proc = start_server(tiny_native_dir_long, port, logs[0])
     try:
         # killed and restarted on its port within the retries: the run goes through
-        cfg = served_cfg(tmp_path / "a", url, name, problems=8, k=4, max_new_tokens=48, concurrency=2,
-                         max_retries=8, retry_wait=0.5)
+        cfg = served_cfg(
+            tmp_path / "a", url, name, problems=8, k=4, max_new_tokens=48, concurrency=2, max_retries=8, retry_wait=0.5
+        )
         run = _in_thread(D.sample_served, cfg, D.load_problems(cfg), progress=False)
         _wait_for_cache(cfg.out, 6, run)
         proc.kill()
@@ -372,19 +507,25 @@ def test_a_teacher_killed_mid_run_is_retried_through_its_restart_or_the_rerun_re
         assert sum(map(len, groups)) == total and len(cache_files(cfg.out)) == total
         assert usage["retried"].get("connection", 0) >= 1 and usage["answered"]["requests"] == total
         assert killed_at < total and total <= answered_at_server(logs[0]) + answered_at_server(logs[1]) <= total + 2
-        print(f"restart: killed with {killed_at} of {total} cached; retried {usage['retried']}; answered by the two "
-              f"servers {answered_at_server(logs[0])} + {answered_at_server(logs[1])}")
+        print(
+            f"restart: killed with {killed_at} of {total} cached; retried {usage['retried']}; answered by the two "
+            f"servers {answered_at_server(logs[0])} + {answered_at_server(logs[1])}"
+        )
 
         # killed and not back within the retries: one clear error; after a restart the rerun sends only the rest
-        cfg = served_cfg(tmp_path / "b", url, name, problems=8, k=4, max_new_tokens=48, concurrency=2,
-                         max_retries=2, retry_wait=0.1)
+        cfg = served_cfg(
+            tmp_path / "b", url, name, problems=8, k=4, max_new_tokens=48, concurrency=2, max_retries=2, retry_wait=0.1
+        )
         run = _in_thread(D.sample_served, cfg, D.load_problems(cfg), progress=False)
         _wait_for_cache(cfg.out, 6, run)
         proc.kill()
         proc.wait()
-        with pytest.raises(EndpointError, match=f"{url}/chat/completions failed 3 times in a row for one request, "
-                                                f"last with the connection failed .*run the same command again to "
-                                                f"resume"):
+        with pytest.raises(
+            EndpointError,
+            match=f"{url}/chat/completions failed 3 times in a row for one request, "
+            f"last with the connection failed .*run the same command again to "
+            f"resume",
+        ):
             run.result(timeout=120)
         cached = len(cache_files(cfg.out))
         proc = start_server(tiny_native_dir_long, port, logs[2])
@@ -392,8 +533,9 @@ def test_a_teacher_killed_mid_run_is_retried_through_its_restart_or_the_rerun_re
         assert answered_at_server(logs[2]) == total - cached and 6 <= cached < total
         assert usage["cached"]["requests"] == cached and usage["answered"]["requests"] == total - cached
         assert sum(map(len, groups)) == total
-        print(f"no restart: {cached} of {total} cached when the run stopped; the rerun sent "
-              f"{answered_at_server(logs[2])}")
+        print(
+            f"no restart: {cached} of {total} cached when the run stopped; the rerun sent {answered_at_server(logs[2])}"
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -403,12 +545,17 @@ def test_a_teacher_killed_mid_run_is_retried_through_its_restart_or_the_rerun_re
 
 
 SERVED_TEXTS = [  # what a local teacher wrote after R1's prefilled "<think>\n"; each reason at least once
-    ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "stop"), ("<think>2 plus 3 is 5</think>\\boxed{5}", "stop"),
-    ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "length"), ("\\boxed{5}", "stop"),
+    ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "stop"),
+    ("<think>2 plus 3 is 5</think>\\boxed{5}", "stop"),
+    ("2 plus 3 is 5\n</think>\n\n\\boxed{5}", "length"),
+    ("\\boxed{5}", "stop"),
     ("<think>\n2 plus 3 is \\boxed{5}", "stop"),
-    ("a\n</think>\n\n\\boxed{5} </think>", "stop"), ("add them\n</think>\n\n", "stop"),
-    ("2 plus 3 is 6\n</think>\n\n\\boxed{6}", "stop"), ("二加三等于五\n</think>\n\n\\boxed{5}", "stop"),
-    ("  plus: 5  \n</think>\n\n  \\boxed{5}  ", "stop"), ("</think>\\boxed{5}", "stop"),
+    ("a\n</think>\n\n\\boxed{5} </think>", "stop"),
+    ("add them\n</think>\n\n", "stop"),
+    ("2 plus 3 is 6\n</think>\n\n\\boxed{6}", "stop"),
+    ("二加三等于五\n</think>\n\n\\boxed{5}", "stop"),
+    ("  plus: 5  \n</think>\n\n  \\boxed{5}  ", "stop"),
+    ("</think>\\boxed{5}", "stop"),
 ]
 
 
@@ -423,8 +570,9 @@ def test_a_served_reply_becomes_the_same_record_as_the_local_text_it_was_split_f
     for kw in ({}, {"max_per_problem": 1}, {"max_length": 5}):
         assert D.filter_samples(served, [_p()], **kw) == D.filter_samples(local, [_p()], **kw)
     kept, counts = D.filter_samples(served, [_p()])
-    assert counts["kept"] == 3 and all(v > 0 for k, v in counts["rejected"].items()
-                                       if k not in ("unjudged", "too_long", "over_limit"))
+    assert counts["kept"] == 3 and all(
+        v > 0 for k, v in counts["rejected"].items() if k not in ("unjudged", "too_long", "over_limit")
+    )
     assert kept[1]["messages"][1]["content"] == "<think>\nplus: 5\n</think>\n\n\\boxed{5}"
 
 
@@ -449,18 +597,22 @@ def test_a_served_teacher_run_line_counts_paid_and_cached_tokens():
     c.cached.add(Reply("r", "a", "stop", 1, 2, None))
     c.retried["503"] = 2
     line = D.usage_line(c.usage([1000.0, 2000.0]))
-    assert line == ("teacher m: 1 requests answered (10 prompt + 20 completion tokens (15 reasoning), $0.0500); "
-                    "1 cached, not re-paid (1 prompt + 2 completion tokens, $0.0050); retried 2 x 503")
+    assert line == (
+        "teacher m: 1 requests answered (10 prompt + 20 completion tokens (15 reasoning), $0.0500); "
+        "1 cached, not re-paid (1 prompt + 2 completion tokens, $0.0050); retried 2 x 503"
+    )
 
 
 def test_served_teacher_settings_are_checked_first(tmp_path):
     ok = dict(teacher_url="http://127.0.0.1:1/v1", teacher_model="m", student="s", out=str(tmp_path))
-    for kw, message in [(dict(teacher="t"), "are two teachers; give one"),
-                        (dict(teacher_model=""), "--teacher-model is required with --teacher-url"),
-                        (dict(teacher_url="localhost:8000"), "must start with http:// or https://"),
-                        (dict(concurrency=0), "--concurrency must be >= 1"),
-                        (dict(request_timeout=0.0), "--request-timeout must be > 0"),
-                        (dict(price_per_mtok=[1.0, 2.0, 3.0]), "one price or input,output")]:
+    for kw, message in [
+        (dict(teacher="t"), "are two teachers; give one"),
+        (dict(teacher_model=""), "--teacher-model is required with --teacher-url"),
+        (dict(teacher_url="localhost:8000"), "must start with http:// or https://"),
+        (dict(concurrency=0), "--concurrency must be >= 1"),
+        (dict(request_timeout=0.0), "--request-timeout must be > 0"),
+        (dict(price_per_mtok=[1.0, 2.0, 3.0]), "one price or input,output"),
+    ]:
         with pytest.raises(ValueError, match=message):
             D.distill(D.DistillConfig(**{**ok, **kw}), progress=False)
 

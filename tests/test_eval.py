@@ -34,28 +34,34 @@ def test_majority_vote_normalises_and_breaks_ties_by_first_seen():
 
 def _fake(replies: dict[str, list[str]]):
     """A generator that replays fixed texts: tests the scoring, not a model."""
+
     def generate(prompts, n, temperature, top_p, seed, max_new_tokens=256):
         if temperature == 0:
             return [[to_sample(replies[p][0], 3)] for p in prompts]
         return [[to_sample(t, 5) for t in replies[p][:n]] for p in prompts]
+
     return generate
 
 
 def test_summary_on_a_hand_worked_example():
     probs = [Problem("a", "arithmetic", "What is 1 + 1?", "2"), Problem("b", "arithmetic", "What is 2 + 2?", "4")]
     replies = {
-        "What is 1 + 1?": ["<think> 1+1=2 </think> <answer> 2 </answer>", "<answer> 3 </answer>",
-                           "<think> x </think> <answer> 2 </answer>", "<think> </think> <answer> 5 </answer>"],
+        "What is 1 + 1?": [
+            "<think> 1+1=2 </think> <answer> 2 </answer>",
+            "<answer> 3 </answer>",
+            "<think> x </think> <answer> 2 </answer>",
+            "<think> </think> <answer> 5 </answer>",
+        ],
         "What is 2 + 2?": ["<answer> 5 </answer>", "<answer> 4 </answer>", "<answer> 5 </answer>", "no answer"],
     }
     res = evaluate(_fake(replies), probs, EvalConfig(task="arithmetic", k=4))
     s = res["summary"]
     assert s["n"] == 2 and s["skipped"] == 0
-    assert s["greedy"] == 0.5                      # first reply of each: right, wrong
+    assert s["greedy"] == 0.5  # first reply of each: right, wrong
     assert s["pass@1"] == (2 / 4 + 1 / 4) / 2
-    assert s["cons@k"] == 0.5                      # votes: 2 (right), 5 (wrong)
+    assert s["cons@k"] == 0.5  # votes: 2 (right), 5 (wrong)
     assert s["pass@k"]["4"] == 1.0
-    assert s["think_share"] == 2 / 8              # "1+1=2" and "x"; empty think blocks do not count
+    assert s["think_share"] == 2 / 8  # "1+1=2" and "x"; empty think blocks do not count
     rec = res["records"][1]
     assert rec["vote"] == "5" and rec["samples"][3]["answer"] is None and rec["samples"][3]["correct"] is False
     json.dumps(res)  # the report is JSON-ready
@@ -63,8 +69,10 @@ def test_summary_on_a_hand_worked_example():
 
 def test_unjudgeable_gold_is_skipped_and_counted():
     probs = [Problem("a", "gsm8k", "q", "\\frac{"), Problem("b", "gsm8k", "r", "4")]  # the first gold does not parse
-    replies = {"q\nPlease reason step by step, and put your final answer within \\boxed{}.": ["\\boxed{3}"] * 2,
-               "r\nPlease reason step by step, and put your final answer within \\boxed{}.": ["\\boxed{4}"] * 2}
+    replies = {
+        "q\nPlease reason step by step, and put your final answer within \\boxed{}.": ["\\boxed{3}"] * 2,
+        "r\nPlease reason step by step, and put your final answer within \\boxed{}.": ["\\boxed{4}"] * 2,
+    }
     s = evaluate(_fake(replies), probs, EvalConfig(task="gsm8k", k=2))["summary"]
     assert s["skipped"] == 1 and s["n"] == 1 and s["pass@1"] == 1.0
 

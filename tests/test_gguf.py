@@ -45,11 +45,14 @@ def test_the_imported_model_loads_plainly_and_trains(smollm_dir):
         assert model(input_ids=ids, labels=ids).loss < loss  # one step on the sentence makes it likelier
 
 
-@pytest.mark.parametrize("gguf_name, hf_name", [
-    ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
-    ("blk.29.attn_output.weight", "model.layers.29.self_attn.o_proj.weight"),
-    ("token_embd.weight", "model.embed_tokens.weight"),
-])
+@pytest.mark.parametrize(
+    "gguf_name, hf_name",
+    [
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("blk.29.attn_output.weight", "model.layers.29.self_attn.o_proj.weight"),
+        ("token_embd.weight", "model.embed_tokens.weight"),
+    ],
+)
 def test_weights_are_the_gguf_values_dequantised(smollm_dir, gguf_name, hf_name):
     """Reference: the `gguf` library's own reader and dequantiser (these tensors are stored unpermuted)."""
     from gguf.quants import dequantize

@@ -32,8 +32,11 @@ def read(path):
     tensors = {}
     for t in reader.tensors:
         shape = [int(d) for d in reversed(t.shape)]
-        tensors[t.name] = (t.tensor_type.name, [int(d) for d in t.shape],
-                           gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+        tensors[t.name] = (
+            t.tensor_type.name,
+            [int(d) for d in t.shape],
+            gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape),
+        )
     return keys, tensors
 
 
@@ -63,32 +66,75 @@ def test_native_model_is_written_as_llama_cpps_deepseek2(tiny_native_dir, tmp_pa
     cfg = ModelConfig.load(tiny_native_dir / "config.json")
     a = "deepseek2."
     assert keys["general.architecture"] == "deepseek2" and result.arch == "deepseek2"
-    expected = {"block_count": 3, "embedding_length": 32, "feed_forward_length": 64, "attention.head_count": 4,
-                "attention.head_count_kv": 1, "attention.q_lora_rank": 24, "attention.kv_lora_rank": 16,
-                "attention.key_length": 16 + 8, "attention.value_length": 16, "attention.key_length_mla": 8 + 8,
-                "attention.value_length_mla": 12, "rope.dimension_count": 8, "leading_dense_block_count": 1,
-                "expert_count": 8, "expert_used_count": 2, "expert_shared_count": 1, "expert_feed_forward_length": 16,
-                "expert_weights_norm": True, "expert_gating_func": 2, "expert_group_count": 2,
-                "expert_group_used_count": 1, "vocab_size": cfg.vocab_size, "context_length": 256}
+    expected = {
+        "block_count": 3,
+        "embedding_length": 32,
+        "feed_forward_length": 64,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 1,
+        "attention.q_lora_rank": 24,
+        "attention.kv_lora_rank": 16,
+        "attention.key_length": 16 + 8,
+        "attention.value_length": 16,
+        "attention.key_length_mla": 8 + 8,
+        "attention.value_length_mla": 12,
+        "rope.dimension_count": 8,
+        "leading_dense_block_count": 1,
+        "expert_count": 8,
+        "expert_used_count": 2,
+        "expert_shared_count": 1,
+        "expert_feed_forward_length": 16,
+        "expert_weights_norm": True,
+        "expert_gating_func": 2,
+        "expert_group_count": 2,
+        "expert_group_used_count": 1,
+        "vocab_size": cfg.vocab_size,
+        "context_length": 256,
+    }
     assert {k: keys[a + k] for k in expected} == expected
     assert keys[a + "expert_weights_scale"] == pytest.approx(2.5)
     assert keys[a + "rope.freq_base"] == pytest.approx(10000.0)
     names = {"token_embd.weight", "output_norm.weight", "output.weight"}
     for i in range(3):
-        names |= {f"blk.{i}.{n}.weight" for n in ("attn_norm", "ffn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b",
-                                                  "attn_kv_a_mqa", "attn_kv_a_norm", "attn_k_b", "attn_v_b",
-                                                  "attn_output")}
-        names |= ({f"blk.{i}.ffn_{p}.weight" for p in ("gate", "up", "down")} if i == 0 else
-                  {f"blk.{i}.{n}.weight" for n in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
-                                                   "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")}
-                  | {f"blk.{i}.exp_probs_b.bias"})
+        names |= {
+            f"blk.{i}.{n}.weight"
+            for n in (
+                "attn_norm",
+                "ffn_norm",
+                "attn_q_a",
+                "attn_q_a_norm",
+                "attn_q_b",
+                "attn_kv_a_mqa",
+                "attn_kv_a_norm",
+                "attn_k_b",
+                "attn_v_b",
+                "attn_output",
+            )
+        }
+        names |= (
+            {f"blk.{i}.ffn_{p}.weight" for p in ("gate", "up", "down")}
+            if i == 0
+            else {
+                f"blk.{i}.{n}.weight"
+                for n in (
+                    "ffn_gate_inp",
+                    "ffn_gate_exps",
+                    "ffn_up_exps",
+                    "ffn_down_exps",
+                    "ffn_gate_shexp",
+                    "ffn_up_shexp",
+                    "ffn_down_shexp",
+                )
+            }
+            | {f"blk.{i}.exp_probs_b.bias"}
+        )
     assert set(tensors) == names  # the MTP layer (model.layers.3) is left out ...
     assert "multi-token-prediction" in result.dropped[0]  # ... and said so
     assert {kind for kind, _, _ in tensors.values()} == {"F32"}
     assert tensors["blk.1.ffn_gate_exps.weight"][1] == [32, 16, 8]  # ggml order: {n_embd, n_ff_exp, n_expert}
     assert tensors["blk.1.ffn_down_exps.weight"][1] == [16, 32, 8]
-    assert tensors["blk.0.attn_k_b.weight"][1] == [8, 16, 4]       # {qk_nope, kv_lora_rank, n_head}
-    assert tensors["blk.0.attn_v_b.weight"][1] == [16, 12, 4]      # {kv_lora_rank, v_head_dim, n_head}
+    assert tensors["blk.0.attn_k_b.weight"][1] == [8, 16, 4]  # {qk_nope, kv_lora_rank, n_head}
+    assert tensors["blk.0.attn_v_b.weight"][1] == [16, 12, 4]  # {kv_lora_rank, v_head_dim, n_head}
 
 
 def test_absorbed_attention_and_stacked_experts_hold_the_checkpoint_values(tiny_native_dir, tmp_path):
@@ -102,10 +148,13 @@ def test_absorbed_attention_and_stacked_experts_hold_the_checkpoint_values(tiny_
         np.testing.assert_array_equal(kv_b, ref[f"model.layers.{i}.self_attn.kv_b_proj.weight"].numpy())
     for e in range(8):
         for part in ("gate", "up", "down"):
-            np.testing.assert_array_equal(tensors[f"blk.2.ffn_{part}_exps.weight"][2][e],
-                                          ref[f"model.layers.2.mlp.experts.{e}.{part}_proj.weight"].numpy())
-    np.testing.assert_array_equal(tensors["blk.1.exp_probs_b.bias"][2],
-                                  ref["model.layers.1.mlp.gate.e_score_correction_bias"].numpy())
+            np.testing.assert_array_equal(
+                tensors[f"blk.2.ffn_{part}_exps.weight"][2][e],
+                ref[f"model.layers.2.mlp.experts.{e}.{part}_proj.weight"].numpy(),
+            )
+    np.testing.assert_array_equal(
+        tensors["blk.1.exp_probs_b.bias"][2], ref["model.layers.1.mlp.gate.e_score_correction_bias"].numpy()
+    )
     assert np.abs(tensors["blk.1.exp_probs_b.bias"][2]).max() > 0
 
 
@@ -119,11 +168,12 @@ def test_q8_0_keeps_norms_router_and_biases_f32_and_falls_back_to_f16_off_32(tin
             assert kind == "F32", name
         else:
             assert kind == ("Q8_0" if shape[0] % 32 == 0 else "F16"), name
-    assert result.types == {k.lower(): n for k, n in
-                            __import__("collections").Counter(t[0] for t in tensors.values()).items()}
+    assert result.types == {
+        k.lower(): n for k, n in __import__("collections").Counter(t[0] for t in tensors.values()).items()
+    }
     # q8_0: blocks of 32 values share one scale d = max|x|/127 stored as f16, so each value is within half a step
     # plus the scale's rounding times up to 127 steps: 0.5 + 127 * 2^-11 = 0.562 steps (0.521 measured)
-    w = ref["model.layers.0.mlp.down_proj.weight"].numpy()            # rows of 64: q8_0
+    w = ref["model.layers.0.mlp.down_proj.weight"].numpy()  # rows of 64: q8_0
     q = tensors["blk.0.ffn_down.weight"][2]
     step = np.abs(w.reshape(-1, 32)).max(1, keepdims=True) / 127
     assert (np.abs(q - w).reshape(-1, 32) <= 0.57 * step + 1e-7).all()
@@ -132,8 +182,13 @@ def test_q8_0_keeps_norms_router_and_biases_f32_and_falls_back_to_f16_off_32(tin
 
 def test_full_rank_queries_tied_embeddings_and_rope_halves_are_reordered_for_llama_cpp(tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
-    cfg = tiny_config(len(tok), rope_interleave=False, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+    cfg = tiny_config(
+        len(tok),
+        rope_interleave=False,
+        num_hidden_layers=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     path = save_model(DeepseekV3(cfg), tmp_path / "m", tokenizer=tok)
     export_gguf(path, tmp_path / "m.gguf")
@@ -144,7 +199,7 @@ def test_full_rank_queries_tied_embeddings_and_rope_halves_are_reordered_for_lla
     q, q_ref = tensors["blk.0.attn_q.weight"][2], ref["model.layers.0.self_attn.q_proj.weight"].numpy()
     d, nope, rope = 64, 32, 32  # per head: 32 no-RoPE rows, then RoPE pairs (i, i + 16) -> rows (2i, 2i + 1)
     for h in range(4):
-        np.testing.assert_array_equal(q[h * d: h * d + nope], q_ref[h * d: h * d + nope])
+        np.testing.assert_array_equal(q[h * d : h * d + nope], q_ref[h * d : h * d + nope])
         for i in range(rope // 2):
             np.testing.assert_array_equal(q[h * d + nope + 2 * i], q_ref[h * d + nope + i])
             np.testing.assert_array_equal(q[h * d + nope + 2 * i + 1], q_ref[h * d + nope + i + rope // 2])
@@ -167,8 +222,10 @@ def test_tokenizer_and_every_chat_template_are_written(tiny_native_dir, tiny_tok
     assert types.count(1) == len(tokens) - len(j["added_tokens"])
     assert keys["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]]
     tok = tiny_tokenizer
-    assert (keys["tokenizer.ggml.bos_token_id"], keys["tokenizer.ggml.eos_token_id"]) == (tok.bos_token_id,
-                                                                                          tok.eos_token_id)
+    assert (keys["tokenizer.ggml.bos_token_id"], keys["tokenizer.ggml.eos_token_id"]) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
     assert keys["tokenizer.ggml.add_bos_token"] is False  # the template writes BOS itself
     assert keys["tokenizer.chat_template"] == R1_TEMPLATE
     assert keys["tokenizer.chat_templates"] == ["r1zero"] and keys["tokenizer.chat_template.r1zero"] == R1ZERO_TEMPLATE
@@ -187,31 +244,79 @@ def test_vocabulary_is_padded_to_the_models_size(tiny_tokenizer, tmp_path):
 # ----------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(attention_bias=True), "attention_bias true"),
-    (dict(n_shared_experts=0), "n_shared_experts 0"),
-    (dict(qk_nope_head_dim=0), "qk_nope_head_dim 0"),
-    (dict(num_hidden_layers=27), "q_lora_rank 24 with num_hidden_layers 27"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
-     "rope_scaling.mscale None with mscale_all_dim None"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
-                        "mscale_all_dim": 0.7}), "rope_scaling.mscale 1.0 with mscale_all_dim 0.7"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
-                        "mscale_all_dim": 1.0, "attention_factor": 1.2}), "rope_scaling.attention_factor 1.2"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
-                        "mscale_all_dim": 1.0, "beta_fast": 24}), "rope_scaling.beta_fast 24"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(attention_bias=True), "attention_bias true"),
+        (dict(n_shared_experts=0), "n_shared_experts 0"),
+        (dict(qk_nope_head_dim=0), "qk_nope_head_dim 0"),
+        (dict(num_hidden_layers=27), "q_lora_rank 24 with num_hidden_layers 27"),
+        (
+            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+            "rope_scaling.mscale None with mscale_all_dim None",
+        ),
+        (
+            dict(
+                rope_scaling={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 0.7,
+                }
+            ),
+            "rope_scaling.mscale 1.0 with mscale_all_dim 0.7",
+        ),
+        (
+            dict(
+                rope_scaling={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                    "attention_factor": 1.2,
+                }
+            ),
+            "rope_scaling.attention_factor 1.2",
+        ),
+        (
+            dict(
+                rope_scaling={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                    "beta_fast": 24,
+                }
+            ),
+            "rope_scaling.beta_fast 24",
+        ),
+    ],
+)
 def test_settings_llama_cpp_computes_differently_are_refused_by_name(change, named):
     why = deepseek_refusals(tiny_model_config(300, **change))
     assert len(why) == 1 and why[0].startswith(named)
 
 
 def test_settings_llama_cpp_computes_alike_are_not_refused():
-    yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0,
-            "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}  # DeepSeek-V3's own YaRN settings
-    for cfg in (tiny_model_config(300, rope_scaling=yarn), tiny_model_config(300, n_group=4, topk_group=4),
-                tiny_model_config(300, n_routed_experts=0), tiny_config(300),
-                tiny_model_config(300, norm_topk_prob=False)):
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }  # DeepSeek-V3's own YaRN settings
+    for cfg in (
+        tiny_model_config(300, rope_scaling=yarn),
+        tiny_model_config(300, n_group=4, topk_group=4),
+        tiny_model_config(300, n_routed_experts=0),
+        tiny_config(300),
+        tiny_model_config(300, norm_topk_prob=False),
+    ):
         assert deepseek_refusals(cfg) == []
 
 
@@ -226,9 +331,17 @@ def test_llama_family_settings_llama_cpp_lacks_are_refused_by_name():
     import transformers
 
     small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    llama3 = transformers.LlamaConfig(**small, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                                "original_max_position_embeddings": 8192})
+    llama3 = transformers.LlamaConfig(
+        **small,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     assert llama_refusals(llama3) == ["rope type 'llama3' (only plain RoPE is exported for llama)"]
     mistral = transformers.MistralConfig(**small, sliding_window=4096)
     assert llama_refusals(mistral)[0].startswith("sliding_window 4096")
@@ -249,7 +362,8 @@ def test_tokenizers_llama_cpp_splits_differently_are_refused_by_name(tiny_tokeni
     stripped = json.loads(json.dumps(j))
     stripped["added_tokens"][5]["lstrip"] = True
     assert tokenizer_refusals(stripped) == [
-        "added token '<think>' with lstrip (llama.cpp matches added tokens exactly)"]
+        "added token '<think>' with lstrip (llama.cpp matches added tokens exactly)"
+    ]
     fallback = {**j, "model": {**j["model"], "byte_fallback": True}}
     assert tokenizer_refusals(fallback)[0].startswith("BPE byte_fallback True")
 
@@ -268,13 +382,29 @@ def test_llama_is_written_with_queries_and_keys_in_llama_cpps_rope_order(tiny_ll
     result = export_gguf(tiny_llama_dir, tmp_path / "l.gguf", qtype="f16")
     keys, tensors = read(tmp_path / "l.gguf")
     assert result.arch == keys["general.architecture"] == "llama"
-    assert (keys["llama.attention.head_count"], keys["llama.attention.head_count_kv"], keys["llama.block_count"],
-            keys["llama.rope.dimension_count"]) == (4, 2, 2, 8)
+    assert (
+        keys["llama.attention.head_count"],
+        keys["llama.attention.head_count_kv"],
+        keys["llama.block_count"],
+        keys["llama.rope.dimension_count"],
+    ) == (4, 2, 2, 8)
     assert keys["llama.rope.freq_base"] == pytest.approx(10000.0)
     ref = disk(tiny_llama_dir)
     assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v",
-                                                        "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+        f"blk.{i}.{n}.weight"
+        for i in range(2)
+        for n in (
+            "attn_norm",
+            "ffn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    }
     for name, heads in (("q", 4), ("k", 2)):  # head h's rotate_half pair (i, i + 4) -> rows (2i, 2i + 1)
         w, w_ref = tensors[f"blk.1.attn_{name}.weight"][2], ref[f"model.layers.1.self_attn.{name}_proj.weight"].numpy()
         for h in range(heads):
@@ -320,10 +450,13 @@ def test_export_gguf_subcommand_writes_the_file_and_says_what(tiny_native_dir, t
     assert read(tmp_path / "m.gguf")[0]["general.file_type"] == 7
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{missing}", "{out}"], "model directory not found"),
-    (["{refused}", "{out}"], "n_shared_experts 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "{out}"], "model directory not found"),
+        (["{refused}", "{out}"], "n_shared_experts 0"),
+    ],
+)
 def test_export_gguf_errors_are_one_line(args, message, tiny_tokenizer, tmp_path, capsys):
     refused = native_dir(tmp_path, tiny_tokenizer, n_shared_experts=0)
     fill = {"missing": str(tmp_path / "nowhere"), "refused": str(refused), "out": str(tmp_path / "m.gguf")}
@@ -343,19 +476,32 @@ def test_export_gguf_names_the_types_it_writes(tiny_native_dir, tmp_path, capsys
 # R1LAB_REQUIRE_LLAMA_CPP=1, so there a missing build fails instead of skipping.
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the version these checks were measured with
-STRINGS = ["Hello world", "What is 123 + 4567?", " leading space", "trailing  ", "multiple   spaces\n\nnew\nlines\n",
-           "tabs\tand\r\nCRLF", "don't I'll we've THEY'RE", "<think> 12 plus 7 </think> <answer> 19 </answer>",
-           "<｜User｜>hi<｜Assistant｜><think>\n", "unicode: café naïve 日本語 😀 ½ ² ٣ Ⅻ",
-           "x=1.5e-3; y=[1,2,3]", "   ",
-           "a\u00a0b\u2009c", "12345678901234567890"]
+STRINGS = [
+    "Hello world",
+    "What is 123 + 4567?",
+    " leading space",
+    "trailing  ",
+    "multiple   spaces\n\nnew\nlines\n",
+    "tabs\tand\r\nCRLF",
+    "don't I'll we've THEY'RE",
+    "<think> 12 plus 7 </think> <answer> 19 </answer>",
+    "<｜User｜>hi<｜Assistant｜><think>\n",
+    "unicode: café naïve 日本語 😀 ½ ² ٣ Ⅻ",
+    "x=1.5e-3; y=[1,2,3]",
+    "   ",
+    "a\u00a0b\u2009c",
+    "12345678901234567890",
+]
 
 
 def llama_cpp():
     try:
         import llama_cpp as module
     except ImportError as e:
-        why = (f"llama-cpp-python is not installed ({e}); build it with CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
-               f"-DLLAVA_BUILD=OFF\" .venv/bin/pip install llama-cpp-python=={LLAMA_CPP_PYTHON}")
+        why = (
+            f'llama-cpp-python is not installed ({e}); build it with CMAKE_ARGS="-DGGML_NATIVE=OFF '
+            f'-DLLAVA_BUILD=OFF" .venv/bin/pip install llama-cpp-python=={LLAMA_CPP_PYTHON}'
+        )
         if os.environ.get("R1LAB_REQUIRE_LLAMA_CPP") == "1":
             pytest.fail(why)
         pytest.skip(why)
@@ -366,9 +512,22 @@ class LlamaCpp:
     """One GGUF file in llama.cpp: f32 KV cache, no flash attention, one thread, RoPE settings from the file."""
 
     def __init__(self, path, n_ctx: int = 256):
-        self.llm = llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1,
-                                     n_threads_batch=1, logits_all=True, verbose=False, type_k=0, type_v=0,
-                                     flash_attn=False, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0)
+        self.llm = llama_cpp().Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=1,
+            n_threads_batch=1,
+            logits_all=True,
+            verbose=False,
+            type_k=0,
+            type_v=0,
+            flash_attn=False,
+            yarn_attn_factor=-1.0,
+            yarn_beta_fast=-1.0,
+            yarn_beta_slow=-1.0,
+        )
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
@@ -402,7 +561,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(reference_logits(model, ids)[-1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -422,20 +581,29 @@ def agreement(model, gguf_file, prompt: list[int], n: int = 24) -> dict:
     finally:
         cpp.close()
     top2 = np.sort(a, -1)[:, -2:]
-    return {"ref": ref, "cpp": got, "max_logp_diff": float(np.abs(a - b).max()),
-            "kl": float((np.exp(a) * (a - b)).sum(-1).mean()), "top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
-            "min_margin": float((top2[:, 1] - top2[:, 0]).min())}
+    return {
+        "ref": ref,
+        "cpp": got,
+        "max_logp_diff": float(np.abs(a - b).max()),
+        "kl": float((np.exp(a) * (a - b)).sum(-1).mean()),
+        "top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
+        "min_margin": float((top2[:, 1] - top2[:, 0]).min()),
+    }
 
 
 def prompt_ids(tok) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 7?"}], tokenize=False, add_generation_prompt=True
+    )
     return tok(text, add_special_tokens=False).input_ids
 
 
 def report(name, qtype, m):
-    print(f"\n{name} {qtype}: greedy equal {m['ref'] == m['cpp']}, max |dlogp| {m['max_logp_diff']:.2e}, "
-          f"KL {m['kl']:.2e}, top-1 {m['top1']:.3f}, smallest top-2 margin {m['min_margin']:.3f}", file=sys.stderr)
+    print(
+        f"\n{name} {qtype}: greedy equal {m['ref'] == m['cpp']}, max |dlogp| {m['max_logp_diff']:.2e}, "
+        f"KL {m['kl']:.2e}, top-1 {m['top1']:.3f}, smallest top-2 margin {m['min_margin']:.3f}",
+        file=sys.stderr,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -449,14 +617,38 @@ def native_models(tmp_path_factory, tiny_tokenizer):
     from r1lab.train.pretrain import PretrainConfig, pretrain
 
     root = tmp_path_factory.mktemp("native_cpp")
-    _, tok, run = pretrain(PretrainConfig(out=str(root / "pretrain"), steps=60, rows=8, seq_len=128, warmup=10,
-                                          eval_every=10**6, eval_problems=1, save_every=10**6, log_every=10**6),
-                           resume=False, progress=False)
+    _, tok, run = pretrain(
+        PretrainConfig(
+            out=str(root / "pretrain"),
+            steps=60,
+            rows=8,
+            seq_len=128,
+            warmup=10,
+            eval_every=10**6,
+            eval_problems=1,
+            save_every=10**6,
+            log_every=10**6,
+        ),
+        resume=False,
+        progress=False,
+    )
     tiny = run.model_dir
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
-            "mscale_all_dim": 0.707}
-    full = native_dir(root, tiny_tokenizer, "full", num_nextn_predict_layers=1, rope_interleave=False,
-                      rope_scaling=yarn, initializer_range=0.15)
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    }
+    full = native_dir(
+        root,
+        tiny_tokenizer,
+        "full",
+        num_nextn_predict_layers=1,
+        rope_interleave=False,
+        rope_scaling=yarn,
+        initializer_range=0.15,
+    )
     arithmetic = tok(render_prompt(tok, "What is 37 + 48?", "r1zero"), add_special_tokens=False).input_ids
     return {"tiny": (tiny, load_model(tiny), arithmetic), "full": (full, load_model(full), prompt_ids(tiny_tokenizer))}
 
@@ -488,11 +680,22 @@ def test_llama_family_model_in_llama_cpp_gives_the_same_greedy_tokens(tiny_token
     from r1lab.model.load import load_tokenizer
 
     tok = tiny_tokenizer
-    small = dict(vocab_size=len(tok) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15,
-                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    make = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    small = dict(
+        vocab_size=len(tok) + 8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.15,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    make = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(0)
     model = make[1](make[0](**small)).eval()
     if family == "qwen2":  # random q/k/v biases, so that they matter
@@ -531,11 +734,19 @@ def split_then_bytes(regex: str, ignore_merges: bool, texts: list[str]):
     from r1lab.tokenizer import BOS, EOS, PAD, TAGS
 
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS, PAD],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=[BOS, EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
@@ -547,10 +758,12 @@ def test_llama_cpp_tokenizes_as_the_tokenizer_does(tmp_path, pre):
     from r1lab.model.gguf_export import LLAMA3_SPLIT, QWEN2_SPLIT
 
     texts = tiny_texts() + STRINGS * 3
-    tok = {"starcoder": lambda: train_tokenizer(texts, vocab_size=400),
-           "gpt-2": lambda: train_tokenizer(texts, vocab_size=400, individual_digits=False),
-           "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT, True, texts),
-           "qwen2": lambda: split_then_bytes(QWEN2_SPLIT, False, texts)}[pre]()
+    tok = {
+        "starcoder": lambda: train_tokenizer(texts, vocab_size=400),
+        "gpt-2": lambda: train_tokenizer(texts, vocab_size=400, individual_digits=False),
+        "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT, True, texts),
+        "qwen2": lambda: split_then_bytes(QWEN2_SPLIT, False, texts),
+    }[pre]()
     cfg = tiny_config(len(tok), num_hidden_layers=1, first_k_dense_replace=1)
     export_gguf(save_model(DeepseekV3(cfg), tmp_path / "m", tokenizer=tok), tmp_path / "m.gguf")
     assert read(tmp_path / "m.gguf")[0]["tokenizer.ggml.pre"] == pre
@@ -590,8 +803,10 @@ def test_smollm2_export_runs_in_llama_cpp_like_the_original_and_imports_back(smo
         ids = prompt + m["ref"]
         a, b = log_softmax(ours.logits(ids)), log_softmax(original.logits(ids))
         kl, top1 = float((np.exp(a) * (a - b)).sum(-1).mean()), float((a.argmax(-1) == b.argmax(-1)).mean())
-        print(f"\nSmolLM2 f32 export vs the original Q4_1 file in llama.cpp: KL {kl:.2e}, top-1 {top1:.3f}",
-              file=sys.stderr)
+        print(
+            f"\nSmolLM2 f32 export vs the original Q4_1 file in llama.cpp: KL {kl:.2e}, top-1 {top1:.3f}",
+            file=sys.stderr,
+        )
         assert kl < 0.05 and top1 >= 0.9  # measured: KL 4.9e-3, top-1 1.000
     finally:
         ours.close()

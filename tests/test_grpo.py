@@ -22,7 +22,7 @@ transformers.logging.set_verbosity_error()
 def _plain_logprobs(model, prompt, completion, temperature):
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / temperature
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
     return logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
 
@@ -39,14 +39,23 @@ def test_shared_prefix_logprobs_equal_plain_forwards(which, max_tokens, tiny_nat
     if which.startswith("native"):
         model, _ = load_model_and_tokenizer(tiny_native_dir)
     else:
-        cfg = transformers.Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       initializer_range=0.3)
+        cfg = transformers.Qwen2Config(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.3,
+        )
         torch.manual_seed(0)
         model = transformers.Qwen2ForCausalLM(cfg).eval()
     prompts, comps = _groups()
-    layouts = (logprobs.grouped_batches(prompts, comps, max_tokens, pad_id=0) if which == "native-grouped"
-               else logprobs.packed_rows(prompts, comps, max_tokens, pad_id=0))
+    layouts = (
+        logprobs.grouped_batches(prompts, comps, max_tokens, pad_id=0)
+        if which == "native-grouped"
+        else logprobs.packed_rows(prompts, comps, max_tokens, pad_id=0)
+    )
     got = torch.zeros(6, 6)
     with torch.no_grad():
         for lay in layouts:
@@ -57,8 +66,9 @@ def test_shared_prefix_logprobs_equal_plain_forwards(which, max_tokens, tiny_nat
             ref = _plain_logprobs(model, p, c, 0.7)
             assert torch.allclose(got[gi * 2 + j, : len(c)], ref, atol=1e-4), (gi, j)
     if max_tokens == 4096:
-        assert len(layouts) == 1 and layouts[0].n_tokens == sum(len(p) + sum(map(len, cs))
-                                                                        for p, cs in zip(prompts, comps))
+        assert len(layouts) == 1 and layouts[0].n_tokens == sum(
+            len(p) + sum(map(len, cs)) for p, cs in zip(prompts, comps)
+        )
 
 
 def _write_reward(tmp_path, body):
@@ -68,9 +78,19 @@ def _write_reward(tmp_path, body):
 
 
 def _cfg(tmp_path, model_dir, **kw):
-    base = dict(out=str(tmp_path / "grpo"), model=str(model_dir), steps=3, prompts_per_step=3, num_generations=4,
-                max_new_tokens=8, template="r1", bf16=False, save_every=2, eval_problems=4,
-                task_args={"arithmetic": {"max_digits": 1}})
+    base = dict(
+        out=str(tmp_path / "grpo"),
+        model=str(model_dir),
+        steps=3,
+        prompts_per_step=3,
+        num_generations=4,
+        max_new_tokens=8,
+        template="r1",
+        bf16=False,
+        save_every=2,
+        eval_problems=4,
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     base.update(kw)
     return GR.GRPOConfig(**base)
 
@@ -89,22 +109,36 @@ def test_sampler_logprobs_are_the_old_policy(tiny_native_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_transformers_models_sample_and_train_on_the_path_that_fits_them(family, tiny_llama_dir, tiny_gpt2_dir,
-                                                                         tmp_path):
+def test_transformers_models_sample_and_train_on_the_path_that_fits_them(
+    family, tiny_llama_dir, tiny_gpt2_dir, tmp_path
+):
     """Llama-family models run on FastDecoder (r1lab's cache, grouped layout), others on their own forward (packed
     rows); either way the first update's training forward reproduces the sampler's log-probs."""
     from r1lab.model.llama import FastDecoder
     from r1lab.sampler import HFBackend
 
-    reward = _write_reward(tmp_path, """
+    reward = _write_reward(
+        tmp_path,
+        """
         def share(completions, completion_ids, **kw):  # spread inside every group, so the update is not zero
             return [sum(t % 3 == 0 for t in ids) / len(ids) for ids in completion_ids]
-    """)
-    t = GR.GRPOTrainer(_cfg(tmp_path, tiny_llama_dir if family == "llama" else tiny_gpt2_dir,
-                            rewards=[f"{reward}:share"], reward_weights=[1.0]), progress=False)
+    """,
+    )
+    t = GR.GRPOTrainer(
+        _cfg(
+            tmp_path,
+            tiny_llama_dir if family == "llama" else tiny_gpt2_dir,
+            rewards=[f"{reward}:share"],
+            reward_weights=[1.0],
+        ),
+        progress=False,
+    )
     assert t.grouped == (family == "llama")
-    assert isinstance(t.sampler.backend.model, FastDecoder) if family == "llama" else \
-        isinstance(t.sampler.backend, HFBackend)
+    assert (
+        isinstance(t.sampler.backend.model, FastDecoder)
+        if family == "llama"
+        else isinstance(t.sampler.backend, HFBackend)
+    )
     ro = t.rollout(0)
     layouts = t.layouts(ro.prompt_ids, [[c.token_ids for c in g] for g in ro.completions])
     assert all(isinstance(lay, logprobs.GroupedBatch if family == "llama" else logprobs.PackedRows) for lay in layouts)
@@ -123,8 +157,9 @@ def test_gradient_accumulation_equals_one_batch(tiny_native_dir, tmp_path):
     grads = []
     for mb in (8, 100_000):
         torch.manual_seed(0)
-        t = GR.GRPOTrainer(_cfg(tmp_path / str(mb), tiny_native_dir, micro_batch_tokens=mb, loss_agg="token-mean"),
-                           progress=False)
+        t = GR.GRPOTrainer(
+            _cfg(tmp_path / str(mb), tiny_native_dir, micro_batch_tokens=mb, loss_agg="token-mean"), progress=False
+        )
         ro = t.rollout(0)
         t.opt.step = lambda: None  # keep the weights; look at the gradient
         t.opt.zero_grad = lambda set_to_none=True: None
@@ -142,12 +177,21 @@ def test_reference_model_only_when_beta_is_positive(tiny_native_dir, tmp_path):
 
 
 def test_dynamic_sampling_drops_groups_without_signal(tiny_native_dir, tmp_path):
-    const = _write_reward(tmp_path, """
+    const = _write_reward(
+        tmp_path,
+        """
         def const(completions, **kw):
             return [1.0 for _ in completions]
-    """)
-    cfg = _cfg(tmp_path, tiny_native_dir, rewards=[f"{const}:const"], reward_weights=[1.0], dynamic_sampling=True,
-               max_resample_rounds=2)
+    """,
+    )
+    cfg = _cfg(
+        tmp_path,
+        tiny_native_dir,
+        rewards=[f"{const}:const"],
+        reward_weights=[1.0],
+        dynamic_sampling=True,
+        max_resample_rounds=2,
+    )
     t = GR.GRPOTrainer(cfg, progress=False)
     ro = t.rollout(0)
     assert ro.problems == [] and ro.rounds == 3 and ro.zero_variance_share == 1.0
@@ -168,9 +212,25 @@ def test_truncated_completions_get_no_loss_when_masked(tiny_native_dir, tmp_path
 def test_a_run_logs_the_promised_metrics_and_resumes_exactly(tiny_native_dir, tmp_path):
     ref_model, _, run = GR.grpo(_cfg(tmp_path / "a", tiny_native_dir, steps=4), progress=False)
     row = read_metrics(run.metrics_path)[0]
-    for key in ("reward_mean", "reward_std", "reward/accuracy/mean", "reward/format/mean", "accuracy",
-                "mean_length", "think_share", "kl", "clip_frac", "entropy", "zero_variance_share",
-                "sample_tokens_per_s", "sample_seconds", "train_seconds", "train_mfu", "lr", "grad_norm"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "reward/accuracy/mean",
+        "reward/format/mean",
+        "accuracy",
+        "mean_length",
+        "think_share",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "zero_variance_share",
+        "sample_tokens_per_s",
+        "sample_seconds",
+        "train_seconds",
+        "train_mfu",
+        "lr",
+        "grad_norm",
+    ):
         assert key in row, key
 
     grpo_interrupted_at(_cfg(tmp_path / "b", tiny_native_dir, steps=4), step=3)
@@ -189,15 +249,28 @@ def test_grpo_raises_a_simple_reward(tiny_native_dir, tmp_path):
     from r1lab.tokenizer import render_prompt
 
     model, tok = load_model_and_tokenizer(tiny_native_dir)
-    outs = Sampler(model, tok).generate([render_prompt(tok, "What is 3 + 4?", "r1")],
-                                        SamplingParams(max_new_tokens=8, n=32, seed=0))
+    outs = Sampler(model, tok).generate(
+        [render_prompt(tok, "What is 3 + 4?", "r1")], SamplingParams(max_new_tokens=8, n=32, seed=0)
+    )
     target, _ = Counter(t for o in outs for t in o.token_ids).most_common(1)[0]
-    f = _write_reward(tmp_path, f"""
+    f = _write_reward(
+        tmp_path,
+        f"""
         def share(completions, completion_ids, **kw):
             return [sum(t == {target} for t in ids) / len(ids) for ids in completion_ids]
-    """)
-    cfg = _cfg(tmp_path, tiny_native_dir, rewards=[f"{f}:share"], reward_weights=[1.0], steps=12,
-               prompts_per_step=4, num_generations=8, lr=3e-3, temperature=1.0)
+    """,
+    )
+    cfg = _cfg(
+        tmp_path,
+        tiny_native_dir,
+        rewards=[f"{f}:share"],
+        reward_weights=[1.0],
+        steps=12,
+        prompts_per_step=4,
+        num_generations=8,
+        lr=3e-3,
+        temperature=1.0,
+    )
     _, _, run = GR.grpo(cfg, progress=False)
     r = [row["reward_mean"] for row in read_metrics(run.metrics_path)]
     assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.1, r
@@ -209,7 +282,10 @@ def test_bad_settings_are_refused(tiny_native_dir, tmp_path):
     with pytest.raises(ValueError, match="same length"):
         _cfg(tmp_path, tiny_native_dir, reward_weights=[1.0]).validate()
     with pytest.raises(ValueError, match="--model is required"):
-        _cfg(tmp_path, "", ).validate()
+        _cfg(
+            tmp_path,
+            "",
+        ).validate()
     with pytest.raises(ValueError, match="loss aggregation"):
         _cfg(tmp_path, tiny_native_dir, loss_agg="sum").validate()
 
@@ -234,17 +310,36 @@ def test_sampler_and_trainer_log_probs_agree_to_rounding(family, tiny_native_dir
         assert row["mismatch/logp_abs_diff_mean"] < 2e-6 and abs(row["mismatch/kl"]) < 1e-9
 
 
-@pytest.mark.parametrize("loss,correction", [("clip", "token-truncate"), ("gspo", "none"),
-                                             ("gspo-token", "sequence-mask"),
-                                             ("cispo", "token-mask"), ("clip", "sequence-truncate")])
+@pytest.mark.parametrize(
+    "loss,correction",
+    [
+        ("clip", "token-truncate"),
+        ("gspo", "none"),
+        ("gspo-token", "sequence-mask"),
+        ("cispo", "token-mask"),
+        ("clip", "sequence-truncate"),
+    ],
+)
 def test_every_objective_and_correction_trains_through_the_trainer(loss, correction, tiny_native_dir, tmp_path):
     eps = dict(epsilon_low=3e-4, epsilon_high=4e-4) if loss.startswith("gspo") else {}
-    f = _write_reward(tmp_path, """
+    f = _write_reward(
+        tmp_path,
+        """
         def even(completions, completion_ids, **kw):
             return [sum(t % 2 == 0 for t in ids) / len(ids) for ids in completion_ids]
-    """)
-    cfg = _cfg(tmp_path, tiny_native_dir, steps=1, policy_loss=loss, rollout_correction=correction, mu=2,
-               rewards=[f"{f}:even"], reward_weights=[1.0], **eps)
+    """,
+    )
+    cfg = _cfg(
+        tmp_path,
+        tiny_native_dir,
+        steps=1,
+        policy_loss=loss,
+        rollout_correction=correction,
+        mu=2,
+        rewards=[f"{f}:even"],
+        reward_weights=[1.0],
+        **eps,
+    )
     before, _ = load_model_and_tokenizer(tiny_native_dir)
     after, _, run = GR.grpo(cfg, progress=False)
     row = read_metrics(run.metrics_path)[0]

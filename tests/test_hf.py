@@ -36,16 +36,21 @@ def test_sampler_greedy_equals_transformers_generate_on_smollm2(smollm):
     outs = Sampler(model, tok).generate(prompts, SamplingParams(max_new_tokens=16, temperature=0))
     for p, o in zip(prompts, outs):
         enc = tok(p, return_tensors="pt", add_special_tokens=False)
-        ref = model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:].tolist()
+        ref = model.generate(
+            **enc, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )[0, enc.input_ids.shape[1] :].tolist()
         assert o.token_ids == ref
     assert outs[0].text.strip().startswith("2 + 3 = 5")  # the imported weights are the real model's
 
 
 def test_chat_labels_on_smollm2_cover_the_reply_and_end_of_turn_only(smollm):
     _, tok = smollm
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     (sample,) = S.chat_samples(tok, msgs, "model")  # ChatML renders history as generated: one sample
     ids, mask = sample
     spans, cur = [], []
@@ -66,22 +71,38 @@ def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir,
     before = {k: v.clone() for k, v in before.state_dict().items()}
     # accuracy alone is 0 everywhere at 32 tokens; a length reward gives the groups different rewards to learn from
     reward = tmp_path / "length.py"
-    reward.write_text(textwrap.dedent("""
+    reward.write_text(
+        textwrap.dedent("""
         def length(completions, **kw):
             return [len(c) / 100 for c in completions]
-    """))
-    cfg = GRPOConfig(out=str(tmp_path / "grpo"), model=str(smollm_dir), tasks=["gsm8k"], template="model",
-                     rewards=["accuracy", f"{reward}:length"], reward_weights=[1.0, 1.0], steps=2,
-                     prompts_per_step=2, num_generations=2, max_new_tokens=32, lr=1e-3, warmup=0, bf16=False,
-                     save_every=100,
-                     hf=H.HFOptions(lora_rank=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]))
+    """)
+    )
+    cfg = GRPOConfig(
+        out=str(tmp_path / "grpo"),
+        model=str(smollm_dir),
+        tasks=["gsm8k"],
+        template="model",
+        rewards=["accuracy", f"{reward}:length"],
+        reward_weights=[1.0, 1.0],
+        steps=2,
+        prompts_per_step=2,
+        num_generations=2,
+        max_new_tokens=32,
+        lr=1e-3,
+        warmup=0,
+        bf16=False,
+        save_every=100,
+        hf=H.HFOptions(lora_rank=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]),
+    )
     trainer = GRPOTrainer(cfg, progress=False)  # the policy is loaded with cfg.hf: LoRA adapters over a frozen base
     assert hasattr(trainer.model, "get_base_model")
     lora0 = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     seen = {}
     finish = trainer.run.finish
-    trainer.run.finish = lambda m, t: (seen.update(state={k: v.clone() for k, v in m.state_dict().items()}),
-                                       finish(m, t))
+    trainer.run.finish = lambda m, t: (
+        seen.update(state={k: v.clone() for k, v in m.state_dict().items()}),
+        finish(m, t),
+    )
     merged, _, run = trainer.train()
     after = seen["state"]
     rows = trainer.run.metrics()
@@ -90,17 +111,20 @@ def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir,
     assert set(lora0) == {k for k in after if "lora_" in k} and len(lora0) == 2 * 2 * 30
     moved = [k for k in lora0 if not torch.equal(lora0[k], after[k])]
     assert len(moved) == len(lora0)  # every adapter matrix changed (B starts at zero)
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in after.items()
-            if "lora_" not in k}
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k
+    }
     assert base.keys() == before.keys()
     for k in before:
         assert torch.equal(before[k], base[k]), k  # the base model is frozen
     exported = transformers.AutoModelForCausalLM.from_pretrained(run.model_dir).state_dict()
     assert exported.keys() == before.keys()  # a plain model with the adapters merged in
-    assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"],
-                           before["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(exported["model.layers.0.self_attn.k_proj.weight"],
-                       before["model.layers.0.self_attn.k_proj.weight"])
+    assert not torch.equal(
+        exported["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert torch.equal(
+        exported["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"]
+    )
     assert not any(hasattr(m, "lora_A") for m in merged.modules())
 
 
@@ -130,8 +154,9 @@ def test_lora_is_merged_on_export_into_a_plain_model(smollm_dir, tmp_path):
 
 @pytest.mark.slow  # 85-117 s on one shared core: 40 replies of 64 tokens after ~200-token prompts
 def test_eval_runs_on_20_gsm8k_problems(smollm_dir, capsys):
-    assert main(["eval", str(smollm_dir), "--task", "gsm8k", "--limit", "20", "--k", "1",
-                 "--max-new-tokens", "64"]) == 0
+    assert (
+        main(["eval", str(smollm_dir), "--task", "gsm8k", "--limit", "20", "--k", "1", "--max-new-tokens", "64"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("gsm8k: 20 problems") and "pass@1" in out
 
@@ -141,8 +166,14 @@ def test_eval_runs_on_20_gsm8k_problems(smollm_dir, capsys):
 
 @pytest.fixture()
 def llama(tiny_tokenizer):
-    cfg = transformers.LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
 
@@ -166,8 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(llama):
 
 
 def test_lora_adapts_the_named_modules_only_and_freezes_the_rest(llama):
-    model = H.prepare_model(llama, H.HFOptions(lora_rank=2, lora_target_modules=["q_proj", "v_proj"],
-                                               dtype="bfloat16"))
+    model = H.prepare_model(llama, H.HFOptions(lora_rank=2, lora_target_modules=["q_proj", "v_proj"], dtype="bfloat16"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(("q_proj.lora_" in n or "v_proj.lora_" in n) for n in trainable)
     assert len(trainable) == 2 * 2 * 2  # 2 layers x 2 modules x (A, B)
@@ -205,11 +235,24 @@ def test_interrupted_lora_grpo_resumes_exactly_from_its_adapters(llama_dir, tmp_
     reward.write_text("def length(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
 
     def cfg(out):
-        return GR.GRPOConfig(out=str(tmp_path / out), model=str(llama_dir), steps=3, prompts_per_step=2,
-                             num_generations=3, max_new_tokens=6, template="r1", bf16=False, save_every=2, lr=1e-2,
-                             warmup=0, task_args={"arithmetic": {"max_digits": 1}}, beta=0.1,
-                             rewards=[f"{reward}:length"], reward_weights=[1.0],
-                             hf=H.HFOptions(lora_rank=4, lora_alpha=8, lora_dropout=0.1))
+        return GR.GRPOConfig(
+            out=str(tmp_path / out),
+            model=str(llama_dir),
+            steps=3,
+            prompts_per_step=2,
+            num_generations=3,
+            max_new_tokens=6,
+            template="r1",
+            bf16=False,
+            save_every=2,
+            lr=1e-2,
+            warmup=0,
+            task_args={"arithmetic": {"max_digits": 1}},
+            beta=0.1,
+            rewards=[f"{reward}:length"],
+            reward_weights=[1.0],
+            hf=H.HFOptions(lora_rank=4, lora_alpha=8, lora_dropout=0.1),
+        )
 
     ref, _, _ = GR.grpo(cfg("a"), progress=False)
     grpo_interrupted_at(cfg("b"), step=2)

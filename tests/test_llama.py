@@ -15,10 +15,23 @@ from r1lab.train import logprobs
 
 transformers.logging.set_verbosity_error()
 V = 97
-COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 def build(kind: str, **kw):
@@ -26,8 +39,9 @@ def build(kind: str, **kw):
     torch.manual_seed(0)
     kw = {**COMMON, **kw}
     if kind == "llama":  # attention bias and llama3 RoPE scaling
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(attention_bias=True, rope_scaling=LLAMA3_ROPE,
-                                                                       **kw))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(attention_bias=True, rope_scaling=LLAMA3_ROPE, **kw)
+        )
     elif kind == "qwen2":  # q/k/v biases
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
     elif kind == "qwen3":  # per-head q/k norms, head_dim apart from hidden / heads
@@ -46,8 +60,13 @@ def build(kind: str, **kw):
 def groups(seed=0, sizes=(5, 9, 3), G_=4, max_len=12):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in sizes]
-    comps = [[torch.randint(0, V, (int(torch.randint(1, max_len, (), generator=g)),), generator=g).tolist()
-              for _ in range(G_)] for _ in prompts]
+    comps = [
+        [
+            torch.randint(0, V, (int(torch.randint(1, max_len, (), generator=g)),), generator=g).tolist()
+            for _ in range(G_)
+        ]
+        for _ in prompts
+    ]
     return prompts, comps
 
 
@@ -108,8 +127,10 @@ def test_lora_and_gradient_checkpointing_run_through_the_fast_path():
     lay = logprobs.grouped_batches(prompts, comps, 10_000, 0)[0]
     ref = logprobs.packed_rows(prompts, comps, 10_000, 0, row_tokens=64)[0]
     results = {}
-    for name, opts in {"lora": HFOptions(lora_rank=4), "lora+ckpt": HFOptions(lora_rank=4,
-                                                                                 gradient_checkpointing=True)}.items():
+    for name, opts in {
+        "lora": HFOptions(lora_rank=4),
+        "lora+ckpt": HFOptions(lora_rank=4, gradient_checkpointing=True),
+    }.items():
         torch.manual_seed(1)
         model = prepare_model(build("qwen2"), opts).train()
         assert fast_decoder(model) is not None
@@ -140,8 +161,9 @@ def test_models_it_would_not_mirror_exactly_keep_the_generic_path():
 def test_the_sampler_uses_the_fast_path_where_it_can(tiny_tokenizer):
     qwen = build("qwen2", vocab_size=len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id)
     assert isinstance(make_backend(qwen, tiny_tokenizer), CachedBackend)
-    sliding = build("qwen2", vocab_size=len(tiny_tokenizer), use_sliding_window=True, sliding_window=8,
-                    max_window_layers=0)
+    sliding = build(
+        "qwen2", vocab_size=len(tiny_tokenizer), use_sliding_window=True, sliding_window=8, max_window_layers=0
+    )
     assert isinstance(make_backend(sliding, tiny_tokenizer), HFBackend)
     # both engines give the same greedy continuation (the generic path is checked against generate in
     # test_sampler.py); the prompts differ in length and rows finish at different steps
@@ -162,10 +184,11 @@ def test_gpu_attention_through_sdpa_equals_the_cpu_kernel():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((6, 5), (2, 9), (2, 9)))
     allowed = torch.rand(3, 1, 5, 9, generator=g) > 0.3
-    allowed[..., 0] = True                                                # every query sees at least one key
+    allowed[..., 0] = True  # every query sees at least one key
     bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
-    torch.testing.assert_close(attend(q, k, v, bias, 0.25, fused=True), attend(q, k, v, bias, 0.25, fused=False),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        attend(q, k, v, bias, 0.25, fused=True), attend(q, k, v, bias, 0.25, fused=False), atol=1e-6, rtol=0
+    )
 
 
 def test_the_kv_cache_keeps_and_joins_rows():

@@ -47,10 +47,16 @@ def test_gspo_clips_the_geometric_mean_of_a_sequence_by_hand():
     # two real tokens and a padded third (mean 1.5, clipped at 1 + 0.0004 for A > 0)
     ratios = torch.tensor([[2.0, 0.5, 1.0], [1.5, 1.5, 7.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
-    loss, m = call("gspo", ratios.log(), torch.zeros_like(ratios), torch.tensor([2.0, 1.0], dtype=torch.float64),
-                   mask=mask, settings=knobs(3e-4, 4e-4))
-    assert torch.allclose(loss[0], torch.full((3,), -2.0, dtype=torch.float64))        # -s * A = -1 * 2
-    assert torch.allclose(loss[1], torch.full((3,), -1.0004, dtype=torch.float64))     # -clip(1.5) * 1
+    loss, m = call(
+        "gspo",
+        ratios.log(),
+        torch.zeros_like(ratios),
+        torch.tensor([2.0, 1.0], dtype=torch.float64),
+        mask=mask,
+        settings=knobs(3e-4, 4e-4),
+    )
+    assert torch.allclose(loss[0], torch.full((3,), -2.0, dtype=torch.float64))  # -s * A = -1 * 2
+    assert torch.allclose(loss[1], torch.full((3,), -1.0004, dtype=torch.float64))  # -clip(1.5) * 1
     assert m["clip_frac"][:, 0].tolist() == [0.0, 1.0]
 
 
@@ -64,8 +70,8 @@ def test_gspo_token_equals_gspo_in_value_and_in_gradient_for_sequence_advantages
     b, _ = call("gspo-token", logp, old, adv, mask=mask, settings=knobs(3e-4, 4e-4))
     assert torch.allclose(a, b)
     seq_mean = lambda x: ((x * mask).sum(1) / mask.sum(1)).sum()  # noqa: E731
-    ga, = torch.autograd.grad(seq_mean(a), logp)
-    gb, = torch.autograd.grad(seq_mean(b), logp)
+    (ga,) = torch.autograd.grad(seq_mean(a), logp)
+    (gb,) = torch.autograd.grad(seq_mean(b), logp)
     assert torch.allclose(ga, gb)
 
 
@@ -164,12 +170,17 @@ def test_rollout_corrections_match_a_float64_loop(name):
 
 def test_no_correction_and_the_mismatch_of_identical_log_probs():
     old = torch.randn(3, 4)
-    assert torch.equal(losses.get_rollout_correction("none")(old, old + 1, torch.ones(3, 4), knobs()),
-                       torch.ones(3, 4))
+    assert torch.equal(losses.get_rollout_correction("none")(old, old + 1, torch.ones(3, 4), knobs()), torch.ones(3, 4))
     assert losses.mismatch(old, old, torch.ones(3, 4)) == {
-        "mismatch/logp_abs_diff_mean": 0.0, "mismatch/logp_abs_diff_max": 0.0, "mismatch/kl": 0.0}
-    m = losses.mismatch(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[0.1, -0.3]], dtype=torch.float64),
-                        torch.tensor([[1.0, 1.0]]))
+        "mismatch/logp_abs_diff_mean": 0.0,
+        "mismatch/logp_abs_diff_max": 0.0,
+        "mismatch/kl": 0.0,
+    }
+    m = losses.mismatch(
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.tensor([[0.1, -0.3]], dtype=torch.float64),
+        torch.tensor([[1.0, 1.0]]),
+    )
     assert m["mismatch/logp_abs_diff_mean"] == pytest.approx(0.2) and m["mismatch/logp_abs_diff_max"] == 0.3
     assert m["mismatch/kl"] == pytest.approx(((math.exp(-0.1) + 0.1 - 1) + (math.exp(0.3) - 0.3 - 1)) / 2)
 
@@ -177,27 +188,43 @@ def test_no_correction_and_the_mismatch_of_identical_log_probs():
 # ----------------------------------------------------------------------------- TRL's own implementation
 
 
-def trl_loss(logp, old, adv, mask, *, loss_type, level="token", eps_low=0.2, eps_high=0.2, max_len=None,
-             is_ratio=None):
+def trl_loss(logp, old, adv, mask, *, loss_type, level="token", eps_low=0.2, eps_high=0.2, max_len=None, is_ratio=None):
     """TRL's GRPOTrainer._compute_loss on these tensors: its model forward replaced by `logp` (so the
     log-probabilities are identical), everything after it TRL's code."""
     trl = pytest.importorskip("trl")
     trainer = object.__new__(trl.GRPOTrainer)
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
-    settings = dict(aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-                    importance_sampling_level=level, beta=0.0, loss_type=loss_type, epsilon_low=eps_low,
-                    epsilon_high=eps_high, use_vllm=is_ratio is not None,
-                    vllm_importance_sampling_correction=is_ratio is not None, max_completion_length=max_len,
-                    current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
-                    _metrics={"train": defaultdict(list)}, model=SimpleNamespace(training=True),
-                    accelerator=SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, num_processes=1),
-                    args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1))
+    settings = dict(
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=0.0,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=is_ratio is not None,
+        max_completion_length=max_len,
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list)},
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, num_processes=1),
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+    )
     for k, v in settings.items():
         setattr(trainer, k, v)
     n = logp.shape[0]
-    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1),
-              "completion_ids": torch.zeros_like(logp, dtype=torch.long), "completion_mask": mask,
-              "advantages": adv, "old_per_token_logps": old, "num_items_in_batch": mask.sum()}
+    inputs = {
+        "prompt_ids": torch.zeros(n, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 1),
+        "completion_ids": torch.zeros_like(logp, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum(),
+    }
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio
     return trainer._compute_loss(None, inputs)
@@ -207,8 +234,10 @@ CASES = {  # r1lab (policy loss, aggregation, knobs) -> TRL (loss_type, importan
     "grpo": (("clip", "seq-mean", knobs(0.2, 0.28)), dict(loss_type="grpo", eps_low=0.2, eps_high=0.28)),
     "dapo": (("clip", "token-mean", knobs(0.2, 0.28)), dict(loss_type="dapo", eps_low=0.2, eps_high=0.28)),
     "dr_grpo": (("clip", "drgrpo", knobs(0.2, 0.2)), dict(loss_type="dr_grpo")),
-    "gspo": (("gspo", "seq-mean", knobs(3e-4, 4e-4)),
-             dict(loss_type="grpo", level="sequence", eps_low=3e-4, eps_high=4e-4)),
+    "gspo": (
+        ("gspo", "seq-mean", knobs(3e-4, 4e-4)),
+        dict(loss_type="grpo", level="sequence", eps_low=3e-4, eps_high=4e-4),
+    ),
     # TRL's CISPO clamps the ratio from above at epsilon_high (an absolute bound, no lower one): r1lab's
     # clip(rho, 1 - eps_low, 1 + eps_high) with eps_low = 1 is the same weight
     "cispo": (("cispo", "token-mean", knobs(1.0, 0.25)), dict(loss_type="cispo", eps_high=1.25)),
@@ -268,7 +297,7 @@ def test_k3_is_zero_at_equality_nonnegative_and_unbiased_for_kl():
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(6, dtype=torch.float64), 0)
     q = torch.softmax(torch.randn(6, dtype=torch.float64), 0)
-    exact = (p * (p.log() - q.log())).sum().item()          # KL(p || q), p = policy, q = reference
+    exact = (p * (p.log() - q.log())).sum().item()  # KL(p || q), p = policy, q = reference
     tokens = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(1))
     k3 = losses.kl_k3(p.log()[tokens], q.log()[tokens])
     assert (k3 >= 0).all()
@@ -293,8 +322,10 @@ def test_micro_batches_with_global_denominators_sum_to_the_full_batch(agg):
     mask[:, 0] = 1
     fn = losses.get_aggregation(agg)
     full = fn(loss, mask, mask.sum(), 6, 5)
-    parts = sum(fn(loss * m, mask * m, mask.sum(), 6, 5) for m in
-                (torch.tensor([1, 1, 0, 0, 0, 0.])[:, None], torch.tensor([0, 0, 1, 1, 1, 1.])[:, None]))
+    parts = sum(
+        fn(loss * m, mask * m, mask.sum(), 6, 5)
+        for m in (torch.tensor([1, 1, 0, 0, 0, 0.0])[:, None], torch.tensor([0, 0, 1, 1, 1, 1.0])[:, None])
+    )
     assert torch.allclose(full, parts)
 
 

@@ -15,8 +15,15 @@ from r1lab.model.deepseek import DeepseekV3, Experts, MoE
 
 transformers.logging.set_verbosity_error()
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 CONFIGS = {
     "dense": dict(n_routed_experts=0),
@@ -50,10 +57,27 @@ def test_r1lab_checkpoint_loads_in_transformers_with_same_logits(name, tmp_path)
 
 def test_transformers_checkpoint_loads_in_r1lab_with_same_logits(tmp_path):
     hcfg = transformers.DeepseekV3Config(
-        vocab_size=89, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=12, initializer_range=0.3, num_mtp_layers=0)
+        vocab_size=89,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        initializer_range=0.3,
+        num_mtp_layers=0,
+    )
     torch.manual_seed(1)
     hf = transformers.DeepseekV3ForCausalLM(hcfg).eval()
     with torch.no_grad():
@@ -124,10 +148,25 @@ def test_cache_holds_only_latent_and_rope_key():
 
 
 def test_router_matches_a_hand_worked_group_limited_choice():
-    cfg = ModelConfig(vocab_size=8, hidden_size=4, intermediate_size=8, moe_intermediate_size=4, num_hidden_layers=1,
-                      num_attention_heads=1, first_k_dense_replace=0, kv_lora_rank=2, qk_nope_head_dim=2,
-                      qk_rope_head_dim=2, v_head_dim=2, q_lora_rank=None, n_routed_experts=4, n_group=2, topk_group=1,
-                      num_experts_per_tok=2, routed_scaling_factor=2.0)
+    cfg = ModelConfig(
+        vocab_size=8,
+        hidden_size=4,
+        intermediate_size=8,
+        moe_intermediate_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        first_k_dense_replace=0,
+        kv_lora_rank=2,
+        qk_nope_head_dim=2,
+        qk_rope_head_dim=2,
+        v_head_dim=2,
+        q_lora_rank=None,
+        n_routed_experts=4,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.0,
+    )
     moe = MoE(cfg)
     # scores sigmoid(logit): pick logits so experts = [0.9, 0.1 | 0.8, 0.7]: group sums (top-2) 1.0 vs 1.5
     logits = torch.logit(torch.tensor([0.9, 0.1, 0.8, 0.7]))
@@ -184,16 +223,16 @@ def test_moe_output_matches_a_float64_per_token_reference(tokens, dense, monkeyp
 
 def test_dense_experts_are_chosen_only_where_they_cost_less():
     ex = Experts(8, 4, 4)
-    skewed = [62, 9, 9, 9, 10, 7, 9, 13]     # a decode batch of 64 tokens (k=2) crowding onto one expert
+    skewed = [62, 9, 9, 9, 10, 7, 9, 13]  # a decode batch of 64 tokens (k=2) crowding onto one expert
     balanced = [16, 17, 15, 16, 16, 16, 17, 15]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert ex._dense_is_cheaper(64, 2, skewed)          # measured: 445 us dense vs 812 us routed
-        assert not ex._dense_is_cheaper(64, 2, balanced)    # padded buckets are cheaper
+        assert ex._dense_is_cheaper(64, 2, skewed)  # measured: 445 us dense vs 812 us routed
+        assert not ex._dense_is_cheaper(64, 2, balanced)  # padded buckets are cheaper
         assert not ex._dense_is_cheaper(4600, 2, [1150] * 8)  # a training batch: E/k times the arithmetic
         torch.set_num_threads(1)
-        assert not ex._dense_is_cheaper(64, 2, skewed)      # measured: 762 us dense vs 723 us routed
+        assert not ex._dense_is_cheaper(64, 2, skewed)  # measured: 762 us dense vs 723 us routed
     finally:
         torch.set_num_threads(threads)
 
@@ -211,8 +250,9 @@ def test_expert_loads_are_observable_per_layer():
 
 def test_bias_update_reduces_imbalance_of_a_skewed_router():
     torch.manual_seed(0)
-    cfg = tiny_model_config(64, num_hidden_layers=2, first_k_dense_replace=1, n_group=1, topk_group=1,
-                            num_experts_per_tok=2)
+    cfg = tiny_model_config(
+        64, num_hidden_layers=2, first_k_dense_replace=1, n_group=1, topk_group=1, num_experts_per_tok=2
+    )
     model = DeepseekV3(cfg).train()
     moe = model.main_moe()[0]
     u = torch.randn(cfg.hidden_size)
@@ -241,7 +281,7 @@ def test_sequence_balance_loss_matches_the_v3_formula_in_float64():
     E, K, T = cfg.n_routed_experts, cfg.num_experts_per_tok, 6
     total = 0.0
     for b in range(3):
-        s = torch.sigmoid(x[b] @ moe.gate.weight.T)                     # [T, E]
+        s = torch.sigmoid(x[b] @ moe.gate.weight.T)  # [T, E]
         top = s.topk(K, -1).indices
         f = torch.zeros(E, dtype=torch.float64)
         for t in range(T):
@@ -293,17 +333,18 @@ def test_grouped_forward_equals_each_completion_run_after_its_prompt(name):
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=0)  # noqa: E731
     flat = [c for cs in comps for c in cs]
     group = torch.tensor([0, 0, 0, 1, 1, 1])
-    hp, hc = model.grouped_hidden_states(pad(prompts), torch.tensor([5, 9]), pad(flat),
-                                         torch.tensor([len(c) for c in flat]), group)
+    hp, hc = model.grouped_hidden_states(
+        pad(prompts), torch.tensor([5, 9]), pad(flat), torch.tensor([len(c) for c in flat]), group
+    )
     loss_grouped = sum((hc[n, : len(c)] ** 2).sum() for n, c in enumerate(flat)) + (hp[1, :9] ** 2).sum()
     g_grouped = torch.autograd.grad(loss_grouped, model.model.layers[1].self_attn.kv_b_proj.weight)[0]
     loss_ref = 0
     for n, c in enumerate(flat):
         p = prompts[group[n]]
         h = model.hidden_states(torch.cat([p, c])[None])[0]
-        assert (h[len(p):] - hc[n, : len(c)]).abs().max() < 1e-5
+        assert (h[len(p) :] - hc[n, : len(c)]).abs().max() < 1e-5
         assert (h[: len(p)] - hp[group[n], : len(p)]).abs().max() < 1e-5
-        loss_ref = loss_ref + (h[len(p):] ** 2).sum()
+        loss_ref = loss_ref + (h[len(p) :] ** 2).sum()
     loss_ref = loss_ref + (model.hidden_states(prompts[1][None])[0] ** 2).sum()
     g_ref = torch.autograd.grad(loss_ref, model.model.layers[1].self_attn.kv_b_proj.weight)[0]
     assert (g_grouped - g_ref).abs().max() < 1e-6 * g_ref.abs().max()
@@ -316,12 +357,15 @@ def test_bf16_cast_keeps_balancing_bias_in_float32():
     assert model(torch.randint(0, 30, (1, 5))).logits.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (dict(n_routed_experts=6, n_group=4), "divisible by n_group"),
-    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
-    (dict(qk_rope_head_dim=7), "even"),
-    (dict(topk_group=3, n_group=2), "topk_group"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (dict(n_routed_experts=6, n_group=4), "divisible by n_group"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(qk_rope_head_dim=7), "even"),
+        (dict(topk_group=3, n_group=2), "topk_group"),
+    ],
+)
 def test_invalid_configs_name_the_field(bad, msg):
     with pytest.raises(ValueError, match=msg):
         tiny_model_config(30, **bad)
@@ -329,14 +373,41 @@ def test_invalid_configs_name_the_field(bad, msg):
 
 def test_original_deepseek_config_json_is_read():
     """deepseek-ai/DeepSeek-V3's config.json (rope_theta + rope_scaling, MTP layer count)."""
-    d = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-             moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256,
-             n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, first_k_dense_replace=3,
-             q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-             num_nextn_predict_layers=1, rope_theta=10000, max_position_embeddings=163840,
-             rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                           "original_max_position_embeddings": 4096, "type": "yarn"},
-             scoring_func="sigmoid", topk_method="noaux_tc", routed_scaling_factor=2.5)
+    d = dict(
+        model_type="deepseek_v3",
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        first_k_dense_replace=3,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        num_nextn_predict_layers=1,
+        rope_theta=10000,
+        max_position_embeddings=163840,
+        rope_scaling={
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        routed_scaling_factor=2.5,
+    )
     cfg = ModelConfig.from_hf_dict(d)
     assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.num_nextn_predict_layers == 1
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
@@ -360,8 +431,8 @@ def test_mtp_drafts_with_the_cache_equal_the_mtp_forward_over_the_whole_sequence
         cache = LatentCache(cfg, 2, 32, layers=cfg.num_hidden_layers + 1)
         got, at = [], 0
         for width in (5, 1, 2, 1, 1):  # a prefill, then decode steps of one and two tokens
-            h, r = model.body(ids[:, at:at + width], cache=cache, advance=False)
-            got.append(model.draft(h, ids[:, at + 1:at + 1 + width], r, cache))
+            h, r = model.body(ids[:, at : at + width], cache=cache, advance=False)
+            got.append(model.draft(h, ids[:, at + 1 : at + 1 + width], r, cache))
             cache.advance(width)
             at += width
     assert at == n and torch.allclose(torch.cat(got, 1), want, atol=1e-5)
@@ -383,8 +454,13 @@ def test_mtp_loss_on_packed_samples_sharing_a_prefix_equals_the_separate_sequenc
     prefix = torch.randint(3, 70, (5,), generator=g).tolist()
     samples = [torch.randint(3, 70, (m,), generator=g).tolist() for m in (6, 4, 7)]
     packed = pack([(s, [1] * len(s)) for s in samples], 64, prefix=prefix)
-    out = model(packed.input_ids, attention_mask=packed.mask(), position_ids=packed.position_ids,
-                labels=packed.labels, token_mask=packed.attention_mask)
+    out = model(
+        packed.input_ids,
+        attention_mask=packed.mask(),
+        position_ids=packed.position_ids,
+        labels=packed.labels,
+        token_mask=packed.attention_mask,
+    )
     assert packed.input_ids.shape[0] == 1
     first_in_row = max(range(len(samples)), key=lambda i: len(samples[i]))  # packing puts the longest first
     losses = []
@@ -396,11 +472,11 @@ def test_mtp_loss_on_packed_samples_sharing_a_prefix_equals_the_separate_sequenc
         n = ids.shape[1] - 1
         see = torch.ones(n, n, dtype=torch.bool).tril()
         if later:  # the prefix's last MTP state is the first sample's
-            see[len(prefix):, len(prefix) - 1] = False
+            see[len(prefix) :, len(prefix) - 1] = False
         bias = torch.zeros(n, n).masked_fill(~see, float("-inf"))[None, None]
         h = mtp(hidden[:, :-1], model.model.embed_tokens(ids[:, 1:]), rot[:, :-1], bias)
-        logits = model.lm_head(mtp.shared_head.norm(h[:, :-1])).float()[0]       # position j predicts j + 2
-        first = len(prefix) + (2 if later else 1)                                  # the first target the row keeps
+        logits = model.lm_head(mtp.shared_head.norm(h[:, :-1])).float()[0]  # position j predicts j + 2
+        first = len(prefix) + (2 if later else 1)  # the first target the row keeps
         for t in range(first, ids.shape[1]):
             losses.append(F.cross_entropy(logits[t - 2][None], ids[0, t][None]))
     assert torch.allclose(out.mtp_loss, torch.stack(losses).mean(), atol=1e-5)

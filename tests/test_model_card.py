@@ -24,9 +24,21 @@ from r1lab.train import pretrain as P
 from r1lab.train import sft as S
 from r1lab.train.run import read_metrics
 
-TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_group=2,
+    topk_group=1,
+)
 SECTIONS = ["## How it was trained", "## Train it again", "## Evaluation", "## Intended use and limits"]
 
 
@@ -44,9 +56,21 @@ def reparsed(cfg):
 
 
 def test_a_pretrained_model_card_parses_and_the_pipeline_adds_its_evaluation(tmp_path):
-    cfg = P.PretrainConfig(out=str(tmp_path / "run"), steps=6, rows=2, seq_len=192, warmup=2, eval_every=100,
-                           eval_problems=3, log_every=1, save_every=3, model=TINY, vocab_size=400, bf16=False,
-                           task_args={"arithmetic": {"max_digits": 2}})
+    cfg = P.PretrainConfig(
+        out=str(tmp_path / "run"),
+        steps=6,
+        rows=2,
+        seq_len=192,
+        warmup=2,
+        eval_every=100,
+        eval_problems=3,
+        log_every=1,
+        save_every=3,
+        model=TINY,
+        vocab_size=400,
+        bf16=False,
+        task_args={"arithmetic": {"max_digits": 2}},
+    )
     _, _, run = P.pretrain(cfg, progress=False)
     card = parse(run.model_dir)
     d = card.data
@@ -62,15 +86,24 @@ def test_a_pretrained_model_card_parses_and_the_pipeline_adds_its_evaluation(tmp
     assert reparsed(cfg) == cfg  # the printed command trains this config again
 
     # the pipeline's R1-protocol evaluation of the model joins the card: metadata and table
-    pcfg = PipelineConfig(out=str(tmp_path), task="arithmetic", task_args={"max_digits": 2},
-                          eval=EvalSettings(limit=4, k=2, max_new_tokens=8))
+    pcfg = PipelineConfig(
+        out=str(tmp_path),
+        task="arithmetic",
+        task_args={"max_digits": 2},
+        eval=EvalSettings(limit=4, k=2, max_new_tokens=8),
+    )
     summary = pipeline_evaluate(run.model_dir, pcfg, tmp_path / "eval_final.json")["summary"]
     card = parse(run.model_dir)
     results = {r.metric_type: r for r in card.data.eval_results}
     assert results["pass@1"].metric_value == round(100 * summary["pass@1"], 1)
     assert results["cons@2"].metric_value == round(100 * summary["cons@k"], 1)
-    assert results["pass@1"].metric_args == {"problems": 4, "k": 2, "temperature": 0.6, "top_p": 0.95,
-                                             "max_new_tokens": 8}
+    assert results["pass@1"].metric_args == {
+        "problems": 4,
+        "k": 2,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "max_new_tokens": 8,
+    }
     assert len(card.data.eval_results) == 6  # the end-of-training check kept beside greedy, pass@1, cons@2, thinks
     table = card.text.split("## Evaluation")[1].split("## ")[0]
     assert table.count("\n| arithmetic") == 6 and f"| {round(100 * summary['pass@1'], 1)}% |" in table
@@ -107,12 +140,27 @@ def test_a_card_names_a_hub_base_model_and_copies_its_licence(tmp_path, tiny_lla
 
 def test_the_command_in_a_card_trains_the_same_config_for_every_trainer():
     configs = [
-        GR.GRPOConfig(out="runs/g", model="runs/p/model", rewards=["accuracy", "format", "tests/r.py:share"],
-                      reward_weights=[1.0, 0.1, 0.5], task_args={"arithmetic": {"max_digits": 1, "ops": "+-"}},
-                      bf16=False, max_seconds=12.5, hf=HFOptions(lora_rank=4, lora_target_modules=["q_proj", "v_proj"]),
-                      report_to=["tensorboard"]),
-        S.SFTConfig(out="runs/s", model="m", data="d.jsonl", eval_data=None, template="r1", epochs=3, lr=1e-4,
-                    hf=HFOptions(gradient_checkpointing=True, dtype="bfloat16")),
+        GR.GRPOConfig(
+            out="runs/g",
+            model="runs/p/model",
+            rewards=["accuracy", "format", "tests/r.py:share"],
+            reward_weights=[1.0, 0.1, 0.5],
+            task_args={"arithmetic": {"max_digits": 1, "ops": "+-"}},
+            bf16=False,
+            max_seconds=12.5,
+            hf=HFOptions(lora_rank=4, lora_target_modules=["q_proj", "v_proj"]),
+            report_to=["tensorboard"],
+        ),
+        S.SFTConfig(
+            out="runs/s",
+            model="m",
+            data="d.jsonl",
+            eval_data=None,
+            template="r1",
+            epochs=3,
+            lr=1e-4,
+            hf=HFOptions(gradient_checkpointing=True, dtype="bfloat16"),
+        ),
         P.PretrainConfig(tasks=["arithmetic", "countdown"], model={"num_hidden_layers": 3}, bf16=True),
     ]
     for cfg in configs:
@@ -123,10 +171,22 @@ def test_the_command_in_a_card_trains_the_same_config_for_every_trainer():
 
 def test_every_trainer_writes_a_card_with_what_it_did(tmp_path, tiny_native_dir):
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "completion": f" {a + 1}"}) + "\n"
-                             for a in range(20)))
-    cfg = S.SFTConfig(out=str(tmp_path / "sft"), model=str(tiny_native_dir), data=str(chats), template="r1zero",
-                      epochs=1, seq_len=64, rows=4, eval_fraction=0.2, bf16=False, device="cpu", warmup=1)
+    chats.write_text(
+        "".join(json.dumps({"prompt": f"What is {a} + 1?", "completion": f" {a + 1}"}) + "\n" for a in range(20))
+    )
+    cfg = S.SFTConfig(
+        out=str(tmp_path / "sft"),
+        model=str(tiny_native_dir),
+        data=str(chats),
+        template="r1zero",
+        epochs=1,
+        seq_len=64,
+        rows=4,
+        eval_fraction=0.2,
+        bf16=False,
+        device="cpu",
+        warmup=1,
+    )
     _, _, run = S.sft(cfg, progress=False)
     card = parse(run.model_dir)
     rows = read_metrics(run.metrics_path)
@@ -134,9 +194,18 @@ def test_every_trainer_writes_a_card_with_what_it_did(tmp_path, tiny_native_dir)
     assert card.data.tags == ["r1lab", "deepseek-v3", "sft", "reasoning"] and card.data.license == "other"
     assert f"held-out loss {held:.3f}" in card.text and f"fine-tuned from `{tiny_native_dir}`" in card.text
 
-    g = GR.GRPOConfig(out=str(tmp_path / "grpo"), model=str(run.model_dir), steps=2, prompts_per_step=2,
-                      num_generations=2, max_new_tokens=6, template="r1", bf16=False, device="cpu",
-                      task_args={"arithmetic": {"max_digits": 1}})
+    g = GR.GRPOConfig(
+        out=str(tmp_path / "grpo"),
+        model=str(run.model_dir),
+        steps=2,
+        prompts_per_step=2,
+        num_generations=2,
+        max_new_tokens=6,
+        template="r1",
+        bf16=False,
+        device="cpu",
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     _, _, grun = GR.grpo(g, progress=False)
     card = parse(grun.model_dir)
     first = read_metrics(grun.metrics_path)[0]
@@ -145,7 +214,8 @@ def test_every_trainer_writes_a_card_with_what_it_did(tmp_path, tiny_native_dir)
     assert "GRPO from" in card.text and "rewards: accuracy x 1, format x 0.1" in card.text
 
 
-@pytest.mark.parametrize("task,hub", [("gsm8k", "openai/gsm8k"), ("math500", "HuggingFaceH4/MATH-500"),
-                                      ("countdown", "countdown")])
+@pytest.mark.parametrize(
+    "task,hub", [("gsm8k", "openai/gsm8k"), ("math500", "HuggingFaceH4/MATH-500"), ("countdown", "countdown")]
+)
 def test_benchmarks_are_named_by_their_hub_dataset_ids(task, hub):
     assert M.dataset_id(task) == hub

@@ -21,16 +21,35 @@ from r1lab.train.teacher import reverse_kl_advantage, teacher_logprobs
 def teacher_dir(tmp_path_factory, tiny_tokenizer):
     """Another tiny native model (another seed) with the same tokenizer."""
     tok = tiny_tokenizer
-    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, max_position_embeddings=512)
+    cfg = tiny_model_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(7)
     return save_model(DeepseekV3(cfg), tmp_path_factory.mktemp("teacher") / "model", tokenizer=tok)
 
 
 def _cfg(tmp_path, student, teacher, **kw):
-    base = dict(out=str(tmp_path / "opd"), model=str(student), teacher=str(teacher), rewards=[], reward_weights=[],
-                steps=16, prompts_per_step=2, num_generations=32, max_new_tokens=6, template="r1", bf16=False,
-                lr=1e-2, warmup=1, eval_problems=2, task_args={"arithmetic": {"max_digits": 1}})
+    base = dict(
+        out=str(tmp_path / "opd"),
+        model=str(student),
+        teacher=str(teacher),
+        rewards=[],
+        reward_weights=[],
+        steps=16,
+        prompts_per_step=2,
+        num_generations=32,
+        max_new_tokens=6,
+        template="r1",
+        bf16=False,
+        lr=1e-2,
+        warmup=1,
+        eval_problems=2,
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     base.update(kw)
     return GR.GRPOConfig(**base)
 
@@ -63,7 +82,7 @@ def test_a_transformers_teacher_scores_the_students_tokens(family, tiny_native_d
     assert torch.allclose(got, ref, atol=1e-5)
     with torch.no_grad():
         ids = torch.tensor([prompts[0] + comps[0][1]])
-        plain = (teacher(input_ids=ids).logits[0, len(prompts[0]) - 1: -1] / 0.7).log_softmax(-1)
+        plain = (teacher(input_ids=ids).logits[0, len(prompts[0]) - 1 : -1] / 0.7).log_softmax(-1)
     assert torch.allclose(got[1], plain.gather(1, torch.tensor(comps[0][1])[:, None]).squeeze(1), atol=1e-5)
 
 
@@ -89,14 +108,56 @@ def test_r1lab_distill_method_on_policy(tiny_native_dir_long, teacher_dir, tmp_p
     from r1lab.cli import main
 
     out = tmp_path / "d"
-    assert main(["distill", "--method", "on-policy", "--teacher", str(teacher_dir), "--student",
-                 str(tiny_native_dir_long), "--out", str(out), "--task-args", '{"arithmetic": {"max_digits": 1}}',
-                 "--teacher-template", "r1", "--onpolicy.steps", "2", "--onpolicy.prompts-per-step", "2",
-                 "--onpolicy.num-generations", "3", "--onpolicy.max-new-tokens", "6", "--onpolicy.bf16", "false"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--method",
+                "on-policy",
+                "--teacher",
+                str(teacher_dir),
+                "--student",
+                str(tiny_native_dir_long),
+                "--out",
+                str(out),
+                "--task-args",
+                '{"arithmetic": {"max_digits": 1}}',
+                "--teacher-template",
+                "r1",
+                "--onpolicy.steps",
+                "2",
+                "--onpolicy.prompts-per-step",
+                "2",
+                "--onpolicy.num-generations",
+                "3",
+                "--onpolicy.max-new-tokens",
+                "6",
+                "--onpolicy.bf16",
+                "false",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "reverse KL to the teacher per token" in printed and (out / "onpolicy" / "model" / "config.json").is_file()
     rows = read_metrics(out / "onpolicy" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["teacher_reverse_kl"] > 0 for r in rows)
-    assert main(["distill", "--method", "on-policy", "--teacher-url", "http://127.0.0.1:1/v1", "--teacher-model",
-                 "t", "--student", str(tiny_native_dir_long), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--method",
+                "on-policy",
+                "--teacher-url",
+                "http://127.0.0.1:1/v1",
+                "--teacher-model",
+                "t",
+                "--student",
+                str(tiny_native_dir_long),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "cannot do: give a local --teacher" in capsys.readouterr().err

@@ -28,9 +28,9 @@ def test_mask_lets_samples_see_their_prefix_and_themselves_only():
     p = pack_groups([([1, 2], [[3, 4], [5]])], capacity=8)
     m = p.mask()[0, 0]
     # columns: 1 2 | 3 4 | 5
-    assert m[3].tolist() == [True, True, True, True, False]    # token 4 sees the prefix and token 3
-    assert m[4].tolist() == [True, True, False, False, True]   # token 5 sees the prefix and itself, not sample 1
-    assert p.position_ids[0].tolist() == [0, 1, 2, 3, 2]       # both samples continue after the prefix
+    assert m[3].tolist() == [True, True, True, True, False]  # token 4 sees the prefix and token 3
+    assert m[4].tolist() == [True, True, False, False, True]  # token 5 sees the prefix and itself, not sample 1
+    assert p.position_ids[0].tolist() == [0, 1, 2, 3, 2]  # both samples continue after the prefix
     assert p.places == [[(0, 2), (0, 4)]]
 
 
@@ -58,8 +58,13 @@ def test_packed_loss_equals_the_mean_of_separate_losses():
     seqs = [torch.randint(0, 40, (n,)).tolist() for n in (9, 6, 4)]
     p = pack([(s, [1] * len(s)) for s in seqs], seq_len=20)
     with torch.no_grad():
-        via_segments = model(p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids,
-                             segment_ids=p.segment_ids, labels=p.labels).lm_loss
+        via_segments = model(
+            p.input_ids,
+            attention_mask=p.attention_mask,
+            position_ids=p.position_ids,
+            segment_ids=p.segment_ids,
+            labels=p.labels,
+        ).lm_loss
         via_mask = model(p.input_ids, attention_mask=p.mask(), position_ids=p.position_ids, labels=p.labels).lm_loss
     ref = _separate_loss(model, [(s, 1) for s in seqs])
     assert abs(via_segments.item() - ref) < 1e-5 and abs(via_mask.item() - ref) < 1e-5

@@ -9,18 +9,59 @@ import pytest
 from r1lab.cli import main
 from r1lab.recipes import PipelineConfig, run_pipeline
 
-TINY_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
+TINY_MODEL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_group=2,
+    topk_group=1,
+)
 
 
 def _argv(out):
-    return ["pipeline", "--out", str(out), "--pretrain.steps", "4", "--pretrain.rows", "2",
-            "--pretrain.eval-problems", "4", "--pretrain.model", json.dumps(TINY_MODEL), "--pretrain.vocab-size", "400",
-            "--pretrain.bf16", "false", "--task-args", '{"min_digits": 1, "max_digits": 1}',
-            "--grpo.steps", "2", "--grpo.prompts-per-step", "2", "--grpo.num-generations", "3",
-            "--grpo.max-new-tokens", "8", "--grpo.bf16", "false", "--eval.limit", "4", "--eval.k", "2",
-            "--eval.max-new-tokens", "8"]
+    return [
+        "pipeline",
+        "--out",
+        str(out),
+        "--pretrain.steps",
+        "4",
+        "--pretrain.rows",
+        "2",
+        "--pretrain.eval-problems",
+        "4",
+        "--pretrain.model",
+        json.dumps(TINY_MODEL),
+        "--pretrain.vocab-size",
+        "400",
+        "--pretrain.bf16",
+        "false",
+        "--task-args",
+        '{"min_digits": 1, "max_digits": 1}',
+        "--grpo.steps",
+        "2",
+        "--grpo.prompts-per-step",
+        "2",
+        "--grpo.num-generations",
+        "3",
+        "--grpo.max-new-tokens",
+        "8",
+        "--grpo.bf16",
+        "false",
+        "--eval.limit",
+        "4",
+        "--eval.k",
+        "2",
+        "--eval.max-new-tokens",
+        "8",
+    ]
 
 
 def test_pipeline_runs_every_stage_and_writes_summary_and_report(tmp_path, capsys):
@@ -32,8 +73,17 @@ def test_pipeline_runs_every_stage_and_writes_summary_and_report(tmp_path, capsy
     for side in ("base", "final"):
         assert {"greedy", "pass@1", "think_share", "mean_length"} <= set(summary[side])
     assert summary["wall_seconds"] > 0
-    for f in ("report.html", "report.md", "eval_base.json", "eval_final.json", "plots/before_after.png",
-              "plots/grpo/reward_mean.png", "pretrain/model/config.json", "grpo/model/config.json", "config.yaml"):
+    for f in (
+        "report.html",
+        "report.md",
+        "eval_base.json",
+        "eval_final.json",
+        "plots/before_after.png",
+        "plots/grpo/reward_mean.png",
+        "pretrain/model/config.json",
+        "grpo/model/config.json",
+        "config.yaml",
+    ):
         assert (run / f).exists(), f
     assert "data:image/png;base64," in (run / "report.html").read_text()
     # the compute section: each training stage's measured throughput against this machine's measured matmul peak
@@ -65,11 +115,40 @@ def test_a_yaml_config_runs_a_transformers_model_on_a_benchmark(tmp_path, tiny_l
 
     example = Path(__file__).parents[1] / "examples" / "pipeline-smollm2-gsm8k.yaml"
     out = tmp_path / "run"
-    assert main(["pipeline", "--config", str(example), "--out", str(out), "--base-model", str(tiny_llama_dir),
-                 "--grpo.template", "r1zero", "--grpo.steps", "1", "--grpo.prompts-per-step", "2",
-                 "--grpo.num-generations", "2", "--grpo.max-new-tokens", "8", "--grpo.bf16", "false",
-                 "--grpo.hf.gradient-checkpointing", "false", "--eval.limit", "3", "--eval.k", "2",
-                 "--eval.max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "pipeline",
+                "--config",
+                str(example),
+                "--out",
+                str(out),
+                "--base-model",
+                str(tiny_llama_dir),
+                "--grpo.template",
+                "r1zero",
+                "--grpo.steps",
+                "1",
+                "--grpo.prompts-per-step",
+                "2",
+                "--grpo.num-generations",
+                "2",
+                "--grpo.max-new-tokens",
+                "8",
+                "--grpo.bf16",
+                "false",
+                "--grpo.hf.gradient-checkpointing",
+                "false",
+                "--eval.limit",
+                "3",
+                "--eval.k",
+                "2",
+                "--eval.max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "gsm8k" and summary["task_args"] == {}
     base = json.loads((out / "eval_base.json").read_text())
@@ -79,8 +158,9 @@ def test_a_yaml_config_runs_a_transformers_model_on_a_benchmark(tmp_path, tiny_l
 
 
 def test_task_knobs_are_checked_before_any_stage(tmp_path, capsys):
-    assert main(["pipeline", "--out", str(tmp_path / "run"), "--task", "gsm8k",
-                 "--task-args", '{"max_digits": 3}']) == 2
+    assert (
+        main(["pipeline", "--out", str(tmp_path / "run"), "--task", "gsm8k", "--task-args", '{"max_digits": 3}']) == 2
+    )
     assert "max_digits" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -99,7 +179,7 @@ def test_eval_of_a_run_directory_reproduces_the_report_with_the_runs_settings(fi
     assert main(["eval", str(finished_run), "--out", str(finished_run / "again.json")]) == 0
     out = capsys.readouterr().out
     assert f"evaluating {finished_run / 'grpo' / 'model'}" in out and "config.yaml" in out
-    assert '"max_digits": 1' in out and "template \"r1zero\"" in out
+    assert '"max_digits": 1' in out and 'template "r1zero"' in out
     again = json.loads((finished_run / "again.json").read_text())["summary"]
     report = json.loads((finished_run / "summary.json").read_text())["final"]
     assert again["n"] == 4 and again["k"] == 2 and again["max_new_tokens"] == 8
@@ -117,8 +197,9 @@ def test_the_main_jobs_model_carries_the_template_it_was_trained_with(finished_r
 
     for stage in ("pretrain", "grpo"):
         tok = AutoTokenizer.from_pretrained(finished_run / stage / "model")
-        rendered = tok.apply_chat_template([{"role": "user", "content": "What is 4 + 5?"}], tokenize=False,
-                                           add_generation_prompt=True)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": "What is 4 + 5?"}], tokenize=False, add_generation_prompt=True
+        )
         assert rendered == render_prompt(tok, "What is 4 + 5?", "r1zero")
         assert rendered.endswith("User: What is 4 + 5?. Assistant:")
 

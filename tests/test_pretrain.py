@@ -9,15 +9,39 @@ from r1lab.tasks import Problem
 from r1lab.train import pretrain as P
 from r1lab.train.run import read_metrics
 
-TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_group=2,
+    topk_group=1,
+)
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), steps=6, rows=2, seq_len=192, warmup=2, eval_every=100,
-                eval_problems=3, log_every=1, save_every=3, model=TINY, vocab_size=400, bf16=False,
-                task_args={"arithmetic": {"max_digits": 2}})
+    base = dict(
+        out=str(tmp_path / "run"),
+        steps=6,
+        rows=2,
+        seq_len=192,
+        warmup=2,
+        eval_every=100,
+        eval_problems=3,
+        log_every=1,
+        save_every=3,
+        model=TINY,
+        vocab_size=400,
+        bf16=False,
+        task_args={"arithmetic": {"max_digits": 2}},
+    )
     base.update(kw)
     return P.PretrainConfig(**base)
 

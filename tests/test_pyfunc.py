@@ -12,10 +12,15 @@ from r1lab.tasks import get_task
 from r1lab.tasks.pyfunc import INT_OPS
 
 # The spec's words, applied one at a time to a value: an independent reading of what f must compute.
-APPLY = {r"add (\d)": lambda v, k: v + k, r"subtract (\d)": lambda v, k: v - k,
-         r"subtract it from (\d)": lambda v, k: k - v, r"multiply by (\d)": lambda v, k: v * k,
-         r"floor-divide by (\d)": lambda v, k: v // k, r"take it mod (\d)": lambda v, k: v % k,
-         r"square it()": lambda v, k: v * v}
+APPLY = {
+    r"add (\d)": lambda v, k: v + k,
+    r"subtract (\d)": lambda v, k: v - k,
+    r"subtract it from (\d)": lambda v, k: k - v,
+    r"multiply by (\d)": lambda v, k: v * k,
+    r"floor-divide by (\d)": lambda v, k: v // k,
+    r"take it mod (\d)": lambda v, k: v % k,
+    r"square it()": lambda v, k: v * v,
+}
 
 
 def spec_value(prompt: str, x: int) -> int:
@@ -40,8 +45,13 @@ def run(code: str, x: int) -> int:
 def test_integer_chain_programs_compute_what_the_spec_says_with_minimal_parentheses():
     task = get_task("pyfunc", kinds="int", steps=4, min_steps=2)
     problems = task.problems("train", n=400, seed=0)
-    used = {pattern for p in problems for words in p.prompt[6:-1].split(", then ") for pattern in APPLY
-            if re.fullmatch(pattern, words)}
+    used = {
+        pattern
+        for p in problems
+        for words in p.prompt[6:-1].split(", then ")
+        for pattern in APPLY
+        if re.fullmatch(pattern, words)
+    }
     assert used == set(APPLY) and len(APPLY) == len(INT_OPS)  # every operation drawn and checked
     for p in problems:
         for x in (-20, -7, -1, 0, 3, 13):
@@ -78,13 +88,22 @@ def test_chain_length_and_operations_follow_the_knobs():
     task = get_task("pyfunc", kinds="int", steps=4, min_steps=3, int_ops="add,rsub")
     lengths = {p.prompt.count(", then ") + 1 for p in task.problems("train", n=200, seed=0)}
     assert lengths == {3, 4}
-    assert all(set(re.findall(r"[-+*/%]+", p.answer.split("return ")[1])) <= {"+", "-"}
-               for p in task.problems("train", n=50, seed=0))
+    assert all(
+        set(re.findall(r"[-+*/%]+", p.answer.split("return ")[1])) <= {"+", "-"}
+        for p in task.problems("train", n=50, seed=0)
+    )
 
 
-@pytest.mark.parametrize("knobs, named", [({"min_steps": 3, "steps": 2}, "min_steps"), ({"min_steps": 0}, "min_steps"),
-                                          ({"int_ops": "add,pow"}, "int_ops"), ({"int_ops": ""}, "int_ops"),
-                                          ({"fit_digits": 1}, "fit_digits")])
+@pytest.mark.parametrize(
+    "knobs, named",
+    [
+        ({"min_steps": 3, "steps": 2}, "min_steps"),
+        ({"min_steps": 0}, "min_steps"),
+        ({"int_ops": "add,pow"}, "int_ops"),
+        ({"int_ops": ""}, "int_ops"),
+        ({"fit_digits": 1}, "fit_digits"),
+    ],
+)
 def test_bad_chain_knobs_are_refused_with_their_values(knobs, named):
     with pytest.raises(ValueError, match=named):
         get_task("pyfunc", **knobs)
@@ -119,8 +138,9 @@ def test_a_repeated_program_is_judged_once_and_an_unjudged_one_again(monkeypatch
     assert task.submit("def f(x): return 0", p).result().status == "failed"
     assert task.submit("def f(x): return 0", p).result().status == "failed"
     assert task.submit(p.answer, q).result().status == "failed"  # other tests, another judgement
-    assert runs == [(p.answer, tuple(p.meta["tests"]))] + [("def f(x): return 0", tuple(p.meta["tests"]))] * 2 + \
-        [(p.answer, tuple(q.meta["tests"]))]
+    assert runs == [(p.answer, tuple(p.meta["tests"]))] + [("def f(x): return 0", tuple(p.meta["tests"]))] * 2 + [
+        (p.answer, tuple(q.meta["tests"]))
+    ]
 
 
 def borrows(big: int, small: int) -> int:

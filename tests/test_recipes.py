@@ -13,25 +13,95 @@ import r1lab.distill as D
 from r1lab.cli import main
 from r1lab.recipes import RECIPES
 
-TINY_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
-STUDENT = dict(num_hidden_layers=1, hidden_size=24, intermediate_size=48, num_attention_heads=2, kv_lora_rank=8,
-               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+TINY_MODEL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_group=2,
+    topk_group=1,
+)
+STUDENT = dict(
+    num_hidden_layers=1,
+    hidden_size=24,
+    intermediate_size=48,
+    num_attention_heads=2,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+)
 
 
 def _argv(out, recipe):
-    return ["pipeline", "--recipe", recipe, "--out", str(out), "--task-args", '{"min_digits": 1, "max_digits": 1}',
-            "--pretrain.steps", "4", "--pretrain.rows", "2", "--pretrain.seq-len", "128",
-            "--pretrain.eval-problems", "4", "--pretrain.model", json.dumps(TINY_MODEL),
-            "--pretrain.vocab-size", "400", "--pretrain.bf16", "false",
-            "--grpo.steps", "2", "--grpo.prompts-per-step", "4", "--grpo.num-generations", "4",
-            "--grpo.max-new-tokens", "24", "--grpo.bf16", "false",
-            "--eval.limit", "8", "--eval.k", "2", "--eval.max-new-tokens", "24",
-            "--r1.cold-start-problems", "16", "--r1.rl-steps", "2", "--r1.rejection-problems", "16",
-            "--r1.final-rl-steps", "2", "--r1.sft-epochs", "1", "--r1.sft-rows", "4",
-            "--distill.student", json.dumps(STUDENT), "--distill.pretrain-steps", "4", "--distill.problems", "16",
-            "--distill.sft-epochs", "1", "--distill.sft-rows", "4"]
+    return [
+        "pipeline",
+        "--recipe",
+        recipe,
+        "--out",
+        str(out),
+        "--task-args",
+        '{"min_digits": 1, "max_digits": 1}',
+        "--pretrain.steps",
+        "4",
+        "--pretrain.rows",
+        "2",
+        "--pretrain.seq-len",
+        "128",
+        "--pretrain.eval-problems",
+        "4",
+        "--pretrain.model",
+        json.dumps(TINY_MODEL),
+        "--pretrain.vocab-size",
+        "400",
+        "--pretrain.bf16",
+        "false",
+        "--grpo.steps",
+        "2",
+        "--grpo.prompts-per-step",
+        "4",
+        "--grpo.num-generations",
+        "4",
+        "--grpo.max-new-tokens",
+        "24",
+        "--grpo.bf16",
+        "false",
+        "--eval.limit",
+        "8",
+        "--eval.k",
+        "2",
+        "--eval.max-new-tokens",
+        "24",
+        "--r1.cold-start-problems",
+        "16",
+        "--r1.rl-steps",
+        "2",
+        "--r1.rejection-problems",
+        "16",
+        "--r1.final-rl-steps",
+        "2",
+        "--r1.sft-epochs",
+        "1",
+        "--r1.sft-rows",
+        "4",
+        "--distill.student",
+        json.dumps(STUDENT),
+        "--distill.pretrain-steps",
+        "4",
+        "--distill.problems",
+        "16",
+        "--distill.sft-epochs",
+        "1",
+        "--distill.sft-rows",
+        "4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +142,12 @@ def test_r1_recipe_runs_four_evaluated_stages_and_reports(run_dir, worked_teache
     assert list(summary["stages"]) == ["base", "r1zero", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
     for h in summary["stages"].values():
         _headline_ok(h)
-    for stage, model in [("cold_start", "cold_start/sft/model"), ("reasoning_rl", "reasoning_rl/model"),
-                         ("rejection_sft", "rejection_sft/sft/model"), ("final_rl", "final_rl/model")]:
+    for stage, model in [
+        ("cold_start", "cold_start/sft/model"),
+        ("reasoning_rl", "reasoning_rl/model"),
+        ("rejection_sft", "rejection_sft/sft/model"),
+        ("final_rl", "final_rl/model"),
+    ]:
         assert (r1 / model / "config.json").is_file(), stage
         ev = json.loads((r1 / f"eval_{stage}.json").read_text())
         assert ev["summary"]["pass@1"] == summary["stages"][stage]["pass@1"] and ev["summary"]["n"] == 8
@@ -131,8 +205,13 @@ def test_distill_recipe_compares_three_arms_at_equal_time(run_dir, worked_teache
         a = arms[arm]
         assert a["steps"] >= 1 and (a["train_seconds"] >= budget - 0.2 or a["steps"] == 1000), a
         assert abs(a["wall_seconds"] - budget) <= max(5.0, 0.5 * budget), (arm, a, budget)
-    for f in ("report.md", "report.html", "plots/stages.png", "plots/student_rl/reward_mean.png",
-              "plots/onpolicy/teacher_reverse_kl.png"):
+    for f in (
+        "report.md",
+        "report.html",
+        "plots/stages.png",
+        "plots/student_rl/reward_mean.png",
+        "plots/onpolicy/teacher_reverse_kl.png",
+    ):
         assert (d / f).exists(), f
     assert "The arms compared on the same problems" in (d / "report.md").read_text()
 
@@ -161,9 +240,13 @@ def test_kept_replies_are_written_exactly_as_the_base_model_was_pretrained():
 
 
 def _record(pid, reasoning):
-    return {"id": pid, "messages": [{"role": "user", "content": pid},
-                                    {"role": "assistant",
-                                     "content": f"<think>\n{reasoning}\n</think>\n\n<answer> 1 </answer>"}]}
+    return {
+        "id": pid,
+        "messages": [
+            {"role": "user", "content": pid},
+            {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n<answer> 1 </answer>"},
+        ],
+    }
 
 
 def test_the_longest_reasoning_is_kept_per_problem_in_problem_order():
@@ -189,9 +272,10 @@ def test_the_comparison_is_paired_over_problems_and_says_when_it_cannot_tell():
     diffs = [x - y for x, y in zip(a, b)]  # reference: the paired t-style interval by hand
     mean = sum(diffs) / 6
     sd = (sum((d - mean) ** 2 for d in diffs) / 5) ** 0.5
-    assert c["difference"] == pytest.approx(mean) and c["interval95"] == pytest.approx(1.96 * sd / 6 ** 0.5)
+    assert c["difference"] == pytest.approx(mean) and c["interval95"] == pytest.approx(1.96 * sd / 6**0.5)
     assert c["winner"] == "first" and "SFT distillation is ahead" in verdict(c)
     assert compare(result(b), result(a))["winner"] == "second"
-    tie = dict(first="onpolicy", second="student_rl",
-               **compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0])))
+    tie = dict(
+        first="onpolicy", second="student_rl", **compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0]))
+    )
     assert tie["winner"] == "neither" and "no clear difference" in verdict(tie)

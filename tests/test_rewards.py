@@ -33,6 +33,7 @@ def conv(text: str) -> list[dict]:
 
 # --- accuracy -----------------------------------------------------------------------------------------------
 
+
 def test_accuracy_scores_right_wrong_missing_and_unjudgeable():
     completions = [
         "<think>7+8=15</think> <answer>15</answer>",  # right
@@ -47,18 +48,26 @@ def test_accuracy_scores_right_wrong_missing_and_unjudgeable():
 
 
 def test_accuracy_accepts_conversations_and_ignores_unknown_columns():
-    out = accuracy([conv("<answer>85</answer>"), conv("<answer>84</answer>")], answer=["85", "85"],
-                   prompts=["What is 47 + 38?"] * 2, completion_ids=[[1], [2]], something_else=[0, 0])
+    out = accuracy(
+        [conv("<answer>85</answer>"), conv("<answer>84</answer>")],
+        answer=["85", "85"],
+        prompts=["What is 47 + 38?"] * 2,
+        completion_ids=[[1], [2]],
+        something_else=[0, 0],
+    )
     assert out == [1.0, 0.0]
 
 
 def test_accuracy_with_a_task_column_uses_the_task_check():
     # countdown: any valid expression is right, not only the stored one; math-verify alone would reject these
-    completions = ["<think>...</think><answer>3*(25-5)</answer>", "<answer>(25-5)*5</answer>",
-                   "<answer>(25-5)*3</answer>", "<answer>12</answer>"]
+    completions = [
+        "<think>...</think><answer>3*(25-5)</answer>",
+        "<answer>(25-5)*5</answer>",
+        "<answer>(25-5)*3</answer>",
+        "<answer>12</answer>",
+    ]
     meta = [{"numbers": [3, 5, 25], "target": 60}] * 3 + [None]
-    out = accuracy(completions, answer=["(25-5)*3"] * 3 + ["12"], task=["countdown"] * 3 + ["arithmetic"],
-                   meta=meta)
+    out = accuracy(completions, answer=["(25-5)*3"] * 3 + ["12"], task=["countdown"] * 3 + ["arithmetic"], meta=meta)
     assert out == [1.0, 0.0, 1.0, 1.0]
     # without meta the countdown check reads the numbers and target off the gold expression
     assert accuracy(["<answer>3*(25-5)</answer>"], answer=["(25-5)*3"], task=["countdown"]) == [1.0]
@@ -68,8 +77,12 @@ def test_accuracy_on_generated_problems_agrees_with_each_task_check():
     for name in ("arithmetic", "countdown", "linear"):
         problems = get_task(name).problems("train", 20)
         completions = [f"<think>{p.reasoning}</think> <answer>{p.answer}</answer>" for p in problems]
-        assert accuracy(completions, answer=[p.answer for p in problems], task=[name] * 20,
-                        meta=[p.meta for p in problems]) == [1.0] * 20
+        assert (
+            accuracy(
+                completions, answer=[p.answer for p in problems], task=[name] * 20, meta=[p.meta for p in problems]
+            )
+            == [1.0] * 20
+        )
 
 
 def test_accuracy_column_length_mismatch_is_an_error():
@@ -79,22 +92,26 @@ def test_accuracy_column_length_mismatch_is_an_error():
 
 # --- format -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [
-    ("<think>7+8=15</think> <answer>15</answer>", 1.0),
-    ("\n<think>\nstep\n</think>\n<answer>\n15\n</answer>\n", 1.0),
-    ("<think></think><answer>15</answer>", 1.0),  # an empty think block is well-formed (a direct answer)
-    ("step\n</think>\n<answer>15</answer>", 1.0),  # prefilled <think>
-    ("<think>a</think><think>b</think><answer>15</answer>", 0.0),  # two think blocks
-    ("<think>a</think>", 0.0),  # no answer
-    ("<think>a</think><answer></answer>", 0.0),  # empty answer
-    ("<think>a</think><answer>15</answer> and more", 0.0),  # text after the answer
-    ("Sure! <think>a</think><answer>15</answer>", 0.0),  # text before the thinking
-    ("<think>a</think> so: <answer>15</answer>", 0.0),  # text between
-    ("<think>a <answer>1</answer></think><answer>15</answer>", 0.0),  # answer tags inside the thinking
-    ("<answer>15</answer>", 0.0),  # no thinking
-    ("<think>never closed <answer>15</answer>", 0.0),
-    ("15", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<think>7+8=15</think> <answer>15</answer>", 1.0),
+        ("\n<think>\nstep\n</think>\n<answer>\n15\n</answer>\n", 1.0),
+        ("<think></think><answer>15</answer>", 1.0),  # an empty think block is well-formed (a direct answer)
+        ("step\n</think>\n<answer>15</answer>", 1.0),  # prefilled <think>
+        ("<think>a</think><think>b</think><answer>15</answer>", 0.0),  # two think blocks
+        ("<think>a</think>", 0.0),  # no answer
+        ("<think>a</think><answer></answer>", 0.0),  # empty answer
+        ("<think>a</think><answer>15</answer> and more", 0.0),  # text after the answer
+        ("Sure! <think>a</think><answer>15</answer>", 0.0),  # text before the thinking
+        ("<think>a</think> so: <answer>15</answer>", 0.0),  # text between
+        ("<think>a <answer>1</answer></think><answer>15</answer>", 0.0),  # answer tags inside the thinking
+        ("<answer>15</answer>", 0.0),  # no thinking
+        ("<think>never closed <answer>15</answer>", 0.0),
+        ("15", 0.0),
+    ],
+)
 def test_format_reward_follows_the_r1_zero_template(text, expected):
     assert format_reward([text]) == [expected]
     assert format_reward([conv(text)]) == [expected]
@@ -105,8 +122,11 @@ def reference_format(text: str) -> float:
     text = text.strip()
     text = text if text.startswith("<think>") else "<think>" + text
     m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", text, re.DOTALL)
-    return float(m is not None and m.group(2).strip() != "" and not any(
-        t in m.group(1) + m.group(2) for t in ("<think>", "</think>", "<answer>", "</answer>")))
+    return float(
+        m is not None
+        and m.group(2).strip() != ""
+        and not any(t in m.group(1) + m.group(2) for t in ("<think>", "</think>", "<answer>", "</answer>"))
+    )
 
 
 def test_format_reward_agrees_with_the_template_regex_on_random_replies():
@@ -114,8 +134,10 @@ def test_format_reward_agrees_with_the_template_regex_on_random_replies():
     rng = random.Random(0)
 
     def soup(n):  # mostly text and spaces, sometimes a tag
-        return "".join(rng.choice(tags) if rng.random() < 0.05 else rng.choice([" ", "\n", "a", "15"])
-                       for _ in range(rng.randint(0, n)))
+        return "".join(
+            rng.choice(tags) if rng.random() < 0.05 else rng.choice([" ", "\n", "a", "15"])
+            for _ in range(rng.randint(0, n))
+        )
 
     def shaped():  # the template's skeleton, each part sometimes dropped
         parts = [soup(1), "<think>", soup(4), "</think>", soup(1), "<answer>", soup(4), "</answer>", soup(1)]
@@ -128,8 +150,15 @@ def test_format_reward_agrees_with_the_template_regex_on_random_replies():
 
 
 # Replies RL produces at long lengths; the lazy regex took 8 s on 192 KB of a repeated template.
-DEGENERATE_REPLIES = ["<think>a</think><answer>", "<think>", "</think>", "<answer>", "<think></think>\n<answer>x",
-                      "\\boxed{", "{"]
+DEGENERATE_REPLIES = [
+    "<think>a</think><answer>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "<think></think>\n<answer>x",
+    "\\boxed{",
+    "{",
+]
 
 
 def seconds(fn, *args) -> float:
@@ -143,8 +172,10 @@ def test_format_and_accuracy_rewards_are_linear_time_on_degenerate_replies(unit)
     # 16x the text costs under 64x the time (linear: 16x, quadratic: 256x; the 20 ms term absorbs timer noise on a
     # busy machine), and a 1 MB reply is scored in well under a second
     small, large = (unit * (n // len(unit)) for n in (1 << 16, 1 << 20))
-    assert min(seconds(format_reward, [large]) for _ in range(5)) < \
-        64 * min(seconds(format_reward, [small]) for _ in range(5)) + 0.02
+    assert (
+        min(seconds(format_reward, [large]) for _ in range(5))
+        < 64 * min(seconds(format_reward, [small]) for _ in range(5)) + 0.02
+    )
     assert seconds(format_reward, [large]) < 1.0
     assert seconds(accuracy, [large, "<think>" + large], ["5", "5"]) < 1.0
 
@@ -152,11 +183,13 @@ def test_format_and_accuracy_rewards_are_linear_time_on_degenerate_replies(unit)
 def test_format_reward_scores_replies_over_its_cap_zero():
     def reply(chars):
         return "<think>" + "x" * (chars - len("<think></think><answer>5</answer>")) + "</think><answer>5</answer>"
+
     assert len(reply(FORMAT_MAX_CHARS)) == FORMAT_MAX_CHARS
     assert format_reward([reply(FORMAT_MAX_CHARS), reply(FORMAT_MAX_CHARS + 1)]) == [1.0, 0.0]
 
 
 # --- overlong -----------------------------------------------------------------------------------------------
+
 
 def test_overlong_follows_dapo_soft_punishment():
     # DAPO eq. 13 with L_max = 10, L_cache = 4: free up to 6 tokens, linear to -1 at 10, -1 beyond
@@ -177,6 +210,7 @@ def test_overlong_errors_without_token_ids_or_with_bad_lengths():
 
 
 # --- language consistency -----------------------------------------------------------------------------------
+
 
 def test_language_consistency_is_the_share_of_reasoning_words_in_the_target_script():
     completions = [
@@ -213,6 +247,7 @@ def test_reasoning_content_of_api_messages_counts_as_thinking():
 
 # --- weighted sums ------------------------------------------------------------------------------------------
 
+
 def test_weighted_sum_adds_weighted_terms_and_skips_none():
     a = lambda completions, **kw: [1.0, None, None, 0.0]
     b = lambda completions, **kw: [0.5, 1.0, None, 1.0]
@@ -223,8 +258,11 @@ def test_weighted_sum_adds_weighted_terms_and_skips_none():
 
 def test_weighted_sum_of_real_rewards_passes_columns_through():
     total = weighted_sum([accuracy, format_reward, overlong(max_len=8, cache_len=4)], [1.0, 0.1, 1.0])
-    out = total(["<think>x</think><answer>3</answer>", "<answer>4</answer>"], answer=["3", "3"],
-                completion_ids=[[0] * 4, [0] * 6])
+    out = total(
+        ["<think>x</think><answer>3</answer>", "<answer>4</answer>"],
+        answer=["3", "3"],
+        completion_ids=[[0] * 4, [0] * 6],
+    )
     assert out == pytest.approx([1.1, -0.5])
     assert total.__name__ == "1*accuracy+0.1*format_reward+1*overlong"
 
@@ -239,6 +277,7 @@ def test_weighted_sum_errors():
 
 
 # --- registry -----------------------------------------------------------------------------------------------
+
 
 def test_get_reward_by_name_and_with_parameters():
     assert set(list_rewards()) == {"accuracy", "format", "overlong", "language", "code", "code_fraction"}
@@ -280,6 +319,7 @@ def test_get_reward_file_errors_say_what_is_wrong(tmp_path):
         get_reward(f"{f}:mine", max_len=3)
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('import-time failure')\n")
-    with pytest.raises(RewardError,
-                       match=r"failed to import: RuntimeError: import-time failure \(.*broken.py line 1\)"):
+    with pytest.raises(
+        RewardError, match=r"failed to import: RuntimeError: import-time failure \(.*broken.py line 1\)"
+    ):
         get_reward(f"{broken}:f")

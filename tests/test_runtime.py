@@ -67,16 +67,23 @@ print(round((before - rss()) / 2**20))  # MiB handed back to the OS by the free
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/statm"),
-                    reason="glibc's malloc on Linux only")
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/statm"), reason="glibc's malloc on Linux only"
+)
 def test_the_settled_allocator_keeps_freed_memory_instead_of_handing_it_back(tmp_path):
     def freed(mode):
-        out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, mode], capture_output=True, text=True, check=True,
-                             env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "R1LAB_MALLOC"))})
+        out = subprocess.run(
+            [sys.executable, "-c", ALLOC_PROBE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "R1LAB_MALLOC"))},
+        )
         return out.stdout.split()[-1], out.stdout
+
     released, _ = freed("default")
     kept, text = freed("settle")
-    assert int(released) >= 60           # glibc's default: a 64 MiB block is mmapped, and unmapped when freed
+    assert int(released) >= 60  # glibc's default: a 64 MiB block is mmapped, and unmapped when freed
     assert int(kept) <= 4 and "glibc: mmap threshold 256 MiB" in text  # settled: it stays for the next one
 
 

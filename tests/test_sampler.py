@@ -22,19 +22,28 @@ def native(tiny_native_dir):
 
 @pytest.fixture(scope="module")
 def qwen(tiny_tokenizer):
-    cfg = transformers.Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, initializer_range=0.3,
-                                   eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer
 
 
 def _hf_greedy(model, tok, prompt, n):
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    return out[0, enc.input_ids.shape[1]:].tolist()
+    out = model.generate(
+        **enc, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    return out[0, enc.input_ids.shape[1] :].tolist()
 
 
 def test_greedy_equals_transformers_generate_on_the_native_checkpoint(native, tiny_native_dir):
@@ -60,7 +69,7 @@ def test_logprobs_are_those_of_a_full_forward_at_the_sampling_temperature(native
         ids = tok(p, add_special_tokens=False).input_ids
         full = torch.tensor([ids + o.token_ids])
         with torch.no_grad():
-            logits = model(full).logits[0, len(ids) - 1:-1] / 0.7
+            logits = model(full).logits[0, len(ids) - 1 : -1] / 0.7
         ref = logits.log_softmax(-1).gather(1, torch.tensor(o.token_ids)[:, None]).flatten()
         assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
 
@@ -68,12 +77,14 @@ def test_logprobs_are_those_of_a_full_forward_at_the_sampling_temperature(native
 def test_on_finish_is_called_once_per_completion_when_it_is_done(native):
     model, tok = native
     seen = []
-    outs = Sampler(model, tok, max_batch=4).generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2, seed=0),
-                                                    on_finish=seen.append)
+    outs = Sampler(model, tok, max_batch=4).generate(
+        PROMPTS, SamplingParams(max_new_tokens=6, n=2, seed=0), on_finish=seen.append
+    )
     assert len(seen) == len(outs) == 8
     assert all(c.finish_reason in ("stop", "length") for c in seen)
     assert sorted((c.prompt_index, tuple(c.token_ids)) for c in seen) == sorted(
-        (c.prompt_index, tuple(c.token_ids)) for c in outs)
+        (c.prompt_index, tuple(c.token_ids)) for c in outs
+    )
 
 
 def test_same_seed_same_samples_and_n_samples_are_prompt_major(native):
@@ -149,8 +160,9 @@ def test_seeded_rows_draw_the_same_whichever_rows_leave_before_them(native, qwen
         s = Sampler(model, tok, eos_ids=[])
         lengths = {"1": 2, "2 + 3": 5, "45": 3, "6 * 7": 8}
         # "1" leaves first with 2 rows; the last prompt's last 2 rows take their slots, ahead of its first row
-        params = {p: SamplingParams(max_new_tokens=m, temperature=1.0, n=2 if p == "1" else 3)
-                  for p, m in lengths.items()}
+        params = {
+            p: SamplingParams(max_new_tokens=m, temperature=1.0, n=2 if p == "1" else 3) for p, m in lengths.items()
+        }
 
         def run(prompts, s=s, params=params):
             batch, done = s.new_batch(), {}
@@ -196,10 +208,16 @@ def test_greedy_and_sampled_rows_mix_in_one_step():
     assert abs(lp[3].item() - ref.item()) < 1e-5
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
-    (dict(top_p=0), "top_p"), (dict(n=0), "n must be"), (dict(stop=[""]), "stop strings"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(n=0), "n must be"),
+        (dict(stop=[""]), "stop strings"),
+    ],
+)
 def test_bad_sampling_parameters_are_named(native, kw, msg):
     model, tok = native
     with pytest.raises(ValueError, match=msg):

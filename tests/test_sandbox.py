@@ -18,8 +18,10 @@ import pytest
 from r1lab import sandbox
 from r1lab.sandbox import Limits, SandboxPool, backends
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 and sandbox.unavailable("bwrap") is not None,
-                                reason=f"needs bubblewrap: {sandbox.unavailable('bwrap')}")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 and sandbox.unavailable("bwrap") is not None,
+    reason=f"needs bubblewrap: {sandbox.unavailable('bwrap')}",
+)
 
 LIMITS = Limits(cpu_seconds=2, wall_seconds=2.0, memory_bytes=512 << 20, processes=16, output_bytes=1 << 20)
 SANDBOX_UIDS = range(backends.UID_BASE, backends.UID_BASE + 4096)
@@ -87,9 +89,12 @@ def any_pool(request):
 
 
 def test_program_gets_stdin_and_arguments_and_tests_are_counted(bwrap_pool):
-    r = bwrap_pool.run("import sys\nprint(sys.argv[1:], input()[::-1])\ndef f(x): return x + 1",
-                       stdin="abc\n", args=["-n", 3],
-                       tests=["assert f(1) == 2", "assert f(2) == 4", "assert f(0) == 1"])
+    r = bwrap_pool.run(
+        "import sys\nprint(sys.argv[1:], input()[::-1])\ndef f(x): return x + 1",
+        stdin="abc\n",
+        args=["-n", 3],
+        tests=["assert f(1) == 2", "assert f(2) == 4", "assert f(0) == 1"],
+    )
     assert r.status == "failed" and (r.tests_passed, r.tests_total) == (2, 3)
     assert r.stdout == "['-n', '3'] cba\n"
     assert "AssertionError" in r.stderr and "<test 1>" in r.stderr
@@ -105,8 +110,9 @@ def test_exiting_before_the_tests_is_not_a_pass(bwrap_pool, exit_call):
 
 def test_each_program_gets_a_fresh_work_directory_and_tmp():
     with SandboxPool(workers=1, backend="bwrap", limits=LIMITS) as pool:
-        first = pool.run("open('left.txt', 'w').write('x'); open('/tmp/left.txt', 'w').write('x')\n"
-                         "import os; print(os.getcwd())")
+        first = pool.run(
+            "open('left.txt', 'w').write('x'); open('/tmp/left.txt', 'w').write('x')\nimport os; print(os.getcwd())"
+        )
         second = pool.run("import os; print(sorted(os.listdir('.')), os.listdir('/tmp'))")
     assert first.passed and first.stdout.strip() == "/work"
     assert second.stdout.strip() == "['main.py'] []"
@@ -122,9 +128,11 @@ def test_network_connecting_to_a_port_the_host_listens_on_fails(bwrap_pool):
     server.setblocking(False)
     port = server.getsockname()[1]
     try:
-        r = bwrap_pool.run("import socket, sys\ntry:\n    socket.create_connection(('127.0.0.1', int(sys.argv[1])), "
-                           "timeout=1)\n    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)",
-                           args=[port])
+        r = bwrap_pool.run(
+            "import socket, sys\ntry:\n    socket.create_connection(('127.0.0.1', int(sys.argv[1])), "
+            "timeout=1)\n    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)",
+            args=[port],
+        )
         with pytest.raises(BlockingIOError):
             server.accept()
     finally:
@@ -137,10 +145,12 @@ def test_reading_a_file_planted_outside_the_sandbox_fails(bwrap_pool, tmp_path):
     planted = tmp_path / "secret.txt"
     planted.write_text(secret)
     home = os.path.expanduser("~")
-    r = bwrap_pool.run("import os, sys\nfor p in sys.argv[1:]:\n    try:\n        print(open(p).read())\n"
-                       "    except OSError as e:\n        print(type(e).__name__)\n"
-                       "print(os.path.exists(sys.argv[2]), sorted(os.listdir('/')))",
-                       args=[str(planted), home, "/etc/passwd"])
+    r = bwrap_pool.run(
+        "import os, sys\nfor p in sys.argv[1:]:\n    try:\n        print(open(p).read())\n"
+        "    except OSError as e:\n        print(type(e).__name__)\n"
+        "print(os.path.exists(sys.argv[2]), sorted(os.listdir('/')))",
+        args=[str(planted), home, "/etc/passwd"],
+    )
     assert secret not in r.stdout
     lines = r.stdout.splitlines()
     assert lines[0] == "FileNotFoundError" and lines[2] == "FileNotFoundError"
@@ -151,10 +161,13 @@ def test_writing_outside_the_work_directory_fails(bwrap_pool, tmp_path):
     marker = f"r1lab-escape-{uuid.uuid4().hex}"
     runtime = backends.python_runtime()[1][0]
     targets = [str(tmp_path / marker), f"{runtime}/{marker}", f"/usr/lib/{marker}", f"/{marker}", f"/proc/sys/{marker}"]
-    r = bwrap_pool.run("import sys\nfor p in sys.argv[1:]:\n    try:\n"
-                       "        open(p, 'w').write('x')\n        print('wrote')\n"
-                       "    except OSError as e:\n        print(type(e).__name__)\n"
-                       f"open('/tmp/{marker}', 'w').write('x')", args=targets)
+    r = bwrap_pool.run(
+        "import sys\nfor p in sys.argv[1:]:\n    try:\n"
+        "        open(p, 'w').write('x')\n        print('wrote')\n"
+        "    except OSError as e:\n        print(type(e).__name__)\n"
+        f"open('/tmp/{marker}', 'w').write('x')",
+        args=targets,
+    )
     assert r.passed, r
     assert "wrote" not in r.stdout, r.stdout
     for path in targets + [f"/tmp/{marker}"]:
@@ -165,25 +178,31 @@ def test_an_environment_variable_of_the_parent_is_not_visible(monkeypatch):
     secret = uuid.uuid4().hex
     monkeypatch.setenv("R1LAB_TEST_API_KEY", secret)
     with SandboxPool(workers=1, backend="bwrap", limits=LIMITS) as pool:
-        r = pool.run("import os\nprint(dict(os.environ))\nfor p in ('/proc/self/environ', '/proc/1/environ'):\n"
-                     "    try:\n        print(open(p, 'rb').read())\n    except OSError as e:\n"
-                     "        print(type(e).__name__)")
+        r = pool.run(
+            "import os\nprint(dict(os.environ))\nfor p in ('/proc/self/environ', '/proc/1/environ'):\n"
+            "    try:\n        print(open(p, 'rb').read())\n    except OSError as e:\n"
+            "        print(type(e).__name__)"
+        )
     assert r.passed and secret not in r.stdout and "R1LAB_TEST_API_KEY" not in r.stdout
 
 
 def test_listing_processes_shows_only_the_program(bwrap_pool):
-    r = bwrap_pool.run("import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(pids)\n"
-                       "print([open(f'/proc/{p}/cmdline', 'rb').read() for p in pids])")
+    r = bwrap_pool.run(
+        "import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(pids)\n"
+        "print([open(f'/proc/{p}/cmdline', 'rb').read() for p in pids])"
+    )
     assert r.passed
     assert r.stdout.splitlines()[0] == "['1']"
     assert "pytest" not in r.stdout  # pid 1 is the program itself (a fork of the sandbox's worker)
 
 
 def test_signalling_the_parent_and_everyone_fails(bwrap_pool):
-    r = bwrap_pool.run("import os, signal, sys\nfor pid in (int(sys.argv[1]), os.getppid()):\n    try:\n"
-                       "        os.kill(pid, signal.SIGKILL)\n        print('sent', pid)\n    except OSError as e:\n"
-                       "        print(type(e).__name__)\nos.kill(-1, signal.SIGKILL)\nprint('survived')",
-                       args=[os.getpid()])
+    r = bwrap_pool.run(
+        "import os, signal, sys\nfor pid in (int(sys.argv[1]), os.getppid()):\n    try:\n"
+        "        os.kill(pid, signal.SIGKILL)\n        print('sent', pid)\n    except OSError as e:\n"
+        "        print(type(e).__name__)\nos.kill(-1, signal.SIGKILL)\nprint('survived')",
+        args=[os.getpid()],
+    )
     # getppid() is 0 outside the program's PID namespace: kill(0) would hit its own group, so it is no parent
     assert r.stdout.splitlines()[0] == "ProcessLookupError"
     assert bwrap_pool.run("print('still serving')").stdout == "still serving\n"
@@ -241,8 +260,9 @@ def test_a_fork_bomb_is_capped_and_killed(any_pool):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        r = any_pool.run("import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
-                         "        time.sleep(0.01)")
+        r = any_pool.run(
+            "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)"
+        )
     finally:
         stop.set()
         watcher.join()
@@ -253,10 +273,12 @@ def test_a_fork_bomb_is_capped_and_killed(any_pool):
 
 def test_a_double_forked_setsid_daemon_does_not_outlive_the_program(any_pool):
     marker = f"{time.time_ns() % 10**9}.{os.getpid()}"
-    r = any_pool.run("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-                     "        os.execv('/bin/sleep', ['sleep', sys.argv[1]])\n    os._exit(0)\n"
-                     "os.wait()\nprint('parent done')",
-                     args=[marker])
+    r = any_pool.run(
+        "import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        "        os.execv('/bin/sleep', ['sleep', sys.argv[1]])\n    os._exit(0)\n"
+        "os.wait()\nprint('parent done')",
+        args=[marker],
+    )
     assert r.passed and r.stdout == "parent done\n", r
     deadline = time.monotonic() + 2.0
     while processes_with(marker) and time.monotonic() < deadline:
@@ -323,7 +345,7 @@ def _children(pid: int) -> list[int]:
         if entry.isdigit():
             try:
                 stat = open(f"/proc/{entry}/stat", "rb").read()
-                if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
                     out.append(int(entry))
             except (OSError, ValueError):
                 pass

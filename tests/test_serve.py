@@ -107,8 +107,9 @@ def fresh_stats(engine) -> EngineStats:
 def test_chat_reply_is_the_greedy_completion_split_into_reasoning_and_content(client, ref, thinking_prompt):
     _, tok = ref
     want = greedy(ref, chat_text(tok, thinking_prompt), 100)
-    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": thinking_prompt}],
-                                       temperature=0, max_tokens=100)
+    r = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": thinking_prompt}], temperature=0, max_tokens=100
+    )
     reasoning, content = split_reasoning(want.text, prefilled=True)
     msg = r.choices[0].message
     assert (msg.reasoning_content, msg.content) == (reasoning, content)
@@ -145,14 +146,17 @@ def test_streamed_chat_rebuilds_the_plain_reply_reasoning_first(client, thinking
 
 
 def test_stream_ends_with_done_and_carries_no_usage_unless_asked(server):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"},
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
-                            "ignore_eos": True}) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True, "ignore_eos": True},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    bodies = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    bodies = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert all("usage" not in b for b in bodies)
     assert bodies[-1]["choices"][0]["finish_reason"] == "length"
 
@@ -162,16 +166,18 @@ def test_text_completion_matches_the_sampler_on_the_raw_prompt(client, ref):
     r = client.completions.create(model=NAME, prompt="What is 12 + 30?", temperature=0, max_tokens=24)
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
     assert r.usage.completion_tokens == len(want.token_ids)
-    streamed = client.completions.create(model=NAME, prompt="What is 12 + 30?", temperature=0, max_tokens=24,
-                                         stream=True)
+    streamed = client.completions.create(
+        model=NAME, prompt="What is 12 + 30?", temperature=0, max_tokens=24, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
 
 
 def test_n_choices_are_the_samplers_n_samples_with_summed_usage(client, ref):
     sampler, tok = ref
     want = sampler.generate([chat_text(tok, "hi")], SamplingParams(max_new_tokens=20, temperature=1.0, n=2, seed=7))
-    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2, seed=7,
-                                       temperature=1.0, top_p=1.0, max_tokens=20)
+    r = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hi"}], n=2, seed=7, temperature=1.0, top_p=1.0, max_tokens=20
+    )
     assert [c.index for c in r.choices] == [0, 1]
     got = [(c.message.reasoning_content, c.message.content) for c in r.choices]
     assert got == [split_reasoning(w.text, prefilled=True) for w in want]
@@ -179,8 +185,9 @@ def test_n_choices_are_the_samplers_n_samples_with_summed_usage(client, ref):
 
 
 def test_seed_makes_sampling_reproducible_even_among_other_requests(server, client):
-    kw = dict(model=NAME, messages=[{"role": "user", "content": "What is 3 + 4?"}], temperature=1.0, top_p=0.9,
-              max_tokens=30)
+    kw = dict(
+        model=NAME, messages=[{"role": "user", "content": "What is 3 + 4?"}], temperature=1.0, top_p=0.9, max_tokens=30
+    )
     alone = client.chat.completions.create(**kw, seed=123).choices[0].message
     other = client.chat.completions.create(**kw, seed=124).choices[0].message
     assert (alone.reasoning_content, alone.content) != (other.reasoning_content, other.content)
@@ -197,11 +204,17 @@ def test_seed_makes_sampling_reproducible_even_among_other_requests(server, clie
 
 def test_stop_string_ends_the_reply_before_it_streamed_or_not(client, ref):
     want = greedy(ref, "What is 5 + 9?", 40, stop_token_ids=[])
-    start = next(i for i in range(6, 30) if "\ufffd" not in want.text[i:i + 3] and want.text[i:i + 3].strip())
-    stop = want.text[start:start + 3]
-    expected = want.text[:want.text.find(stop)]
-    kw = dict(model=NAME, prompt="What is 5 + 9?", temperature=0, max_tokens=40, stop=[stop, "never-seen"],
-              extra_body={"ignore_eos": True})
+    start = next(i for i in range(6, 30) if "\ufffd" not in want.text[i : i + 3] and want.text[i : i + 3].strip())
+    stop = want.text[start : start + 3]
+    expected = want.text[: want.text.find(stop)]
+    kw = dict(
+        model=NAME,
+        prompt="What is 5 + 9?",
+        temperature=0,
+        max_tokens=40,
+        stop=[stop, "never-seen"],
+        extra_body={"ignore_eos": True},
+    )
     r = client.completions.create(**kw)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
     chunks = list(client.completions.create(**kw, stream=True))
@@ -229,17 +242,28 @@ def test_models_lists_the_served_model_and_health_is_open(server, client):
 
 def test_previous_reasoning_content_in_the_input_is_rejected(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=NAME, messages=[
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello", "reasoning_content": "the user greets me"},
-            {"role": "user", "content": "and?"}])
+        client.chat.completions.create(
+            model=NAME,
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello", "reasoning_content": "the user greets me"},
+                {"role": "user", "content": "and?"},
+            ],
+        )
     assert "reasoning_content" in e.value.message and e.value.param == "messages[1].reasoning_content"
 
 
 def test_answers_of_earlier_turns_are_accepted_without_their_reasoning(client):
-    r = client.chat.completions.create(model=NAME, max_tokens=5, messages=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}, {"role": "user", "content": [{"type": "text", "text": "and?"}]}])
+    r = client.chat.completions.create(
+        model=NAME,
+        max_tokens=5,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [{"type": "text", "text": "and?"}]},
+        ],
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
@@ -273,22 +297,30 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [None]}, "messages[0]", "object"),
     ("/v1/chat/completions", {}, "messages", "Missing"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "robot"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0].content", "image_url"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "messages[0].content",
+        "image_url",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages", "Unicode"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "7 " * 400}]}, "messages", "context length"),
     ("/v1/chat/completions", {"messages": USER, "temperature": "hot"}, "temperature", "number"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "temperature",
-     "finite"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        "temperature",
+        "finite",
+    ),
     ("/v1/chat/completions", {"messages": USER, "temperature": 3}, "temperature", "2"),
     ("/v1/chat/completions", {"messages": USER, "top_p": 1.5}, "top_p", "1"),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, "max_tokens", "between 1 and"),
-    ("/v1/chat/completions", {"messages": USER, "max_tokens": 10 ** 9}, "max_tokens", "context length of 256"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 10**9}, "max_tokens", "context length of 256"),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 2.5}, "max_tokens", "integer"),
     ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", "between"),
     ("/v1/chat/completions", {"messages": USER, "n": 0}, "n", "greater than or equal to 1"),
     ("/v1/chat/completions", {"messages": USER, "n": "2"}, "n", "integer"),
-    ("/v1/chat/completions", {"messages": USER, "seed": 2 ** 70}, "seed", "less than"),
+    ("/v1/chat/completions", {"messages": USER, "seed": 2**70}, "seed", "less than"),
     ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ("/v1/chat/completions", {"messages": USER, "stop": [""]}, "stop", "non-empty"),
     ("/v1/chat/completions", {"messages": USER, "stream": "yes"}, "stream", "boolean"),
@@ -296,14 +328,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": ""}, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, "prompt", "non-empty"),
     ("/v1/completions", {"prompt": [1, "a"]}, "prompt", "not a mix"),
-    ("/v1/completions", {"prompt": [10 ** 6]}, "prompt", "vocabulary"),
+    ("/v1/completions", {"prompt": [10**6]}, "prompt", "vocabulary"),
     ("/v1/completions", {"prompt": [-1]}, "prompt", "vocabulary"),
     ("/v1/completions", {"prompt": "x", "n": 99}, "n", "16"),
 ]
 
 
-@pytest.mark.parametrize("path,body,param,words", BAD_REQUESTS,
-                         ids=[f"{p.split('/v1/')[-1]}-{i}" for i, (p, *_) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path,body,param,words", BAD_REQUESTS, ids=[f"{p.split('/v1/')[-1]}-{i}" for i, (p, *_) in enumerate(BAD_REQUESTS)]
+)
 def test_bad_request_gets_a_400_that_names_the_problem(server, path, body, param, words):
     r = post(server, path, body)
     assert r.status_code == 400, r.text
@@ -313,8 +346,18 @@ def test_bad_request_gets_a_400_that_names_the_problem(server, path, body, param
 
 
 def test_unknown_fields_are_ignored(server):
-    r = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 3, "frequency_penalty": 0.5,
-                                              "logit_bias": {"5": 1}, "user": "me", "tools": []})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "messages": USER,
+            "max_tokens": 3,
+            "frequency_penalty": 0.5,
+            "logit_bias": {"5": 1},
+            "user": "me",
+            "tools": [],
+        },
+    )
     assert r.status_code == 200
 
 
@@ -341,21 +384,31 @@ def test_concurrent_requests_share_decode_steps(server, engine):
 
     async def go():
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-        return await asyncio.gather(*[c.chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": f"What is {i} + {i}?"}], max_tokens=tokens,
-            temperature=1.0, extra_body={"ignore_eos": True}) for i in range(clients)])
+        return await asyncio.gather(
+            *[
+                c.chat.completions.create(
+                    model=NAME,
+                    messages=[{"role": "user", "content": f"What is {i} + {i}?"}],
+                    max_tokens=tokens,
+                    temperature=1.0,
+                    extra_body={"ignore_eos": True},
+                )
+                for i in range(clients)
+            ]
+        )
 
     replies = asyncio.run(go())
     assert all(r.usage.completion_tokens == tokens for r in replies)
-    assert stats.max_jobs_in_step >= 4, stats                     # several requests decoded in one forward
-    assert stats.steps < clients * tokens * 0.6, stats            # one at a time would need clients * tokens
+    assert stats.max_jobs_in_step >= 4, stats  # several requests decoded in one forward
+    assert stats.steps < clients * tokens * 0.6, stats  # one at a time would need clients * tokens
 
 
 def test_a_disconnecting_stream_stops_its_generation(server, engine):
     stats = fresh_stats(engine)
     body = {"messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
@@ -370,8 +423,7 @@ def test_a_disconnecting_plain_request_stops_its_generation(server, engine):
     hook = model.register_forward_hook(lambda *a: time.sleep(0.01))  # 200 tokens now take over 2 s
     try:
         with pytest.raises(httpx.ReadTimeout):
-            post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 200, "ignore_eos": True},
-                 timeout=0.4)
+            post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 200, "ignore_eos": True}, timeout=0.4)
         assert wait_idle(engine, 10)
     finally:
         hook.remove()
@@ -406,8 +458,15 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(server, client
 @pytest.mark.parametrize("prefilled", [True, False])
 def test_streamed_reasoning_split_equals_the_whole_split_for_any_chunking(prefilled):
     rng = random.Random(0)
-    texts = ["7+8 is 15.\n</think>\n\nThe answer is 15.", "no end tag, still thinking", "</think>answer only",
-             "a </thi b </think> c </think> d", "x\n\n</think>", "  lead </think>  trail  ", ""]
+    texts = [
+        "7+8 is 15.\n</think>\n\nThe answer is 15.",
+        "no end tag, still thinking",
+        "</think>answer only",
+        "a </thi b </think> c </think> d",
+        "x\n\n</think>",
+        "  lead </think>  trail  ",
+        "",
+    ]
     if not prefilled:
         texts = ["<think>" + t for t in texts] + ["plain answer, no tags"]
     for text in texts:
@@ -440,7 +499,7 @@ def test_text_tracker_never_streams_the_start_of_a_stop_string():
         stops = ["".join(rng.choice("abc") for _ in range(rng.randint(2, 4)))]
         hit = text.find(stops[0])
         final = text if hit < 0 else text[:hit]
-        ids = [ord(c) for c in (text if hit < 0 else text[:hit + len(stops[0])])]
+        ids = [ord(c) for c in (text if hit < 0 else text[: hit + len(stops[0])])]
         tracker, sent = TextTracker(decode, stops), ""
         for k in range(1, len(ids)):  # the sampler finishes the row on the token that completes the stop string
             sent += tracker.push(ids[:k])
@@ -466,7 +525,7 @@ def test_terminal_chat_streams_dimmed_thinking_then_the_answer(tiny_native_dir, 
         service.engine.close()
     assert (turn.reasoning, turn.content) == want
     printed = out.getvalue()
-    assert "\x1b[2m" in printed                                     # the thinking is dimmed
+    assert "\x1b[2m" in printed  # the thinking is dimmed
     assert printed.index("thinking") < printed.rindex(want[1][:5])  # and shown before the answer
     assert chat.history == [{"role": "user", "content": thinking_prompt}, {"role": "assistant", "content": want[1]}]
 
@@ -508,5 +567,4 @@ def test_streamed_chunks_stay_one_line_whatever_the_model_writes():
     frame = sse({"choices": [{"delta": {"content": text}}]}).decode()
     decoder = httpx._decoders.LineDecoder()
     lines = [line for line in decoder.decode(frame) + decoder.flush() if line]
-    assert len(lines) == 1 and json.loads(lines[0][len("data: "):])["choices"][0]["delta"]["content"] == text
-
+    assert len(lines) == 1 and json.loads(lines[0][len("data: ") :])["choices"][0]["delta"]["content"] == text

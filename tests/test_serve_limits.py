@@ -33,8 +33,9 @@ from r1lab.serve.limits import ServerLimits
 
 NAME = "tiny-long"
 MAX_BATCH = 4
-LIMITS = ServerLimits(max_body_mb=2, header_timeout=1.0, body_timeout=1.0, max_connections=24,
-                      allowed_hosts=("chat.example.org",))
+LIMITS = ServerLimits(
+    max_body_mb=2, header_timeout=1.0, body_timeout=1.0, max_connections=24, allowed_hosts=("chat.example.org",)
+)
 USER = [{"role": "user", "content": "What is 12 + 30?"}]
 GOOD = {"messages": USER, "temperature": 0, "max_tokens": 120, "ignore_eos": True}
 
@@ -50,8 +51,13 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def long_model(tiny_tokenizer):
     tok = tiny_tokenizer
-    cfg = tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, max_position_embeddings=65536)
+    cfg = tiny_model_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=65536,
+    )
     torch.manual_seed(0)
     return DeepseekV3(cfg).eval(), tok
 
@@ -61,8 +67,11 @@ def good_reply(long_model):
     """The reference: the sampler's own greedy reply to GOOD, computed before any server runs."""
     model, tok = long_model
     prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
-    return Sampler(model, tok).generate([prompt], SamplingParams(max_new_tokens=120, temperature=0,
-                                                                 stop_token_ids=[]))[0].text
+    return (
+        Sampler(model, tok)
+        .generate([prompt], SamplingParams(max_new_tokens=120, temperature=0, stop_token_ids=[]))[0]
+        .text
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +90,9 @@ def engine(server):
 
 def post(server, body, path="/v1/chat/completions", client: httpx.Client | None = None) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (client or httpx).post(server.url + path, content=content, headers={"Content-Type": "application/json"},
-                                  timeout=60)
+    return (client or httpx).post(
+        server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=60
+    )
 
 
 class SlowStream(threading.Thread):
@@ -96,8 +106,9 @@ class SlowStream(threading.Thread):
 
     def run(self):
         try:
-            with httpx.stream("POST", self.server.url + "/v1/chat/completions", json={**self.body, "stream": True},
-                              timeout=120) as r:
+            with httpx.stream(
+                "POST", self.server.url + "/v1/chat/completions", json={**self.body, "stream": True}, timeout=120
+            ) as r:
                 for line in r.iter_lines():
                     if not line.startswith("data: {"):
                         continue
@@ -134,24 +145,26 @@ HOSTILE = [
     ({"messages": USER, "n": MAX_BATCH + 1}, "/v1/chat/completions", "n"),
     ({"messages": USER, "n": MAX_BATCH + 1, "stream": True}, "/v1/chat/completions", "n"),
     ({"prompt": "hi", "n": MAX_BATCH + 1, "stream": True}, "/v1/completions", "n"),
-    ({"messages": USER, "seed": 2 ** 64}, "/v1/chat/completions", "seed"),
-    ({"messages": USER, "seed": -2 ** 63 - 1}, "/v1/chat/completions", "seed"),
+    ({"messages": USER, "seed": 2**64}, "/v1/chat/completions", "seed"),
+    ({"messages": USER, "seed": -(2**63) - 1}, "/v1/chat/completions", "seed"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "/v1/chat/completions", "temperature"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_p": NaN}', "/v1/chat/completions", "top_p"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}', "/v1/chat/completions",
-     "temperature"),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+        "/v1/chat/completions",
+        "temperature",
+    ),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}', "/v1/chat/completions", "max_tokens"),
-    ({"messages": USER, "max_tokens": 10 ** 30}, "/v1/chat/completions", "max_tokens"),
+    ({"messages": USER, "max_tokens": 10**30}, "/v1/chat/completions", "max_tokens"),
     ({"messages": USER, "temperature": 1e308}, "/v1/chat/completions", "temperature"),
     ({"messages": USER, "stop": ["x" * 300]}, "/v1/chat/completions", "stop"),
-    ({"prompt": [10 ** 30]}, "/v1/completions", "prompt"),
+    ({"prompt": [10**30]}, "/v1/completions", "prompt"),
     ({"prompt": [[1]] * 3000}, "/v1/completions", "prompt"),
     ({"messages": USER * 10_001}, "/v1/chat/completions", "messages"),
 ]
 
 
-def test_hostile_sampling_fields_fail_alone_while_a_good_generation_completes_untouched(server, engine,
-                                                                                        good_reply):
+def test_hostile_sampling_fields_fail_alone_while_a_good_generation_completes_untouched(server, engine, good_reply):
     with SlowStream(server, GOOD) as good, httpx.Client() as client:
         answers = [(post(server, body, path, client), param) for body, path, param in HOSTILE]
         still_running = good.is_alive()
@@ -166,12 +179,15 @@ def test_hostile_sampling_fields_fail_alone_while_a_good_generation_completes_un
 def test_top_k_beyond_64_bits_keeps_every_token_and_other_generations_go_on(server, engine, good_reply):
     seeded = {"messages": USER, "temperature": 1.0, "top_p": 1.0, "seed": 5, "max_tokens": 20, "ignore_eos": True}
     with SlowStream(server, GOOD) as good:
-        huge = post(server, {**seeded, "top_k": 10 ** 30})   # beyond 64 bits: at or above the vocabulary is "off"
+        huge = post(server, {**seeded, "top_k": 10**30})  # beyond 64 bits: at or above the vocabulary is "off"
         vocab = post(server, {**seeded, "top_k": len(server.app.state.service.tokenizer)})
     off = post(server, {**seeded, "top_k": 0})
     assert huge.status_code == vocab.status_code == off.status_code == 200, (huge.text, vocab.text)
-    assert huge.json()["choices"][0]["message"] == vocab.json()["choices"][0]["message"] == \
-        off.json()["choices"][0]["message"]
+    assert (
+        huge.json()["choices"][0]["message"]
+        == vocab.json()["choices"][0]["message"]
+        == off.json()["choices"][0]["message"]
+    )
     assert good.untouched(good_reply), (good.reasoning, good.content, good.finish)
     assert engine.stats.failed_jobs == 0
 
@@ -231,13 +247,14 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenising(server, m
     service = server.app.state.service
     calls = []
     real = type(service.tokenizer).__call__
-    monkeypatch.setattr(type(service.tokenizer), "__call__", lambda self, text, **kw: calls.append(len(text)) or
-                        real(self, text, **kw))
-    too_many_chars = "x" * (service.context * service.token_chars + 1)     # by its length alone
+    monkeypatch.setattr(
+        type(service.tokenizer), "__call__", lambda self, text, **kw: calls.append(len(text)) or real(self, text, **kw)
+    )
+    too_many_chars = "x" * (service.context * service.token_chars + 1)  # by its length alone
     r = post(server, {"messages": [{"role": "user", "content": too_many_chars}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     assert "characters" in r.json()["error"]["message"] and calls == []
-    digits = "1 " * 600_000                                                # by the tokens of its first part
+    digits = "1 " * 600_000  # by the tokens of its first part
     r = post(server, {"messages": [{"role": "user", "content": digits}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     assert calls and max(calls) <= 2 * service.context < len(digits), calls
@@ -246,7 +263,7 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenising(server, m
 def test_health_stays_responsive_while_a_large_request_is_tokenised(server):
     """A prompt near the size limit is rendered and tokenised in a worker thread (prepared on the event loop, as
     before, /health waited 0.75 s here for the whole tokenisation)."""
-    text = " plus" * 260_000        # 1.3M characters of about 5 per token: tokenised whole, then too long
+    text = " plus" * 260_000  # 1.3M characters of about 5 per token: tokenised whole, then too long
     done, took = threading.Event(), {}
 
     def large():
@@ -304,8 +321,10 @@ def test_stalled_connections_are_closed_after_the_header_timeout(server):
 
 def test_a_body_that_trickles_in_gets_a_408_after_the_body_timeout(server):
     s = socket.create_connection((server.host, server.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 100\r\n\r\n{\"messa")
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"messa'
+    )
     t0 = time.monotonic()
     got = _closed(s, LIMITS.body_timeout + 3)
     s.close()
@@ -331,11 +350,22 @@ def test_connections_beyond_the_limit_get_503_until_stalled_ones_are_closed(serv
 # ----------------------------------------------------------------------------- Host names
 
 
-@pytest.mark.parametrize("host,status", [
-    ("127.0.0.1", 200), ("localhost", 200), ("LOCALHOST:80", 200), ("[::1]:8000", 200), ("chat.example.org", 200),
-    ("evil.example", 400), ("localhost.evil.example", 400), ("evil.example@localhost", 400), ("192.168.1.5", 400),
-    ("", 400), ("[zz]", 400),
-])
+@pytest.mark.parametrize(
+    "host,status",
+    [
+        ("127.0.0.1", 200),
+        ("localhost", 200),
+        ("LOCALHOST:80", 200),
+        ("[::1]:8000", 200),
+        ("chat.example.org", 200),
+        ("evil.example", 400),
+        ("localhost.evil.example", 400),
+        ("evil.example@localhost", 400),
+        ("192.168.1.5", 400),
+        ("", 400),
+        ("[zz]", 400),
+    ],
+)
 def test_only_the_bound_and_allowed_host_names_are_answered(server, host, status):
     r = httpx.get(server.url + "/health", headers={"Host": host})
     assert r.status_code == status, r.text
@@ -354,10 +384,20 @@ def test_ip_literals_are_answered_when_bound_to_every_interface():
 
     hosts = ["192.168.1.5:8000", "[fe80::1]", "localhost", "evil.example", "mine.lan"]
     assert asyncio.run(statuses(_HostCheck(ok, *allowed_host_names("0.0.0.0")), hosts)) == [200, 200, 200, 400, 400]
-    assert asyncio.run(statuses(_HostCheck(ok, *allowed_host_names("127.0.0.1", ["mine.lan"])), hosts)) == \
-        [400, 400, 200, 400, 200]
-    assert asyncio.run(statuses(_HostCheck(ok, *allowed_host_names("127.0.0.1", ["*.lan"])), hosts)) == \
-        [400, 400, 200, 400, 200]
+    assert asyncio.run(statuses(_HostCheck(ok, *allowed_host_names("127.0.0.1", ["mine.lan"])), hosts)) == [
+        400,
+        400,
+        200,
+        400,
+        200,
+    ]
+    assert asyncio.run(statuses(_HostCheck(ok, *allowed_host_names("127.0.0.1", ["*.lan"])), hosts)) == [
+        400,
+        400,
+        200,
+        400,
+        200,
+    ]
     assert asyncio.run(statuses(_HostCheck(ok, *allowed_host_names("127.0.0.1", ["*"])), hosts)) == [200] * 5
     assert socket.gethostname().lower() in allowed_host_names("::")[0]
 
@@ -366,8 +406,12 @@ def test_ip_literals_are_answered_when_bound_to_every_interface():
 
 
 def test_serve_refuses_bad_limit_flags(tiny_native_dir, capsys):
-    for flag, value in [("--max-body-mb", "0"), ("--header-timeout", "nan"), ("--body-timeout", "-1"),
-                        ("--max-connections", "0")]:
+    for flag, value in [
+        ("--max-body-mb", "0"),
+        ("--header-timeout", "nan"),
+        ("--body-timeout", "-1"),
+        ("--max-connections", "0"),
+    ]:
         assert main(["serve", str(tiny_native_dir), flag, value]) == 2
         assert flag in capsys.readouterr().err
 
@@ -382,9 +426,29 @@ def test_client_errors_leave_no_traceback_in_the_server_log(tiny_native_dir, tmp
     """`r1lab serve` with the limit flags, in its own process: every kind of client error, then its whole log."""
     port, log_path = _free_port(), tmp_path / "serve.log"
     env = {**os.environ, "R1LAB_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "r1lab.cli", "serve", str(tiny_native_dir), "--port", str(port), "--max-batch", "2",
-           "--header-timeout", "1", "--body-timeout", "1", "--max-body-mb", "0.05", "--max-connections", "16",
-           "--allowed-host", "chat.example.org", "--api-key", "sk-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "r1lab.cli",
+        "serve",
+        str(tiny_native_dir),
+        "--port",
+        str(port),
+        "--max-batch",
+        "2",
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-body-mb",
+        "0.05",
+        "--max-connections",
+        "16",
+        "--allowed-host",
+        "chat.example.org",
+        "--api-key",
+        "sk-log",
+    ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -400,8 +464,12 @@ def test_client_errors_leave_no_traceback_in_the_server_log(tiny_native_dir, tmp
             time.sleep(0.2)
         _every_client_error(url, port, {"Authorization": "Bearer sk-log"})
         assert httpx.get(url + "/health", headers={"Host": "chat.example.org"}).status_code == 200
-        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 3}, timeout=60,
-                       headers={"Authorization": "Bearer sk-log"})
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": USER, "max_tokens": 3},
+            timeout=60,
+            headers={"Authorization": "Bearer sk-log"},
+        )
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
@@ -416,13 +484,20 @@ def test_client_errors_leave_no_traceback_in_the_server_log(tiny_native_dir, tmp
 def _every_client_error(url: str, port: int, auth: dict) -> None:
     chat = url + "/v1/chat/completions"
     assert httpx.post(chat, json={"messages": USER}).status_code == 401
-    bad = [b'{"messages": [', b"", b"[1]", b'{"messages": []}', b'{"messages": "hi"}',
-           b'{"messages": [{"role": "user", "content": "x"}], "top_k": 1e30}',
-           b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
-           b'{"messages": [{"role": "user", "content": "x"}], "n": 3}',
-           b'{"messages": [{"role": "user", "content": "x"}], "n": 3, "stream": true}',
-           b'{"messages": [{"role": "user", "content": "' + b"7 " * 400 + b'"}]}',
-           b'{"prompt": [999999]}', b"[" * 5000 + b"]" * 5000]
+    bad = [
+        b'{"messages": [',
+        b"",
+        b"[1]",
+        b'{"messages": []}',
+        b'{"messages": "hi"}',
+        b'{"messages": [{"role": "user", "content": "x"}], "top_k": 1e30}',
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        b'{"messages": [{"role": "user", "content": "x"}], "n": 3}',
+        b'{"messages": [{"role": "user", "content": "x"}], "n": 3, "stream": true}',
+        b'{"messages": [{"role": "user", "content": "' + b"7 " * 400 + b'"}]}',
+        b'{"prompt": [999999]}',
+        b"[" * 5000 + b"]" * 5000,
+    ]
     for body in bad:
         path = chat if b"prompt" not in body else url + "/v1/completions"
         r = httpx.post(path, content=body, headers={"Content-Type": "application/json", **auth})
@@ -431,14 +506,22 @@ def _every_client_error(url: str, port: int, auth: dict) -> None:
     assert httpx.post(chat, json={"messages": USER, "model": "gpt-4o"}, headers=auth).status_code == 404
     assert httpx.get(chat, headers=auth).status_code == 405
     assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
-    with httpx.stream("POST", chat, json={"messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True},
-                      headers=auth, timeout=60) as r:  # a client that leaves mid-stream
+    with httpx.stream(
+        "POST",
+        chat,
+        json={"messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True},
+        headers=auth,
+        timeout=60,
+    ) as r:  # a client that leaves mid-stream
         next(r.iter_lines())
-    raw = [b"GARBAGE\r\n\r\n",
-           b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n",  # head too large
-           b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",                     # head never ends
-           b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + auth["Authorization"].encode()
-           + b"\r\nContent-Length: 50\r\n\r\n{"]  # body never ends
+    raw = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n",  # head too large
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # head never ends
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+        + auth["Authorization"].encode()
+        + b"\r\nContent-Length: 50\r\n\r\n{",
+    ]  # body never ends
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in raw]
     for s, data in zip(socks, raw):
         s.sendall(data)

@@ -52,8 +52,11 @@ def test_an_earlier_answer_renders_as_the_direct_reply_the_model_was_trained_on(
     direct = completion_text(Problem(id="q", task="add", prompt=QUESTION, answer="85"), direct=True)
     want = f"{BOS}{R1ZERO_PREAMBLE} User: {QUESTION}. Assistant:{direct}{EOS} User: {FOLLOW_UP}. Assistant:"
     for sent_back in ("85", " 85 ", "<answer> 85 </answer>", "<think> 7+8=15 ... </think> <answer> 85 </answer>"):
-        chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": sent_back},
-                {"role": "user", "content": FOLLOW_UP}]
+        chat = [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": sent_back},
+            {"role": "user", "content": FOLLOW_UP},
+        ]
         assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want, sent_back
 
 
@@ -76,8 +79,9 @@ def test_reply_is_the_answer_alone_with_the_thinking_in_reasoning_content(client
 
 
 def test_streamed_reply_sends_thinking_then_the_answer_and_never_a_tag(client):
-    chunks = list(client.chat.completions.create(model=NAME, messages=CHATS[0], temperature=0, max_tokens=64,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=NAME, messages=CHATS[0], temperature=0, max_tokens=64, stream=True)
+    )
     kinds, reasoning, content = [], "", ""
     for ch in chunks:
         for c in ch.choices:
@@ -98,10 +102,14 @@ def test_the_answer_sent_back_as_history_gets_the_trained_follow_up(client):
 
 
 def test_n_choices_each_split_the_same_way(server):
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
-                   json={"messages": CHATS[0], "temperature": 0, "n": 3, "max_tokens": 64})
-    assert [(c["message"]["reasoning_content"], c["message"]["content"]) for c in r.json()["choices"]] == \
-        [(THINKING[0], ANSWERS[0])] * 3
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        timeout=60,
+        json={"messages": CHATS[0], "temperature": 0, "n": 3, "max_tokens": 64},
+    )
+    assert [(c["message"]["reasoning_content"], c["message"]["content"]) for c in r.json()["choices"]] == [
+        (THINKING[0], ANSWERS[0])
+    ] * 3
 
 
 def test_terminal_chat_shows_the_thinking_dimmed_and_the_answer_alone(r1zero_chat_dir):
@@ -119,7 +127,7 @@ def test_terminal_chat_shows_the_thinking_dimmed_and_the_answer_alone(r1zero_cha
     printed = out.getvalue()
     assert "<answer>" not in printed and "</answer>" not in printed and "<think>" not in printed
     plain = printed.replace("\x1b[0m\x1b[2m", "")  # dimmed pieces joined
-    for thinking, answer in zip(THINKING, ANSWERS):   # dimmed thinking, then the answer alone on its own line
+    for thinking, answer in zip(THINKING, ANSWERS):  # dimmed thinking, then the answer alone on its own line
         assert f"\x1b[2mthinking: {thinking}\x1b[0m\n\n{answer}\n" in plain, plain
 
 

@@ -22,21 +22,33 @@ from r1lab.serve.engine import EngineStats, wait_idle
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("R1LAB_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KEY = "sk-web-test"
 
 
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (apt-get install -y chromium) or point "
-                    "R1LAB_CHROMIUM at a Chromium binary")
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install it (apt-get install -y chromium) or point "
+            "R1LAB_CHROMIUM at a Chromium binary"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the browser tests need playwright: pip install playwright (its own browser download is not "
-                    "needed; the system Chromium is used)")
+        pytest.fail(
+            "the browser tests need playwright: pip install playwright (its own browser download is not "
+            "needed; the system Chromium is used)"
+        )
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # server and browser share the machine
     with sync_playwright() as p:
@@ -58,8 +70,10 @@ def expected(tiny_native_dir):
     model, tok = load_model_and_tokenizer(tiny_native_dir)
     sampler = Sampler(model, tok)
     users = [f"What is {a} + {b}?" for a in range(8) for b in range(8)]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": u}], tokenize=False, add_generation_prompt=True)
-               for u in users]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": u}], tokenize=False, add_generation_prompt=True)
+        for u in users
+    ]
     for u, p in zip(users, prompts):
         text = sampler.generate([p], SamplingParams(max_new_tokens=100, temperature=0))[0].text
         reasoning, content = split_reasoning(text, prefilled=True)
@@ -105,8 +119,11 @@ def test_a_message_streams_back_as_thinking_and_answer(browser, server, expected
     page.fill("#prompt", "And then?")
     page.press("#prompt", "Enter")
     page.wait_for_function(f"document.querySelectorAll('{done}').length === 2", timeout=30_000)
-    assert bodies[-1]["messages"] == [{"role": "user", "content": user}, {"role": "assistant", "content": answer},
-                                      {"role": "user", "content": "And then?"}]
+    assert bodies[-1]["messages"] == [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And then?"},
+    ]
     assert bodies[-1]["temperature"] == 0 and bodies[-1]["max_tokens"] == 100 and bodies[-1]["stream"] is True
     page.screenshot(path=str(tmp_path / "chat-two-turns.png"), full_page=True)
     page.close()
@@ -123,8 +140,9 @@ def test_the_stop_button_ends_generation_on_the_server(browser, server, tmp_path
         page.fill("#max-tokens", "200")
         page.fill("#prompt", "Think for a long time.")
         page.click("#send")
-        page.wait_for_function("document.querySelector('.msg.assistant .thinking-body').textContent.length > 3",
-                               timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('.msg.assistant .thinking-body').textContent.length > 3", timeout=30_000
+        )
         page.click("#stop")
         page.wait_for_selector(".msg.assistant .meta:not(:empty)", timeout=10_000)
         assert "stopped" in page.inner_text(".msg.assistant .meta")
@@ -137,14 +155,14 @@ def test_the_stop_button_ends_generation_on_the_server(browser, server, tmp_path
 
 
 def test_errors_show_on_the_page(browser, server, tmp_path):
-    page = open_page(browser, server, key=None)      # no API key: the server answers 401
+    page = open_page(browser, server, key=None)  # no API key: the server answers 401
     page.fill("#prompt", "hello")
     page.click("#send")
     page.wait_for_selector(".msg.assistant .error", timeout=10_000)
     assert "API key" in page.inner_text(".msg.assistant .error")
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
-    page.fill("#prompt", "9 " * 400)                  # longer than the model's context: a 400 that says so
+    page.fill("#prompt", "9 " * 400)  # longer than the model's context: a 400 that says so
     page.click("#send")
     page.wait_for_function("document.querySelectorAll('.msg.assistant .error').length === 2", timeout=10_000)
     assert "context length" in page.inner_text(".msg.assistant:last-of-type .error")

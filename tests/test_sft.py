@@ -18,17 +18,27 @@ from r1lab.train.run import read_metrics
 
 transformers.logging.set_verbosity_error()
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny transformers Llama with the test tokenizer (its chat template is R1's)."""
-    cfg = transformers.LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, eos_token_id=tiny_tokenizer.eos_token_id,
-                                   pad_token_id=tiny_tokenizer.pad_token_id, initializer_range=0.2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama") / "model"
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
@@ -37,9 +47,15 @@ def llama_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def _chats(n=24):
-    return [{"messages": [{"role": "user", "content": f"What is {a} + {a + 3}?"},
-                          {"role": "assistant", "content": f"<think>\n{a} plus {a + 3}\n</think>\n\n{2 * a + 3}"}]}
-            for a in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} + {a + 3}?"},
+                {"role": "assistant", "content": f"<think>\n{a} plus {a + 3}\n</think>\n\n{2 * a + 3}"},
+            ]
+        }
+        for a in range(n)
+    ]
 
 
 def _write(path, rows):
@@ -49,9 +65,20 @@ def _write(path, rows):
 
 
 def _cfg(tmp_path, model_dir, **kw):
-    base = dict(out=str(tmp_path / "run"), model=str(model_dir), data=_write(tmp_path / "data.jsonl", _chats()),
-                epochs=2, seq_len=64, rows=2, lr=1e-2, warmup=1, eval_fraction=0.2, save_every=3, bf16=False,
-                device="cpu")
+    base = dict(
+        out=str(tmp_path / "run"),
+        model=str(model_dir),
+        data=_write(tmp_path / "data.jsonl", _chats()),
+        epochs=2,
+        seq_len=64,
+        rows=2,
+        lr=1e-2,
+        warmup=1,
+        eval_fraction=0.2,
+        save_every=3,
+        bf16=False,
+        device="cpu",
+    )
     base.update(kw)
     return S.SFTConfig(**base)
 
@@ -82,7 +109,7 @@ def test_packed_samples_cannot_attend_to_each_other(which, tiny_native_dir, llam
     for i, [(r, at)] in enumerate(packed.places):  # where sample i landed
         ids, mask = samples[i]
         ref = _separate_losses(model, ids, mask)
-        assert torch.allclose(got[r, at + 1: at + len(ids)], ref, atol=1e-5), i
+        assert torch.allclose(got[r, at + 1 : at + len(ids)], ref, atol=1e-5), i
     assert int((got != 0).sum()) == sum(sum(m) for _, m in samples)
 
 
@@ -108,8 +135,10 @@ def _learned(tok, sample):
 
 def test_loss_is_on_the_reply_only_and_the_prefilled_think_tag_is_not_repeated(tiny_tokenizer):
     tok = tiny_tokenizer
-    msgs = [{"role": "user", "content": "What is 2 + 3?"},
-            {"role": "assistant", "content": "<think>\n2 plus 3\n</think>\n\n5"}]
+    msgs = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "<think>\n2 plus 3\n</think>\n\n5"},
+    ]
     (sample,) = S.chat_samples(tok, msgs, "r1")
     learned, given = _learned(tok, sample)
     assert given == "<｜begin▁of▁sentence｜><｜User｜>What is 2 + 3?<｜Assistant｜><think>\n"
@@ -118,15 +147,20 @@ def test_loss_is_on_the_reply_only_and_the_prefilled_think_tag_is_not_repeated(t
     assert mask == sorted(mask)  # one prompt span, then one reply span
     # the prompt tokens are exactly what the sampler encodes at inference time
     from r1lab.tokenizer import render_prompt
+
     prompt_ids = tok(render_prompt(tok, "What is 2 + 3?", "r1"), add_special_tokens=False)["input_ids"]
     assert ids[: len(prompt_ids)] == prompt_ids and mask.index(1) == len(prompt_ids)
 
 
 def test_every_assistant_turn_is_learned_and_only_those(tiny_tokenizer):
     tok = tiny_tokenizer
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     tok.chat_template, saved = CHATML, tok.chat_template
     try:
         samples = S.chat_samples(tok, msgs, "model")
@@ -148,8 +182,10 @@ def test_every_assistant_turn_is_learned_and_only_those(tiny_tokenizer):
     r1 = [dict(m) for m in msgs]
     r1[2]["content"] = "<think>\ngreet\n</think>\n\nhello"
     samples = S.chat_samples(tok, r1, "r1")
-    assert [_learned(tok, s)[0] for s in samples] == ["greet\n</think>\n\nhello<｜end▁of▁sentence｜>",
-                                                     "4<｜end▁of▁sentence｜>"]
+    assert [_learned(tok, s)[0] for s in samples] == [
+        "greet\n</think>\n\nhello<｜end▁of▁sentence｜>",
+        "4<｜end▁of▁sentence｜>",
+    ]
     assert "greet" not in _learned(tok, samples[1])[1]
 
 
@@ -157,22 +193,31 @@ def test_prompt_completion_pairs_are_used_as_written(tiny_tokenizer):
     tok = tiny_tokenizer
     (sample,) = S.tokenize_example(tok, {"prompt": "What is 2 + 3?", "completion": " 5"}, "model")
     assert _learned(tok, sample) == (" 5<｜end▁of▁sentence｜>", "What is 2 + 3?")
-    conv = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                       {"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+    conv = {
+        "prompt": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "2+2?"},
+        ],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
     samples = S.tokenize_example(tok, conv, "r1")
     assert [_learned(tok, s)[0] for s in samples] == ["4<｜end▁of▁sentence｜>"]  # prompt turns are not learned
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"messages": [', "not valid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"text": "hello"}', "needs 'messages'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "no user turn before it"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', r"messages\[0\] must be"),
-    ('{"prompt": "a", "completion": 3}', "both be strings"),
-    ('{"prompt": "a", "completion": ""}', "empty completion"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"text": "hello"}', "needs 'messages'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}]}', "no user turn before it"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', r"messages\[0\] must be"),
+        ('{"prompt": "a", "completion": 3}', "both be strings"),
+        ('{"prompt": "a", "completion": ""}', "empty completion"),
+    ],
+)
 def test_bad_jsonl_lines_are_named_by_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(_chats(1)[0]) + "\n\n" + line + "\n")
@@ -270,8 +315,27 @@ def test_settings_and_data_are_checked_before_training(tmp_path, llama_dir, tiny
 
 def test_sft_subcommand_trains_and_reports(tmp_path, llama_dir, capsys):
     data = _write(tmp_path / "d.jsonl", _chats(8))
-    code = main(["sft", "--model", str(llama_dir), "--data", data, "--out", str(tmp_path / "cli"), "--epochs", "1",
-                 "--seq-len", "64", "--bf16", "false", "--device", "cpu", "--eval-fraction", "0.25"])
+    code = main(
+        [
+            "sft",
+            "--model",
+            str(llama_dir),
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "cli"),
+            "--epochs",
+            "1",
+            "--seq-len",
+            "64",
+            "--bf16",
+            "false",
+            "--device",
+            "cpu",
+            "--eval-fraction",
+            "0.25",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "held-out loss" in out and str(tmp_path / "cli" / "model") in out

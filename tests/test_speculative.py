@@ -14,8 +14,9 @@ N = 400_000  # rows simulated at once: each is one independent speculative step
 def _simulate(p, p_next, q, seed=0):
     g = torch.Generator().manual_seed(seed)
     drafted = draw(q.expand(N, -1), torch.rand(N, generator=g))
-    tokens, kept = verify(p.expand(N, -1), p_next.expand(N, -1), q.expand(N, -1), drafted,
-                          torch.rand(N, 3, generator=g))
+    tokens, kept = verify(
+        p.expand(N, -1), p_next.expand(N, -1), q.expand(N, -1), drafted, torch.rand(N, 3, generator=g)
+    )
     return tokens, kept, drafted
 
 
@@ -26,7 +27,7 @@ def test_emitted_tokens_follow_the_main_models_distribution_whatever_the_draft()
     for q in (torch.softmax(torch.randn(6, generator=g) * 2, 0), p.clone(), torch.full((6,), 1 / 6)):
         tokens, kept, _ = _simulate(p, p_next, q)
         first = torch.bincount(tokens[:, 0], minlength=6).double() / N
-        assert (first - p).abs().max() < 0.004, (first, p)                 # 3-4 standard errors at N = 400k
+        assert (first - p).abs().max() < 0.004, (first, p)  # 3-4 standard errors at N = 400k
         second = torch.bincount(tokens[kept, 1], minlength=6).double() / kept.sum()
         assert (second - p_next).abs().max() < 0.006
         # the acceptance rate is sum_x min(p(x), q(x)) (1 minus the total variation distance)
@@ -36,9 +37,9 @@ def test_emitted_tokens_follow_the_main_models_distribution_whatever_the_draft()
 def test_truncation_applies_to_what_is_drawn_and_what_is_verified():
     logits = torch.tensor([[2.0, 1.5, 0.2, -1.0, -3.0]])
     p = sampling_distribution(logits, torch.tensor([0.7]), torch.tensor([0.8]), torch.tensor([0]))[0]
-    assert p[3] == 0 and p[4] == 0 and abs(p.sum() - 1) < 1e-6         # outside the nucleus: never drawn
+    assert p[3] == 0 and p[4] == 0 and abs(p.sum() - 1) < 1e-6  # outside the nucleus: never drawn
     q = sampling_distribution(logits * 0.3, torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([2]))[0]
-    assert (q > 0).sum() == 2                                           # top-k 2
+    assert (q > 0).sum() == 2  # top-k 2
     tokens, _, _ = _simulate(p, p, q)
     first = torch.bincount(tokens[:, 0], minlength=5).double() / N
     assert (first - p).abs().max() < 0.004 and first[3] == 0 and first[4] == 0

@@ -36,6 +36,7 @@ KNOB_SETS = [(name, knobs) for name, sets in SYNTHETIC.items() for knobs in sets
 
 # --- registry and determinism -------------------------------------------------------------------------------
 
+
 def test_registry_lists_the_synthetic_families_and_benchmarks():
     assert set(list_tasks()) >= {"arithmetic", "countdown", "linear", "gsm8k", "math500", "aime24", "amc23"}
     for name in list_tasks():
@@ -91,6 +92,7 @@ def test_problem_ids_are_stable_and_name_the_question():
 
 # --- held-out split -----------------------------------------------------------------------------------------
 
+
 def _reference_split(task: str, key: str) -> str:
     """Independent restatement of the documented rule: sha256 of "task\\0key", first 8 bytes, mod 1000."""
     h = int(hashlib.sha256(task.encode() + b"\0" + key.encode()).hexdigest()[:16], 16)
@@ -130,11 +132,15 @@ def test_symmetric_problems_share_one_key():
     for p in get_task("arithmetic", max_digits=1, ops="+*").problems("train", 2000):
         by_key.setdefault(p.meta["key"], set()).add(p.id)
     assert any(len(ids) == 2 for ids in by_key.values())  # 3+5 and 5+3 are the same key
-    assert all(split_of("arithmetic", f"{min(a, b)}+{max(a, b)}") == split_of("arithmetic", f"{min(b, a)}+{max(b, a)}")
-               for a in range(10) for b in range(10))
+    assert all(
+        split_of("arithmetic", f"{min(a, b)}+{max(a, b)}") == split_of("arithmetic", f"{min(b, a)}+{max(b, a)}")
+        for a in range(10)
+        for b in range(10)
+    )
 
 
 # --- answers and worked reasoning ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name,knobs", KNOB_SETS)
 def test_every_problem_answer_passes_its_own_check_and_the_reasoning_ends_with_it(name, knobs):
@@ -147,15 +153,18 @@ def test_every_problem_answer_passes_its_own_check_and_the_reasoning_ends_with_i
             assert task.check(None, p) is False
 
 
-@pytest.mark.parametrize("a,op,b,text", [
-    (47, "+", 38, "7+8=15, write 5 carry 1. 4+3+1=8, write 8. so 85"),
-    (95, "+", 17, "5+7=12, write 2 carry 1. 9+1+1=11, write 1 carry 1. write 1. so 112"),
-    (347, "+", 8, "7+8=15, write 5 carry 1. 4+0+1=5, write 5. 3+0=3, write 3. so 355"),
-    (52, "-", 38, "2-8 borrow, 12-8=4, write 4. 5-1-3=1, write 1. so 14"),
-    (105, "-", 98, "5-8 borrow, 15-8=7, write 7. 0-1-9 borrow, 10-1-9=0, write 0. 1-1-0=0, write 0. so 7"),
-    (47, "*", 8, "7*8=56, write 6 carry 5. 4*8+5=37, write 7 carry 3. write 3. so 376"),
-    (47, "*", 38, "47*8=376. 47*3=141, shift 1410. 376+1410=1786. so 1786"),
-])
+@pytest.mark.parametrize(
+    "a,op,b,text",
+    [
+        (47, "+", 38, "7+8=15, write 5 carry 1. 4+3+1=8, write 8. so 85"),
+        (95, "+", 17, "5+7=12, write 2 carry 1. 9+1+1=11, write 1 carry 1. write 1. so 112"),
+        (347, "+", 8, "7+8=15, write 5 carry 1. 4+0+1=5, write 5. 3+0=3, write 3. so 355"),
+        (52, "-", 38, "2-8 borrow, 12-8=4, write 4. 5-1-3=1, write 1. so 14"),
+        (105, "-", 98, "5-8 borrow, 15-8=7, write 7. 0-1-9 borrow, 10-1-9=0, write 0. 1-1-0=0, write 0. so 7"),
+        (47, "*", 8, "7*8=56, write 6 carry 5. 4*8+5=37, write 7 carry 3. write 3. so 376"),
+        (47, "*", 38, "47*8=376. 47*3=141, shift 1410. 376+1410=1786. so 1786"),
+    ],
+)
 def test_arithmetic_working_matches_hand_worked_examples(a, op, b, text):
     assert worked(a, op, b) == (text, {"+": a + b, "-": a - b, "*": a * b}[op])
 
@@ -196,12 +205,18 @@ def test_countdown_rules_knob_adds_the_rules_to_the_prompt():
     assert p.prompt.endswith("each number at most once; answer with the expression.")
 
 
-COUNTDOWN = Problem(id="3,5,25->60", task="countdown", prompt="Use the numbers 3, 5, 25 to make 60.",
-                    answer="(25-5)*3", meta={"numbers": [3, 5, 25], "target": 60})
+COUNTDOWN = Problem(
+    id="3,5,25->60",
+    task="countdown",
+    prompt="Use the numbers 3, 5, 25 to make 60.",
+    answer="(25-5)*3",
+    meta={"numbers": [3, 5, 25], "target": 60},
+)
 
 
-@pytest.mark.parametrize("expr", ["(25-5)*3", "3*(25-5)", " 3 * (25 - 5) ", "(25-5)*3 = 60", "3×(25-5)",
-                                  "((25-5))*3", "(25-5)*(3)"])
+@pytest.mark.parametrize(
+    "expr", ["(25-5)*3", "3*(25-5)", " 3 * (25 - 5) ", "(25-5)*3 = 60", "3×(25-5)", "((25-5))*3", "(25-5)*(3)"]
+)
 def test_countdown_check_accepts_any_valid_expression(expr):
     assert get_task("countdown").check(expr, COUNTDOWN) is True
 
@@ -211,26 +226,29 @@ def test_countdown_check_accepts_fraction_intermediates_and_unused_numbers():
     assert get_task("countdown").check("3/4*8", p)  # 3/4 is not an integer, but exact division keeps it right
 
 
-@pytest.mark.parametrize("expr,why", [
-    ("25+25+5+5", "reuses 25 and 5"),
-    ("(25-5)*3+0", "0 is not given"),
-    ("60", "60 is not given"),
-    ("(25-5)*5", "wrong value and reuses 5"),
-    ("25-5*3", "wrong value"),
-    ("(25-5)*3 = 61", "claims a wrong target"),
-    ("x*3", "unknown name"),
-    ("abs(-60)", "a call"),
-    ("__import__('os').system('echo hacked')", "import"),
-    ("(lambda: 60)()", "lambda"),
-    ("25/(5-5)*3", "division by zero"),
-    ("5**3", "power"),
-    ("60.0", "float literal"),
-    ("-3*-20", "unary minus"),
-    ("[60][0]", "subscript"),
-    ("", "empty"),
-    ("(" * 500 + "60" + ")" * 500, "too long / too deep"),
-    ("25 5 3", "not an expression"),
-])
+@pytest.mark.parametrize(
+    "expr,why",
+    [
+        ("25+25+5+5", "reuses 25 and 5"),
+        ("(25-5)*3+0", "0 is not given"),
+        ("60", "60 is not given"),
+        ("(25-5)*5", "wrong value and reuses 5"),
+        ("25-5*3", "wrong value"),
+        ("(25-5)*3 = 61", "claims a wrong target"),
+        ("x*3", "unknown name"),
+        ("abs(-60)", "a call"),
+        ("__import__('os').system('echo hacked')", "import"),
+        ("(lambda: 60)()", "lambda"),
+        ("25/(5-5)*3", "division by zero"),
+        ("5**3", "power"),
+        ("60.0", "float literal"),
+        ("-3*-20", "unary minus"),
+        ("[60][0]", "subscript"),
+        ("", "empty"),
+        ("(" * 500 + "60" + ")" * 500, "too long / too deep"),
+        ("25 5 3", "not an expression"),
+    ],
+)
 def test_countdown_check_rejects_invalid_expressions(expr, why):
     assert get_task("countdown").check(expr, COUNTDOWN) is False, why
 
@@ -282,9 +300,17 @@ def test_default_reasoning_is_short_enough_for_a_tiny_context():
 
 # --- benchmarks ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,split,count", [("gsm8k", "test", 1319), ("gsm8k", "train", 7473),
-                                              ("math500", "test", 500), ("aime24", "test", 30),
-                                              ("amc23", "test", 40)])
+
+@pytest.mark.parametrize(
+    "name,split,count",
+    [
+        ("gsm8k", "test", 1319),
+        ("gsm8k", "train", 7473),
+        ("math500", "test", 500),
+        ("aime24", "test", 30),
+        ("amc23", "test", 40),
+    ],
+)
 def test_benchmark_loaders_read_the_shared_files_whole(shared_data, name, split, count):
     problems = load_benchmark(name, split, data_dir=shared_data)
     assert len(problems) == count and len({p.id for p in problems}) == count

@@ -33,17 +33,22 @@ def test_saved_tokenizer_renders_the_same_prompts_in_transformers(tiny_tokenizer
     for name in ("r1", "r1zero"):
         assert render_prompt(loaded, "What is 2 + 2?", name) == render_prompt(tiny_tokenizer, "What is 2 + 2?", name)
     # the default template of the saved tokenizer is the R1 chat format
-    assert loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
-        render_prompt(tiny_tokenizer, "What is 2 + 2?", "r1")
-    assert loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template="r1zero") == \
-        render_prompt(tiny_tokenizer, "What is 2 + 2?", "r1zero")
+    assert loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt(
+        tiny_tokenizer, "What is 2 + 2?", "r1"
+    )
+    assert loaded.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True, chat_template="r1zero"
+    ) == render_prompt(tiny_tokenizer, "What is 2 + 2?", "r1zero")
 
 
 def test_r1_template_opens_the_thinking_and_drops_past_reasoning(tiny_tokenizer):
     p = render_prompt(tiny_tokenizer, "hi", "r1", system="Be brief.")
     assert p == f"{BOS}Be brief.{USER}hi{ASSISTANT}<think>\n"
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nsecret\n</think>\n\nA"},
-            {"role": "user", "content": "b"}]
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "<think>\nsecret\n</think>\n\nA"},
+        {"role": "user", "content": "b"},
+    ]
     text = tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert "secret" not in text and f"{ASSISTANT}A{EOS}{USER}b{ASSISTANT}<think>\n" in text
 

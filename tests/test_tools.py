@@ -23,8 +23,12 @@ needs_sandbox = pytest.mark.skipif(unavailable() is not None, reason=f"no sandbo
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [f"run print({a}*{b}) ; <think> <tool> print({a}*{b}) </tool> <output> {a * b} </output> </think> "
-             f"<answer> {a * b} </answer> count to ten" for a in range(10, 60, 3) for b in range(10, 40, 7)]
+    texts = [
+        f"run print({a}*{b}) ; <think> <tool> print({a}*{b}) </tool> <output> {a * b} </output> </think> "
+        f"<answer> {a * b} </answer> count to ten"
+        for a in range(10, 60, 3)
+        for b in range(10, 40, 7)
+    ]
     return train_tokenizer(texts, vocab_size=320)
 
 
@@ -41,9 +45,10 @@ def test_program_is_the_last_call_with_its_surrounding_space_taken_off():
 
 def test_the_tool_says_what_the_program_printed_or_why_it_stopped():
     assert output_text(Result("passed", stdout="1786\n")) == "1786"
-    assert output_text(Result("failed", stdout="a\n",
-                              stderr="Traceback ...\n  x\nZeroDivisionError: division by zero\n")) \
+    assert (
+        output_text(Result("failed", stdout="a\n", stderr="Traceback ...\n  x\nZeroDivisionError: division by zero\n"))
         == "a\nZeroDivisionError: division by zero"
+    )
     assert output_text(Result("timeout", detail="wall-clock limit of 5.0 s")) == "timeout: wall-clock limit of 5.0 s"
     assert "could not run" in output_text(Result("error", detail="worker died"))
     assert format_output("42") == " <output> 42 </output>" and format_output("") == " <output> </output>"
@@ -51,8 +56,14 @@ def test_the_tool_says_what_the_program_printed_or_why_it_stopped():
 
 def test_tool_spans_cut_the_reasoning_into_text_calls_and_outputs():
     text = "so <tool> print(2) </tool> <output> 2 </output> done <tool> x"
-    assert tool_spans(text) == [("text", "so "), ("call", "<tool> print(2) </tool>"), ("text", " "),
-                                ("output", "<output> 2 </output>"), ("text", " done "), ("call", "<tool> x")]
+    assert tool_spans(text) == [
+        ("text", "so "),
+        ("call", "<tool> print(2) </tool>"),
+        ("text", " "),
+        ("output", "<output> 2 </output>"),
+        ("text", " done "),
+        ("call", "<tool> x"),
+    ]
     assert "".join(p for _, p in tool_spans(text)) == text
 
 
@@ -76,13 +87,18 @@ def test_output_tokens_are_capped_escaped_and_end_with_the_closing_tag(tok):
 def test_pretraining_corpus_calls_the_tool_and_leaves_its_output_out_of_the_labels():
     from r1lab.train.pretrain import Corpus, PretrainConfig, build_tokenizer
 
-    cfg = PretrainConfig(task_args={"arithmetic": {"min_digits": 2, "max_digits": 3, "ops": "*", "mul_digits": 2}},
-                         direct_fraction=0.3, tool_fraction=0.4).validate()
+    cfg = PretrainConfig(
+        task_args={"arithmetic": {"min_digits": 2, "max_digits": 3, "ops": "*", "mul_digits": 2}},
+        direct_fraction=0.3,
+        tool_fraction=0.4,
+    ).validate()
     tk = build_tokenizer(cfg)
     corpus = Corpus(cfg, tk)
     texts = [c for _, c in corpus.texts(1, 400)]
-    shares = [sum(cond(t) for t in texts) / len(texts) for cond in (
-        lambda t: "<think> </think>" in t, lambda t: "<tool>" in t, lambda t: "so " in t)]
+    shares = [
+        sum(cond(t) for t in texts) / len(texts)
+        for cond in (lambda t: "<think> </think>" in t, lambda t: "<tool>" in t, lambda t: "so " in t)
+    ]
     assert shares == pytest.approx([0.3, 0.4, 0.3], abs=0.08)
     t = next(t for t in texts if "<tool>" in t)
     a, op, b, out = re.search(r"print\((\d+) (\*) (\d+)\) </tool> <output> (\d+) </output>", t).groups()
@@ -122,7 +138,7 @@ class Script(torch.nn.Module):
         if done >= self.calls:
             last = re.findall(r"<output> (.*?) </output>", reply, re.S)[-1]
             plan = f" </think> <answer> {last} </answer>"
-        head = reply[reply.rfind("</output>") + len("</output>"):] if done else reply
+        head = reply[reply.rfind("</output>") + len("</output>") :] if done else reply
         written = self.enc(head) if head else []
         want = self.enc(plan) + ([self.tok.eos_token_id] if done >= self.calls else [])
         return want[len(written)] if len(written) < len(want) else self.tok.eos_token_id
@@ -191,8 +207,9 @@ def test_a_reply_calls_the_tool_reads_its_output_and_marks_the_tools_tokens(monk
 
 @needs_sandbox
 def test_a_failing_program_answers_with_its_error_and_counts_as_failed(monkeypatch, tok):
-    (c,) = scripted(monkeypatch, tok).generate(["run print(1/0) =>"], S.SamplingParams(max_new_tokens=160,
-                                                                                        temperature=0))
+    (c,) = scripted(monkeypatch, tok).generate(
+        ["run print(1/0) =>"], S.SamplingParams(max_new_tokens=160, temperature=0)
+    )
     assert "<output> ZeroDivisionError: division by zero </output>" in c.text
     assert c.tool_calls[0].failed and c.tool_calls[0].status == "failed"
 
@@ -236,9 +253,11 @@ def test_other_rows_keep_decoding_while_a_slow_program_runs(monkeypatch, tok):
         sampler = scripted(monkeypatch, tok, reentry=reentry, step_seconds=0.002)
         done = {}
         t0 = time.perf_counter()
-        outs = sampler.generate([slow, "count 60 =>"], GREEDY,
-                                on_finish=lambda c, done=done, t0=t0:
-                                    done.setdefault(c.prompt_index, time.perf_counter() - t0))
+        outs = sampler.generate(
+            [slow, "count 60 =>"],
+            GREEDY,
+            on_finish=lambda c, done=done, t0=t0: done.setdefault(c.prompt_index, time.perf_counter() - t0),
+        )
         assert outs[0].text.endswith("<answer> 7 </answer>") and outs[0].tool_calls[0].seconds >= 1.5
         if reentry == "ready":  # the other row finished long before the program did
             assert done[1] < 1.0 < 1.5 < done[0]
@@ -273,10 +292,12 @@ def test_identical_programs_run_once_and_identical_contexts_share_one_prefill(mo
     calls, prefills = [], []
     real, real_prefill = sampler.tools.submit, sampler.backend.prefill
     monkeypatch.setattr(sampler.tools, "submit", lambda program: calls.append(program) or real(program))
-    monkeypatch.setattr(sampler.backend, "prefill",
-                        lambda ctx, cap: prefills.append(len(ctx)) or real_prefill(ctx, cap))
-    outs = sampler.generate(["run print(3*3) =>", "run print(4*4) =>"], S.SamplingParams(max_new_tokens=80,
-                                                                                      temperature=0, n=3))
+    monkeypatch.setattr(
+        sampler.backend, "prefill", lambda ctx, cap: prefills.append(len(ctx)) or real_prefill(ctx, cap)
+    )
+    outs = sampler.generate(
+        ["run print(3*3) =>", "run print(4*4) =>"], S.SamplingParams(max_new_tokens=80, temperature=0, n=3)
+    )
     assert sorted(calls) == ["print(3*3)", "print(4*4)"]
     assert prefills == [2, 2]  # the two prompts, then the six rows back from their calls: two distinct contexts
     assert [c.text.split("<answer>")[1] for c in outs] == [" 9 </answer>"] * 3 + [" 16 </answer>"] * 3
@@ -299,8 +320,9 @@ def test_a_kept_cache_fed_the_output_equals_a_prefill_of_the_whole_context(which
     next-token logits equal those of a fresh prefill of prompt + reply + output, and the batch is untouched."""
     from r1lab.model.load import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(request.getfixturevalue(
-        "tiny_native_dir_long" if which == "native" else "tiny_llama_dir"))
+    model, tok = load_model_and_tokenizer(
+        request.getfixturevalue("tiny_native_dir_long" if which == "native" else "tiny_llama_dir")
+    )
     backend = S.make_backend(model, tok)
     g = torch.Generator().manual_seed(0)
     ids = lambda *shape: torch.randint(5, len(tok) - 5, shape, generator=g)  # noqa: E731

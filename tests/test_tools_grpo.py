@@ -18,8 +18,17 @@ from r1lab.train.run import read_metrics
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no sandbox here: {unavailable()}")
 
-SMALL = {"hidden_size": 48, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+SMALL = {
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +40,23 @@ def tool_model_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = PretrainConfig(out=str(tmp_path_factory.mktemp("tool_pretrain")), vocab_size=420, model=SMALL,
-                             task_args={"arithmetic": {"min_digits": 1, "max_digits": 2, "ops": "*"}},
-                             direct_fraction=0.2, tool_fraction=0.6, steps=15, rows=8, seq_len=256, lr=3e-3,
-                             warmup=5, eval_every=10**6, eval_problems=4, save_every=10**6, bf16=False)
+        cfg = PretrainConfig(
+            out=str(tmp_path_factory.mktemp("tool_pretrain")),
+            vocab_size=420,
+            model=SMALL,
+            task_args={"arithmetic": {"min_digits": 1, "max_digits": 2, "ops": "*"}},
+            direct_fraction=0.2,
+            tool_fraction=0.6,
+            steps=15,
+            rows=8,
+            seq_len=256,
+            lr=3e-3,
+            warmup=5,
+            eval_every=10**6,
+            eval_problems=4,
+            save_every=10**6,
+            bf16=False,
+        )
         _, _, run = pretrain(cfg, resume=False, progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -42,9 +64,21 @@ def tool_model_dir(tmp_path_factory):
 
 
 def _cfg(tmp_path, model_dir, **kw):
-    base = dict(out=str(tmp_path / "grpo"), model=str(model_dir), steps=3, prompts_per_step=3, num_generations=4,
-                max_new_tokens=64, template="r1zero", bf16=False, save_every=2, eval_problems=4, tools="python",
-                task_args={"arithmetic": {"max_digits": 2, "ops": "*"}}, lr=1e-3)
+    base = dict(
+        out=str(tmp_path / "grpo"),
+        model=str(model_dir),
+        steps=3,
+        prompts_per_step=3,
+        num_generations=4,
+        max_new_tokens=64,
+        template="r1zero",
+        bf16=False,
+        save_every=2,
+        eval_problems=4,
+        tools="python",
+        task_args={"arithmetic": {"max_digits": 2, "ops": "*"}},
+        lr=1e-3,
+    )
     base.update(kw)
     return GR.GRPOConfig(**base)
 
@@ -55,8 +89,19 @@ def _rollout_by_hand(tok, T: int):
     ids = lambda n: torch.randint(5, len(tok) - 5, (n,), generator=g).tolist()  # noqa: E731
     prompts = [ids(9), ids(6)]
     masks = [[1] * 3 + [0] * 4 + [1] * 5, [1] * 6, [1] * 2 + [0] * 3 + [1] * 2 + [0] * 2 + [1], [1] * 4 + [0] * 2]
-    comps = [Completion(0, "", ids(len(m)), [-1.5] * len(m), "stop", 0, m,
-                        [ToolCall("print(1)", "1", "passed", 0.01, m.count(0))] if 0 in m else []) for m in masks]
+    comps = [
+        Completion(
+            0,
+            "",
+            ids(len(m)),
+            [-1.5] * len(m),
+            "stop",
+            0,
+            m,
+            [ToolCall("print(1)", "1", "passed", 0.01, m.count(0))] if 0 in m else [],
+        )
+        for m in masks
+    ]
     problems = [Problem(id=str(i), task="arithmetic", prompt="q", answer="1") for i in range(2)]
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     return Rollout(problems, prompts, [comps[:2], comps[2:]], rewards, {}, rewards.clone()), masks
@@ -79,12 +124,18 @@ def test_tool_tokens_get_no_gradient_and_no_share_of_the_ratio(tiny_native_dir_l
     for n, m in enumerate(masks):
         m = torch.tensor(m, dtype=torch.bool)
         assert torch.all(grad[n, : len(m)][~m] == 0), n  # exactly zero where the tool wrote
-        assert torch.all(grad[n, : len(m)][m] != 0), n   # every token the model wrote is trained on
+        assert torch.all(grad[n, : len(m)][m] != 0), n  # every token the model wrote is trained on
     for c in ro.flat:  # the engine's log-probs at the tool's tokens are meaningless: garbage changes nothing
         c.logprobs = [lp if k else -50.0 for lp, k in zip(c.logprobs, c.token_mask)]
     again = t.update(ro, lr=0.0)
-    for key in ("loss", "clip_frac", "mismatch/logp_abs_diff_mean", "mismatch/logp_abs_diff_max", "mismatch/kl",
-                "entropy"):
+    for key in (
+        "loss",
+        "clip_frac",
+        "mismatch/logp_abs_diff_mean",
+        "mismatch/logp_abs_diff_max",
+        "mismatch/kl",
+        "entropy",
+    ):
         assert again[key] == stats[key], key
 
 

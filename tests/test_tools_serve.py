@@ -31,8 +31,9 @@ def test_served_chat_runs_the_tool_and_returns_the_call_and_its_output_as_reason
         assert msg.reasoning_content == "<tool> print(47*38) </tool> <output> 1786 </output>"
         assert msg.content == "1786" and reply.choices[0].finish_reason == "stop"
         reasoning, content = "", ""
-        for chunk in client.chat.completions.create(model="script", messages=ASK, temperature=0, max_tokens=80,
-                                                    stream=True):
+        for chunk in client.chat.completions.create(
+            model="script", messages=ASK, temperature=0, max_tokens=80, stream=True
+        ):
             for choice in chunk.choices:
                 reasoning += getattr(choice.delta, "reasoning_content", None) or ""
                 content += choice.delta.content or ""

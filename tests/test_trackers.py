@@ -23,9 +23,21 @@ from r1lab.train import pretrain as P
 from r1lab.train.run import read_metrics
 
 ALL = ["tensorboard", "wandb", "mlflow"]
-TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_group=2,
+    topk_group=1,
+)
 
 
 @pytest.fixture
@@ -49,15 +61,39 @@ def fresh_wandb() -> None:
 
 
 def pretrain_cfg(out, **kw):
-    base = dict(out=str(out), steps=6, rows=2, seq_len=192, warmup=2, eval_every=100, eval_problems=3, log_every=1,
-                save_every=3, model=TINY, vocab_size=400, bf16=False, task_args={"arithmetic": {"max_digits": 2}})
+    base = dict(
+        out=str(out),
+        steps=6,
+        rows=2,
+        seq_len=192,
+        warmup=2,
+        eval_every=100,
+        eval_problems=3,
+        log_every=1,
+        save_every=3,
+        model=TINY,
+        vocab_size=400,
+        bf16=False,
+        task_args={"arithmetic": {"max_digits": 2}},
+    )
     return P.PretrainConfig(**{**base, **kw})
 
 
 def grpo_cfg(out, model_dir, **kw):
-    base = dict(out=str(out), model=str(model_dir), steps=3, prompts_per_step=3, num_generations=4, max_new_tokens=8,
-                template="r1", bf16=False, save_every=2, eval_every=2, eval_problems=4,
-                task_args={"arithmetic": {"max_digits": 1}})
+    base = dict(
+        out=str(out),
+        model=str(model_dir),
+        steps=3,
+        prompts_per_step=3,
+        num_generations=4,
+        max_new_tokens=8,
+        template="r1",
+        bf16=False,
+        save_every=2,
+        eval_every=2,
+        eval_problems=4,
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     return GR.GRPOConfig(**{**base, **kw})
 
 
@@ -86,8 +122,10 @@ def tensorboard_scalars(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    texts = {tag.split("/")[0]: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
-             for tag in acc.Tags()["tensors"]}
+    texts = {
+        tag.split("/")[0]: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+    }
     return scalars, texts
 
 
@@ -114,11 +152,11 @@ def wandb_records(run_dir: Path) -> list:
             if left < 7:
                 pos += left
                 continue
-            _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
             if n == 0 and kind == 0:  # zero padding to the end of a block
                 pos += left
                 continue
-            part += data[pos + 7:pos + 7 + n]
+            part += data[pos + 7 : pos + 7 + n]
             pos += 7 + n
             if kind in (1, 4):
                 rec = pb.Record()
@@ -184,8 +222,12 @@ def test_a_grpo_run_reaches_every_tracker_as_metrics_jsonl_has_it(offline, tiny_
     for key, by_step in want.items():
         assert {s: h[key] for s, h in history.items() if key in h} == pytest.approx(by_step, rel=1e-12), key
     assert sorted(s for s, h in history.items() if h.get("samples/_type") == "table-file") == [1, 2, 3]
-    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
-              for u in r.config.update}
+    config = {
+        u.key: json.loads(u.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for u in r.config.update
+    }
     assert config["steps"] == 3 and config["hf"]["lora_rank"] == 0 and config["rewards"] == ["accuracy", "format"]
     assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
     assert len(list(run.dir.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))) == 3
@@ -229,8 +271,9 @@ def test_a_resumed_run_sends_no_row_twice_and_a_tracker_added_on_resume_gets_the
     from r1lab.tasks import get_task
 
     ecfg = EvalConfig(task="arithmetic", k=2, max_new_tokens=8, template="r1zero")
-    summary = evaluate(local_generator(model, tok, "r1zero"), get_task("arithmetic").problems("test", n=3, seed=0),
-                       ecfg)["summary"]
+    summary = evaluate(
+        local_generator(model, tok, "r1zero"), get_task("arithmetic").problems("test", n=3, seed=0), ecfg
+    )["summary"]
     assert T.report_evaluation(run.dir, ALL, summary)
     metrics = client.get_run(mrun.info.run_id).data.metrics
     assert metrics["final_eval/pass_at_1"] == summary["pass@1"] and metrics["final_eval/cons_at_k"] == summary["cons@k"]
@@ -244,8 +287,9 @@ def test_a_resumed_run_sends_no_row_twice_and_a_tracker_added_on_resume_gets_the
 def test_fresh_starts_new_tracker_runs_and_tensorboard_forgets_the_old_events(offline):
     P.pretrain(pretrain_cfg(offline / "run", steps=3, report_to=["tensorboard", "mlflow"]), progress=False)
     old = json.loads((offline / "run" / "trackers.json").read_text())["mlflow"]["run_id"]
-    _, _, run = P.pretrain(pretrain_cfg(offline / "run", steps=2, report_to=["tensorboard", "mlflow"]), resume=False,
-                           progress=False)
+    _, _, run = P.pretrain(
+        pretrain_cfg(offline / "run", steps=2, report_to=["tensorboard", "mlflow"]), resume=False, progress=False
+    )
     assert json.loads((run.dir / "trackers.json").read_text())["mlflow"]["run_id"] != old
     scalars, _ = tensorboard_scalars(run.dir)
     assert dict(scalars["loss"]) == pytest.approx(expected(read_metrics(run.metrics_path))["loss"], rel=1e-6)
@@ -262,8 +306,11 @@ def test_unknown_or_missing_trackers_are_one_line_errors_before_anything_runs(tm
 
     real = T.importlib.util.find_spec
     monkeypatch.setattr(T.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"--report-to mlflow: the mlflow package is not installed; "
-                                          r"pip install 'r1lab\[mlflow\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--report-to mlflow: the mlflow package is not installed; "
+        r"pip install 'r1lab\[mlflow\]'",
+    ):
         GR.GRPOConfig(model="m", report_to=["mlflow"]).validate()
 
 
@@ -291,8 +338,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_training_goes_on(offline, m
             raise OSError("disk full")
 
     monkeypatch.setattr(T.TensorBoard, "log", flaky)
-    _, _, run = P.pretrain(pretrain_cfg(offline / "run", steps=4, report_to=["tensorboard", "mlflow"]),
-                           progress=False)
+    _, _, run = P.pretrain(pretrain_cfg(offline / "run", steps=4, report_to=["tensorboard", "mlflow"]), progress=False)
     assert calls == [1, 2] and run.done()
     err = capsys.readouterr().err
     assert err.count("--report-to tensorboard stopped after an error (OSError: disk full)") == 1
@@ -305,8 +351,9 @@ def test_a_tracker_run_that_is_gone_is_started_again_with_every_kept_row(offline
     rows of metrics.jsonl and then every new row, none held back."""
     run_dir = offline / "run"
     run_dir.mkdir()
-    (run_dir / T.STATE).write_text(json.dumps({"mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
-                                                          "run_id": "0" * 32, "rows": 5}}))
+    (run_dir / T.STATE).write_text(
+        json.dumps({"mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"], "run_id": "0" * 32, "rows": 5}})
+    )
     kept = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
     trackers = T.Trackers(["mlflow"], run_dir)
     trackers.begin({"steps": 6}, kept)
@@ -314,16 +361,22 @@ def test_a_tracker_run_that_is_gone_is_started_again_with_every_kept_row(offline
     trackers.close()
     client, mrun = mlflow_run(run_dir)
     assert mrun.info.run_id != "0" * 32
-    assert {m.step: m.value for m in client.get_metric_history(mrun.info.run_id, "loss")} == {1: 1.0, 2: 0.5,
-                                                                                             3: 1 / 3, 4: 0.25}
+    assert {m.step: m.value for m in client.get_metric_history(mrun.info.run_id, "loss")} == {
+        1: 1.0,
+        2: 0.5,
+        3: 1 / 3,
+        4: 0.25,
+    }
     assert json.loads((run_dir / T.STATE).read_text())["mlflow"]["rows"] == 4
 
 
 def test_metric_names_mlflow_refuses_are_spelled_so_it_accepts_them():
     assert T.mlflow_key("final_eval/pass@1") == "final_eval/pass_at_1"
     assert T.mlflow_key("reward/my_reward.py:share/mean") == "reward/my_reward.py_share/mean"
-    assert T.scalars({"step": 3, "a": {"b": 1, "c": None, "d": "x"}, "ok": True, "nan": float("nan")}) == \
-        {"a/b": 1.0, "ok": 1.0}
+    assert T.scalars({"step": 3, "a": {"b": 1, "c": None, "d": "x"}, "ok": True, "nan": float("nan")}) == {
+        "a/b": 1.0,
+        "ok": 1.0,
+    }
 
 
 @pytest.mark.slow
@@ -332,12 +385,48 @@ def test_the_pipeline_reports_every_stage_with_its_evaluation(offline):
 
     tiny = json.dumps(TINY)
     out = offline / "pipe"
-    assert main(["pipeline", "--out", str(out), "--pretrain.steps", "4", "--pretrain.rows", "2",
-                 "--pretrain.eval-problems", "4", "--pretrain.model", tiny, "--pretrain.vocab-size", "400",
-                 "--pretrain.bf16", "false", "--task-args", '{"min_digits": 1, "max_digits": 1}', "--grpo.steps", "2",
-                 "--grpo.prompts-per-step", "2", "--grpo.num-generations", "3", "--grpo.max-new-tokens", "8",
-                 "--grpo.bf16", "false", "--eval.limit", "4", "--eval.k", "2", "--eval.max-new-tokens", "8",
-                 "--report-to", "tensorboard,mlflow"]) == 0
+    assert (
+        main(
+            [
+                "pipeline",
+                "--out",
+                str(out),
+                "--pretrain.steps",
+                "4",
+                "--pretrain.rows",
+                "2",
+                "--pretrain.eval-problems",
+                "4",
+                "--pretrain.model",
+                tiny,
+                "--pretrain.vocab-size",
+                "400",
+                "--pretrain.bf16",
+                "false",
+                "--task-args",
+                '{"min_digits": 1, "max_digits": 1}',
+                "--grpo.steps",
+                "2",
+                "--grpo.prompts-per-step",
+                "2",
+                "--grpo.num-generations",
+                "3",
+                "--grpo.max-new-tokens",
+                "8",
+                "--grpo.bf16",
+                "false",
+                "--eval.limit",
+                "4",
+                "--eval.k",
+                "2",
+                "--eval.max-new-tokens",
+                "8",
+                "--report-to",
+                "tensorboard,mlflow",
+            ]
+        )
+        == 0
+    )
     for stage, evaluation in (("pretrain", "eval_base.json"), ("grpo", "eval_final.json")):
         summary = json.loads((out / evaluation).read_text())["summary"]
         client, mrun = mlflow_run(out / stage)
@@ -364,17 +453,51 @@ def test_mlflow_on_its_sqlite_store_the_default_of_mlflow_3(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_under_torchrun_only_rank_0_reports(offline, tiny_llama_dir):
     chats = offline / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {a} + {a + 3}?"},
-        {"role": "assistant", "content": f"<think>\n{a} plus {a + 3}\n</think>\n\n{2 * a + 3}"}]}) + "\n"
-        for a in range(12)))
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {a} + {a + 3}?"},
+                        {"role": "assistant", "content": f"<think>\n{a} plus {a + 3}\n</think>\n\n{2 * a + 3}"},
+                    ]
+                }
+            )
+            + "\n"
+            for a in range(12)
+        )
+    )
     out = offline / "sft"
-    args = ["sft", "--model", str(tiny_llama_dir), "--data", str(chats), "--out", str(out), "--epochs", "1",
-            "--seq-len", "64", "--rows", "2", "--bf16", "false", "--device", "cpu", "--eval-fraction", "0",
-            "--report-to", "tensorboard,mlflow"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "r1lab.cli", *args], env=dict(os.environ, R1LAB_THREADS="1", OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        "sft",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(chats),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--seq-len",
+        "64",
+        "--rows",
+        "2",
+        "--bf16",
+        "false",
+        "--device",
+        "cpu",
+        "--eval-fraction",
+        "0",
+        "--report-to",
+        "tensorboard,mlflow",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "r1lab.cli", *args],
+        env=dict(os.environ, R1LAB_THREADS="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's

@@ -23,9 +23,19 @@ from r1lab.train.run import Run, TrainingError, read_metrics
 
 
 def _cfg(tmp_path, model_dir, **kw):
-    base = dict(out=str(tmp_path / "grpo"), model=str(model_dir), steps=4, prompts_per_step=2, num_generations=3,
-                max_new_tokens=6, template="r1", bf16=False, save_every=2, eval_problems=2,
-                task_args={"arithmetic": {"max_digits": 1}})
+    base = dict(
+        out=str(tmp_path / "grpo"),
+        model=str(model_dir),
+        steps=4,
+        prompts_per_step=2,
+        num_generations=3,
+        max_new_tokens=6,
+        template="r1",
+        bf16=False,
+        save_every=2,
+        eval_problems=2,
+        task_args={"arithmetic": {"max_digits": 1}},
+    )
     base.update(kw)
     return GR.GRPOConfig(**base)
 
@@ -37,9 +47,11 @@ def _steps(run_dir):
 def test_sigkill_during_a_checkpoint_write_leaves_no_temporary_after_the_next_start(tmp_path):
     """A process killed while it writes a checkpoint leaves a `.checkpoint.tmp-*` directory: the next run in that
     directory removes it (and the interrupted write never replaced anything)."""
-    code = (f"import time; from pathlib import Path; from r1lab.model.checkpoint import atomic_dir\n"
-            f"def fill(tmp):\n    (tmp / 'model.safetensors').write_bytes(b'x' * 1_000_000); time.sleep(60)\n"
-            f"atomic_dir(Path({str(tmp_path)!r}) / 'checkpoint', fill)\n")
+    code = (
+        f"import time; from pathlib import Path; from r1lab.model.checkpoint import atomic_dir\n"
+        f"def fill(tmp):\n    (tmp / 'model.safetensors').write_bytes(b'x' * 1_000_000); time.sleep(60)\n"
+        f"atomic_dir(Path({str(tmp_path)!r}) / 'checkpoint', fill)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 60
@@ -89,8 +101,13 @@ def test_a_damaged_metrics_line_before_the_last_is_named(tmp_path):
 
 
 def test_report_plots_each_step_once():
-    rows = [{"step": 1, "reward_mean": 0.1}, {"step": 2, "reward_mean": 0.2}, {"step": 1, "reward_mean": 0.3},
-            {"step": 2, "eval": {}}, {"step": 3, "reward_mean": None}]
+    rows = [
+        {"step": 1, "reward_mean": 0.1},
+        {"step": 2, "reward_mean": 0.2},
+        {"step": 1, "reward_mean": 0.3},
+        {"step": 2, "eval": {}},
+        {"step": 3, "reward_mean": None},
+    ]
     assert curve_points(rows, "reward_mean") == ((1, 2), (0.3, 0.2))
 
 
@@ -111,8 +128,16 @@ def test_grpo_survives_a_step_where_no_reward_judges(tiny_native_dir, tmp_path):
     assert all(r["grad_norm"] == 0.0 for r in rows)  # advantages are 0: nothing to learn, nothing broken
 
 
-@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--reward-weights", "nan,0.1"),
-                                        ("--epsilon-high", "-inf"), ("--temperature", "1e999")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--reward-weights", "nan,0.1"),
+        ("--epsilon-high", "-inf"),
+        ("--temperature", "1e999"),
+    ],
+)
 def test_non_finite_settings_are_refused_up_front(tiny_native_dir, tmp_path, capsys, flag, value):
     assert main(["grpo", "--model", str(tiny_native_dir), "--out", str(tmp_path / "g"), f"{flag}={value}"]) == 2
     err = capsys.readouterr().err.strip()
@@ -150,8 +175,26 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tiny_native_di
 
 
 def test_a_diverging_pretrain_stops_with_one_line(tmp_path, capsys):
-    assert main(["pretrain", "--out", str(tmp_path / "p"), "--lr", "1e30", "--steps", "5", "--rows", "2",
-                 "--model", '{"num_hidden_layers": 1}', "--eval-problems", "2"]) == 1
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(tmp_path / "p"),
+                "--lr",
+                "1e30",
+                "--steps",
+                "5",
+                "--rows",
+                "2",
+                "--model",
+                '{"num_hidden_layers": 1}',
+                "--eval-problems",
+                "2",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("r1lab pretrain: step ") and ("is nan" in last or "is inf" in last)

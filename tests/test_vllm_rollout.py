@@ -26,8 +26,16 @@ transformers.logging.set_verbosity_error()
 class FakeLLM:
     instances: list[FakeLLM] = []
 
-    def __init__(self, model, tensor_parallel_size, distributed_executor_backend, gpu_memory_utilization, dtype,
-                 seed, enable_prefix_caching):
+    def __init__(
+        self,
+        model,
+        tensor_parallel_size,
+        distributed_executor_backend,
+        gpu_memory_utilization,
+        dtype,
+        seed,
+        enable_prefix_caching,
+    ):
         assert tensor_parallel_size == 1 and distributed_executor_backend == "external_launcher"
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
         self.sampler = Sampler(self.model, transformers.AutoTokenizer.from_pretrained(model))
@@ -50,12 +58,30 @@ class FakeLLM:
         outs = []
         for p, r in zip(prompts, requests):
             self.requests.append(r)
-            params = SamplingParams(max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                    top_k=max(r.top_k, 0), n=r.n, stop=r.stop or [], stop_token_ids=r.stop_token_ids)
+            params = SamplingParams(
+                max_new_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=max(r.top_k, 0),
+                n=r.n,
+                stop=r.stop or [],
+                stop_token_ids=r.stop_token_ids,
+            )
             done = self.sampler.generate([p["prompt_token_ids"]], params, seeds=[r.seed])
-            outs.append(NS(outputs=[NS(index=j, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
-                                       logprobs=[{t: NS(logprob=lp)} for t, lp in zip(c.token_ids, c.logprobs)])
-                                    for j, c in reversed(list(enumerate(done)))]))  # vLLM's order is not promised
+            outs.append(
+                NS(
+                    outputs=[
+                        NS(
+                            index=j,
+                            text=c.text,
+                            token_ids=c.token_ids,
+                            finish_reason=c.finish_reason,
+                            logprobs=[{t: NS(logprob=lp)} for t, lp in zip(c.token_ids, c.logprobs)],
+                        )
+                        for j, c in reversed(list(enumerate(done)))
+                    ]
+                )
+            )  # vLLM's order is not promised
         return outs
 
 
@@ -66,8 +92,9 @@ def fake_vllm(monkeypatch):
     module.__spec__ = NS(name="vllm")
     monkeypatch.setitem(sys.modules, "vllm", module)
     real = V.importlib.util.find_spec
-    monkeypatch.setattr(V.importlib.util, "find_spec",
-                        lambda name, *a: module.__spec__ if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(
+        V.importlib.util, "find_spec", lambda name, *a: module.__spec__ if name == "vllm" else real(name, *a)
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     FakeLLM.instances.clear()
     return FakeLLM
@@ -107,25 +134,56 @@ def test_generate_translates_parameters_and_returns_completions_prompt_major(fak
     params = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=0, n=3, seed=5)
     got = rollout.generate(prompts, params, seeds=[11, 12])
     reqs = fake_vllm.instances[0].requests
-    assert [(r.n, r.temperature, r.top_p, r.top_k, r.max_tokens, r.seed, r.logprobs) for r in reqs] == \
-        [(3, 0.7, 0.9, -1, 6, 11, 0), (3, 0.7, 0.9, -1, 6, 12, 0)]
+    assert [(r.n, r.temperature, r.top_p, r.top_k, r.max_tokens, r.seed, r.logprobs) for r in reqs] == [
+        (3, 0.7, 0.9, -1, 6, 11, 0),
+        (3, 0.7, 0.9, -1, 6, 12, 0),
+    ]
     assert reqs[0].stop_token_ids == [tok.eos_token_id] and reqs[0].stop is None
     ref = Sampler(model, tok).generate(prompts, params, seeds=[11, 12])  # the sampler's, for the same seeds
-    assert [(c.prompt_index, c.token_ids, c.finish_reason, c.prompt_tokens) for c in got] == \
-        [(c.prompt_index, c.token_ids, c.finish_reason, c.prompt_tokens) for c in ref]
+    assert [(c.prompt_index, c.token_ids, c.finish_reason, c.prompt_tokens) for c in got] == [
+        (c.prompt_index, c.token_ids, c.finish_reason, c.prompt_tokens) for c in ref
+    ]
     for a, b in zip(got, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 def test_grpo_with_rollout_vllm_pushes_every_update_and_samples_the_trained_weights(fake_vllm, llama_dir, tmp_path):
     out, reward = tmp_path / "g", tmp_path / "share.py"
-    reward.write_text("def share(completions, completion_ids, **kw):\n"
-                      "    return [sum(t % 3 == 0 for t in ids) / len(ids) for ids in completion_ids]\n")
-    args = ["grpo", "--model", str(llama_dir), "--out", str(out), "--rollout", "vllm", "--device", "cpu",
-            "--steps", "2", "--prompts-per-step", "2", "--num-generations", "4", "--max-new-tokens", "8",
-            "--template", "r1", "--eval-problems", "2", "--lr", "1e-2", "--rewards", f"{reward}:share",
-            "--reward-weights", "1.0",
-            "--task-args", '{"arithmetic": {"min_digits": 1, "max_digits": 1}}']
+    reward.write_text(
+        "def share(completions, completion_ids, **kw):\n"
+        "    return [sum(t % 3 == 0 for t in ids) / len(ids) for ids in completion_ids]\n"
+    )
+    args = [
+        "grpo",
+        "--model",
+        str(llama_dir),
+        "--out",
+        str(out),
+        "--rollout",
+        "vllm",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--num-generations",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--template",
+        "r1",
+        "--eval-problems",
+        "2",
+        "--lr",
+        "1e-2",
+        "--rewards",
+        f"{reward}:share",
+        "--reward-weights",
+        "1.0",
+        "--task-args",
+        '{"arithmetic": {"min_digits": 1, "max_digits": 1}}',
+    ]
     code = main(args)
     engine = fake_vllm.instances[0]
     assert code == 0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 class RowCache:
     """Rows of preallocated buffers (one or more per layer) with a length per row."""
 
-    seq_dim = 1                         # where positions run in each buffer
+    seq_dim = 1  # where positions run in each buffer
     _slots: torch.Tensor | None = None  # this step's write positions in the flattened buffers (reset by `mask`)
 
     def _start(self, buf: list[torch.Tensor]) -> None:
@@ -42,14 +42,14 @@ class RowCache:
             raise ValueError(f"cache full: {need} tokens > capacity {self.capacity}; allocate a larger cache")
         self._S, self._T, self._slots = S, need, None
         self.fresh = need == S  # every row empty: nothing cached yet
-        q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)        # [B, S]
+        q_pos = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)  # [B, S]
         return (torch.arange(need, device=self.lengths.device)[None, None, :] <= q_pos[..., None]).unsqueeze(1)
 
     def step_slots(self) -> torch.Tensor:
         """Where each row's next entry goes in a buffer flattened to [rows x heads x capacity, d] (one per row and
         head), computed once per decoding step for all layers: one index_copy_ per write."""
         if self._slots is None:
-            heads = math.prod(self.buf[0].shape[1: self.seq_dim])  # dims between rows and positions
+            heads = math.prod(self.buf[0].shape[1 : self.seq_dim])  # dims between rows and positions
             first = torch.arange(self.batch * heads, device=self.lengths.device) * self.capacity
             self._slots = first + self.lengths.repeat_interleave(heads)
         return self._slots
@@ -61,7 +61,7 @@ class RowCache:
             d = buf.shape[-1]
             buf.view(-1, d).index_copy_(0, self.step_slots(), new.select(self.seq_dim, 0).reshape(-1, d))
         else:
-            pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)            # [B, S]
+            pos = self.lengths[:, None] + torch.arange(self._S, device=buf.device)  # [B, S]
             shape = [pos.shape[0]] + [1] * (buf.dim() - 1)
             shape[self.seq_dim] = self._S
             buf.scatter_(self.seq_dim, pos.view(shape).expand_as(new), new)
@@ -82,7 +82,7 @@ class RowCache:
         gone_set = set(gone)
         n = self.batch - len(gone_set)
         holes = sorted(g for g in gone_set if g < n)
-        movers = [r for r in range(n, self.batch) if r not in gone_set]       # as many as there are holes
+        movers = [r for r in range(n, self.batch) if r not in gone_set]  # as many as there are holes
         order = list(range(n))
         if holes:
             dst, src = (torch.tensor(i, device=self.lengths.device) for i in (holes, movers))
@@ -115,8 +115,12 @@ class LatentCache(RowCache):
     def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu", layers: int | None = None):
         """`layers`: the main layers by default; speculative decoding adds the MTP module's."""
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self._start([torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
-                     for _ in range(layers or cfg.num_hidden_layers)])
+        self._start(
+            [
+                torch.zeros(batch, capacity, self.width, dtype=dtype, device=device)
+                for _ in range(layers or cfg.num_hidden_layers)
+            ]
+        )
 
     def write(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
         """Store entries [B, S, W] at each row's next positions; return the keys [B, T, W] for attention."""
@@ -131,8 +135,9 @@ class KVCache(RowCache):
     def __init__(self, cfg, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self._start([torch.zeros(batch, kv, capacity, d, dtype=dtype, device=device)
-                     for _ in range(2 * cfg.num_hidden_layers)])
+        self._start(
+            [torch.zeros(batch, kv, capacity, d, dtype=dtype, device=device) for _ in range(2 * cfg.num_hidden_layers)]
+        )
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H_kv, S, d] at each row's next positions; return the keys and values [B, H_kv, T, d]."""

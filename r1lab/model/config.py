@@ -16,16 +16,16 @@ from pathlib import Path
 class ModelConfig:
     vocab_size: int = 129280
     hidden_size: int = 7168
-    intermediate_size: int = 18432          # FFN width of the dense layers
-    moe_intermediate_size: int = 2048       # FFN width of each routed and shared expert
+    intermediate_size: int = 18432  # FFN width of the dense layers
+    moe_intermediate_size: int = 2048  # FFN width of each routed and shared expert
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
-    first_k_dense_replace: int = 3          # the first k layers are dense, the rest MoE
+    first_k_dense_replace: int = 3  # the first k layers are dense, the rest MoE
     # Multi-head latent attention
-    q_lora_rank: int | None = 1536          # None: full-rank query projection
-    kv_lora_rank: int = 512                 # the cached latent
+    q_lora_rank: int | None = 1536  # None: full-rank query projection
+    kv_lora_rank: int = 512  # the cached latent
     qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64              # the decoupled RoPE key, shared by all heads and cached
+    qk_rope_head_dim: int = 64  # the decoupled RoPE key, shared by all heads and cached
     v_head_dim: int = 128
     # DeepSeekMoE
     n_routed_experts: int = 256
@@ -40,7 +40,7 @@ class ModelConfig:
     # Positions and norms
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None         # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
     rope_interleave: bool = True
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
@@ -51,9 +51,9 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     # r1lab training knobs (not read by transformers)
-    bias_update_speed: float = 1e-3          # aux-loss-free balancing step gamma (V3: 0.001)
-    seq_aux_loss_alpha: float = 0.0          # sequence-wise balance loss weight (V3: 0.0001); 0 disables
-    mtp_loss_weight: float = 0.3             # lambda for the MTP loss (V3: 0.3, then 0.1)
+    bias_update_speed: float = 1e-3  # aux-loss-free balancing step gamma (V3: 0.001)
+    seq_aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 0.0001); 0 disables
+    mtp_loss_weight: float = 0.3  # lambda for the MTP loss (V3: 0.3, then 0.1)
 
     R1LAB_KEYS = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight")
 
@@ -81,43 +81,78 @@ class ModelConfig:
             value = getattr(self, f.name)
             need(_fits(value, str(f.type)), f"{f.name} must be {_described(str(f.type))} (got {value!r})")
         if self.rope_scaling is not None:
-            for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-                      "mscale_all_dim", "attention_factor"):
+            for k in (
+                "factor",
+                "original_max_position_embeddings",
+                "beta_fast",
+                "beta_slow",
+                "mscale",
+                "mscale_all_dim",
+                "attention_factor",
+            ):
                 v = self.rope_scaling.get(k)
                 need(v is None or _fits(v, "float"), f"rope_scaling.{k} must be a number (got {v!r})")
-                need(v is None or k.startswith(("mscale", "attention")) or v > 0,
-                     f"rope_scaling.{k} must be > 0 (got {v!r})")
-        need(self.hidden_act == "silu", f"hidden_act must be 'silu', the only activation DeepSeek-V3 uses "
-                                        f"(got {self.hidden_act!r})")
+                need(
+                    v is None or k.startswith(("mscale", "attention")) or v > 0,
+                    f"rope_scaling.{k} must be > 0 (got {v!r})",
+                )
+        need(
+            self.hidden_act == "silu",
+            f"hidden_act must be 'silu', the only activation DeepSeek-V3 uses (got {self.hidden_act!r})",
+        )
         for name in ("rms_norm_eps", "max_position_embeddings", "routed_scaling_factor"):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
         need(self.rope_theta > 1, f"rope_theta must be > 1, the RoPE base (got {self.rope_theta})")
-        need(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
-             "n_routed_experts and n_shared_experts must be >= 0 "
-             f"(got {self.n_routed_experts}, {self.n_shared_experts})")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
+        need(
+            self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
+            "n_routed_experts and n_shared_experts must be >= 0 "
+            f"(got {self.n_routed_experts}, {self.n_shared_experts})",
+        )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "intermediate_size",
+        ):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (got {self.qk_rope_head_dim})")
         need(self.qk_nope_head_dim >= 0, f"qk_nope_head_dim must be >= 0 (got {self.qk_nope_head_dim})")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0,
-             f"q_lora_rank must be None or > 0 (got {self.q_lora_rank})")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-             f"first_k_dense_replace must be in [0, num_hidden_layers] (got {self.first_k_dense_replace})")
-        need(self.num_nextn_predict_layers >= 0,
-             f"num_nextn_predict_layers must be >= 0 (got {self.num_nextn_predict_layers})")
+        need(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            f"q_lora_rank must be None or > 0 (got {self.q_lora_rank})",
+        )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            f"first_k_dense_replace must be in [0, num_hidden_layers] (got {self.first_k_dense_replace})",
+        )
+        need(
+            self.num_nextn_predict_layers >= 0,
+            f"num_nextn_predict_layers must be >= 0 (got {self.num_nextn_predict_layers})",
+        )
         if self.n_routed_experts:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0 for a MoE model")
-            need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
-                 f"num_experts_per_tok must be in [1, n_routed_experts={self.n_routed_experts}] "
-                 f"(got {self.num_experts_per_tok})")
-            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
-                 f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
-            need(self.n_group == 1 or self.n_routed_experts // self.n_group >= 2,
-                 "each expert group needs >= 2 experts (group scores sum the top-2 per group)")
+            need(
+                1 <= self.num_experts_per_tok <= self.n_routed_experts,
+                f"num_experts_per_tok must be in [1, n_routed_experts={self.n_routed_experts}] "
+                f"(got {self.num_experts_per_tok})",
+            )
+            need(
+                self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})",
+            )
+            need(
+                self.n_group == 1 or self.n_routed_experts // self.n_group >= 2,
+                "each expert group needs >= 2 experts (group scores sum the top-2 per group)",
+            )
             need(1 <= self.topk_group <= self.n_group, f"topk_group must be in [1, n_group] (got {self.topk_group})")
-            need(self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
-                 "num_experts_per_tok exceeds the experts in the topk_group selected groups")
+            need(
+                self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
+                "num_experts_per_tok exceeds the experts in the topk_group selected groups",
+            )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             need(kind in ("yarn", "default"), f"rope_scaling type must be 'yarn' (got {kind!r})")
@@ -155,8 +190,10 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in known}
         for key in ("rope_parameters", "rope_scaling"):
             if d.get(key) is not None and not isinstance(d[key], dict):
-                raise ValueError(f"invalid model config: {key} must be an object like "
-                                 f"{{\"rope_type\": \"yarn\", \"factor\": 40}} or null (got {d[key]!r})")
+                raise ValueError(
+                    f"invalid model config: {key} must be an object like "
+                    f'{{"rope_type": "yarn", "factor": 40}} or null (got {d[key]!r})'
+                )
         # as transformers reads it: a legacy `rope_scaling` wins over `rope_parameters` when both are there
         rope = d.get("rope_scaling") or d.get("rope_parameters")
         if rope:
@@ -166,8 +203,9 @@ class ModelConfig:
         if kw.get("rope_scaling"):  # one spelling: rope_type (older files say type)
             rs = kw["rope_scaling"]
             kind = rs.get("rope_type", rs.get("type"))
-            kw["rope_scaling"] = None if kind == "default" else {
-                **{k: v for k, v in rs.items() if k != "type"}, "rope_type": kind}
+            kw["rope_scaling"] = (
+                None if kind == "default" else {**{k: v for k, v in rs.items() if k != "type"}, "rope_type": kind}
+            )
         if d.get("n_routed_experts") is None:
             kw["n_routed_experts"] = 0
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
@@ -189,6 +227,7 @@ class ModelConfig:
 def _fits(value, annotation: str) -> bool:
     """Whether a value has a field's type (`int`, `float`, `int | None`, `int | list[int] | None`, ...); a bool
     is not a number here, though Python counts it as one."""
+
     def one(t: str) -> bool:
         if t == "None":
             return value is None
@@ -205,8 +244,15 @@ def _fits(value, annotation: str) -> bool:
 
 def _described(annotation: str) -> str:
     """`int | None` -> 'an integer or null': a field's type in config.json's words."""
-    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-             "dict": "an object", "None": "null", "list[int]": "a list of integers"}
+    words = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "str": "a string",
+        "dict": "an object",
+        "None": "null",
+        "list[int]": "a list of integers",
+    }
     return " or ".join(words[t.strip()] for t in annotation.split("|"))
 
 
@@ -217,17 +263,35 @@ def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
     a few hundred steps, the kv latent is as wide as the model and queries are not compressed (V2-Lite also runs
     without it); the measurements behind these are in docs/performance.md."""
     base = dict(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, moe_intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, first_k_dense_replace=1,
-        q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        routed_scaling_factor=1.0, num_nextn_predict_layers=0, max_position_embeddings=512,
-        tie_word_embeddings=True, bias_update_speed=1e-2,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        num_nextn_predict_layers=0,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bias_update_speed=1e-2,
     )
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:  # a typo in pretrain's `model` overrides (or the distill student's) is named, not a TypeError
-        raise ValueError(f"invalid model config: unknown key(s) {', '.join(unknown)}; known keys: "
-                         f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))}")
+        raise ValueError(
+            f"invalid model config: unknown key(s) {', '.join(unknown)}; known keys: "
+            f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))}"
+        )
     base.update(overrides)
     return ModelConfig(**base)  # type: ignore[arg-type]  # each value's type is checked by ModelConfig.validate
 

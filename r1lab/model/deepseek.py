@@ -105,7 +105,12 @@ class MLA(nn.Module):
         self.cfg = cfg
         h, d = cfg.num_attention_heads, cfg.hidden_size
         self.n_heads, self.nope, self.rope, self.vdim, self.rank = (
-            h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+            h,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
         else:
@@ -117,7 +122,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
         _, _, softmax_mult = rope_frequencies(cfg)
-        self.scale = cfg.qk_head_dim ** -0.5 * softmax_mult
+        self.scale = cfg.qk_head_dim**-0.5 * softmax_mult
 
     def _project(self, x, rot):
         """Queries (no-RoPE and RoPE parts per head), the normalised kv latent and the shared RoPE key."""
@@ -135,8 +140,9 @@ class MLA(nn.Module):
     def _heads(self, q_nope, q_pe, latent, k_pe):
         """Per-head queries, keys and values [B, H, S, d] with the latent expanded (training / full forward)."""
         B, S = latent.shape[:2]
-        k_nope, v = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.vdim).split(
-            [self.nope, self.vdim], dim=-1)
+        k_nope, v = (
+            self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope + self.vdim).split([self.nope, self.vdim], dim=-1)
+        )
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         return torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k, v.transpose(1, 2)
 
@@ -146,8 +152,12 @@ class MLA(nn.Module):
         if q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         B, H, S, T = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        scores = torch.baddbmm(bias.expand(B, H, S, T).reshape(B * H, S, T), q.reshape(B * H, S, -1),
-                               k.reshape(B * H, T, -1).transpose(1, 2), alpha=self.scale)
+        scores = torch.baddbmm(
+            bias.expand(B, H, S, T).reshape(B * H, S, T),
+            q.reshape(B * H, S, -1),
+            k.reshape(B * H, T, -1).transpose(1, 2),
+            alpha=self.scale,
+        )
         return torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(B * H, T, -1)).view(B, H, S, -1)
 
     def forward(self, x, rot, mask, cache: LatentCache | None = None, layer: int = 0):
@@ -165,19 +175,21 @@ class MLA(nn.Module):
                 o = self._masked(qf, k, v, mask)
             o = o.transpose(1, 2)
         else:  # cached: attend in latent space; every head reads the same [latent | RoPE key] entries (MQA-like)
-            keys = cache.write(layer, torch.cat([latent, k_pe], dim=-1))            # [B, T, rank + rope]
+            keys = cache.write(layer, torch.cat([latent, k_pe], dim=-1))  # [B, T, rank + rope]
             H = self.n_heads
             w = self.kv_b_proj.weight.view(H, self.nope + self.vdim, self.rank)
             # per-head products as one bmm over heads (cheaper than einsum's permutes at decode sizes)
             q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w[:, : self.nope])  # absorb W_UK
-            q_lat = q_lat.view(H, B, S, self.rank).transpose(0, 1)                    # [B, H, S, rank]
+            q_lat = q_lat.view(H, B, S, self.rank).transpose(0, 1)  # [B, H, S, rank]
             qf = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * S, -1)
             # mask: the additive bias the model built once for all layers, [B, 1, T] (decoding) or [B, H*S, T]
-            scores = torch.baddbmm(mask, qf, keys.transpose(1, 2), alpha=self.scale)   # [B, H*S, T]
+            scores = torch.baddbmm(mask, qf, keys.transpose(1, 2), alpha=self.scale)  # [B, H*S, T]
             probs = scores.float().softmax(-1).to(keys.dtype)
-            o = torch.bmm(probs, keys[..., : self.rank])                              # [B, H*S, rank]
-            o = torch.bmm(o.view(B, H, S * self.rank).transpose(0, 1).reshape(H, B * S, self.rank),
-                          w[:, self.nope:].transpose(1, 2))                           # apply W_UV: [H, B*S, v]
+            o = torch.bmm(probs, keys[..., : self.rank])  # [B, H*S, rank]
+            o = torch.bmm(
+                o.view(B, H, S * self.rank).transpose(0, 1).reshape(H, B * S, self.rank),
+                w[:, self.nope :].transpose(1, 2),
+            )  # apply W_UV: [H, B*S, v]
             o = o.view(H, B, S, self.vdim).permute(1, 2, 0, 3)
         return self.o_proj(o.reshape(B, S, self.n_heads * self.vdim))
 
@@ -272,10 +284,11 @@ class Experts(nn.Module):
         return E * N <= min(N * k + used * overhead, E * max(per_expert) + 2 * overhead)
 
     def _dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        w = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=weights.dtype,
-                        device=x.device).scatter_(1, idx, weights)                             # [N, E]
-        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)        # [E, N, I]
-        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))                      # [E, N, D]
+        w = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=weights.dtype, device=x.device).scatter_(
+            1, idx, weights
+        )  # [N, E]
+        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I]
+        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, D]
         return torch.bmm(w.to(y.dtype)[:, None, :], y.transpose(0, 1)).squeeze(1).to(x.dtype)
 
 
@@ -283,7 +296,7 @@ class MoE(nn.Module):
     """Shared experts plus routed experts. Keeps per-expert token counts: `last_load` for the latest forward,
     `load` accumulated over training forwards until the balancing step consumes it."""
 
-    load: torch.Tensor       # buffers: routed tokens per expert, accumulated and of the last forward
+    load: torch.Tensor  # buffers: routed tokens per expert, accumulated and of the last forward
     last_load: torch.Tensor
 
     def __init__(self, cfg: ModelConfig):
@@ -291,8 +304,9 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.gate = Gate(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-                               if cfg.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
@@ -321,13 +335,14 @@ class MoE(nn.Module):
         """V3 eq. 17-20: alpha * sum_i f_i * P_i per sequence, averaged over the batch."""
         E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         B, T = shape[0], shape[1]
-        m = (token_mask if token_mask is not None
-             else torch.ones(B, T, dtype=torch.bool, device=scores.device)).to(scores.dtype)
-        n_tok = m.sum(1).clamp(min=1)                                            # [B]
+        m = (token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=scores.device)).to(
+            scores.dtype
+        )
+        n_tok = m.sum(1).clamp(min=1)  # [B]
         chosen = torch.zeros(B * T, E, dtype=scores.dtype, device=scores.device).scatter_(1, idx, 1.0).view(B, T, E)
-        f = (chosen * m[..., None]).sum(1) * E / (k * n_tok[:, None])            # [B, E]
+        f = (chosen * m[..., None]).sum(1) * E / (k * n_tok[:, None])  # [B, E]
         p_norm = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
-        P = (p_norm * m[..., None]).sum(1) / n_tok[:, None]                      # [B, E]
+        P = (p_norm * m[..., None]).sum(1) / n_tok[:, None]  # [B, E]
         return self.cfg.seq_aux_loss_alpha * (f * P).sum(-1).mean()
 
 
@@ -341,8 +356,11 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(min(layer, cfg.num_hidden_layers - 1)) else MLP(
-            cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (
+            MoE(cfg)
+            if cfg.is_moe_layer(min(layer, cfg.num_hidden_layers - 1))
+            else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
 
     def forward(self, x, rot, mask, cache=None, token_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), rot, mask, cache, self.layer)
@@ -385,15 +403,16 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         L = cfg.num_hidden_layers
-        self.layers = nn.ModuleList([Block(cfg, i) for i in range(L)]
-                                    + [MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.layers = nn.ModuleList(
+            [Block(cfg, i) for i in range(L)] + [MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 @dataclass
 class Output:
     logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None          # total: LM + MTP + balance
+    loss: torch.Tensor | None = None  # total: LM + MTP + balance
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -468,10 +487,16 @@ class DeepseekV3(nn.Module):
         angles = positions[..., None].float() * self.inv_freq
         return torch.polar(torch.full_like(angles, self.cos_scale), angles).unsqueeze(2)
 
-    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, cache: LatentCache | None = None,
-             segment_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
-             advance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def body(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        advance: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings through the main layers: (hidden before the final norm [B, S, D], rotations).
         `token_mask` [B, S] marks real tokens for the expert load counts when the mask is 4D. With a cache, the
         rows' lengths move past the new tokens unless `advance` is False (speculative decoding advances each row by
@@ -496,8 +521,11 @@ class DeepseekV3(nn.Module):
             mask = build_mask(S, attention_mask, segment_ids, x.device)  # type: ignore[assignment]  # None: causal
             token_mask = attention_mask.bool() if attention_mask is not None else None
         rot = self.rope(position_ids)
-        mask = self._cached_bias(mask, S, x.dtype) if cache is not None else (
-            attention_bias(mask, x.dtype) if mask is not None else None)
+        mask = (
+            self._cached_bias(mask, S, x.dtype)
+            if cache is not None
+            else (attention_bias(mask, x.dtype) if mask is not None else None)
+        )
         for layer in self.main_layers:
             x = layer(x, rot, mask, cache, token_mask)
         if cache is not None and advance:
@@ -514,8 +542,14 @@ class DeepseekV3(nn.Module):
         bias = bias[:, 0]
         return bias if S == 1 else bias.repeat(1, self.config.num_attention_heads, 1)
 
-    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, rot: torch.Tensor, cache: LatentCache,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        rot: torch.Tensor,
+        cache: LatentCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The MTP module's next-next-token logits [B, S, V] at the positions the last `body` call wrote (before
         its rows advance): position i combines the main model's hidden state h_i [B, S, D] with the embedding of
         token i+1 (`next_ids` [B, S]) and predicts token i+2 (V3 section 2.2), attending over its own cached
@@ -525,12 +559,19 @@ class DeepseekV3(nn.Module):
         layer = self.mtp_layers[0]
         S = next_ids.shape[1]
         bias = self._cached_bias(cache.mask(S), S, hidden.dtype)
-        h = layer(hidden, self.model.embed_tokens(next_ids), rot, bias,
-                  None if attention_mask is None else attention_mask.bool(), cache)
+        h = layer(
+            hidden,
+            self.model.embed_tokens(next_ids),
+            rot,
+            bias,
+            None if attention_mask is None else attention_mask.bool(),
+            cache,
+        )
         return self.lm_head(layer.shared_head.norm(h))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                      token_mask=None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, token_mask=None
+    ) -> torch.Tensor:
         """Final-norm hidden states [B, S, D]; `lm_head` on a subset of them gives those positions' logits."""
         return self.model.norm(self.body(input_ids, attention_mask, position_ids, None, segment_ids, token_mask)[0])
 
@@ -539,11 +580,19 @@ class DeepseekV3(nn.Module):
         prompt computed once): see r1lab.model.grouped.hidden_states."""
         return grouped.hidden_states(self, prompt_ids, prompt_lens, completion_ids, completion_lens, group, padded)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: LatentCache | None = None, segment_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_hidden: bool = False, token_mask: torch.Tensor | None = None,
-                **_) -> Output:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+        token_mask: torch.Tensor | None = None,
+        **_,
+    ) -> Output:
         """input_ids [B, S]. `attention_mask` [B, S] marks real tokens (1) and padding (0), or is a custom boolean
         [B, 1, S, S] mask (True = may attend) as in `transformers`; with a cache, new tokens are right-padded and
         each row continues at its own cached length. `segment_ids` [B, S] keeps packed samples from attending to
@@ -558,7 +607,7 @@ class DeepseekV3(nn.Module):
         if labels is None:
             return out
 
-        out.lm_loss = shifted_ce(logits, labels[:, -logits.shape[1]:], 1)
+        out.lm_loss = shifted_ce(logits, labels[:, -logits.shape[1] :], 1)
         total = out.lm_loss
         S = input_ids.shape[1]
         if self.training and len(self.mtp_layers) and self.config.mtp_loss_weight > 0 and S > 2:
@@ -578,25 +627,25 @@ class DeepseekV3(nn.Module):
         losses, h = [], hidden
         S = input_ids.shape[1]
         custom = attention_mask is not None and attention_mask.dim() == 4
-        allowed = attention_mask.bool()[:, 0] if custom else None                     # [B, S, S]
+        allowed = attention_mask.bool()[:, 0] if custom else None  # [B, S, S]
         for k, layer in enumerate(self.mtp_layers, start=1):
             n = S - k  # MTP position j combines h_j with the embedding of token j+k
             if n < 2:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])
-            target = labels[:, k + 1:]
+            target = labels[:, k + 1 :]
             if custom:
                 mask = (allowed[:, :n, :n] & allowed[:, k:, k:])[:, None]
                 am = token_mask[:, :n].bool() & token_mask[:, k:].bool() if token_mask is not None else None
                 j = torch.arange(n - 1, device=hidden.device)
-                sees = allowed[:, j + k + 1, j] & allowed[:, j + k + 1, j + k]          # [B, n - 1]
+                sees = allowed[:, j + k + 1, j] & allowed[:, j + k + 1, j + k]  # [B, n - 1]
                 target = target.masked_fill(~sees, -100)
             else:
                 am = attention_mask[:, :n].bool() & attention_mask[:, k:].bool() if attention_mask is not None else None
                 seg = segment_ids[:, :n] if segment_ids is not None else None
                 mask = build_mask(n, am, seg, hidden.device)
                 if segment_ids is not None:  # never predict across a packing boundary
-                    target = target.masked_fill(segment_ids[:, k + 1:] != segment_ids[:, : n - 1], -100)
+                    target = target.masked_fill(segment_ids[:, k + 1 :] != segment_ids[:, : n - 1], -100)
             h = layer(h[:, :n], emb, rot[:, :n], None if mask is None else attention_bias(mask, h.dtype), am)
             logits = self.lm_head(layer.shared_head.norm(h[:, : n - 1])).float()
             losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
@@ -629,6 +678,7 @@ class DeepseekV3(nn.Module):
 
     def num_parameters(self) -> dict[str, int]:
         from r1lab.model.info import count_parameters
+
         return count_parameters(self.config)
 
 
@@ -638,15 +688,13 @@ def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.
     return F.cross_entropy(lg, labels[:, shift:].reshape(-1), ignore_index=-100)
 
 
-
-
 def build_mask(S: int, attention_mask, segment_ids, device) -> torch.Tensor | None:
     """Boolean attention mask [B, 1, S, S] (True = may attend) for a forward without cache, or None for plain
     causal attention. Padding keys are hidden; a padding query sees itself only (so no row is all -inf)."""
     if attention_mask is None and segment_ids is None:
         return None
     idx = torch.arange(S, device=device)
-    mask = (idx[None, :] <= idx[:, None])[None, None]                                  # causal [1,1,S,S]
+    mask = (idx[None, :] <= idx[:, None])[None, None]  # causal [1,1,S,S]
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].bool()
     if segment_ids is not None:

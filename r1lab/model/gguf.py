@@ -30,17 +30,21 @@ def load_gguf(file: str | Path, dtype: torch.dtype = torch.float32):
 
         gguf.GGUFReader(file)
     except (ValueError, IndexError, KeyError, struct.error) as e:
-        raise CheckpointError(f"{file} is truncated or corrupt: its header or tensor table does not read "
-                              f"({type(e).__name__}: {e}); download or export it again") from None
+        raise CheckpointError(
+            f"{file} is truncated or corrupt: its header or tensor table does not read "
+            f"({type(e).__name__}: {e}); download or export it again"
+        ) from None
     where, name = str(file.parent), file.name
     try:
         tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(
-            where, gguf_file=name, dtype=dtype, quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+            where, gguf_file=name, dtype=dtype, quantization_config=GgufConfig(gguf_file=name, dequantize=True)
+        )
     except (ValueError, KeyError, NotImplementedError, OSError) as e:
-        raise CheckpointError(f"transformers cannot read {file}: {str(e).rstrip('.')}. GGUF import supports the "
-                              "architectures transformers lists for gguf_file (llama, mistral, qwen2, gemma, phi3, ...)"
-                              ) from None
+        raise CheckpointError(
+            f"transformers cannot read {file}: {str(e).rstrip('.')}. GGUF import supports the "
+            "architectures transformers lists for gguf_file (llama, mistral, qwen2, gemma, phi3, ...)"
+        ) from None
     return drop_quantization(model).eval(), restore_digit_split(tok, file)
 
 
@@ -60,11 +64,14 @@ def restore_digit_split(tok, file: Path):
     if field is None or field.contents() not in DIGIT_SPLIT_PRE or backend is None:
         return tok
     if type(backend.pre_tokenizer).__name__ != "ByteLevel":
-        raise CheckpointError(f"{file}: tokenizer.ggml.pre {field.contents()!r} splits digits, but transformers "
-                              f"built a {type(backend.pre_tokenizer).__name__} pre-tokenizer that r1lab does not know "
-                              "how to fix")
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        raise CheckpointError(
+            f"{file}: tokenizer.ggml.pre {field.contents()!r} splits digits, but transformers "
+            f"built a {type(backend.pre_tokenizer).__name__} pre-tokenizer that r1lab does not know "
+            "how to fix"
+        )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     return tok
 
 
@@ -73,8 +80,10 @@ def drop_quantization(model):
     packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
     packed += [n for n, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
     if packed:
-        raise CheckpointError(f"{len(packed)} weights are still packed after loading (e.g. {packed[0]}); "
-                              "this transformers version did not dequantise them")
+        raise CheckpointError(
+            f"{len(packed)} weights are still packed after loading (e.g. {packed[0]}); "
+            "this transformers version did not dequantise them"
+        )
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -86,8 +95,7 @@ def drop_quantization(model):
     return model
 
 
-def import_gguf(file: str | Path, out: str | Path, dtype: str | torch.dtype = "float32",
-                verify: bool = True) -> Path:
+def import_gguf(file: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", verify: bool = True) -> Path:
     """Write `file` as a model directory at `out` (config.json, model.safetensors, tokenizer files with the chat
     template, generation_config.json), atomically; with `verify`, it is loaded back and its logits checked before
     it replaces `out`."""
@@ -98,8 +106,10 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str | torch.dtype = "f
     if any(p.is_file() for p in out.resolve().parents):
         raise CheckpointError(f"{out} is inside a path that is a file; give a directory path to write")
     if out.exists() and not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
-        raise CheckpointError(f"{out} exists and is not a model directory; import-gguf replaces OUT_DIR whole, so "
-                              "give a new path (or a model directory to overwrite)")
+        raise CheckpointError(
+            f"{out} exists and is not a model directory; import-gguf replaces OUT_DIR whole, so "
+            "give a new path (or a model directory to overwrite)"
+        )
     model, tok = load_gguf(file, dtype)
 
     def fill(tmp: Path):
@@ -119,8 +129,10 @@ def verify_import(path: Path, model, tok) -> None:
 
     back = AutoModelForCausalLM.from_pretrained(str(path), dtype=model.dtype).eval()
     if getattr(back, "hf_quantizer", None) is not None or hasattr(back.config, "quantization_config"):
-        raise CheckpointError(f"the directory written for {path.name} still loads as a quantized model; this "
-                              "transformers version keeps GGUF state that r1lab does not know how to drop")
+        raise CheckpointError(
+            f"the directory written for {path.name} still loads as a quantized model; this "
+            "transformers version keeps GGUF state that r1lab does not know how to drop"
+        )
     text = "The capital of France is"
     ids = load_tokenizer(path)(text, return_tensors="pt").input_ids
     if ids.tolist() != tok(text, return_tensors="pt").input_ids.tolist():
@@ -128,5 +140,7 @@ def verify_import(path: Path, model, tok) -> None:
     with torch.no_grad():
         a, b = model(ids).logits, back(ids).logits
     if not torch.equal(a, b):
-        raise CheckpointError(f"{path} reloads with different logits (max difference "
-                              f"{(a - b).abs().max().item():.3g}); the saved weights are incomplete")
+        raise CheckpointError(
+            f"{path} reloads with different logits (max difference "
+            f"{(a - b).abs().max().item():.3g}); the saved weights are incomplete"
+        )

@@ -54,23 +54,36 @@ def attention(mla, x: torch.Tensor, rot: torch.Tensor, lay: GroupedLayout) -> to
     causally to themselves; each completion attends to its prompt and causally to itself. Projections run on real
     tokens only; only the score computation sees the padded [P, Lp] / [N, Lc] views."""
     q, k, v = (t[0].transpose(0, 1) for t in mla._heads(*mla._project(x[None], rot[None])))  # [R, H, d]
-    qp, kp, vp = (lay.pad(t[: lay.n_prompt], prompts=True) for t in (q, k, v))            # [P, H, Lp, d]
-    qc, kc, vc = (lay.pad(t[lay.n_prompt:], prompts=False) for t in (q, k, v))            # [N, H, Lc, d]
+    qp, kp, vp = (lay.pad(t[: lay.n_prompt], prompts=True) for t in (q, k, v))  # [P, H, Lp, d]
+    qc, kc, vc = (lay.pad(t[lay.n_prompt :], prompts=False) for t in (q, k, v))  # [N, H, Lc, d]
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=mla.scale)
     g = lay.group
-    oc = mla._masked(qc, torch.cat([kp.index_select(0, g), kc], dim=2), torch.cat([vp.index_select(0, g), vc], dim=2),
-                     lay.bias_c)
+    oc = mla._masked(
+        qc, torch.cat([kp.index_select(0, g), kc], dim=2), torch.cat([vp.index_select(0, g), vc], dim=2), lay.bias_c
+    )
     return mla.o_proj(torch.cat([lay.unpad(op, prompts=True), lay.unpad(oc, prompts=False)]).flatten(1))
 
 
-def hidden_states(model, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, completion_ids: torch.Tensor,
-                  completion_lens: torch.Tensor, group: torch.Tensor, padded: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_states(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_lens: torch.Tensor,
+    group: torch.Tensor,
+    padded: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden states of prompts [P, Lp] and completions [N, Lc] (zeros at the padding) of a DeepseekV3,
     completion n continuing prompt `group[n]`. `padded=False`: the real tokens only, [Rp, D] and [Rc, D]."""
-    lay = GroupedLayout(prompt_lens, completion_lens, group, prompt_ids.shape[1], completion_ids.shape[1],
-                        model.model.embed_tokens.weight.dtype)
-    start = prompt_lens.index_select(0, group)[:, None]                                # [N, 1]
+    lay = GroupedLayout(
+        prompt_lens,
+        completion_lens,
+        group,
+        prompt_ids.shape[1],
+        completion_ids.shape[1],
+        model.model.embed_tokens.weight.dtype,
+    )
+    start = prompt_lens.index_select(0, group)[:, None]  # [N, 1]
     pos_p = torch.arange(lay.Lp, device=start.device).expand(len(prompt_lens), lay.Lp)
     pos_c = start + torch.arange(lay.Lc, device=start.device)
     x = model.model.embed_tokens(torch.cat([lay.real(prompt_ids, True), lay.real(completion_ids, False)]))

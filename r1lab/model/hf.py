@@ -23,6 +23,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 @dataclass
 class HFOptions:
     """How a `transformers` model is loaded and trained."""
+
     lora_rank: int = opt(0, "0: train every weight; > 0: LoRA adapters of this rank, the base frozen")
     lora_alpha: float = opt(16.0, "adapter scale is alpha / rank")
     lora_dropout: float = opt(0.0, "dropout on the adapters' input")
@@ -40,8 +41,9 @@ class HFOptions:
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.lora_rank and not self.lora_target_modules:
-            raise ValueError("lora_target_modules is empty; name the linear layers to adapt (e.g. q_proj,v_proj) "
-                             "or use all-linear")
+            raise ValueError(
+                "lora_target_modules is empty; name the linear layers to adapt (e.g. q_proj,v_proj) or use all-linear"
+            )
         parse_dtype(self.dtype)
         return self
 
@@ -70,14 +72,17 @@ def prepare_model(model, opts: HFOptions):
     dtype = parse_dtype(opts.dtype)
     if is_native(model):
         if opts.lora or opts.gradient_checkpointing:
-            raise ValueError("LoRA and gradient checkpointing apply to transformers models; r1lab's native "
-                             "DeepSeek-V3 trains in full (set lora_rank 0 and gradient_checkpointing false)")
+            raise ValueError(
+                "LoRA and gradient checkpointing apply to transformers models; r1lab's native "
+                "DeepSeek-V3 trains in full (set lora_rank 0 and gradient_checkpointing false)"
+            )
         return base_model(model).cast(dtype)
     model = model.to(dtype)
     if opts.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
-                             "set gradient_checkpointing false")
+            raise ValueError(
+                f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing false"
+            )
         # non-reentrant: gradients reach LoRA adapters even though the frozen embeddings need none
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
@@ -96,16 +101,21 @@ def add_lora(model, opts: HFOptions):
 
     targets = opts.lora_target_modules
     # peft annotates lora_alpha as int; it only scales the adapters by alpha / rank, so a float works the same
-    cfg = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha,  # type: ignore[arg-type]
-                     lora_dropout=opts.lora_dropout,
-                     target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=opts.lora_rank,
+        lora_alpha=opts.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=opts.lora_dropout,
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"cannot add LoRA to {type(model).__name__} with lora_target_modules={targets}: {e}. "
-                         f"Its linear layers are named {', '.join(names)}") from None
+        raise ValueError(
+            f"cannot add LoRA to {type(model).__name__} with lora_target_modules={targets}: {e}. "
+            f"Its linear layers are named {', '.join(names)}"
+        ) from None
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -121,16 +131,20 @@ def restore_adapter(model, path: str | Path) -> None:
     path = recover(Path(path))
     f = path / ADAPTER_WEIGHTS
     if not hasattr(model, "get_base_model"):
-        raise CheckpointError(f"{path} holds LoRA adapter weights, but the model has no adapters; train with the "
-                              "same lora_rank as the run that wrote it")
+        raise CheckpointError(
+            f"{path} holds LoRA adapter weights, but the model has no adapters; train with the "
+            "same lora_rank as the run that wrote it"
+        )
     if not f.is_file():
         raise CheckpointError(f"{f} is missing; the checkpoint is incomplete (start again with --fresh)")
     result = set_peft_model_state_dict(model, load_file(f))
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected:
-        raise CheckpointError(f"{f} does not fit this model's adapters (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); use the LoRA options of the run that wrote it")
+        raise CheckpointError(
+            f"{f} does not fit this model's adapters (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); use the LoRA options of the run that wrote it"
+        )
 
 
 def load_trainable(path: str | Path, opts: HFOptions, device="cpu", resume_from: str | Path | None = None):

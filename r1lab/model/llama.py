@@ -51,8 +51,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-           fused: bool | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, fused: bool | None = None
+) -> torch.Tensor:
     """Grouped-query attention with an additive bias [B, 1, S, T]: q [B, H, S, d], k and v [B, H_kv, T, d] (query
     heads j*g .. j*g+g-1 read kv head j, as repeat_kv lays them out) -> [B, H, S, d]. On CPU each kv head is read
     once for its g query heads with baddbmm; `fused` (the default off CPU) uses SDPA, whose GPU kernels never hold
@@ -62,8 +63,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     if fused if fused is not None else q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=H != Hkv)
     g = H // Hkv
-    scores = torch.baddbmm(bias[:, None].expand(B, Hkv, g, S, T).reshape(B * Hkv, g * S, T),
-                           q.reshape(B * Hkv, g * S, d), k.reshape(B * Hkv, T, d).transpose(1, 2), alpha=scale)
+    scores = torch.baddbmm(
+        bias[:, None].expand(B, Hkv, g, S, T).reshape(B * Hkv, g * S, T),
+        q.reshape(B * Hkv, g * S, d),
+        k.reshape(B * Hkv, T, d).transpose(1, 2),
+        alpha=scale,
+    )
     probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     return torch.bmm(probs, v.reshape(B * Hkv, T, -1)).view(B, H, S, -1)
 
@@ -104,19 +109,21 @@ class FastDecoder:
 
     def _rope(self, x, positions):
         cos, sin = self.model.rotary_emb(x, positions)
-        return cos.unsqueeze(-2), sin.unsqueeze(-2)      # broadcast over heads
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
 
     # ---------------------------------------------------------------- cached (sampling)
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 cache: KVCache | None = None) -> Output:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> Output:
         """Logits [B, S, V] of right-padded new tokens (`attention_mask` marks the real ones) continuing each row
         of `cache` at its own length."""
         return Output(self.lm_head(self.model.norm(self.body(input_ids, attention_mask, cache)[0])))
 
     @torch.no_grad()
-    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             cache: KVCache | None = None) -> tuple[torch.Tensor, None]:
+    def body(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, None]:
         """Hidden states before the final norm [B, S, D] (and no rotations to share: the interface of
         DeepseekV3.body, which the sampler uses to take only the prompts' last positions through the head)."""
         if cache is None:
@@ -124,7 +131,7 @@ class FastDecoder:
         B, S = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(x, cache.lengths[:, None] + torch.arange(S, device=x.device))
-        bias = attention_bias(cache.mask(S), x.dtype)                                   # [B, 1, S, T]
+        bias = attention_bias(cache.mask(S), x.dtype)  # [B, 1, S, T]
         for i, layer in enumerate(self.model.layers):
             q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, layer.input_layernorm(x), cos, sin))
             k, v = cache.write_kv(i, k, v)
@@ -133,15 +140,17 @@ class FastDecoder:
         return x, None
 
     # ---------------------------------------------------------------- grouped (GRPO training)
-    def grouped_hidden_states(self, prompt_ids, prompt_lens, completion_ids, completion_lens, group,
-                              padded: bool = False):
+    def grouped_hidden_states(
+        self, prompt_ids, prompt_lens, completion_ids, completion_lens, group, padded: bool = False
+    ):
         """Final-norm hidden states of the real tokens of prompts [Rp, D] and completions [Rc, D], completion n
         continuing prompt `group[n]`: the numbers of packing [prompt | c1 | ... | cG] with a 4D mask (see
         DeepseekV3.grouped_hidden_states), with each prompt computed once."""
         if padded:
             raise ValueError("FastDecoder.grouped_hidden_states returns real tokens only (padded=False)")
-        lay = GroupedLayout(prompt_lens, completion_lens, group, prompt_ids.shape[1], completion_ids.shape[1],
-                            self.lm_head.weight.dtype)
+        lay = GroupedLayout(
+            prompt_lens, completion_lens, group, prompt_ids.shape[1], completion_ids.shape[1], self.lm_head.weight.dtype
+        )
         start = prompt_lens.index_select(0, group)[:, None]
         pos_p = torch.arange(lay.Lp, device=start.device).expand(len(prompt_lens), lay.Lp)
         pos_c = start + torch.arange(lay.Lc, device=start.device)
@@ -149,8 +158,9 @@ class FastDecoder:
         cos, sin = self._rope(x[None], torch.cat([lay.real(pos_p, True), lay.real(pos_c, False)])[None])
         cos, sin = cos[0], sin[0]
         name = "is_activation_checkpointing"  # transformers >= 5.x; the old name is deprecated
-        checkpointed = self.base.training and getattr(self.base, name if hasattr(self.base, name)
-                                                      else "is_gradient_checkpointing", False)
+        checkpointed = self.base.training and getattr(
+            self.base, name if hasattr(self.base, name) else "is_gradient_checkpointing", False
+        )
         for layer in self.model.layers:
             if checkpointed:
                 x = checkpoint(self._grouped_layer, layer, x, cos, sin, lay, use_reentrant=False)
@@ -159,12 +169,18 @@ class FastDecoder:
         return self.model.norm(x).split([lay.n_prompt, len(x) - lay.n_prompt])
 
     def _grouped_layer(self, layer, x, cos, sin, lay: GroupedLayout):
-        q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)                      # [R, heads, d]
-        qp, kp, vp = (lay.pad(t[: lay.n_prompt], prompts=True) for t in (q, k, v))          # [P, heads, Lp, d]
-        qc, kc, vc = (lay.pad(t[lay.n_prompt:], prompts=False) for t in (q, k, v))          # [N, heads, Lc, d]
-        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale,
-                                            enable_gqa=qp.shape[1] != kp.shape[1])
+        q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)  # [R, heads, d]
+        qp, kp, vp = (lay.pad(t[: lay.n_prompt], prompts=True) for t in (q, k, v))  # [P, heads, Lp, d]
+        qc, kc, vc = (lay.pad(t[lay.n_prompt :], prompts=False) for t in (q, k, v))  # [N, heads, Lc, d]
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=qp.shape[1] != kp.shape[1]
+        )
         g = lay.group
-        oc = attend(qc, torch.cat([kp.index_select(0, g), kc], dim=2), torch.cat([vp.index_select(0, g), vc], dim=2),
-                    lay.bias_c, self.scale)
+        oc = attend(
+            qc,
+            torch.cat([kp.index_select(0, g), kc], dim=2),
+            torch.cat([vp.index_select(0, g), vc], dim=2),
+            lay.bias_c,
+            self.scale,
+        )
         return self._rest(layer, x, torch.cat([lay.unpad(op, prompts=True), lay.unpad(oc, prompts=False)]))

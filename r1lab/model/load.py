@@ -85,13 +85,20 @@ def model_info(path: str | Path) -> dict:
     else:
         sizes = cfg
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(
-        str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), 4)
+        str(cfg.get("dtype", cfg.get("torch_dtype", "float32"))), 4
+    )
     try:
         counts = cost.parameter_counts(sizes)
         kv = cost.kv_cache_bytes_per_token(sizes, bytes_per_value=dtype_bytes)
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # sizes of the wrong type in a non-native config
         raise CheckpointError(f"{path / 'config.json'}: cannot size the model ({e}); correct config.json") from None
     weights = sum(v.numel() for k, v in stored.items() if not k.endswith("_scale_inv"))  # FP8 scales are not parameters
-    return {"model_type": cfg.get("model_type"), "params_total": counts["params_total"],
-            "params_active": counts["params_active"], "params_mtp": counts["params_mtp"],
-            "params_stored": weights, **kv, "kv_bytes_per_value": dtype_bytes}
+    return {
+        "model_type": cfg.get("model_type"),
+        "params_total": counts["params_total"],
+        "params_active": counts["params_active"],
+        "params_mtp": counts["params_mtp"],
+        "params_stored": weights,
+        **kv,
+        "kv_bytes_per_value": dtype_bytes,
+    }

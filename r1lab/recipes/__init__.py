@@ -49,13 +49,19 @@ def check_stages(cfg: PipelineConfig) -> None:
     out = Path(cfg.out)
     base = Path(cfg.base_model) if cfg.base_model else out / "pretrain" / "model"
     checks: list[tuple[str, Callable[[], GRPOConfig | PretrainConfig]]] = [
-        ("the grpo settings (--grpo.* flags)", lambda: grpo_config(cfg, out / "grpo", base, cfg.grpo.steps))]
+        ("the grpo settings (--grpo.* flags)", lambda: grpo_config(cfg, out / "grpo", base, cfg.grpo.steps))
+    ]
     if not cfg.base_model:
-        checks.append(("the pretrain settings (--pretrain.* flags)", lambda: config.merge(
-            cfg.pretrain, {"tasks": [cfg.task], "task_args": {cfg.task: cfg.task_args}})))
+        checks.append(
+            (
+                "the pretrain settings (--pretrain.* flags)",
+                lambda: config.merge(cfg.pretrain, {"tasks": [cfg.task], "task_args": {cfg.task: cfg.task_args}}),
+            )
+        )
     if cfg.recipe == "distill":
-        checks.append(("the student (--distill.student)",
-                       lambda: student_pretrain_config(cfg, base, out / "distill" / "student")))
+        checks.append(
+            ("the student (--distill.student)", lambda: student_pretrain_config(cfg, base, out / "distill" / "student"))
+        )
     for what, stage in checks:
         try:
             stage().validate()

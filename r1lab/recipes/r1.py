@@ -33,8 +33,12 @@ from r1lab.recipes.stages import (
     teach,
 )
 
-STAGES = [("cold_start", "1 cold-start SFT"), ("reasoning_rl", "2 reasoning RL"),
-          ("rejection_sft", "3 rejection sampling + SFT"), ("final_rl", "4 final RL")]
+STAGES = [
+    ("cold_start", "1 cold-start SFT"),
+    ("reasoning_rl", "2 reasoning RL"),
+    ("rejection_sft", "3 rejection sampling + SFT"),
+    ("final_rl", "4 final RL"),
+]
 
 
 def r1zero_models(cfg: PipelineConfig, progress: bool, log) -> tuple[Path, Path]:
@@ -60,10 +64,17 @@ def run(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
 
     evals = {}
     d1 = out / "cold_start"
-    log(f"[1/4] cold start: the R1-Zero model answers {s.cold_start_problems} train problems x {s.k}; the longest "
-        f"correct replies fine-tune the base model -> {d1}")
-    st.run("cold_start", d1 / "sft" / "model", lambda: teach(
-        d1, teacher, base, cfg, s, s.cold_start_problems, s.cold_start_per_problem, True, cfg.seed + 1, progress))
+    log(
+        f"[1/4] cold start: the R1-Zero model answers {s.cold_start_problems} train problems x {s.k}; the longest "
+        f"correct replies fine-tune the base model -> {d1}"
+    )
+    st.run(
+        "cold_start",
+        d1 / "sft" / "model",
+        lambda: teach(
+            d1, teacher, base, cfg, s, s.cold_start_problems, s.cold_start_per_problem, True, cfg.seed + 1, progress
+        ),
+    )
     evals["cold_start"] = evaluated("cold_start", d1 / "sft" / "model")
 
     g2 = grpo_config(cfg, out / "reasoning_rl", d1 / "sft" / "model", s.rl_steps, s.language_weight)
@@ -72,27 +83,51 @@ def run(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     evals["reasoning_rl"] = evaluated("reasoning_rl", Path(g2.out) / "model")
 
     d3 = out / "rejection_sft"
-    log(f"[3/4] rejection sampling: the stage-2 model answers {s.rejection_problems} train problems x {s.k}; "
-        f"the correct, readable replies fine-tune the base model -> {d3}")
-    st.run("rejection_sft", d3 / "sft" / "model", lambda: teach(
-        d3, Path(g2.out) / "model", base, cfg, s, s.rejection_problems, s.rejection_per_problem, False,
-        cfg.seed + 2, progress))
+    log(
+        f"[3/4] rejection sampling: the stage-2 model answers {s.rejection_problems} train problems x {s.k}; "
+        f"the correct, readable replies fine-tune the base model -> {d3}"
+    )
+    st.run(
+        "rejection_sft",
+        d3 / "sft" / "model",
+        lambda: teach(
+            d3,
+            Path(g2.out) / "model",
+            base,
+            cfg,
+            s,
+            s.rejection_problems,
+            s.rejection_per_problem,
+            False,
+            cfg.seed + 2,
+            progress,
+        ),
+    )
     evals["rejection_sft"] = evaluated("rejection_sft", d3 / "sft" / "model")
 
-    g4 = grpo_config(cfg, out / "final_rl", d3 / "sft" / "model", s.final_rl_steps, s.language_weight,
-                     seed=cfg.seed + 4)
+    g4 = grpo_config(
+        cfg, out / "final_rl", d3 / "sft" / "model", s.final_rl_steps, s.language_weight, seed=cfg.seed + 4
+    )
     log(f"[4/4] final RL: {s.final_rl_steps} GRPO steps -> {g4.out}")
     st.run("final_rl", Path(g4.out) / "model", lambda: run_grpo(g4, progress))
     evals["final_rl"] = evaluated("final_rl", Path(g4.out) / "model")
 
     root = Path(cfg.out)
-    stages = {"base": dict(label="base model", **headline(evaluate(base, cfg, root / "eval_base.json")["summary"])),
-              "r1zero": dict(label="R1-Zero (GRPO on the base)",
-                             **headline(evaluate(teacher, cfg, root / "eval_final.json")["summary"]))}
+    stages = {
+        "base": dict(label="base model", **headline(evaluate(base, cfg, root / "eval_base.json")["summary"])),
+        "r1zero": dict(
+            label="R1-Zero (GRPO on the base)", **headline(evaluate(teacher, cfg, root / "eval_final.json")["summary"])
+        ),
+    }
     for name, label in STAGES:
         stages[name] = dict(label=label, **headline(evals[name]["summary"]), seconds=st.wall(name))
-    summary = {"recipe": "r1", "task": cfg.task, "task_args": cfg.task_args, "eval": eval_settings(cfg),
-               "stages": stages,
-               "data": {n: data_headline(out / n / "data_stats.json") for n in ("cold_start", "rejection_sft")},
-               **st.times()}
+    summary = {
+        "recipe": "r1",
+        "task": cfg.task,
+        "task_args": cfg.task_args,
+        "eval": eval_settings(cfg),
+        "stages": stages,
+        "data": {n: data_headline(out / n / "data_stats.json") for n in ("cold_start", "rejection_sft")},
+        **st.times(),
+    }
     return finish(out, summary, {"reasoning RL": out / "reasoning_rl", "final RL": out / "final_rl"}, log)

@@ -25,8 +25,16 @@ def run(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     stages = begin(cfg, out)
     base, rl = models(cfg)
     if not cfg.base_model:
-        pcfg = config.merge(cfg.pretrain, {"out": str(out / "pretrain"), "seed": cfg.seed, "tasks": [cfg.task],
-                                           "task_args": {cfg.task: cfg.task_args}, "report_to": cfg.report_to})
+        pcfg = config.merge(
+            cfg.pretrain,
+            {
+                "out": str(out / "pretrain"),
+                "seed": cfg.seed,
+                "tasks": [cfg.task],
+                "task_args": {cfg.task: cfg.task_args},
+                "report_to": cfg.report_to,
+            },
+        )
         log(f"[1/5] pretraining the tiny DeepSeek-V3 base model -> {pcfg.out}")
         stages.run("pretrain", base, lambda: run_pretrain(pcfg, progress))
     e = cfg.eval
@@ -38,7 +46,13 @@ def run(cfg: PipelineConfig, progress: bool = True, log=print) -> dict:
     log("[4/5] evaluating the RL model")
     stages.run("eval_final", out / "eval_final.json", lambda: evaluate(rl, cfg, out / "eval_final.json"))
     log("[5/5] writing the report")
-    summary = {"recipe": "r1zero", "task": cfg.task, "task_args": cfg.task_args, "eval": eval_settings(cfg),
-               "base": headline(evaluate(base, cfg, out / "eval_base.json")["summary"]),
-               "final": headline(evaluate(rl, cfg, out / "eval_final.json")["summary"]), **stages.times()}
+    summary = {
+        "recipe": "r1zero",
+        "task": cfg.task,
+        "task_args": cfg.task_args,
+        "eval": eval_settings(cfg),
+        "base": headline(evaluate(base, cfg, out / "eval_base.json")["summary"]),
+        "final": headline(evaluate(rl, cfg, out / "eval_final.json")["summary"]),
+        **stages.times(),
+    }
     return finish(out, summary, {"GRPO": out / "grpo"}, log)

@@ -43,41 +43,56 @@ def _render_r1zero(summary: dict) -> str:
         d = f"{100 * delta:+6.1f} pts" if pct else f"{delta:+7.1f}"
         return f"  {name:<22}{fmt(b[key])}   {fmt(f[key])}   {d}"
 
-    return "\n".join([f"R1-Zero in miniature ({summary['task']}, held-out problems)",
-                      f"  {'':<22}{'base':>7}   {'after RL':>7}   change",
-                      row("pass@1 (k samples)", "pass@1"), row("greedy accuracy", "greedy"), row("cons@k", "cons@k"),
-                      row("replies that think", "think_share"),
-                      *([row("replies that call a tool", "tool_share")] if b.get("tool_share") or f.get("tool_share")
-                        else []),
-                      row("mean reply tokens", "mean_length", pct=False),
-                      f"  wall time {summary['wall_seconds']:.0f} s"])
+    return "\n".join(
+        [
+            f"R1-Zero in miniature ({summary['task']}, held-out problems)",
+            f"  {'':<22}{'base':>7}   {'after RL':>7}   change",
+            row("pass@1 (k samples)", "pass@1"),
+            row("greedy accuracy", "greedy"),
+            row("cons@k", "cons@k"),
+            row("replies that think", "think_share"),
+            *([row("replies that call a tool", "tool_share")] if b.get("tool_share") or f.get("tool_share") else []),
+            row("mean reply tokens", "mean_length", pct=False),
+            f"  wall time {summary['wall_seconds']:.0f} s",
+        ]
+    )
 
 
 def _render_stages(summary: dict) -> str:
     e = summary["eval"]
     title = {"r1": "The R1 recipe in miniature", "distill": "Distillation vs RL on a small dense student"}
-    lines = [f"{title.get(summary['recipe'], summary['recipe'])} ({summary['task']}, {e['problems']} held-out "
-             f"problems, k={e['k']})"]
+    lines = [
+        f"{title.get(summary['recipe'], summary['recipe'])} ({summary['task']}, {e['problems']} held-out "
+        f"problems, k={e['k']})"
+    ]
     if "student" in summary:
         t, s = summary["teacher"], summary["student"]
-        lines.append(f"  teacher {t['params_total']:,} parameters ({t['params_active']:,} active); student "
-                     f"{s['params_total']:,} (dense, pretrained {s['pretrain_steps']} steps "
-                     "on the base model's corpus)")
+        lines.append(
+            f"  teacher {t['params_total']:,} parameters ({t['params_active']:,} active); student "
+            f"{s['params_total']:,} (dense, pretrained {s['pretrain_steps']} steps "
+            "on the base model's corpus)"
+        )
     lines.append(f"  {'':<34}{'pass@1':>8}{'greedy':>8}{'cons@k':>8}{'thinks':>8}{'tokens':>8}{'seconds':>9}")
     pct = lambda x: f"{100 * x:7.1f}%" if x is not None else f"{'-':>8}"  # noqa: E731
     for v in summary["stages"].values():
         sec = f"{v['seconds']:9.0f}" if v.get("seconds") is not None else f"{'':>9}"
-        lines.append(f"  {v['label']:<34}{pct(v['pass@1'])}{pct(v['greedy'])}{pct(v['cons@k'])}"
-                     f"{pct(v['think_share'])}{v['mean_length'] or 0:8.1f}{sec}")
+        lines.append(
+            f"  {v['label']:<34}{pct(v['pass@1'])}{pct(v['greedy'])}{pct(v['cons@k'])}"
+            f"{pct(v['think_share'])}{v['mean_length'] or 0:8.1f}{sec}"
+        )
     for name, d in summary.get("data", {}).items():
         rejected = ", ".join(f"{k} {v}" for k, v in d["rejected"].items()) or "none"
-        lines.append(f"  {name} data: {d['problems']} problems x {d['k']} samples -> {d['passed']} passed the "
-                     f"filters, {d['kept']} kept (mean reasoning {d['mean_reasoning_chars']:.0f} chars); rejected "
-                     f"{rejected}")
+        lines.append(
+            f"  {name} data: {d['problems']} problems x {d['k']} samples -> {d['passed']} passed the "
+            f"filters, {d['kept']} kept (mean reasoning {d['mean_reasoning_chars']:.0f} chars); rejected "
+            f"{rejected}"
+        )
     for name, a in summary.get("arms", {}).items():
         steps = f", {a['steps']} steps" if a.get("steps") else ""
-        lines.append(f"  {ARM_NAMES.get(name, name)}: {a['wall_seconds']:.0f} s wall ({a['cpu_seconds']:.0f} s CPU"
-                     f"{steps}); the teacher's own training is not counted")
+        lines.append(
+            f"  {ARM_NAMES.get(name, name)}: {a['wall_seconds']:.0f} s wall ({a['cpu_seconds']:.0f} s CPU"
+            f"{steps}); the teacher's own training is not counted"
+        )
     lines += [f"  {verdict(c)}" for c in summary.get("comparisons", [])]
     after = " (after the r1zero stages)" if summary["recipe"] != "r1zero" else ""
     lines.append(f"  wall time {summary['wall_seconds']:.0f} s{after}")
@@ -88,8 +103,10 @@ def verdict(c: dict) -> str:
     """One paired comparison in words: the difference, its 95% interval, and which arm is ahead."""
     first, second = ARM_NAMES.get(c["first"], c["first"]), ARM_NAMES.get(c["second"], c["second"])
     ci = f" ± {100 * c['interval95']:.1f}" if c["interval95"] is not None else ""
-    head = (f"{first} minus {second}: {100 * c['difference']:+.1f}{ci} pts pass@1 (95% interval, paired over "
-            f"{c['problems']} problems)")
+    head = (
+        f"{first} minus {second}: {100 * c['difference']:+.1f}{ci} pts pass@1 (95% interval, paired over "
+        f"{c['problems']} problems)"
+    )
     if c["winner"] == "neither":
         return head + ": no clear difference at this size and budget"
     return head + f": {first if c['winner'] == 'first' else second} is ahead"
@@ -107,6 +124,7 @@ def curve_points(rows: list[dict], key: str) -> tuple[tuple, tuple]:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,8 +144,9 @@ def plot_curves(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.plot(steps, [100 * v for v in vals] if pct else vals, color="#3b6fb6", lw=1.2, alpha=0.45)
         if len(vals) >= 5:  # a moving average makes the trend readable
             w = max(3, len(vals) // 10)
-            smooth = [sum(vals[max(0, i - w + 1): i + 1]) / len(vals[max(0, i - w + 1): i + 1])
-                      for i in range(len(vals))]
+            smooth = [
+                sum(vals[max(0, i - w + 1) : i + 1]) / len(vals[max(0, i - w + 1) : i + 1]) for i in range(len(vals))
+            ]
             ax.plot(steps, [100 * v for v in smooth] if pct else smooth, color="#1d3f73", lw=2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO step", fontsize=9)
@@ -142,8 +161,13 @@ def plot_curves(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def plot_bars(groups: list[tuple[str, dict]], keys: list[tuple[str, str]], title: str, path: Path,
-              colors=("#9aa7b8", "#1d3f73", "#3b6fb6", "#6f8fbf")) -> Path:
+def plot_bars(
+    groups: list[tuple[str, dict]],
+    keys: list[tuple[str, str]],
+    title: str,
+    path: Path,
+    colors=("#9aa7b8", "#1d3f73", "#3b6fb6", "#6f8fbf"),
+) -> Path:
     """Grouped bars: one group per (label, headline), one bar per (key, name), in percent."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.2, 1.1 * len(keys) * len(groups) / 2), 3.4), dpi=110)
@@ -176,23 +200,30 @@ def write_report(run_dir: str | Path, summary: dict, rl_runs: dict[str, Path]) -
     plots = run_dir / "plots"
     table = render(summary)
     if summary["recipe"] == "r1zero":
-        tools = [("tool_share", "calls a tool")] if summary["base"].get("tool_share") or \
-            summary["final"].get("tool_share") else []
-        bars = plot_bars([("base model", summary["base"]), ("after GRPO", summary["final"])],
-                         [("pass@1", "pass@1"), ("greedy", "greedy"), ("cons@k", "cons@k"), ("think_share", "thinks")]
-                         + tools, f"held-out {summary['task']}: before and after RL", plots / "before_after.png")
+        tools = (
+            [("tool_share", "calls a tool")]
+            if summary["base"].get("tool_share") or summary["final"].get("tool_share")
+            else []
+        )
+        bars = plot_bars(
+            [("base model", summary["base"]), ("after GRPO", summary["final"])],
+            [("pass@1", "pass@1"), ("greedy", "greedy"), ("cons@k", "cons@k"), ("think_share", "thinks")] + tools,
+            f"held-out {summary['task']}: before and after RL",
+            plots / "before_after.png",
+        )
     else:
         stages = list(summary["stages"].values())
         bars = _plot_stages(stages, summary, plots / "stages.png")
-    curves = {title: plot_curves(read_metrics(Path(d) / "metrics.jsonl"), plots / Path(d).name)
-              for title, d in rl_runs.items()}
+    curves = {
+        title: plot_curves(read_metrics(Path(d) / "metrics.jsonl"), plots / Path(d).name)
+        for title, d in rl_runs.items()
+    }
     examples = _examples(run_dir) if summary["recipe"] == "r1zero" else []
     comparisons = [verdict(c) for c in summary.get("comparisons", [])]
     compute = efficiency(run_dir)
     times = json.dumps(summary["stage_seconds"])
 
-    md = [f"# r1lab report: {summary['recipe']}", "", "```", table, "```", "",
-          f"![{bars.stem}](plots/{bars.name})", ""]
+    md = [f"# r1lab report: {summary['recipe']}", "", "```", table, "```", "", f"![{bars.stem}](plots/{bars.name})", ""]
     if comparisons:
         md += ["## The arms compared on the same problems", ""] + [f"- {c}" for c in comparisons] + [""]
     for title, paths in curves.items():
@@ -208,20 +239,26 @@ def write_report(run_dir: str | Path, summary: dict, rl_runs: dict[str, Path]) -
 
     parts = [f"<h1>r1lab report: {html.escape(summary['recipe'])}</h1>", f"<pre>{html.escape(table)}</pre>", _img(bars)]
     if comparisons:
-        parts += ["<h2>The arms compared on the same problems</h2>",
-                  "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in comparisons) + "</ul>"]
+        parts += [
+            "<h2>The arms compared on the same problems</h2>",
+            "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in comparisons) + "</ul>",
+        ]
     for title, paths in curves.items():
-        parts += [f"<h2>{html.escape(title)} over steps</h2>",
-                  "<div class=grid>" + "".join(map(_img, paths)) + "</div>"]
+        parts += [
+            f"<h2>{html.escape(title)} over steps</h2>",
+            "<div class=grid>" + "".join(map(_img, paths)) + "</div>",
+        ]
     if examples:
         parts.append("<h2>Replies to the same held-out problem, before and after RL</h2>")
         parts += [f"<h3>{html.escape(t)}</h3><pre>{html.escape(x)}</pre>" for t, x in examples]
     if compute:
         parts.append("<h2>Compute</h2><pre>" + html.escape("\n".join(compute)) + "</pre>")
     parts.append(f"<p>Stage seconds (wall, CPU): {html.escape(times)}</p>")
-    page = ("<!doctype html><meta charset=utf-8><title>r1lab report</title><style>body{font-family:system-ui,"
-            "sans-serif;max-width:1100px;margin:2em auto;color:#1b1f24}pre{background:#f4f6f8;padding:1em;"
-            "overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}</style>" + "".join(parts))
+    page = (
+        "<!doctype html><meta charset=utf-8><title>r1lab report</title><style>body{font-family:system-ui,"
+        "sans-serif;max-width:1100px;margin:2em auto;color:#1b1f24}pre{background:#f4f6f8;padding:1em;"
+        "overflow:auto}.grid{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}</style>" + "".join(parts)
+    )
     (run_dir / "report.html").write_text(page)
     return run_dir / "report.md", run_dir / "report.html"
 
@@ -281,6 +318,8 @@ def efficiency(run_dir: Path) -> list[str]:
         flops = sum(r[prefix + "flops"] for r in rows)
         mfu = [r[prefix + "mfu"] for r in rows if r.get(prefix + "mfu")]
         share = f", {100 * sum(mfu) / len(mfu):.2f}% of the measured matmul peak" if mfu else ""
-        lines.append(f"{stage:<9} {mean('tokens_per_s'):,.0f} tokens/s, {flops:.3g} FLOPs in all, "
-                     f"{mean('flops_per_s') / 1e9:.2f} GFLOP/s achieved{share}")
+        lines.append(
+            f"{stage:<9} {mean('tokens_per_s'):,.0f} tokens/s, {flops:.3g} FLOPs in all, "
+            f"{mean('flops_per_s') / 1e9:.2f} GFLOP/s achieved{share}"
+        )
     return lines

@@ -55,8 +55,11 @@ class Stages:
 
     def times(self) -> dict:
         """What a summary records of the time spent."""
-        return {"wall_seconds": self.total(), "stage_seconds": self.seconds,
-                "this_invocation_seconds": round(time.perf_counter() - self.started, 1)}
+        return {
+            "wall_seconds": self.total(),
+            "stage_seconds": self.seconds,
+            "this_invocation_seconds": round(time.perf_counter() - self.started, 1),
+        }
 
 
 def begin(cfg: PipelineConfig, directory: Path) -> Stages:
@@ -82,9 +85,17 @@ def evaluate(model_dir: Path, cfg: PipelineConfig, path: Path) -> dict:
 
     model, tok = load_model_and_tokenizer(model_dir)
     e = cfg.eval
-    ecfg = EvalConfig(task=cfg.task, task_args=cfg.task_args or {}, limit=e.limit, k=e.k, temperature=e.temperature,
-                      top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=0,
-                      template=cast(EvalTemplate, cfg.grpo.template))  # checked by GRPOConfig.validate
+    ecfg = EvalConfig(
+        task=cfg.task,
+        task_args=cfg.task_args or {},
+        limit=e.limit,
+        k=e.k,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=0,
+        template=cast(EvalTemplate, cfg.grpo.template),
+    )  # checked by GRPOConfig.validate
     tools = make_tool(cfg.grpo.tools, tok, cfg.grpo.tool_limits)  # the tool RL had, for every model evaluated
     result = run_eval(local_generator(model, tok, cfg.grpo.template, tools=tools), load_problems(ecfg), ecfg)
     write_report(result, path)
@@ -105,14 +116,22 @@ def announce(model_dir: Path, cfg: PipelineConfig, summary: dict) -> None:
 
 def headline(summary: dict) -> dict:
     """The figures a recipe's table shows of one evaluation."""
-    return {k: summary[k] for k in ("greedy", "pass@1", "cons@k", "think_share", "tool_share", "mean_length")
-            if k in summary}
+    return {
+        k: summary[k]
+        for k in ("greedy", "pass@1", "cons@k", "think_share", "tool_share", "mean_length")
+        if k in summary
+    }
 
 
 def eval_settings(cfg: PipelineConfig) -> dict:
     e = cfg.eval
-    return {"problems": e.limit, "k": e.k, "temperature": e.temperature, "top_p": e.top_p,
-            "max_new_tokens": e.max_new_tokens}
+    return {
+        "problems": e.limit,
+        "k": e.k,
+        "temperature": e.temperature,
+        "top_p": e.top_p,
+        "max_new_tokens": e.max_new_tokens,
+    }
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -126,22 +145,41 @@ def compare(a: dict, b: dict) -> dict:
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n) if n > 1 else float("inf")
     winner = "first" if mean - half > 0 else "second" if mean + half < 0 else "neither"
-    return {"first_pass@1": a["summary"]["pass@1"], "second_pass@1": b["summary"]["pass@1"], "difference": mean,
-            "interval95": half if math.isfinite(half) else None, "problems": n, "winner": winner}
+    return {
+        "first_pass@1": a["summary"]["pass@1"],
+        "second_pass@1": b["summary"]["pass@1"],
+        "difference": mean,
+        "interval95": half if math.isfinite(half) else None,
+        "problems": n,
+        "winner": winner,
+    }
 
 
 # ----------------------------------------------------------------------------- training stages
 
 
-def grpo_config(cfg: PipelineConfig, out: Path, model: Path, steps: int, language_weight: float = 0.0,
-                **extra) -> GRPOConfig:
+def grpo_config(
+    cfg: PipelineConfig, out: Path, model: Path, steps: int, language_weight: float = 0.0, **extra
+) -> GRPOConfig:
     """The pipeline's GRPO settings for one stage: its directory, starting model, steps and task."""
     rewards, weights = list(cfg.grpo.rewards), list(cfg.grpo.reward_weights)
     if language_weight and "language" not in rewards:
         rewards, weights = rewards + ["language"], weights + [language_weight]
-    return config.merge(cfg.grpo, {"out": str(out), "model": str(model), "seed": cfg.seed, "tasks": [cfg.task],
-                                   "task_args": {cfg.task: cfg.task_args}, "steps": steps, "rewards": rewards,
-                                   "reward_weights": weights, "report_to": cfg.report_to, **extra})
+    return config.merge(
+        cfg.grpo,
+        {
+            "out": str(out),
+            "model": str(model),
+            "seed": cfg.seed,
+            "tasks": [cfg.task],
+            "task_args": {cfg.task: cfg.task_args},
+            "steps": steps,
+            "rewards": rewards,
+            "reward_weights": weights,
+            "report_to": cfg.report_to,
+            **extra,
+        },
+    )
 
 
 def run_grpo(gcfg: GRPOConfig, progress: bool) -> Path:
@@ -180,8 +218,17 @@ def select_longest(kept: list[dict], per_problem: int, need_reasoning: bool = Fa
     return out
 
 
-def make_sft_data(out: Path, teacher: Path, cfg: PipelineConfig, problems: int, k: int, per_problem: int,
-                  need_reasoning: bool, seed: int, progress: bool) -> dict:
+def make_sft_data(
+    out: Path,
+    teacher: Path,
+    cfg: PipelineConfig,
+    problems: int,
+    k: int,
+    per_problem: int,
+    need_reasoning: bool,
+    seed: int,
+    progress: bool,
+) -> dict:
     """Teacher samples on train problems -> rejection sampling (r1lab.distill: finished, well-formed, correct,
     one language, no duplicates) -> the longest `per_problem` per problem -> `out/data.jsonl` in the r1zero
     format; returns the counts (also in `out/data_stats.json`). A finished dataset is reused."""
@@ -190,41 +237,83 @@ def make_sft_data(out: Path, teacher: Path, cfg: PipelineConfig, problems: int, 
     stats = out / "data_stats.json"
     if (out / "data.jsonl").is_file() and stats.is_file():
         return json.loads(stats.read_text())
-    dcfg = DistillConfig(out=str(out), teacher=str(teacher), student=str(teacher), tasks=[cfg.task],
-                         task_args={cfg.task: cfg.task_args or {}}, problems=problems, k=k,
-                         temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.grpo.max_new_tokens,
-                         teacher_template="r1zero", seed=seed)
+    dcfg = DistillConfig(
+        out=str(out),
+        teacher=str(teacher),
+        student=str(teacher),
+        tasks=[cfg.task],
+        task_args={cfg.task: cfg.task_args or {}},
+        problems=problems,
+        k=k,
+        temperature=cfg.eval.temperature,
+        top_p=cfg.eval.top_p,
+        max_new_tokens=cfg.grpo.max_new_tokens,
+        teacher_template="r1zero",
+        seed=seed,
+    )
     probs = load_problems(dcfg)
     passed, counts = filter_samples(sample_teacher(dcfg, probs, progress), probs)
     kept = select_longest(passed, per_problem, need_reasoning)
     for r in kept:
         r["messages"][-1]["content"] = r1zero_reply(r["messages"][-1]["content"])
     lengths = [len(split_reasoning(r["messages"][-1]["content"])[0] or "") for r in kept]
-    counts.update(k=k, passed=len(passed), kept=len(kept), problems_with_kept=len({r["id"] for r in kept}),
-                  per_problem=per_problem, need_reasoning=need_reasoning, teacher=str(teacher),
-                  mean_reasoning_chars=round(sum(lengths) / len(lengths), 1) if lengths else 0.0)
+    counts.update(
+        k=k,
+        passed=len(passed),
+        kept=len(kept),
+        problems_with_kept=len({r["id"] for r in kept}),
+        per_problem=per_problem,
+        need_reasoning=need_reasoning,
+        teacher=str(teacher),
+        mean_reasoning_chars=round(sum(lengths) / len(lengths), 1) if lengths else 0.0,
+    )
     if not kept:
-        raise ValueError(f"no sample of {teacher} passed the filters ({counts['candidates']} candidates, rejected: "
-                         f"{ {k: v for k, v in counts['rejected'].items() if v} }); raise k or the number of problems")
+        raise ValueError(
+            f"no sample of {teacher} passed the filters ({counts['candidates']} candidates, rejected: "
+            f"{ {k: v for k, v in counts['rejected'].items() if v} }); raise k or the number of problems"
+        )
     write_dataset(kept, counts, out)
     return counts
 
 
-def sft_on_data(out: Path, model: Path, cfg: PipelineConfig, epochs: int, lr: float, rows: int,
-                progress: bool) -> Path:
+def sft_on_data(out: Path, model: Path, cfg: PipelineConfig, epochs: int, lr: float, rows: int, progress: bool) -> Path:
     """Fine-tune `model` on `out/data.jsonl` with the r1zero template -> `out/sft/model`."""
     from r1lab.train.sft import SFTConfig, sft
 
-    scfg = SFTConfig(out=str(out / "sft"), model=str(model), data=str(out / "data.jsonl"), template="r1zero",
-                     epochs=epochs, seq_len=cfg.pretrain.seq_len, rows=rows, lr=lr, warmup=2, bf16=cfg.pretrain.bf16,
-                     eval_fraction=0.05, log_every=5, save_every=100, seed=cfg.seed, device="cpu",
-                     report_to=list(cfg.report_to))
+    scfg = SFTConfig(
+        out=str(out / "sft"),
+        model=str(model),
+        data=str(out / "data.jsonl"),
+        template="r1zero",
+        epochs=epochs,
+        seq_len=cfg.pretrain.seq_len,
+        rows=rows,
+        lr=lr,
+        warmup=2,
+        bf16=cfg.pretrain.bf16,
+        eval_fraction=0.05,
+        log_every=5,
+        save_every=100,
+        seed=cfg.seed,
+        device="cpu",
+        report_to=list(cfg.report_to),
+    )
     sft(scfg, progress=progress)
     return out / "sft" / "model"
 
 
-def teach(out: Path, teacher: Path, student: Path, cfg: PipelineConfig, settings, problems: int, per_problem: int,
-          need_reasoning: bool, seed: int, progress: bool) -> Path:
+def teach(
+    out: Path,
+    teacher: Path,
+    student: Path,
+    cfg: PipelineConfig,
+    settings,
+    problems: int,
+    per_problem: int,
+    need_reasoning: bool,
+    seed: int,
+    progress: bool,
+) -> Path:
     """A data stage: the teacher's filtered samples (`make_sft_data`), then SFT of the student on them."""
     make_sft_data(out, teacher, cfg, problems, settings.k, per_problem, need_reasoning, seed, progress)
     return sft_on_data(out, student, cfg, settings.sft_epochs, settings.sft_lr, settings.sft_rows, progress)
@@ -233,9 +322,15 @@ def teach(out: Path, teacher: Path, student: Path, cfg: PipelineConfig, settings
 def data_headline(path: Path) -> dict:
     """The counts of a data stage that a summary shows."""
     c = json.loads(Path(path).read_text())
-    return {"problems": c["problems"], "k": c["k"], "candidates": c["candidates"], "passed": c["passed"],
-            "kept": c["kept"], "mean_reasoning_chars": c["mean_reasoning_chars"],
-            "rejected": {k: v for k, v in c["rejected"].items() if v}}
+    return {
+        "problems": c["problems"],
+        "k": c["k"],
+        "candidates": c["candidates"],
+        "passed": c["passed"],
+        "kept": c["kept"],
+        "mean_reasoning_chars": c["mean_reasoning_chars"],
+        "rejected": {k: v for k, v in c["rejected"].items() if v},
+    }
 
 
 def finish(out: Path, summary: dict, rl_runs: dict[str, Path], log) -> dict:

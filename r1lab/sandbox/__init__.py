@@ -12,14 +12,28 @@ explicit opt-in) applies the resource limits and the clean environment only. See
 """
 
 from r1lab.sandbox.backends import (
-                                    BACKENDS,
-                                    SandboxUnavailable,
-                                    default_backend,
-                                    require,
-                                    set_default_backend,
-                                    unavailable,
+    BACKENDS,
+    SandboxUnavailable,
+    default_backend,
+    require,
+    set_default_backend,
+    unavailable,
 )
 from r1lab.sandbox.pool import STATUSES, Limits, Result, SandboxPool, close_default_pool, default_pool, run, submit
 
-__all__ = ["BACKENDS", "STATUSES", "Limits", "Result", "SandboxPool", "SandboxUnavailable", "default_backend",
-           "set_default_backend", "unavailable", "require", "default_pool", "close_default_pool", "run", "submit"]
+__all__ = [
+    "BACKENDS",
+    "STATUSES",
+    "Limits",
+    "Result",
+    "SandboxPool",
+    "SandboxUnavailable",
+    "default_backend",
+    "set_default_backend",
+    "unavailable",
+    "require",
+    "default_pool",
+    "close_default_pool",
+    "run",
+    "submit",
+]

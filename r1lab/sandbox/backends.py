@@ -15,8 +15,17 @@ from pathlib import Path
 
 from r1lab.config import ConfigError
 
-__all__ = ["BACKENDS", "UID_BASE", "SandboxUnavailable", "default_backend", "set_default_backend", "unavailable",
-           "require", "worker_command", "python_runtime"]
+__all__ = [
+    "BACKENDS",
+    "UID_BASE",
+    "SandboxUnavailable",
+    "default_backend",
+    "set_default_backend",
+    "unavailable",
+    "require",
+    "worker_command",
+    "python_runtime",
+]
 
 BACKENDS = ("bwrap", "process")
 # As root, slot i's programs run as uid UID_BASE + i: a uid no account uses, so RLIMIT_NPROC counts exactly that
@@ -24,9 +33,11 @@ BACKENDS = ("bwrap", "process")
 # with no capabilities at all).
 UID_BASE = 1_930_000_000
 WORKER = Path(__file__).with_name("worker.py")
-INSTALL = ("r1lab runs untrusted code only in a sandbox, and bubblewrap (bwrap) {why}: install it (apt-get install "
-           "bubblewrap, or your distribution's bubblewrap package) or pass --sandbox process (R1LAB_SANDBOX="
-           "process) to run programs with resource limits only, without filesystem or network isolation")
+INSTALL = (
+    "r1lab runs untrusted code only in a sandbox, and bubblewrap (bwrap) {why}: install it (apt-get install "
+    "bubblewrap, or your distribution's bubblewrap package) or pass --sandbox process (R1LAB_SANDBOX="
+    "process) to run programs with resource limits only, without filesystem or network isolation"
+)
 
 _default: str | None = None
 
@@ -73,8 +84,20 @@ def _bwrap_problem() -> str | None:
     exe = shutil.which("bwrap")
     if exe is None:
         return INSTALL.format(why="is not installed")
-    probe = [exe, "--unshare-net", "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
-             "--dev", "/dev", "true"]
+    probe = [
+        exe,
+        "--unshare-net",
+        "--unshare-pid",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "true",
+    ]
     if os.geteuid() != 0:
         probe[1:1] = ["--unshare-user"]
     try:
@@ -83,8 +106,10 @@ def _bwrap_problem() -> str | None:
         return INSTALL.format(why=f"could not be started ({e})")
     if run.returncode != 0:
         tail = " ".join(run.stderr.split())[-200:]
-        return INSTALL.format(why=f"cannot create namespaces here ({tail or f'exit code {run.returncode}'}; user "
-                                  f"namespaces may be disabled)")
+        return INSTALL.format(
+            why=f"cannot create namespaces here ({tail or f'exit code {run.returncode}'}; user "
+            f"namespaces may be disabled)"
+        )
     return None
 
 
@@ -105,8 +130,19 @@ def worker_command(backend: str, slot: int) -> list[str]:
     cfg = json.dumps({"mode": backend, "uid": UID_BASE + slot if root else -1})
     if backend == "process":
         return [exe, "-I", "-S", str(WORKER), cfg]
-    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-           "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox"]
+    cmd = [
+        shutil.which("bwrap") or "bwrap",
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--hostname",
+        "sandbox",
+    ]
     if not root:
         cmd.append("--unshare-user")
     for top in ("usr", "bin", "sbin", "lib", "lib32", "lib64"):  # the system's programs and libraries, read-only
@@ -120,8 +156,23 @@ def worker_command(backend: str, slot: int) -> list[str]:
             for parent in reversed(Path(d).parents[:-1]):  # e.g. /root, made traversable (bwrap copies 0700)
                 cmd += ["--perms", "0755", "--dir", str(parent)]
             cmd += ["--ro-bind", d, d]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", "/work", "--dir", "/tmp", "--dir", "/out",
-            "--ro-bind", str(WORKER), "/sandbox/worker.py", "--chdir", "/"]
+    cmd += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--dir",
+        "/work",
+        "--dir",
+        "/tmp",
+        "--dir",
+        "/out",
+        "--ro-bind",
+        str(WORKER),
+        "/sandbox/worker.py",
+        "--chdir",
+        "/",
+    ]
     # The zygote and its per-job judge keep what they need to build each program's namespaces, files, uid and
     # kill it; the program drops all of it before it runs.
     cmd += ["--cap-drop", "ALL"]

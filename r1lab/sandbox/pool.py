@@ -78,8 +78,13 @@ def _job(source: str, stdin: str, args: Sequence[str], tests: str | Sequence[str
         raise TypeError(f"source must be a str of Python code (got {type(source).__name__})")
     if isinstance(tests, str):
         tests = [tests]
-    return {"source": source, "stdin": stdin, "args": [str(a) for a in args],
-            "tests": None if tests is None else [str(t) for t in tests], "limits": asdict(limits)}
+    return {
+        "source": source,
+        "stdin": stdin,
+        "args": [str(a) for a in args],
+        "tests": None if tests is None else [str(t) for t in tests],
+        "limits": asdict(limits),
+    }
 
 
 class _Worker:
@@ -92,8 +97,14 @@ class _Worker:
 
     def start(self) -> None:
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(worker_command(self.backend, self.slot), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, env={}, bufsize=0)
+        self.proc = subprocess.Popen(
+            worker_command(self.backend, self.slot),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env={},
+            bufsize=0,
+        )
         ready = self._read(time.monotonic() + 30)
         if not (isinstance(ready, dict) and ready.get("ready")):
             raise RuntimeError(f"the {self.backend} sandbox did not start: {self._log_tail() or ready}")
@@ -174,13 +185,22 @@ class SandboxPool:
         self.limits = limits or Limits()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=self._serve, args=(slot,), daemon=True, name=f"sandbox-{slot}")
-                         for slot in range(self.workers)]
+        self._threads = [
+            threading.Thread(target=self._serve, args=(slot,), daemon=True, name=f"sandbox-{slot}")
+            for slot in range(self.workers)
+        ]
         for t in self._threads:
             t.start()
 
-    def submit(self, source: str, *, stdin: str = "", args: Sequence[str] = (),
-               tests: str | Sequence[str] | None = None, limits: Limits | None = None) -> Future:
+    def submit(
+        self,
+        source: str,
+        *,
+        stdin: str = "",
+        args: Sequence[str] = (),
+        tests: str | Sequence[str] | None = None,
+        limits: Limits | None = None,
+    ) -> Future:
         """Queue a program: `source` runs as `__main__` with `stdin` and `args` (sys.argv[1:]); then each test (Python
         source) runs in its namespace, and the program passes when it exits 0 and every test runs without raising."""
         if self._closed:

@@ -62,7 +62,7 @@ def unshare(flags):
 
 
 def mount(source, target, fstype, flags, data=None):
-    enc = (lambda s: None if s is None else s.encode())
+    enc = lambda s: None if s is None else s.encode()
     _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
 
 
@@ -103,7 +103,7 @@ def write_frame(fd, obj):
     body = json.dumps(obj).encode()
     data = struct.pack(">I", len(body)) + body
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 # ----------------------------------------------------------------------------- the program's process
@@ -186,9 +186,13 @@ def become_program(job, cfg, files, record_fd, work):
         os.dup2(fd, target)
     os.dup2(record_fd, 3)
     os.closerange(4, 1 << 16)
-    for name, value in (("RLIMIT_CPU", (limits["cpu_seconds"], limits["cpu_seconds"] + 1)),
-                        ("RLIMIT_FSIZE", limits["output_bytes"]), ("RLIMIT_NOFILE", limits["open_files"]),
-                        ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", limits["processes"] + cfg["nproc_base"])):
+    for name, value in (
+        ("RLIMIT_CPU", (limits["cpu_seconds"], limits["cpu_seconds"] + 1)),
+        ("RLIMIT_FSIZE", limits["output_bytes"]),
+        ("RLIMIT_NOFILE", limits["open_files"]),
+        ("RLIMIT_CORE", 0),
+        ("RLIMIT_NPROC", limits["processes"] + cfg["nproc_base"]),
+    ):
         soft, hard = value if isinstance(value, tuple) else (value, value)
         resource.setrlimit(getattr(resource, name), (int(soft), int(hard)))
     uid = cfg["uid"]
@@ -261,8 +265,12 @@ def judge_job(job, cfg, work, out):
     files = [os.open(stdin_path, os.O_RDONLY)]
     for name in ("stdout", "stderr"):
         files.append(os.open(os.path.join(out, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-    cfg = dict(cfg, token=os.urandom(16).hex(), tmp="/tmp" if cfg["mode"] == "bwrap" else None,
-               nproc_base=0 if cfg["uid"] >= 0 else count_processes(os.getuid()))
+    cfg = dict(
+        cfg,
+        token=os.urandom(16).hex(),
+        tmp="/tmp" if cfg["mode"] == "bwrap" else None,
+        nproc_base=0 if cfg["uid"] >= 0 else count_processes(os.getuid()),
+    )
     record_r, record_w = os.pipe()
     start = time.monotonic()
     pid = os.fork()
@@ -354,10 +362,18 @@ def verdict(job, token, records, killed, status, wall, cpu, out):
             detail = f"{len(tests) - passed} of {len(tests)} tests failed"
         else:
             detail = f"exit code {exit_code}"
-    return {"status": status_name, "exit_code": exit_code, "signal": signum, "detail": detail,
-            "stdout": _tail(os.path.join(out, "stdout")), "stderr": _tail(os.path.join(out, "stderr")),
-            "wall_seconds": wall, "cpu_seconds": cpu, "tests_passed": passed if tests is not None else None,
-            "tests_total": len(tests) if tests is not None else None}
+    return {
+        "status": status_name,
+        "exit_code": exit_code,
+        "signal": signum,
+        "detail": detail,
+        "stdout": _tail(os.path.join(out, "stdout")),
+        "stderr": _tail(os.path.join(out, "stderr")),
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "tests_passed": passed if tests is not None else None,
+        "tests_total": len(tests) if tests is not None else None,
+    }
 
 
 def _tail(path):
@@ -405,7 +421,7 @@ def _parents():
             try:
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     stat = f.read()
-                yield int(entry), int(stat[stat.rindex(b")") + 2:].split()[1])
+                yield int(entry), int(stat[stat.rindex(b")") + 2 :].split()[1])
             except (OSError, ValueError, IndexError):
                 pass
 

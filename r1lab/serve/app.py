@@ -45,11 +45,11 @@ from r1lab.serve.service import DEFAULT_MAX_TOKENS, ModelService, Prepared
 log = logging.getLogger("r1lab.serve")
 
 STATIC = Path(__file__).parent / "static"
-DISCONNECT_POLL_S = 0.25      # how often a non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 OPEN_PATHS = ("/", "/health", "/favicon.ico")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-MAX_HEAD_BYTES = 16 * 1024    # request line and headers (h11's default, fixed here)
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's default, fixed here)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -77,8 +77,9 @@ class _CancellingStream(StreamingResponse):
     """A streaming response that stops its generation however the stream ends (done, error, client gone)."""
 
     def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -100,11 +101,16 @@ class _BearerAuth:
             scheme, _, token = header.partition(b" ")
             problem = None
             if not header:
-                problem = ("You didn't provide an API key. Send it in the Authorization header: "
-                           "'Authorization: Bearer YOUR_KEY'.", None)
+                problem = (
+                    "You didn't provide an API key. Send it in the Authorization header: "
+                    "'Authorization: Bearer YOUR_KEY'.",
+                    None,
+                )
             elif scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                problem = ("Incorrect API key provided. Use the key the server was started with (--api-key).",
-                           "invalid_api_key")
+                problem = (
+                    "Incorrect API key provided. Use the key the server was started with (--api-key).",
+                    "invalid_api_key",
+                )
             if problem:
                 body = P.error_body(problem[0], code=problem[1])
                 await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
@@ -140,8 +146,10 @@ class _BodyLimits:
                     await _refuse(413, self._too_large(None), scope, receive, send)
                     return
         except asyncio.TimeoutError:
-            message = (f"The request body did not arrive within {self.timeout:g} s (got {size:,} bytes); send it "
-                       "at once, or start the server with a longer --body-timeout.")
+            message = (
+                f"The request body did not arrive within {self.timeout:g} s (got {size:,} bytes); send it "
+                "at once, or start the server with a longer --body-timeout."
+            )
             await _refuse(408, message, scope, receive, send)
             return
         body = b"".join(chunks)
@@ -157,8 +165,10 @@ class _BodyLimits:
 
     def _too_large(self, size: int | None) -> str:
         got = f" ({size:,} bytes)" if size is not None else ""
-        return (f"The request body is too large{got}: this server accepts at most {self.max_bytes:,} bytes. Shorten "
-                "the request, or start the server with a larger --max-body-mb.")
+        return (
+            f"The request body is too large{got}: this server accepts at most {self.max_bytes:,} bytes. Shorten "
+            "the request, or start the server with a larger --max-body-mb."
+        )
 
 
 class _HostCheck(TrustedHostMiddleware):
@@ -180,9 +190,11 @@ class _HostCheck(TrustedHostMiddleware):
         if host is not None and self._allows(host):
             await self.app(scope, receive, send)
             return
-        message = (f"This server does not answer to the Host {header!r}; it answers to "
-                   f"{', '.join(self.allowed_hosts)}{' and IP addresses' if self.any_ip else ''}. Start it with "
-                   f"--allowed-host {host or 'NAME'} to answer to that name too.")
+        message = (
+            f"This server does not answer to the Host {header!r}; it answers to "
+            f"{', '.join(self.allowed_hosts)}{' and IP addresses' if self.any_ip else ''}. Start it with "
+            f"--allowed-host {host or 'NAME'} to answer to that name too."
+        )
         await _refuse(400, message, scope, receive, send)
 
     def _allows(self, host: str) -> bool:
@@ -275,10 +287,17 @@ def _error(status: int, body: dict) -> JSONResponse:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(model_source, api_key: str | None = None, model_name: str | None = None, max_batch: int = 64,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServerLimits | None = None,
-               tools: str = "none") -> FastAPI:
+def create_app(
+    model_source,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_batch: int = 64,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    limits: ServerLimits | None = None,
+    tools: str = "none",
+) -> FastAPI:
     """The server for a model directory or a `(model, tokenizer)` pair. The engine thread starts with the app
     (its lifespan) and stops with it. `app.state.service` exposes the model service and its engine;
     `app.state.limits` the limits that `server_config` applies to the connections. `tools="python"` lets replies
@@ -294,8 +313,14 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
 
         lm, tokenizer = load_model_and_tokenizer(model_source, device=device, dtype=dtype)
         default_name = Path(str(model_source)).resolve().name
-    service = ModelService(lm, tokenizer, model_name or default_name or "r1lab", max_batch=max_batch,
-                           default_max_tokens=default_max_tokens, tools=make_tool(tools, tokenizer))
+    service = ModelService(
+        lm,
+        tokenizer,
+        model_name or default_name or "r1lab",
+        max_batch=max_batch,
+        default_max_tokens=default_max_tokens,
+        tools=make_tool(tools, tokenizer),
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -326,12 +351,16 @@ def create_app(model_source, api_key: str | None = None, model_name: str | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        known = {404: f"Unknown path {request.url.path}; the API is under /v1 (GET /v1/models).",
-                 405: f"Method {request.method} is not allowed on {request.url.path}."}
+        known = {
+            404: f"Unknown path {request.url.path}; the API is under /v1 (GET /v1/models).",
+            405: f"Method {request.method} is not allowed on {request.url.path}.",
+        }
         message = known.get(exc.status_code, str(exc.detail))
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):
-            message = ("We could not parse the JSON body of your request: it is not UTF-8 JSON, or it nests too "
-                       "deeply. Send a JSON object.")
+            message = (
+                "We could not parse the JSON body of your request: it is not UTF-8 JSON, or it nests too "
+                "deeply. Send a JSON object."
+            )
         return _error(exc.status_code, P.error_body(message, code={404: "not_found"}.get(exc.status_code)))
 
     @app.exception_handler(Exception)
@@ -572,12 +601,17 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str = "info", g
     limits: ServerLimits = app.state.limits
     names, any_ip = allowed_host_names(host, limits.allowed_hosts)
     return uvicorn.Config(
-        _HostCheck(app, names, any_ip), host=host, port=port, log_level=log_level,
+        _HostCheck(app, names, any_ip),
+        host=host,
+        port=port,
+        log_level=log_level,
         # uvicorn calls `http` to make each connection's protocol: a factory works, though it annotates a class
         http=functools.partial(_HeadTimeoutH11, header_timeout=limits.header_timeout),  # type: ignore[arg-type]
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]  # annotated int; used as seconds (float)
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_graceful_shutdown=graceful_shutdown_s)
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_graceful_shutdown=graceful_shutdown_s,
+    )
 
 
 class BackgroundServer:
@@ -619,32 +653,57 @@ def check_listen(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except socket.gaierror as e:
-            raise ValueError(f"--host {host!r} is not an address of this machine ({e.strerror}); use 127.0.0.1 "
-                             "(this machine only) or 0.0.0.0 (every interface)") from None
+            raise ValueError(
+                f"--host {host!r} is not an address of this machine ({e.strerror}); use 127.0.0.1 "
+                "(this machine only) or 0.0.0.0 (every interface)"
+            ) from None
         except OSError as e:
-            hint = ("stop what listens there, or pick another --port (0: any free one)"
-                    if e.errno == errno.EADDRINUSE else "check --host and --port")
+            hint = (
+                "stop what listens there, or pick another --port (0: any free one)"
+                if e.errno == errno.EADDRINUSE
+                else "check --host and --port"
+            )
             raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); {hint}") from None
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_batch: int = 64, device="cpu", dtype=torch.float32,
-          log_level: str = "info", limits: ServerLimits | None = None, tools: str = "none") -> None:
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_batch: int = 64,
+    device="cpu",
+    dtype=torch.float32,
+    log_level: str = "info",
+    limits: ServerLimits | None = None,
+    tools: str = "none",
+) -> None:
     """`r1lab serve`: load the model, print where to find it, serve until interrupted."""
     import uvicorn
 
     limits = (limits or ServerLimits()).validate()
     check_listen(host, port)
-    app = create_app(model_dir, api_key=api_key, model_name=model_name, max_batch=max_batch, device=device,
-                     dtype=dtype, limits=limits, tools=tools)
+    app = create_app(
+        model_dir,
+        api_key=api_key,
+        model_name=model_name,
+        max_batch=max_batch,
+        device=device,
+        dtype=dtype,
+        limits=limits,
+        tools=tools,
+    )
     name = app.state.service.name
     shown = "localhost" if host in WILDCARD_HOSTS else f"[{host}]" if ":" in host else host
     names, any_ip = allowed_host_names(host, limits.allowed_hosts)
-    print(f"r1lab: serving {name} (context {app.state.service.context} tokens, up to {max_batch} rows per step)\n"
-          f"  web chat  http://{shown}:{port}/\n"
-          f"  API       http://{shown}:{port}/v1   (OpenAI-compatible; model name {json.dumps(name)})\n"
-          f"  answers to Host {', '.join(names)}{' and IP addresses' if any_ip else ''} (more: --allowed-host NAME)"
-          + ("\n  API key required: Authorization: Bearer ..." if api_key else "")
-          + (f"\n  tool: {tools} (replies' programs run in the sandbox on this machine)" if tools != "none" else ""),
-          flush=True)
+    print(
+        f"r1lab: serving {name} (context {app.state.service.context} tokens, up to {max_batch} rows per step)\n"
+        f"  web chat  http://{shown}:{port}/\n"
+        f"  API       http://{shown}:{port}/v1   (OpenAI-compatible; model name {json.dumps(name)})\n"
+        f"  answers to Host {', '.join(names)}{' and IP addresses' if any_ip else ''} (more: --allowed-host NAME)"
+        + ("\n  API key required: Authorization: Bearer ..." if api_key else "")
+        + (f"\n  tool: {tools} (replies' programs run in the sandbox on this machine)" if tools != "none" else ""),
+        flush=True,
+    )
     uvicorn.Server(server_config(app, host, port, log_level)).run()

@@ -29,18 +29,20 @@ log = logging.getLogger("r1lab.serve")
 @dataclass
 class Event:
     """New output of one choice of a job. `finish_reason` is set on the choice's last event."""
-    choice: int                       # index among the request's choices (job.choice_offset + sample index)
-    text: str                         # text since the previous event of this choice
-    tokens: int                       # tokens generated so far by this choice
+
+    choice: int  # index among the request's choices (job.choice_offset + sample index)
+    text: str  # text since the previous event of this choice
+    tokens: int  # tokens generated so far by this choice
     finish_reason: str | None = None  # "stop" | "length" | "tool_limit" | "error"
-    token_ids: list[int] | None = None   # on finish: every generated id (stop token included)
-    full_text: str | None = None      # on finish: the whole completion text
+    token_ids: list[int] | None = None  # on finish: every generated id (stop token included)
+    full_text: str | None = None  # on finish: the whole completion text
     error: str | None = None
 
 
 @dataclass
 class Job:
     """One prompt to complete `params.n` times; `emit` receives lists of Events, called from the engine thread."""
+
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[list[Event]], None]
@@ -52,6 +54,7 @@ class Job:
 @dataclass
 class EngineStats:
     """Counters the tests and the benchmark read: evidence that requests shared steps, and that cancels happened."""
+
     steps: int = 0
     prefills: int = 0
     tokens: int = 0
@@ -67,24 +70,24 @@ class TextTracker:
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
         self.decode, self.stop = decode, stop
-        self.prefix = self.read = 0       # token offsets: context for the decoder / tokens already turned into text
+        self.prefix = self.read = 0  # token offsets: context for the decoder / tokens already turned into text
         self.sent = ""
         self.pending = ""
 
     def push(self, ids: list[int]) -> str:
-        before = self.decode(ids[self.prefix:self.read])
-        now = self.decode(ids[self.prefix:])
+        before = self.decode(ids[self.prefix : self.read])
+        now = self.decode(ids[self.prefix :])
         if len(now) > len(before) and not now.endswith("\ufffd"):  # not in the middle of a multi-byte character
-            self.pending += now[len(before):]
+            self.pending += now[len(before) :]
             self.prefix, self.read = self.read, len(ids)
         hold = _stop_prefix_suffix(self.pending, self.stop)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         self.sent += out
         return out
 
     def finish(self, final_text: str) -> str:
         if final_text.startswith(self.sent):
-            return final_text[len(self.sent):]
+            return final_text[len(self.sent) :]
         log.warning("streamed text diverged from the final text; the stream keeps what it sent")
         return ""
 
@@ -104,7 +107,7 @@ def _stop_prefix_suffix(text: str, stops: list[str]) -> int:
 class _Active:
     job: Job
     trackers: list[TextTracker]
-    left: int                         # choices not finished yet
+    left: int  # choices not finished yet
 
 
 class Engine:
@@ -180,8 +183,13 @@ class Engine:
             batch = self.sampler.new_batch(on_program_done=self._wake)
             while True:
                 with self._cond:
-                    while (not self._stop and not self._waiting and not self._cancels and not len(batch)
-                           and not batch.due(ordered=False)):
+                    while (
+                        not self._stop
+                        and not self._waiting
+                        and not self._cancels
+                        and not len(batch)
+                        and not batch.due(ordered=False)
+                    ):
                         self._cond.wait(1.0)
                     if self._stop:
                         break
@@ -242,8 +250,9 @@ class Engine:
             for job in jobs:
                 self._fail(job, f"generation failed: {type(e).__name__}: {e}")
             if batch.rows is rows and batch.state is state:  # their own prefill failed (out of memory, say)
-                log.warning("prefill of %d job(s) failed (%s: %s); the running rows go on", len(jobs),
-                            type(e).__name__, e)
+                log.warning(
+                    "prefill of %d job(s) failed (%s: %s); the running rows go on", len(jobs), type(e).__name__, e
+                )
                 return
             raise  # the running batch may be half-changed: it resets
         self.stats.prefills += 1
@@ -254,11 +263,14 @@ class Engine:
         """Join `jobs` to the batch; returns the rows that finished at their first token."""
         for job in jobs:
             decode, stop = self.sampler.decode, job.params.stop
-            self._active[job.id] = _Active(job, [TextTracker(decode, stop) for _ in range(job.params.n)],
-                                           job.params.n)
+            self._active[job.id] = _Active(job, [TextTracker(decode, stop) for _ in range(job.params.n)], job.params.n)
         try:
-            return batch.add([j.prompt_ids for j in jobs], [j.params for j in jobs], [j.id for j in jobs],
-                             [j.generator for j in jobs])
+            return batch.add(
+                [j.prompt_ids for j in jobs],
+                [j.params for j in jobs],
+                [j.id for j in jobs],
+                [j.generator for j in jobs],
+            )
         except Exception:
             for job in jobs:
                 self._active.pop(job.id, None)
@@ -299,9 +311,16 @@ class Engine:
             if a is None:
                 continue
             final = self.sampler.finish(row, 0).text
-            out.setdefault(jid, (a.job, []))[1].append(Event(
-                a.job.choice_offset + j, a.trackers[j].finish(final), len(row.token_ids), row.finish_reason,
-                list(row.token_ids), final))
+            out.setdefault(jid, (a.job, []))[1].append(
+                Event(
+                    a.job.choice_offset + j,
+                    a.trackers[j].finish(final),
+                    len(row.token_ids),
+                    row.finish_reason,
+                    list(row.token_ids),
+                    final,
+                )
+            )
             self.stats.finished_rows += 1
             a.left -= 1
             if a.left == 0:
@@ -320,8 +339,13 @@ class Engine:
     def _fail(self, job: Job, message: str) -> None:
         self._active.pop(job.id, None)
         self.stats.failed_jobs += 1
-        self._emit(job, [Event(c, "", 0, "error", error=message)
-                         for c in range(job.choice_offset, job.choice_offset + job.params.n)])
+        self._emit(
+            job,
+            [
+                Event(c, "", 0, "error", error=message)
+                for c in range(job.choice_offset, job.choice_offset + job.params.n)
+            ],
+        )
 
     def _fail_all(self, message: str) -> None:
         for a in list(self._active.values()):

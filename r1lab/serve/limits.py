@@ -14,14 +14,17 @@ from r1lab.config import opt
 @dataclass
 class ServerLimits:
     """Limits on clients; the defaults suit a server on a laptop or a LAN."""
+
     max_body_mb: float = opt(1.0, "largest request body in MiB (413 beyond); raise it for long-context models")
-    header_timeout: float = opt(10.0, "seconds a client has to send a request's line and headers; then the "
-                                      "connection is closed")
+    header_timeout: float = opt(
+        10.0, "seconds a client has to send a request's line and headers; then the connection is closed"
+    )
     body_timeout: float = opt(30.0, "seconds a client has to send a whole request body (408 beyond)")
     max_connections: int = opt(512, "open connections (or requests in progress) beyond which requests get 503")
     keep_alive: float = opt(5.0, "seconds an idle keep-alive connection stays open")
-    allowed_hosts: tuple[str, ...] = opt((), "Host names answered besides localhost and the bound host "
-                                             "('*.example.com' patterns; '*' answers any)")
+    allowed_hosts: tuple[str, ...] = opt(
+        (), "Host names answered besides localhost and the bound host ('*.example.com' patterns; '*' answers any)"
+    )
 
     def validate(self) -> ServerLimits:
         """Named as `r1lab serve` spells them (--max-body-mb ...)."""

@@ -15,23 +15,32 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 import r1lab
 
-MAX_STOP = 4           # OpenAI accepts up to 4 stop sequences
-MAX_STOP_CHARS = 256   # per stop sequence: the sampler decodes that many tokens back at every step to look for it
-MAX_N = 16             # choices per request; each is a row in the running batch (and at most --max-batch)
+MAX_STOP = 4  # OpenAI accepts up to 4 stop sequences
+MAX_STOP_CHARS = 256  # per stop sequence: the sampler decodes that many tokens back at every step to look for it
+MAX_N = 16  # choices per request; each is a row in the running batch (and at most --max-batch)
 MAX_MESSAGES = 10_000  # messages per chat, prompts per completion request: a count checked before the items are,
-MAX_PROMPTS = 2_048    # so a body of a million tiny items fails at once instead of holding the event loop
+MAX_PROMPTS = 2_048  # so a body of a million tiny items fails at once instead of holding the event loop
 FINGERPRINT = f"r1lab-{r1lab.__version__}"
 
-REASONING_IN_INPUT = ("The reasoning_content is an intermediate result for display purposes only and will not be "
-                      "included in the context for inference. Please remove the reasoning_content from your API "
-                      "request before sending it again.")
+REASONING_IN_INPUT = (
+    "The reasoning_content is an intermediate result for display purposes only and will not be "
+    "included in the context for inference. Please remove the reasoning_content from your API "
+    "request before sending it again."
+)
 
 
 class APIError(Exception):
     """An error answered to the client with an HTTP status and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -39,8 +48,9 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -55,8 +65,11 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     param = "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else str(x)) for i, x in enumerate(loc)) or None
     if e.get("type") == "json_invalid":
         ctx = (e.get("ctx") or {}).get("error", "")
-        return (f"We could not parse the JSON body of your request ({ctx}). The body must be a JSON object; "
-                "check quoting and commas.", None)
+        return (
+            f"We could not parse the JSON body of your request ({ctx}). The body must be a JSON object; "
+            "check quoting and commas.",
+            None,
+        )
     if e.get("type") == "missing":
         if param is None:
             return "The request body is empty; send a JSON object.", None
@@ -93,8 +106,9 @@ class ChatMessage(_Body):
         for part in v:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, "
-                                 f"not {kind!r}")
+                raise ValueError(
+                    f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, not {kind!r}"
+                )
         return v
 
     def text(self) -> str:
@@ -116,6 +130,7 @@ Seed = Annotated[StrictInt, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
 class SamplingFields(_Body):
     """The sampling parameters both endpoints share. `top_k` and `ignore_eos` are extensions (as in vLLM): top_k 0
     or -1 is off, and a top_k at or above the vocabulary size keeps every token, as off does."""
+
     model: str | None = None
     temperature: Annotated[StrictFloat, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
     top_p: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
@@ -181,8 +196,10 @@ class CompletionRequest(SamplingFields):
             return v
         if all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in v):
             return v
-        raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of non-empty "
-                         "token-id lists (not a mix)")
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids, or a list of non-empty "
+            "token-id lists (not a mix)"
+        )
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -204,27 +221,48 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
-    u: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-         "total_tokens": prompt_tokens + completion_tokens}
+    u: dict = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if reasoning_tokens is not None:
         u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return u
 
 
 def chat_completion(rid: str, model: str, choices: list[dict], usage_: dict, created: int | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage_}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+        "usage": usage_,
+    }
 
 
 def chat_choice(index: int, reasoning: str | None, content: str, finish_reason: str) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
-            "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
 
 
-def chat_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None,
-               with_usage_field: bool = False) -> dict:
-    c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "system_fingerprint": FINGERPRINT, "choices": choices}
+def chat_chunk(
+    rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None, with_usage_field: bool = False
+) -> dict:
+    c = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+    }
     if usage_ is not None or with_usage_field:
         c["usage"] = usage_
     return c
@@ -234,10 +272,17 @@ def chunk_choice(index: int, delta: dict, finish_reason: str | None = None) -> d
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def text_completion(rid: str, model: str, choices: list[dict], usage_: dict | None, created: int,
-                    chunk: bool = False) -> dict:
-    c = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "system_fingerprint": FINGERPRINT, "choices": choices}
+def text_completion(
+    rid: str, model: str, choices: list[dict], usage_: dict | None, created: int, chunk: bool = False
+) -> dict:
+    c = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+    }
     if not chunk or usage_ is not None:
         c["usage"] = usage_
     return c

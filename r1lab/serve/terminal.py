@@ -30,9 +30,14 @@ class Printer:
         try:
             from rich.console import Console
 
-            self.console: Console | None = Console(file=self.out, force_terminal=color, no_color=not color,
-                                                   highlight=False, soft_wrap=True,
-                                                   color_system="standard" if color else None)
+            self.console: Console | None = Console(
+                file=self.out,
+                force_terminal=color,
+                no_color=not color,
+                highlight=False,
+                soft_wrap=True,
+                color_system="standard" if color else None,
+            )
         except ImportError:
             self.console = None
         self.color = color
@@ -55,12 +60,13 @@ class Turn:
     reasoning: str
     content: str
     tokens: int
-    finish_reason: str          # "stop", "length", "interrupted" or "error"
+    finish_reason: str  # "stop", "length", "interrupted" or "error"
 
 
 @dataclass
 class TerminalChat:
     """A conversation: its history (answers only, as the API expects) and the settings of each reply."""
+
     service: ModelService
     printer: Printer
     temperature: float = 0.6
@@ -74,8 +80,9 @@ class TerminalChat:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": text})
         try:
-            req = P.ChatCompletionRequest(messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
-                                          seed=self.seed)
+            req = P.ChatCompletionRequest(
+                messages=messages, temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed
+            )
             prep = self.service.prepare(req)
         except P.APIError as e:
             self.printer.write(f"error: {e.message}\n", "red")
@@ -122,7 +129,7 @@ class TerminalChat:
             at = 0
             for kind, piece in tool_spans("".join(reasoning)):  # a tool call and its output stand out
                 if at + len(piece) > start:
-                    self.printer.write(piece[max(0, start - at):], TOOL_STYLES[kind])
+                    self.printer.write(piece[max(0, start - at) :], TOOL_STYLES[kind])
                 at += len(piece)
         if c:
             if not content:
@@ -150,8 +157,16 @@ class TerminalChat:
             self.reply(text)
 
 
-def run_chat(model_dir: str, temperature: float = 0.6, max_tokens: int | None = None, seed: int | None = None,
-             system: str | None = None, device="cpu", dtype=None, tools: str = "none") -> None:
+def run_chat(
+    model_dir: str,
+    temperature: float = 0.6,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    system: str | None = None,
+    device="cpu",
+    dtype=None,
+    tools: str = "none",
+) -> None:
     """`r1lab chat MODEL_DIR`: load the model and talk to it until the user leaves (with `tools="python"`, replies
     may call the Python tool; programs run in the sandbox)."""
     import torch
@@ -163,8 +178,9 @@ def run_chat(model_dir: str, temperature: float = 0.6, max_tokens: int | None = 
     service = ModelService(model, tok, name=str(model_dir), max_batch=1, tools=make_tool(tools, tok))
     service.engine.start()
     try:
-        chat = TerminalChat(service, Printer(), temperature=temperature, max_tokens=max_tokens, seed=seed,
-                            system=system)
+        chat = TerminalChat(
+            service, Printer(), temperature=temperature, max_tokens=max_tokens, seed=seed, system=system
+        )
         chat.loop()
     finally:
         service.engine.close()

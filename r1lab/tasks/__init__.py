@@ -17,8 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Problem", "Task", "SyntheticTask", "R1_MATH_INSTRUCTION", "TEST_PER_MILLE", "split_of",
-           "get_task", "list_tasks", "register_task"]
+__all__ = [
+    "Problem",
+    "Task",
+    "SyntheticTask",
+    "R1_MATH_INSTRUCTION",
+    "TEST_PER_MILLE",
+    "split_of",
+    "get_task",
+    "list_tasks",
+    "register_task",
+]
 
 # What the R1 evaluation protocol appends to a math question (DeepSeek-R1 paper, evaluation setup).
 R1_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -105,8 +114,10 @@ class SyntheticTask:
             problem.meta["key"] = key
             out.append(problem)
         if len(out) < n:
-            raise ValueError(f"{self.name}: found only {len(out)} distinct {split} problems of the {n} asked for "
-                             f"with these knobs; ask for fewer or widen the knobs (more digits, larger ranges)")
+            raise ValueError(
+                f"{self.name}: found only {len(out)} distinct {split} problems of the {n} asked for "
+                f"with these knobs; ask for fewer or widen the knobs (more digits, larger ranges)"
+            )
         return out
 
 
@@ -127,9 +138,11 @@ _BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
 
 def register_task(name: str):
     """Decorator adding a Task class or factory to the registry under `name`."""
+
     def deco(factory):
         _REGISTRY[name] = factory
         return factory
+
     return deco
 
 
@@ -161,8 +174,11 @@ class TaskKnobError(ValueError, TypeError):
 
 def _knobs_taken(factory) -> str:
     try:
-        names = [p.name for p in inspect.signature(factory).parameters.values()
-                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "name"]
+        names = [
+            p.name
+            for p in inspect.signature(factory).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "name"
+        ]
     except (TypeError, ValueError):  # a factory whose signature cannot be read
         return "see the task's docstring for its knobs"
     return f"its knobs are {', '.join(names)}" if names else "it takes no knobs"

@@ -64,7 +64,7 @@ def extract_boxed(text: str) -> str | None:
         elif token == "}":
             box = stack.pop() if stack else None
             if box is not None and (found is None or box[0] > found[0]):
-                found = (box[0], text[box[1]:m.start()])
+                found = (box[0], text[box[1] : m.start()])
         elif len(token) > 2:  # \boxed{ or \fbox{
             stack.append((m.start(), m.end()))
         # else an escaped brace, as in \{1, 2\}: it does not nest
@@ -81,7 +81,7 @@ def _last_tagged(text: str) -> str | None:
         j = text.find(_ANSWER_CLOSE, i + len(_ANSWER_OPEN))
         if j == -1:
             break
-        found, pos = text[i + len(_ANSWER_OPEN):j], j + len(_ANSWER_CLOSE)
+        found, pos = text[i + len(_ANSWER_OPEN) : j], j + len(_ANSWER_CLOSE)
     return found
 
 
@@ -136,4 +136,3 @@ def grade(predicted: str | None, gold: str | None) -> bool | None:
 def _blank_to_none(s: str) -> str | None:
     s = s.strip()
     return s or None
-

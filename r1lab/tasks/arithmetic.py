@@ -35,11 +35,14 @@ class Arithmetic(SyntheticTask):
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(f"need 1 <= min_digits <= max_digits (got min_digits={self.min_digits}, "
-                             f"max_digits={self.max_digits})")
+            raise ValueError(
+                f"need 1 <= min_digits <= max_digits (got min_digits={self.min_digits}, max_digits={self.max_digits})"
+            )
         if not 1 <= self.min_mul_digits <= self.mul_digits:
-            raise ValueError(f"need 1 <= min_mul_digits <= mul_digits (got min_mul_digits={self.min_mul_digits}, "
-                             f"mul_digits={self.mul_digits})")
+            raise ValueError(
+                f"need 1 <= min_mul_digits <= mul_digits (got min_mul_digits={self.min_mul_digits}, "
+                f"mul_digits={self.mul_digits})"
+            )
         bad = set(self.ops) - set(OPS)
         if not self.ops or bad:
             raise ValueError(f"ops must be a non-empty string of {OPS!r} (got {self.ops!r})")
@@ -55,8 +58,14 @@ class Arithmetic(SyntheticTask):
             a, b = b, a
         key = f"{a}{op}{b}" if op == "-" else f"{min(a, b)}{op}{max(a, b)}"
         reasoning, answer = worked(a, op, b)
-        return key, Problem(id=f"{a}{op}{b}", task=self.name, prompt=f"What is {a} {op} {b}?", answer=str(answer),
-                            reasoning=reasoning, meta={"a": a, "op": op, "b": b})
+        return key, Problem(
+            id=f"{a}{op}{b}",
+            task=self.name,
+            prompt=f"What is {a} {op} {b}?",
+            answer=str(answer),
+            reasoning=reasoning,
+            meta={"a": a, "op": op, "b": b},
+        )
 
     def check(self, predicted: str | None, problem: Problem) -> bool | None:
         value = parse_number(predicted)
@@ -83,11 +92,11 @@ def worked(a: int, op: str, b: int) -> tuple[str, int]:
 
 
 def _number(rng: random.Random, digits: int) -> int:
-    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
 def _digit(n: int, i: int) -> int:
-    return n // 10 ** i % 10
+    return n // 10**i % 10
 
 
 def _add(a: int, b: int) -> str:
@@ -134,7 +143,7 @@ def _mul(a: int, b: int) -> str:
     for j in range(len(str(b))):
         d = _digit(b, j)
         p = a * d
-        partials.append(p * 10 ** j)
-        steps.append(f"{a}*{d}={p}" + (f", shift {p * 10 ** j}." if j else "."))
+        partials.append(p * 10**j)
+        steps.append(f"{a}*{d}={p}" + (f", shift {p * 10**j}." if j else "."))
     steps.append("+".join(map(str, partials)) + f"={a * b}.")
     return " ".join(steps + [f"so {a * b}"])

@@ -35,8 +35,9 @@ def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
         return [Path(data_dir)]
     env = os.environ.get("R1LAB_DATA")
     if env and not Path(env).is_dir():  # a typo here would otherwise fall through to other data, silently
-        raise FileNotFoundError(f"R1LAB_DATA={env} is not a folder; point it at the folder holding gsm8k/, "
-                                "math500/, ... or unset it")
+        raise FileNotFoundError(
+            f"R1LAB_DATA={env} is not a folder; point it at the folder holding gsm8k/, math500/, ... or unset it"
+        )
     dirs = [Path(env)] if env else []
     return dirs + [Path.cwd().parent / "shared" / "data", _REPO.parent / "shared" / "data"]
 
@@ -58,8 +59,9 @@ def load_benchmark(name: str, split: str = "test", data_dir: str | os.PathLike |
                     if line.strip():
                         rows.append(json.loads(line))
                 except ValueError as e:  # bad JSON, or not UTF-8
-                    raise ValueError(f"{path}:{i}: not a JSON line ({e}); restore the file or point R1LAB_DATA "
-                                     "elsewhere") from None
+                    raise ValueError(
+                        f"{path}:{i}: not a JSON line ({e}); restore the file or point R1LAB_DATA elsewhere"
+                    ) from None
             return [_problem(name, split, i, row) for i, row in enumerate(rows)]
     try:
         import datasets
@@ -69,7 +71,8 @@ def load_benchmark(name: str, split: str = "test", data_dir: str | os.PathLike |
         where = ", ".join(str(p) for p in tried)
         raise FileNotFoundError(
             f"benchmark {name!r} ({split}) not found: no file at {where}, and datasets.load_dataset({hub!r}) failed "
-            f"({type(e).__name__}: {str(e)[:200]}); put the JSONL there, set R1LAB_DATA, or allow hub access") from e
+            f"({type(e).__name__}: {str(e)[:200]}); put the JSONL there, set R1LAB_DATA, or allow hub access"
+        ) from e
     return [_problem(name, split, i, dict(row)) for i, row in enumerate(rows)]
 
 
@@ -78,18 +81,28 @@ def _problem(name: str, split: str, index: int, row: dict) -> Problem:
     try:
         if name == "gsm8k":
             solution, _, final = row["answer"].rpartition("####")
-            return Problem(id=f"{split}/{index}", task=name, prompt=row["question"],
-                           answer=final.strip().replace(",", ""), meta={"solution": solution.strip()})
+            return Problem(
+                id=f"{split}/{index}",
+                task=name,
+                prompt=row["question"],
+                answer=final.strip().replace(",", ""),
+                meta={"solution": solution.strip()},
+            )
         text = row.get("problem") or row["question"]
         if name == "math500":
-            return Problem(id=row.get("unique_id", f"{split}/{index}"), task=name, prompt=text, answer=row["answer"],
-                           meta={"level": row.get("level"), "subject": row.get("subject"),
-                                 "solution": row.get("solution")})
+            return Problem(
+                id=row.get("unique_id", f"{split}/{index}"),
+                task=name,
+                prompt=text,
+                answer=row["answer"],
+                meta={"level": row.get("level"), "subject": row.get("subject"), "solution": row.get("solution")},
+            )
         meta = {"url": row.get("url")} if row.get("url") else {}
         if row.get("solution"):
             meta["solution"] = row["solution"]
-        return Problem(id=str(row.get("id", index)), task=name, prompt=text, answer=_integer_answer(row["answer"]),
-                       meta=meta)
+        return Problem(
+            id=str(row.get("id", index)), task=name, prompt=text, answer=_integer_answer(row["answer"]), meta=meta
+        )
     except KeyError as e:
         raise ValueError(f"{name} row {index} has no field {e}; fields are {sorted(row)}") from None
 

@@ -20,8 +20,12 @@ from r1lab.tasks import Problem, SyntheticTask
 
 OPS = "+-*/"
 MAX_EXPRESSION_CHARS = 200
-_BINOPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
-           ast.Div: lambda x, y: x / y}
+_BINOPS = {
+    ast.Add: lambda x, y: x + y,
+    ast.Sub: lambda x, y: x - y,
+    ast.Mult: lambda x, y: x * y,
+    ast.Div: lambda x, y: x / y,
+}
 RULES = " Use + - * / and each number at most once; answer with the expression."
 
 
@@ -60,9 +64,14 @@ class Countdown(SyntheticTask):
             listed = ", ".join(map(str, numbers))
             reasoning = " ".join(f"{x}{op}{y}={z}." for x, op, y, z in steps) + f" so {expression}"
             key = f"{listed}->{target}"
-            return key, Problem(id=key.replace(" ", ""), task=self.name,
-                                prompt=f"Use the numbers {listed} to make {target}." + (RULES if self.rules else ""),
-                                answer=expression, reasoning=reasoning, meta={"numbers": numbers, "target": target})
+            return key, Problem(
+                id=key.replace(" ", ""),
+                task=self.name,
+                prompt=f"Use the numbers {listed} to make {target}." + (RULES if self.rules else ""),
+                answer=expression,
+                reasoning=reasoning,
+                meta={"numbers": numbers, "target": target},
+            )
         raise RuntimeError(f"countdown: no solvable instance found with knobs {self}; widen max_target or ops")
 
     def check(self, predicted: str | None, problem: Problem) -> bool | None:
@@ -132,9 +141,16 @@ def _random_chain(rng: random.Random, chain: list[int], ops: str) -> list[tuple[
     step a no-op (* 1, / 1). None when some step has no allowed op."""
     acc, steps = chain[0], []
     for y in chain[1:]:
-        allowed = [op for op in ops if (op == "+" or (op == "-" and acc > y)
-                                        or (op == "*" and acc > 1 and y > 1)
-                                        or (op == "/" and y > 1 and acc % y == 0))]
+        allowed = [
+            op
+            for op in ops
+            if (
+                op == "+"
+                or (op == "-" and acc > y)
+                or (op == "*" and acc > 1 and y > 1)
+                or (op == "/" and y > 1 and acc % y == 0)
+            )
+        ]
         if not allowed:
             return None
         op = rng.choice(allowed)

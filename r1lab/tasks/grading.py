@@ -104,28 +104,41 @@ def shutdown() -> None:
 
 # --- the parent's side: a pool of workers -------------------------------------------------------------------
 
+
 class _Worker:
     """One grading process: a JSON request per line on its stdin, a JSON reply per line on its stdout."""
 
     def __init__(self):
         boot = f"import sys; sys.path.insert(0, {_ROOT!r}); from r1lab.tasks.grading import _serve; _serve()"
-        self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", boot],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
         ready = self._read(STARTUP_S)
         if not ready or "error" in ready:
             exited = self.proc.poll()
             self.kill()
-            why = (ready["error"] if ready else f"it exited with code {exited}" if exited is not None
-                   else f"no reply within {STARTUP_S:g} s")
-            raise RuntimeError(f"the math grading worker did not start ({why}); check that math-verify imports: "
-                               f"{sys.executable} -c 'import math_verify'")
+            why = (
+                ready["error"]
+                if ready
+                else f"it exited with code {exited}"
+                if exited is not None
+                else f"no reply within {STARTUP_S:g} s"
+            )
+            raise RuntimeError(
+                f"the math grading worker did not start ({why}); check that math-verify imports: "
+                f"{sys.executable} -c 'import math_verify'"
+            )
 
     def ask(self, request: dict) -> dict | None:
         """The reply, or None when the worker ran past DEADLINE_S or died (the caller kills it). Raises
         BrokenPipeError when the worker was already gone before the request."""
         data = json.dumps(request).encode() + b"\n"
         while data:
-            data = data[os.write(self.proc.stdin.fileno(), data):]
+            data = data[os.write(self.proc.stdin.fileno(), data) :]
         return self._read(DEADLINE_S)
 
     def _read(self, timeout: float) -> dict | None:
@@ -257,6 +270,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # --- the worker's side --------------------------------------------------------------------------------------
 
+
 def _serve() -> None:
     """A worker's life: cap its memory, import math-verify, then answer one request per line until stdin closes."""
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
@@ -315,8 +329,13 @@ def _parse(s: str) -> tuple:
     from math_verify import LatexExtractionConfig, parse
 
     try:
-        parsed = parse("\\boxed{" + s + "}", extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
-                       extraction_mode="first_match", fallback_mode="no_fallback", parsing_timeout=PARSE_TIMEOUT_S)
+        parsed = parse(
+            "\\boxed{" + s + "}",
+            extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+            extraction_mode="first_match",
+            fallback_mode="no_fallback",
+            parsing_timeout=PARSE_TIMEOUT_S,
+        )
     except Exception:  # MemoryError at the cap included
         return ()
     objects = tuple(x for x in parsed if not isinstance(x, str))

@@ -53,8 +53,11 @@ class HumanEval(CodeTask):
         rows = load_humaneval()
         if n is not None and n < 0:
             raise ValueError(f"n must be >= 0 or None for all (got {n})")
-        keep = range(len(rows)) if n is None or n >= len(rows) else sorted(
-            random.Random(f"{self.name}/{split}/{seed}").sample(range(len(rows)), n))
+        keep = (
+            range(len(rows))
+            if n is None or n >= len(rows)
+            else sorted(random.Random(f"{self.name}/{split}/{seed}").sample(range(len(rows)), n))
+        )
         return [_problem(rows[i]) for i in keep]
 
     def program(self, code: str, problem: Problem) -> str:
@@ -69,9 +72,13 @@ class HumanEval(CodeTask):
 
 def _problem(row: dict) -> Problem:
     stub = row["prompt"]
-    return Problem(id=row["task_id"], task="humaneval", prompt=f"{INSTRUCTION}\n\n```python\n{stub.rstrip()}\n```",
-                   answer=stub + row["canonical_solution"],
-                   meta={"stub": stub, "entry_point": row["entry_point"], "test": row["test"]})
+    return Problem(
+        id=row["task_id"],
+        task="humaneval",
+        prompt=f"{INSTRUCTION}\n\n```python\n{stub.rstrip()}\n```",
+        answer=stub + row["canonical_solution"],
+        meta={"stub": stub, "entry_point": row["entry_point"], "test": row["test"]},
+    )
 
 
 def split_check(test: str, entry_point: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Linear equations in one unknown with integer solutions, solved by moving terms then dividing.
 
-    Solve for x: 3x + 7 = 22.        3x=22-7=15. x=15/3=5. so 5
-    Solve for x: 5x + 3 = 2x + 15.   5x-2x=3x. 3x=15-3=12. x=12/3=4. so 4
+Solve for x: 3x + 7 = 22.        3x=22-7=15. x=15/3=5. so 5
+Solve for x: 5x + 3 = 2x + 15.   5x-2x=3x. 3x=15-3=12. x=12/3=4. so 4
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class LinearEquation(SyntheticTask):
                 if e == 0 or (e < 0 and not self.negatives):
                     continue
                 lhs, rhs = _linear(a, b), _linear(d, e)
-                reasoning = (f"{a}x-{d}x={a - d}x. {a - d}x={e}{_signed(-b)}={e - b}. "
-                             f"x={e - b}/{a - d}={x}. so {x}")
+                reasoning = f"{a}x-{d}x={a - d}x. {a - d}x={e}{_signed(-b)}={e - b}. x={e - b}/{a - d}={x}. so {x}"
                 key = f"{a},{b},{d},{e}"
             else:
                 a = rng.randint(2, self.max_coef)
@@ -58,8 +57,14 @@ class LinearEquation(SyntheticTask):
                 lhs, rhs = _linear(a, b), str(c)
                 reasoning = f"{a}x={c}{_signed(-b)}={c - b}. x={c - b}/{a}={x}. so {x}"
                 key = f"{a},{b},{c}"
-            return key, Problem(id=key, task=self.name, prompt=f"Solve for x: {lhs} = {rhs}.", answer=str(x),
-                                reasoning=reasoning, meta={"x": x})
+            return key, Problem(
+                id=key,
+                task=self.name,
+                prompt=f"Solve for x: {lhs} = {rhs}.",
+                answer=str(x),
+                reasoning=reasoning,
+                meta={"x": x},
+            )
 
     def check(self, predicted: str | None, problem: Problem) -> bool | None:
         value = parse_number(predicted)

@@ -37,20 +37,35 @@ KINDS = ("int", "fit", "list", "str")
 # name -> (words, code over `e` (the expression so far) and `k`, the precedence `e` needs to go unparenthesised,
 # the precedence of the result): Python's own (+ - below * // % below **), an unparenthesised name is 9.
 INT_OPS = {
-    "add": ("add {k}", "{e}+{k}", 1, 1), "sub": ("subtract {k}", "{e}-{k}", 1, 1),
+    "add": ("add {k}", "{e}+{k}", 1, 1),
+    "sub": ("subtract {k}", "{e}-{k}", 1, 1),
     "rsub": ("subtract it from {k}", "{k}-{e}", 2, 1),
-    "mul": ("multiply by {k}", "{e}*{k}", 2, 2), "div": ("floor-divide by {k}", "{e}//{k}", 2, 2),
-    "mod": ("take it mod {k}", "{e}%{k}", 2, 2), "sq": ("square it", "{e}**2", 9, 3),
+    "mul": ("multiply by {k}", "{e}*{k}", 2, 2),
+    "div": ("floor-divide by {k}", "{e}//{k}", 2, 2),
+    "mod": ("take it mod {k}", "{e}%{k}", 2, 2),
+    "sq": ("square it", "{e}**2", 9, 3),
 }
-FILTERS = {"even": ("keep the even ones", "x%2==0"), "odd": ("keep the odd ones", "x%2==1"),
-           "gt": ("keep those over {k}", "x>{k}"), "lt": ("keep those under {k}", "x<{k}")}
+FILTERS = {
+    "even": ("keep the even ones", "x%2==0"),
+    "odd": ("keep the odd ones", "x%2==1"),
+    "gt": ("keep those over {k}", "x>{k}"),
+    "lt": ("keep those under {k}", "x<{k}"),
+}
 MAPS = {"mul": ("times {k}", "x*{k}"), "add": ("plus {k}", "x+{k}"), "sq": ("squared", "x*x")}
-REDUCES = {"sum": ("sum", "sum({g})"), "count": ("count", "len([{g}])"),
-           "max": ("max, 0 if none", "max([{g}], default=0)"),
-           "list": ("as a list", "[{g}]")}
-STR_OPS = {"rev": ("reverse it", "s[::-1]"), "upper": ("upper-case it", "s.upper()"),
-           "count": ("count the letter {c}", "s.count('{c}')"), "head": ("first {k} letters", "s[:{k}]"),
-           "twice": ("repeat it {k} times", "s*{k}"), "swap": ("replace {c} by {d}", "s.replace('{c}', '{d}')")}
+REDUCES = {
+    "sum": ("sum", "sum({g})"),
+    "count": ("count", "len([{g}])"),
+    "max": ("max, 0 if none", "max([{g}], default=0)"),
+    "list": ("as a list", "[{g}]"),
+}
+STR_OPS = {
+    "rev": ("reverse it", "s[::-1]"),
+    "upper": ("upper-case it", "s.upper()"),
+    "count": ("count the letter {c}", "s.count('{c}')"),
+    "head": ("first {k} letters", "s[:{k}]"),
+    "twice": ("repeat it {k} times", "s*{k}"),
+    "swap": ("replace {c} by {d}", "s.replace('{c}', '{d}')"),
+}
 LETTERS = "abcde"
 JUDGED_CACHE = 8192  # judgements a task keeps, most recently asked for
 
@@ -64,9 +79,9 @@ class PyFunc(CodeTask, SyntheticTask):
 
     steps: int = 2
     kinds: str = "int,list"
-    min_steps: int = 1               # fewest operations in an integer chain
+    min_steps: int = 1  # fewest operations in an integer chain
     int_ops: str = ",".join(INT_OPS)  # the integer chain's operations, a comma-separated subset of INT_OPS
-    fit_digits: int = 2              # digits of a fitted line's f(0) and f(1)
+    fit_digits: int = 2  # digits of a fitted line's f(0) and f(1)
     max_const: int = 9
     n_tests: int = 5
     name: ClassVar[str] = "pyfunc"
@@ -77,9 +92,11 @@ class PyFunc(CodeTask, SyntheticTask):
         if not kinds or set(kinds) - set(KINDS):
             raise ValueError(f"kinds must be a comma-separated list of {', '.join(KINDS)} (got {self.kinds!r})")
         if not 1 <= self.min_steps <= self.steps or self.max_const < 2 or self.n_tests < 1 or self.fit_digits < 2:
-            raise ValueError(f"pyfunc needs 1 <= min_steps <= steps, max_const >= 2, n_tests >= 1 and fit_digits >= 2 "
-                             f"(got min_steps={self.min_steps}, steps={self.steps}, max_const={self.max_const}, "
-                             f"n_tests={self.n_tests}, fit_digits={self.fit_digits})")
+            raise ValueError(
+                f"pyfunc needs 1 <= min_steps <= steps, max_const >= 2, n_tests >= 1 and fit_digits >= 2 "
+                f"(got min_steps={self.min_steps}, steps={self.steps}, max_const={self.max_const}, "
+                f"n_tests={self.n_tests}, fit_digits={self.fit_digits})"
+            )
         ops = [o.strip() for o in self.int_ops.split(",") if o.strip()]
         if not ops or set(ops) - set(INT_OPS):
             raise ValueError(f"int_ops must be a comma-separated list of {', '.join(INT_OPS)} (got {self.int_ops!r})")
@@ -95,8 +112,14 @@ class PyFunc(CodeTask, SyntheticTask):
             tests = self._tests(rng, kind, code)
             if self.n_tests == 1 or len({t.rsplit(" == ", 1)[1] for t in tests}) > 1:
                 break
-        problem = Problem(id=code, task=self.name, prompt=f"f({arg}): {spec}.", answer=code,
-                          reasoning=reasoning, meta={"entry_point": "f", "tests": tests, "kind": kind})
+        problem = Problem(
+            id=code,
+            task=self.name,
+            prompt=f"f({arg}): {spec}.",
+            answer=code,
+            reasoning=reasoning,
+            meta={"entry_point": "f", "tests": tests, "kind": kind},
+        )
         return code, problem
 
     def tests(self, problem: Problem) -> list[str]:
@@ -133,7 +156,7 @@ class PyFunc(CodeTask, SyntheticTask):
     def _fit(self, rng):
         """x*a+b from its values at 0 and 1, both of `fit_digits` digits: b is f(0), and a = f(1)-f(0) is worked out
         column by column (as the arithmetic task writes subtraction), so that constant must be computed, not copied."""
-        top = 10 ** self.fit_digits - 1
+        top = 10**self.fit_digits - 1
         b = rng.randint(10 ** (self.fit_digits - 1), top - 2)
         a = rng.randint(2, top - b)
         work = worked(a + b, "-", b)[0]

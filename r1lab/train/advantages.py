@@ -19,6 +19,7 @@ def register_advantage(name: str):
     def deco(fn: AdvantageFn) -> AdvantageFn:
         ADVANTAGES[name] = fn
         return fn
+
     return deco
 
 

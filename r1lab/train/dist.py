@@ -78,8 +78,10 @@ def check_parallel(parallel: str, lora: bool = False) -> None:
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL)} (got {parallel!r})")
     if parallel == "fsdp" and lora:
-        raise ValueError("parallel fsdp does not work with LoRA here (adapters are merged on a whole model); use "
-                         "--parallel ddp: the frozen base is small next to full fine-tuning's optimiser state")
+        raise ValueError(
+            "parallel fsdp does not work with LoRA here (adapters are merged on a whole model); use "
+            "--parallel ddp: the frozen base is small next to full fine-tuning's optimiser state"
+        )
 
 
 # ----------------------------------------------------------------------------- collectives (no-ops in one process)
@@ -181,8 +183,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if isinstance(m, Block) or type(m).__name__ in names]
     if not blocks:
-        raise ValueError(f"parallel fsdp found no transformer blocks in {type(base).__name__} to shard; "
-                         "use --parallel ddp")
+        raise ValueError(
+            f"parallel fsdp found no transformer blocks in {type(base).__name__} to shard; use --parallel ddp"
+        )
     return blocks
 
 
@@ -321,8 +324,13 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
         state = {}
         for i, s in sd["state"].items():
             p = params[int(i)]
-            state[i] = {k: (distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-                            if torch.is_tensor(v) and _sharded(p) and v.shape == p.shape else v)
-                        for k, v in s.items()}
+            state[i] = {
+                k: (
+                    distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                    if torch.is_tensor(v) and _sharded(p) and v.shape == p.shape
+                    else v
+                )
+                for k, v in s.items()
+            }
         sd = {**sd, "state": state}
     opt.load_state_dict(sd)

@@ -61,8 +61,10 @@ class GRPOConfig:
     tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks whose train splits give the prompts")
     task_args: dict[str, dict] = opt(factory=dict, help="knobs per task as JSON")
     template: str = opt("r1zero", "prompt format: r1zero, r1, or model (the tokenizer's own chat template)")
-    rewards: list[str] = opt(factory=lambda: ["accuracy", "format"],
-                             help="reward names (" + ", ".join(list_rewards()) + ") or path.py:function")
+    rewards: list[str] = opt(
+        factory=lambda: ["accuracy", "format"],
+        help="reward names (" + ", ".join(list_rewards()) + ") or path.py:function",
+    )
     reward_weights: list[float] = opt(factory=lambda: [1.0, 0.1], help="one weight per reward")
     steps: int = opt(40, "GRPO steps (rollout + update)")
     max_seconds: float = opt(0.0, "stop after the step that reaches this much training time (0: no limit)")
@@ -71,8 +73,11 @@ class GRPOConfig:
     max_new_tokens: int = opt(96, "most tokens per completion")
     temperature: float = opt(1.0, "sampling temperature of the rollouts (and of the log-probs trained on)")
     top_p: float = opt(1.0, "nucleus sampling of the rollouts")
-    tools: str = opt("none", "a tool the policy may call while it thinks: none or python (its programs run in the "
-                             "sandbox; the tool's output is context, never trained on; r1lab.tools)")
+    tools: str = opt(
+        "none",
+        "a tool the policy may call while it thinks: none or python (its programs run in the "
+        "sandbox; the tool's output is context, never trained on; r1lab.tools)",
+    )
     tool_limits: ToolLimits = opt(factory=ToolLimits, help="")
     lr: float = opt(5e-5, "peak learning rate")
     warmup: int = opt(5, "linear warm-up steps")
@@ -84,26 +89,36 @@ class GRPOConfig:
     policy_loss: str = opt("clip", "objective: " + ", ".join(losses.POLICY_LOSSES) + " (r1lab.train.losses)")
     epsilon_low: float = opt(0.2, "lower clip range (CISPO: of its importance weight)")
     epsilon_high: float = opt(0.2, "upper clip range: 0.28 is DAPO's clip-higher; GSPO wants about 4e-4")
-    rollout_correction: str = opt("none", "importance sampling against the engine's log-probs: "
-                                          + ", ".join(losses.ROLLOUT_CORRECTIONS))
+    rollout_correction: str = opt(
+        "none", "importance sampling against the engine's log-probs: " + ", ".join(losses.ROLLOUT_CORRECTIONS)
+    )
     correction_low: float = opt(0.5, "masked IS: tokens or sequences whose pi_old/mu is below this get no loss")
     correction_high: float = opt(2.0, "truncated IS: the weight's cap; masked IS: above this, no loss")
-    teacher: str = opt("", "on-policy distillation: a model directory with the same tokenizer whose per-token reverse "
-                           "KL to the student joins the advantages")
+    teacher: str = opt(
+        "",
+        "on-policy distillation: a model directory with the same tokenizer whose per-token reverse "
+        "KL to the student joins the advantages",
+    )
     teacher_weight: float = opt(1.0, "scale of the teacher's per-token advantage")
     advantage: str = opt("grpo", "advantage estimator: " + ", ".join(ADVANTAGES))
     advantage_scale: bool = opt(True, "divide by the group's std (false: Dr. GRPO)")
-    loss_agg: str = opt("seq-mean", "loss aggregation: " + ", ".join(losses.AGGREGATIONS)
-                                    + " (seq-mean: GRPO; token-mean: DAPO; drgrpo: Dr. GRPO)")
+    loss_agg: str = opt(
+        "seq-mean",
+        "loss aggregation: " + ", ".join(losses.AGGREGATIONS) + " (seq-mean: GRPO; token-mean: DAPO; drgrpo: Dr. GRPO)",
+    )
     dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and draw more prompts")
     max_resample_rounds: int = opt(3, "dynamic sampling's extra draws per step")
     mask_truncated: bool = opt(False, "DAPO overlong filtering: no loss on completions cut at max_new_tokens")
     mu: int = opt(1, "optimiser steps per rollout batch")
-    balance_experts: bool = opt(False, "keep nudging the MoE routing biases during RL (off: routing stays as "
-                                       "pretrained, so the policy changes only through the rewards' gradient)")
+    balance_experts: bool = opt(
+        False,
+        "keep nudging the MoE routing biases during RL (off: routing stays as "
+        "pretrained, so the policy changes only through the rewards' gradient)",
+    )
     micro_batch_tokens: int = opt(16384, "training tokens per forward (gradient accumulation above that)")
-    row_tokens: int = opt(256, "packed row length for models without the grouped layout (a longer group gets a "
-                               "row alone)")
+    row_tokens: int = opt(
+        256, "packed row length for models without the grouped layout (a longer group gets a row alone)"
+    )
     bf16: bool | None = opt(None, "bf16 autocast; none: on GPUs with bf16, float32 on CPUs")
     hf: HFOptions = opt(factory=HFOptions, help="")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (CUDA when present)")
@@ -115,11 +130,15 @@ class GRPOConfig:
     log_every: int = opt(1, "steps between metrics rows")
     save_every: int = opt(20, "steps between checkpoints")
     seed: int = opt(0, "seed of the prompts drawn and of the samples")
-    report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
-                                                  "samples: tensorboard, wandb, mlflow (comma-separated; each an "
-                                                  "extra: pip install 'r1lab[wandb]')")
-    report_samples: int = opt(4, "completions (prompt, reply, reward) sent to the --report-to trackers as a table "
-                                 "each logged step; 0: none")
+    report_to: list[str] = opt(
+        factory=list,
+        help="experiment trackers that also get the metrics, config and "
+        "samples: tensorboard, wandb, mlflow (comma-separated; each an "
+        "extra: pip install 'r1lab[wandb]')",
+    )
+    report_samples: int = opt(
+        4, "completions (prompt, reply, reward) sent to the --report-to trackers as a table each logged step; 0: none"
+    )
 
     def validate(self) -> GRPOConfig:
         config.require_finite(self)
@@ -134,17 +153,30 @@ class GRPOConfig:
         if not self.rewards and not self.teacher:
             raise ValueError("give at least one reward (--rewards), or a --teacher to distil from on-policy")
         if self.teacher and self.dynamic_sampling and not self.rewards:
-            raise ValueError("dynamic_sampling drops groups whose rewards are equal: with a teacher and no rewards "
-                             "every group would be dropped; turn it off")
+            raise ValueError(
+                "dynamic_sampling drops groups whose rewards are equal: with a teacher and no rewards "
+                "every group would be dropped; turn it off"
+            )
         if self.teacher_weight < 0:
             raise ValueError(f"teacher_weight must be >= 0 (got {self.teacher_weight})")
         if len(self.rewards) != len(self.reward_weights):
-            raise ValueError(f"rewards ({len(self.rewards)}) and reward_weights ({len(self.reward_weights)}) "
-                             "must have the same length")
+            raise ValueError(
+                f"rewards ({len(self.rewards)}) and reward_weights ({len(self.reward_weights)}) "
+                "must have the same length"
+            )
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for group-relative advantages (got {self.num_generations})")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_tokens", "row_tokens",
-                     "log_every", "save_every", "eval_problems"):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "max_new_tokens",
+            "mu",
+            "micro_batch_tokens",
+            "row_tokens",
+            "log_every",
+            "save_every",
+            "eval_problems",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.temperature <= 0:
@@ -175,8 +207,9 @@ class GRPOConfig:
         get_advantage(self.advantage), losses.get_aggregation(self.loss_agg), losses.get_kl(self.kl_estimator)
         losses.get_policy_loss(self.policy_loss), losses.get_rollout_correction(self.rollout_correction)
         if not 0 < self.correction_low <= 1 <= self.correction_high:
-            raise ValueError(f"need 0 < correction_low <= 1 <= correction_high (got {self.correction_low}, "
-                             f"{self.correction_high})")
+            raise ValueError(
+                f"need 0 < correction_low <= 1 <= correction_high (got {self.correction_low}, {self.correction_high})"
+            )
         for t in self.tasks:
             get_task(t, **self.task_args.get(t, {}))
         for spec in self.rewards:
@@ -196,8 +229,13 @@ class GRPOTrainer:
         from r1lab.model.load import load_model_and_tokenizer
 
         session = loop.open_run(cfg, resume)
-        self.cfg, self.run, self.bf16, self.peak, self.state = \
-            cfg, session.run, session.bf16, session.peak, session.state
+        self.cfg, self.run, self.bf16, self.peak, self.state = (
+            cfg,
+            session.run,
+            session.bf16,
+            session.peak,
+            session.state,
+        )
         device, finished = session.device, session.finished
         self.progress = progress
         torch.manual_seed(cfg.seed)  # LoRA's initial adapters
@@ -214,12 +252,14 @@ class GRPOTrainer:
         self.native = type(base_model(model)).__name__ == "DeepseekV3"
         # prompts once per group in training: native models, and Llama-family ones unless FSDP shards their layers
         # (FastDecoder calls a layer's modules, not its forward, where FSDP gathers the shards)
-        self.grouped = self.native or (grouped_model(model) is not None
-                                       and not (dist.active() and cfg.parallel == "fsdp"))
+        self.grouped = self.native or (
+            grouped_model(model) is not None and not (dist.active() and cfg.parallel == "fsdp")
+        )
         self.ref = None
         if cfg.beta > 0:  # the initial policy, frozen (a resumed run rebuilds it from the starting model)
-            self.ref = (load_model_and_tokenizer(cfg.model, device=self.device)[0] if self.state
-                        else copy.deepcopy(model))
+            self.ref = (
+                load_model_and_tokenizer(cfg.model, device=self.device)[0] if self.state else copy.deepcopy(model)
+            )
             self.ref.eval().requires_grad_(False)
         self.teacher = load_teacher(cfg.teacher, tokenizer, self.device) if cfg.teacher and not finished else None
         # the training forward: plain, or inside DDP / FSDP under torchrun (before the optimiser: FSDP shards)
@@ -231,8 +271,10 @@ class GRPOTrainer:
         self.sampler: Sampler | VLLMRollout
         if cfg.rollout == "vllm":
             if self.native:
-                raise ValueError("--rollout vllm samples transformers models; r1lab's native DeepSeek-V3 samples with "
-                                 "--rollout r1lab")
+                raise ValueError(
+                    "--rollout vllm samples transformers models; r1lab's native DeepSeek-V3 samples with "
+                    "--rollout r1lab"
+                )
             from r1lab.train.vllm_rollout import VLLMRollout
 
             dtype = cfg.hf.dtype if cfg.hf.dtype in ("bfloat16", "float16") else "bfloat16"
@@ -241,8 +283,14 @@ class GRPOTrainer:
         else:
             self.sampler = Sampler(model, tokenizer, tools=make_tool(cfg.tools, tokenizer, cfg.tool_limits))
         self.tasks = [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
-        self.rollouts = Rollouts(cfg, self.sampler, tokenizer, self.tasks,
-                                 {spec: get_reward(spec) for spec in cfg.rewards}, get_reward("accuracy"))
+        self.rollouts = Rollouts(
+            cfg,
+            self.sampler,
+            tokenizer,
+            self.tasks,
+            {spec: get_reward(spec) for spec in cfg.rewards},
+            get_reward("accuracy"),
+        )
 
     def rollout(self, step: int) -> Rollout:
         """This step's scored groups (r1lab.train.rollout)."""
@@ -275,8 +323,16 @@ class GRPOTrainer:
         stats: dict = dict(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0)
         if self.teacher is not None:  # on-policy distillation: the teacher judges every sampled token
             pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-            t_lp = teacher_logprobs(self.teacher, layouts, ro.prompt_ids, completion_ids, (N, T), cfg.temperature,
-                                    pad, cfg.micro_batch_tokens).to(dev)
+            t_lp = teacher_logprobs(
+                self.teacher,
+                layouts,
+                ro.prompt_ids,
+                completion_ids,
+                (N, T),
+                cfg.temperature,
+                pad,
+                cfg.micro_batch_tokens,
+            ).to(dev)
             adv = adv[:, None] + cfg.teacher_weight * reverse_kl_advantage(t_lp, rollout_lp, mask)
             stats["teacher_reverse_kl"] = (((rollout_lp - t_lp) * mask).sum() / n_tokens).item()
         policy_loss = losses.get_policy_loss(cfg.policy_loss)
@@ -320,15 +376,22 @@ class GRPOTrainer:
                     stats[k] = stats.get(k, 0.0) + ((v.detach() * m).sum() / n_tokens).item() / cfg.mu
                 if ent is not None:
                     stats["entropy"] += ((to_matrix(ent.float(), lay, (N, T)) * m).sum() / n_tokens).item()
-            stats["grad_norm"] = loop.optimizer_step(self.model, self.opt, self.run, self.step + 1, stats["loss"],
-                                                     cfg.grad_clip)
+            stats["grad_norm"] = loop.optimizer_step(
+                self.model, self.opt, self.run, self.step + 1, stats["loss"], cfg.grad_clip
+            )
             if self.native and cfg.balance_experts:
                 loop.balance_experts(self.model)
         stats["trained_tokens"] = sum(lay.n_tokens for lay in layouts)
         stats.update(self._mismatch(old, rollout_lp, mask))
         if dist.active():  # each process summed its shares of the step's means (an idle process may lack a metric)
-            keys = sorted({k for names in dist.gather(list(stats)) for k in names
-                           if k != "grad_norm" and not k.startswith("mismatch/")})
+            keys = sorted(
+                {
+                    k
+                    for names in dist.gather(list(stats))
+                    for k in names
+                    if k != "grad_norm" and not k.startswith("mismatch/")
+                }
+            )
             stats.update(zip(keys, dist.all_sum([stats.get(k, 0.0) for k in keys])))
         return stats
 
@@ -337,11 +400,15 @@ class GRPOTrainer:
         if not dist.active():
             return losses.mismatch(old, rollout_lp, mask)
         d = (old - rollout_lp)[mask.bool()].double()
-        parts = dist.gather([d.abs().sum().item(), d.abs().max().item() if len(d) else 0.0,
-                             (torch.exp(d) - d - 1).sum().item(), len(d)])
+        parts = dist.gather(
+            [d.abs().sum().item(), d.abs().max().item() if len(d) else 0.0, (torch.exp(d) - d - 1).sum().item(), len(d)]
+        )
         n = max(1, sum(x[3] for x in parts))
-        return {"mismatch/logp_abs_diff_mean": sum(x[0] for x in parts) / n,
-                "mismatch/logp_abs_diff_max": max(x[1] for x in parts), "mismatch/kl": sum(x[2] for x in parts) / n}
+        return {
+            "mismatch/logp_abs_diff_mean": sum(x[0] for x in parts) / n,
+            "mismatch/logp_abs_diff_max": max(x[1] for x in parts),
+            "mismatch/kl": sum(x[2] for x in parts) / n,
+        }
 
     def layouts(self, prompt_ids: list[list[int]], completion_ids: list[list[list[int]]]) -> list:
         """Training micro-batches: native and Llama-family models keep prompts and completions apart (prompts run
@@ -393,16 +460,31 @@ class GRPOTrainer:
                 out_of_time = bool(dist.all_sum(int(out_of_time)))
             row = self.metrics(ro, stats, lr, t1 - t0, t2 - t1)
             if "trained_tokens" in stats and fpt:  # the update's own throughput (sampling not counted)
-                row.update({f"train_{k}": v for k, v in achieved_flops_report(
-                    stats["trained_tokens"], t2 - t1, fpt, self.peak * dist.world() if self.peak else None).items()})
+                row.update(
+                    {
+                        f"train_{k}": v
+                        for k, v in achieved_flops_report(
+                            stats["trained_tokens"], t2 - t1, fpt, self.peak * dist.world() if self.peak else None
+                        ).items()
+                    }
+                )
             done = step + 1
             if loop.due(done, cfg.log_every, cfg.steps) or out_of_time:
                 self.run.log(done, **row, total_seconds=self.seconds)
                 if self.run.trackers:
                     self.run.log_samples(done, self.sample_table(ro))
-            loop.show(bar, **{k: None if row[key] is None else f"{row[key]:{fmt}}" for k, key, fmt in (
-                ("reward", "reward_mean", ".2f"), ("acc", "accuracy", ".2f"), ("len", "mean_length", ".0f"),
-                ("think", "think_share", ".2f"))})
+            loop.show(
+                bar,
+                **{
+                    k: None if row[key] is None else f"{row[key]:{fmt}}"
+                    for k, key, fmt in (
+                        ("reward", "reward_mean", ".2f"),
+                        ("acc", "accuracy", ".2f"),
+                        ("len", "mean_length", ".0f"),
+                        ("think", "think_share", ".2f"),
+                    )
+                },
+            )
             if out_of_time:  # max_seconds reached: this step is the last
                 break
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
@@ -433,15 +515,22 @@ class GRPOTrainer:
             t = t[~torch.isnan(t)]
             return t.std().item() if len(t) > 1 else None
 
-        row = dict(reward_mean=nanmean(ro.rewards.flatten()) if flat else float("nan"),
-                   reward_std=nanstd(ro.rewards.flatten()) if flat else None,
-                   accuracy=nanmean(ro.correct.flatten()) if flat else float("nan"),
-                   mean_length=sum(lengths) / len(lengths) if lengths else float("nan"),
-                   think_share=sum(thinks) / len(thinks) if thinks else float("nan"),
-                   truncated_share=sum(c.finish_reason == "length" for c in flat) / max(1, len(flat)),
-                   zero_variance_share=ro.zero_variance_share, sample_rounds=ro.rounds, groups=groups,
-                   lr=lr, sample_seconds=sample_s, train_seconds=train_s,
-                   sample_tokens_per_s=sum(lengths) / sample_s if sample_s > 0 else None, **stats)
+        row = dict(
+            reward_mean=nanmean(ro.rewards.flatten()) if flat else float("nan"),
+            reward_std=nanstd(ro.rewards.flatten()) if flat else None,
+            accuracy=nanmean(ro.correct.flatten()) if flat else float("nan"),
+            mean_length=sum(lengths) / len(lengths) if lengths else float("nan"),
+            think_share=sum(thinks) / len(thinks) if thinks else float("nan"),
+            truncated_share=sum(c.finish_reason == "length" for c in flat) / max(1, len(flat)),
+            zero_variance_share=ro.zero_variance_share,
+            sample_rounds=ro.rounds,
+            groups=groups,
+            lr=lr,
+            sample_seconds=sample_s,
+            train_seconds=train_s,
+            sample_tokens_per_s=sum(lengths) / sample_s if sample_s > 0 else None,
+            **stats,
+        )
         for name, v in ro.parts.items():
             row[f"reward/{name}/mean"] = nanmean(v.flatten())
             row[f"reward/{name}/std"] = nanstd(v.flatten())
@@ -451,12 +540,20 @@ class GRPOTrainer:
 
     def sample_table(self, ro: Rollout) -> list[dict]:
         """The first completion of this process's first `report_samples` groups, for the trackers' tables."""
+
         def number(x):
             return None if torch.isnan(x) else round(x.item(), 4)
 
-        return [{"prompt": p.prompt, "completion": g[0].text, "answer": p.answer, "reward": number(ro.rewards[i, 0]),
-                 "correct": number(ro.correct[i, 0])}
-                for i, (p, g) in enumerate(zip(ro.problems[: self.cfg.report_samples], ro.completions))]
+        return [
+            {
+                "prompt": p.prompt,
+                "completion": g[0].text,
+                "answer": p.answer,
+                "reward": number(ro.rewards[i, 0]),
+                "correct": number(ro.correct[i, 0]),
+            }
+            for i, (p, g) in enumerate(zip(ro.problems[: self.cfg.report_samples], ro.completions))
+        ]
 
     def quick_eval(self) -> dict:
         from r1lab.eval import EvalConfig, EvalTemplate, evaluate, local_generator
@@ -464,12 +561,17 @@ class GRPOTrainer:
         out = {}
         for task, name in zip(self.tasks, self.cfg.tasks):
             probs = task.problems("test", n=self.cfg.eval_problems, seed=0)
-            ecfg = EvalConfig(task=name, k=1, max_new_tokens=self.cfg.max_new_tokens,
-                              template=cast(EvalTemplate, self.cfg.template))  # checked by GRPOConfig.validate
-            s = evaluate(local_generator(self.model, self.tok, self.cfg.template, tools=self.sampler.tools), probs,
-                         ecfg)["summary"]
-            out[name] = {"greedy": s["greedy"], "think_share": s["greedy_think_share"],
-                         "mean_length": s["greedy_mean_length"]}
+            ecfg = EvalConfig(
+                task=name, k=1, max_new_tokens=self.cfg.max_new_tokens, template=cast(EvalTemplate, self.cfg.template)
+            )  # checked by GRPOConfig.validate
+            s = evaluate(
+                local_generator(self.model, self.tok, self.cfg.template, tools=self.sampler.tools), probs, ecfg
+            )["summary"]
+            out[name] = {
+                "greedy": s["greedy"],
+                "think_share": s["greedy_think_share"],
+                "mean_length": s["greedy_mean_length"],
+            }
         return out
 
 

@@ -24,11 +24,12 @@ from r1lab.train.packing import Packed, assign_rows, pack_groups
 @dataclass
 class PackedRows:
     """Packed [prompt | c1 | ... | cG] groups, and for every completion token where its prediction is read."""
+
     packed: Packed
-    pred_index: torch.Tensor      # [M] flat index (row * L + col) of the hidden state predicting each token
-    target: torch.Tensor          # [M] the completion token
-    seq: torch.Tensor             # [M] completion number in the batch (prompt-major)
-    pos: torch.Tensor             # [M] token number within its completion
+    pred_index: torch.Tensor  # [M] flat index (row * L + col) of the hidden state predicting each token
+    target: torch.Tensor  # [M] the completion token
+    seq: torch.Tensor  # [M] completion number in the batch (prompt-major)
+    pos: torch.Tensor  # [M] token number within its completion
 
     @property
     def n_tokens(self) -> int:
@@ -39,14 +40,15 @@ class PackedRows:
 class GroupedBatch:
     """Prompts [P, Lp] and their completions [N, Lc] held apart, both right-padded (see `grouped_model`: each prompt
     runs once and completions do not score each other; see r1lab.model.grouped)."""
+
     prompt_ids: torch.Tensor
     prompt_lens: torch.Tensor
     completion_ids: torch.Tensor
     completion_lens: torch.Tensor
-    group: torch.Tensor           # [N] the prompt (row of prompt_ids) each completion continues
-    target: torch.Tensor          # [M] completion tokens, completion by completion
-    seq: torch.Tensor             # [M] completion number in the batch (prompt-major)
-    pos: torch.Tensor             # [M] token number within its completion
+    group: torch.Tensor  # [N] the prompt (row of prompt_ids) each completion continues
+    target: torch.Tensor  # [M] completion tokens, completion by completion
+    seq: torch.Tensor  # [M] completion number in the batch (prompt-major)
+    pos: torch.Tensor  # [M] token number within its completion
 
     @property
     def n_tokens(self) -> int:
@@ -56,8 +58,13 @@ class GroupedBatch:
 Batch = PackedRows | GroupedBatch
 
 
-def packed_rows(prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], max_tokens: int, pad_id: int,
-                row_tokens: int = 256) -> list[PackedRows]:
+def packed_rows(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[list[int]]],
+    max_tokens: int,
+    pad_id: int,
+    row_tokens: int = 256,
+) -> list[PackedRows]:
     """Groups packed into rows of about `row_tokens` (a prompt shared by its G completions; a longer group gets a
     row of its own), rows split into micro-batches of about `max_tokens` tokens. A completion's first token is
     predicted from its prompt's last token."""
@@ -73,8 +80,12 @@ def packed_rows(prompt_ids: list[list[int]], completion_ids: list[list[list[int]
         if current and (row is None or used + n_row > max_tokens):
             members = [g for r in current for g in r]
             local = {g: i for i, g in enumerate(members)}
-            packed = pack_groups([(prompt_ids[g], completion_ids[g]) for g in members], cap, pad_id,
-                                 rows=[[local[g] for g in r] for r in current])
+            packed = pack_groups(
+                [(prompt_ids[g], completion_ids[g]) for g in members],
+                cap,
+                pad_id,
+                rows=[[local[g] for g in r] for r in current],
+            )
             batches.append(_index(packed, members, completion_ids, G))
             current, used = [], 0
         if row is not None:
@@ -98,8 +109,9 @@ def _index(packed: Packed, members, completion_ids, G) -> PackedRows:
     return PackedRows(packed, torch.cat(pred), torch.cat(tgt), torch.cat(seq), torch.cat(tpos))
 
 
-def grouped_batches(prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], max_tokens: int,
-                    pad_id: int) -> list[GroupedBatch]:
+def grouped_batches(
+    prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], max_tokens: int, pad_id: int
+) -> list[GroupedBatch]:
     """Consecutive groups in micro-batches of about `max_tokens` real tokens (at least one group each)."""
     G = len(completion_ids[0])
     sizes = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompt_ids, completion_ids)]
@@ -118,13 +130,20 @@ def grouped_batches(prompt_ids: list[list[int]], completion_ids: list[list[list[
 
 def _grouped_batch(members, prompt_ids, completion_ids, G, pad_id) -> GroupedBatch:
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
-        [torch.tensor(x, dtype=torch.long) for x in xs], batch_first=True, padding_value=pad_id)
+        [torch.tensor(x, dtype=torch.long) for x in xs], batch_first=True, padding_value=pad_id
+    )
     comps = [c for g in members for c in completion_ids[g]]
     seq = torch.cat([torch.full((len(c),), g * G + j) for g in members for j, c in enumerate(completion_ids[g])])
-    return GroupedBatch(pad([prompt_ids[g] for g in members]), torch.tensor([len(prompt_ids[g]) for g in members]),
-                        pad(comps), torch.tensor([len(c) for c in comps]),
-                        torch.arange(len(members)).repeat_interleave(G), torch.tensor([t for c in comps for t in c]),
-                        seq, torch.cat([torch.arange(len(c)) for c in comps]))
+    return GroupedBatch(
+        pad([prompt_ids[g] for g in members]),
+        torch.tensor([len(prompt_ids[g]) for g in members]),
+        pad(comps),
+        torch.tensor([len(c) for c in comps]),
+        torch.arange(len(members)).repeat_interleave(G),
+        torch.tensor([t for c in comps for t in c]),
+        seq,
+        torch.cat([torch.arange(len(c)) for c in comps]),
+    )
 
 
 def to_matrix(values: torch.Tensor, batch: Batch, shape) -> torch.Tensor:
@@ -153,15 +172,20 @@ def packed_hidden_states(model, packed: Packed) -> tuple[torch.Tensor, torch.nn.
     allowed = packed.mask()
     if is_native(model):
         dev = base.lm_head.weight.device
-        h = base.hidden_states(packed.input_ids.to(dev), attention_mask=allowed.to(dev),
-                               position_ids=packed.position_ids.to(dev), token_mask=packed.attention_mask.to(dev))
+        h = base.hidden_states(
+            packed.input_ids.to(dev),
+            attention_mask=allowed.to(dev),
+            position_ids=packed.position_ids.to(dev),
+            token_mask=packed.attention_mask.to(dev),
+        )
         return h, base.lm_head, None
     head = base.get_output_embeddings()
     dev = head.weight.device
     dtype = base.get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    h = base.get_decoder()(input_ids=packed.input_ids.to(dev), attention_mask=mask.to(dev),
-                           position_ids=packed.position_ids.to(dev)).last_hidden_state
+    h = base.get_decoder()(
+        input_ids=packed.input_ids.to(dev), attention_mask=mask.to(dev), position_ids=packed.position_ids.to(dev)
+    ).last_hidden_state
     return h, head, getattr(base.config, "final_logit_softcapping", None)
 
 
@@ -183,12 +207,13 @@ def _grouped_hidden(base, b: GroupedBatch) -> torch.Tensor:
     completion's own."""
     dev = base.lm_head.weight.device
     p_lens, c_lens, group = b.prompt_lens.to(dev), b.completion_lens.to(dev), b.group.to(dev)
-    hp, hc = base.grouped_hidden_states(b.prompt_ids.to(dev), p_lens, b.completion_ids.to(dev), c_lens, group,
-                                        padded=False)                       # real tokens only, row by row
-    last = hp.index_select(0, p_lens.cumsum(0) - 1)                             # [P] each prompt's last token
-    n = torch.arange(len(c_lens), device=dev).repeat_interleave(c_lens)         # [M] completion of each token
+    hp, hc = base.grouped_hidden_states(
+        b.prompt_ids.to(dev), p_lens, b.completion_ids.to(dev), c_lens, group, padded=False
+    )  # real tokens only, row by row
+    last = hp.index_select(0, p_lens.cumsum(0) - 1)  # [P] each prompt's last token
+    n = torch.arange(len(c_lens), device=dev).repeat_interleave(c_lens)  # [M] completion of each token
     pos = b.pos.to(dev)
-    prev = (c_lens.cumsum(0) - c_lens)[n] + pos - 1                             # the token before, in hc
+    prev = (c_lens.cumsum(0) - c_lens)[n] + pos - 1  # the token before, in hc
     return torch.cat([hc, last]).index_select(0, torch.where(pos == 0, len(hc) + group[n], prev))
 
 

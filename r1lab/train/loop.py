@@ -18,12 +18,13 @@ from r1lab.train.run import Run, cosine_lr, set_rng_state
 class Session:
     """An opened run: its device, whether matmuls run in bf16, the run directory, and the trainer state of the
     checkpoint it resumes from (None: from step 0). `finished`: the final model is already there."""
+
     device: torch.device
     bf16: bool
     run: Run
     state: dict | None
     finished: bool
-    peak: float | None   # this machine's measured matmul FLOP/s in the training dtype (None when finished)
+    peak: float | None  # this machine's measured matmul FLOP/s in the training dtype (None when finished)
 
     @property
     def start(self) -> int:
@@ -133,8 +134,9 @@ class Throughput:
         tokens = dist.all_sum(self.tokens)
         out = {}
         if self.fpt:
-            out = achieved_flops_report(tokens, time.perf_counter() - self.t0, self.fpt,
-                                        self.peak * dist.world() if self.peak else None)
+            out = achieved_flops_report(
+                tokens, time.perf_counter() - self.t0, self.fpt, self.peak * dist.world() if self.peak else None
+            )
         self.tokens, self.t0 = 0, time.perf_counter()
         return out
 

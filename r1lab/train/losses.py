@@ -32,6 +32,7 @@ def _registry(table: dict, kind: str):
         def deco(fn):
             table[name] = fn
             return fn
+
         return deco
 
     def get(name: str):
@@ -155,8 +156,11 @@ def mismatch(old_logp, rollout_logp, mask) -> dict[str, float]:
     if not m.any():
         return {"mismatch/logp_abs_diff_mean": 0.0, "mismatch/logp_abs_diff_max": 0.0, "mismatch/kl": 0.0}
     d = (old_logp - rollout_logp)[m].double()
-    return {"mismatch/logp_abs_diff_mean": d.abs().mean().item(), "mismatch/logp_abs_diff_max": d.abs().max().item(),
-            "mismatch/kl": (torch.exp(d) - d - 1).mean().item()}
+    return {
+        "mismatch/logp_abs_diff_mean": d.abs().mean().item(),
+        "mismatch/logp_abs_diff_max": d.abs().max().item(),
+        "mismatch/kl": (torch.exp(d) - d - 1).mean().item(),
+    }
 
 
 # ----------------------------------------------------------------------------- KL to the reference policy
@@ -198,8 +202,9 @@ def seq_mean(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: fl
 
 
 @register_aggregation("drgrpo")
-def constant_norm(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float,
-                  max_tokens: int) -> torch.Tensor:
+def constant_norm(
+    loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float, max_tokens: int
+) -> torch.Tensor:
     """Dr. GRPO: sum over tokens divided by a constant (sequences x max new tokens), no length normalisation."""
     return (loss * mask).sum() / (n_seqs * max_tokens)
 

@@ -17,12 +17,12 @@ import torch
 
 @dataclass
 class Packed:
-    input_ids: torch.Tensor       # [R, L]
-    position_ids: torch.Tensor    # [R, L]
-    group: torch.Tensor           # [R, L] group slot within its row, -1 for padding
-    segment: torch.Tensor         # [R, L] 0 = the group's prefix, j >= 1 = its j-th sample, -1 = padding
-    places: list[list[tuple[int, int]]]   # per group, per sample: (row, first column)
-    labels: torch.Tensor | None = None    # [R, L], -100 where no loss (set by the caller)
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    group: torch.Tensor  # [R, L] group slot within its row, -1 for padding
+    segment: torch.Tensor  # [R, L] 0 = the group's prefix, j >= 1 = its j-th sample, -1 = padding
+    places: list[list[tuple[int, int]]]  # per group, per sample: (row, first column)
+    labels: torch.Tensor | None = None  # [R, L], -100 where no loss (set by the caller)
 
     def require_labels(self) -> torch.Tensor:
         """`labels`, on a batch that has them (`pack` sets them, `pack_groups` leaves them to the caller)."""
@@ -70,8 +70,9 @@ def assign_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_groups(groups: list[tuple[list[int], list[list[int]]]], capacity: int, pad_id: int = 0,
-                rows: list[list[int]] | None = None) -> Packed:
+def pack_groups(
+    groups: list[tuple[list[int], list[list[int]]]], capacity: int, pad_id: int = 0, rows: list[list[int]] | None = None
+) -> Packed:
     """groups: (prefix ids, [sample ids, ...]). Rows are first-fit packed up to `capacity` tokens (or given)."""
     sizes = [len(p) + sum(len(s) for s in samples) for p, samples in groups]
     rows = rows if rows is not None else assign_rows(sizes, capacity)
@@ -86,24 +87,25 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], capacity: int, 
         for slot, gi in enumerate(row):
             prefix, samples = groups[gi]
             n = len(prefix)
-            ids[r, at: at + n] = torch.tensor(prefix, dtype=torch.long)
-            pos[r, at: at + n] = torch.arange(n)
-            group[r, at: at + n] = slot
-            seg[r, at: at + n] = 0
+            ids[r, at : at + n] = torch.tensor(prefix, dtype=torch.long)
+            pos[r, at : at + n] = torch.arange(n)
+            group[r, at : at + n] = slot
+            seg[r, at : at + n] = 0
             at += n
             for j, s in enumerate(samples):
                 m = len(s)
-                ids[r, at: at + m] = torch.tensor(s, dtype=torch.long)
-                pos[r, at: at + m] = torch.arange(n, n + m)
-                group[r, at: at + m] = slot
-                seg[r, at: at + m] = j + 1
+                ids[r, at : at + m] = torch.tensor(s, dtype=torch.long)
+                pos[r, at : at + m] = torch.arange(n, n + m)
+                group[r, at : at + m] = slot
+                seg[r, at : at + m] = j + 1
                 places[gi].append((r, at))
                 at += m
     return Packed(ids, pos, group, seg, places)
 
 
-def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int = 0,
-         prefix: list[int] | None = None) -> Packed:
+def pack(
+    samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int = 0, prefix: list[int] | None = None
+) -> Packed:
     """samples: (token ids, 0/1 loss mask per token), packed into rows of `seq_len`. With `prefix`, every row
     starts with it once and all its samples share it; without, no sample sees another. Labels are the tokens
     where the loss mask is 1, except each sample's first token: the shifted loss would read its prediction from
@@ -111,8 +113,10 @@ def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int =
     prefix = prefix or []
     for toks, _ in samples:
         if len(toks) + len(prefix) > seq_len:
-            raise ValueError(f"a sample has {len(toks)} tokens (+{len(prefix)} prefix), more than seq_len={seq_len}; "
-                             "raise seq_len or drop it")
+            raise ValueError(
+                f"a sample has {len(toks)} tokens (+{len(prefix)} prefix), more than seq_len={seq_len}; "
+                "raise seq_len or drop it"
+            )
     if prefix:  # one group per row: the prefix, then as many samples as fit
         rows = assign_rows([len(t) for t, _ in samples], seq_len - len(prefix))
         groups = [(prefix, [samples[i][0] for i in row]) for row in rows]
@@ -127,6 +131,6 @@ def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int =
             toks, loss = samples[i]
             lab = torch.where(torch.tensor(loss, dtype=torch.bool), torch.tensor(toks), -100)
             lab[0] = -100
-            labels[r, at: at + len(toks)] = lab
+            labels[r, at : at + len(toks)] = lab
     packed.labels = labels
     return packed

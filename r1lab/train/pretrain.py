@@ -35,17 +35,25 @@ from r1lab.train.run import adamw, check_optimizer
 class PretrainConfig:
     out: str = opt("runs/pretrain", "run directory; re-running with the same one resumes")
     tasks: list[str] = opt(factory=lambda: ["arithmetic"], help="tasks whose train splits make the corpus")
-    task_args: dict[str, dict] = opt(factory=lambda: {"arithmetic": {"min_digits": 2, "max_digits": 2, "ops": "+-"}},
-                                     help="knobs per task as JSON")
-    direct_fraction: float = opt(0.65, "share of examples that answer at once with an empty think block (the rest "
-                                       "work step by step): what lets RL discover that thinking pays")
-    tool_fraction: float = opt(0.0, "share of examples whose thinking calls the Python tool (tasks with a "
-                                    "tool_solution); the other thinking ones are worked by hand")
+    task_args: dict[str, dict] = opt(
+        factory=lambda: {"arithmetic": {"min_digits": 2, "max_digits": 2, "ops": "+-"}}, help="knobs per task as JSON"
+    )
+    direct_fraction: float = opt(
+        0.65,
+        "share of examples that answer at once with an empty think block (the rest "
+        "work step by step): what lets RL discover that thinking pays",
+    )
+    tool_fraction: float = opt(
+        0.0,
+        "share of examples whose thinking calls the Python tool (tasks with a "
+        "tool_solution); the other thinking ones are worked by hand",
+    )
     template: str = opt("r1zero", "prompt format of the corpus: r1zero or r1")
     tokenizer: str | None = opt(None, "a tokenizer directory to reuse; default: train one on the corpus")
     vocab_size: int = opt(512, "size of the trained byte-level BPE")
-    model: dict = opt(factory=dict, help="overrides of the tiny DeepSeek-V3 config as JSON, e.g. "
-                                         '\'{"num_hidden_layers": 6}\'')
+    model: dict = opt(
+        factory=dict, help="overrides of the tiny DeepSeek-V3 config as JSON, e.g. '{\"num_hidden_layers\": 6}'"
+    )
     steps: int = opt(600, "optimiser steps")
     rows: int = opt(16, "packed rows per step")
     seq_len: int = opt(256, "packed row length")
@@ -54,8 +62,9 @@ class PretrainConfig:
     min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr x this")
     weight_decay: float = opt(0.1, "AdamW weight decay on matrices")
     grad_clip: float = opt(1.0, "gradient-norm clip")
-    bf16: bool | None = opt(None, "bf16 autocast for matmuls (weights and optimiser stay float32); none: on GPUs "
-                                  "with bf16, float32 on CPUs")
+    bf16: bool | None = opt(
+        None, "bf16 autocast for matmuls (weights and optimiser stay float32); none: on GPUs with bf16, float32 on CPUs"
+    )
     eval_every: int = opt(200, "steps between held-out greedy evaluations")
     eval_problems: int = opt(200, "held-out problems per evaluation")
     log_every: int = opt(10, "steps between metrics rows")
@@ -63,9 +72,12 @@ class PretrainConfig:
     seed: int = opt(0, "seed of the corpus, the tokenizer and the initial weights")
     device: str = opt("cpu", "cpu, cuda, cuda:N or auto (CUDA when present)")
     parallel: str = opt("ddp", "under torchrun: ddp (a replica per process) or fsdp (weights sharded)")
-    report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
-                                                  "samples: tensorboard, wandb, mlflow (comma-separated; each an "
-                                                  "extra: pip install 'r1lab[wandb]')")
+    report_to: list[str] = opt(
+        factory=list,
+        help="experiment trackers that also get the metrics, config and "
+        "samples: tensorboard, wandb, mlflow (comma-separated; each an "
+        "extra: pip install 'r1lab[wandb]')",
+    )
 
     def validate(self) -> PretrainConfig:
         config.require_finite(self)
@@ -73,8 +85,10 @@ class PretrainConfig:
         if not 0 <= self.direct_fraction <= 1:
             raise ValueError(f"direct_fraction must be in [0, 1] (got {self.direct_fraction})")
         if not 0 <= self.tool_fraction <= 1 - self.direct_fraction:
-            raise ValueError(f"tool_fraction must be in [0, 1 - direct_fraction] = [0, {1 - self.direct_fraction:g}] "
-                             f"(got {self.tool_fraction})")
+            raise ValueError(
+                f"tool_fraction must be in [0, 1 - direct_fraction] = [0, {1 - self.direct_fraction:g}] "
+                f"(got {self.tool_fraction})"
+            )
         for name in ("steps", "rows", "seq_len", "eval_problems", "log_every", "save_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -83,15 +97,19 @@ class PretrainConfig:
             raise ValueError("tasks is empty: name at least one task for the corpus (e.g. --tasks arithmetic)")
         from_tokenizer = sorted(set(self.model) & {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"})
         if from_tokenizer:
-            raise ValueError(f"model overrides cannot set {', '.join(from_tokenizer)}: the tokenizer decides them "
-                             "(set --vocab-size instead)")
+            raise ValueError(
+                f"model overrides cannot set {', '.join(from_tokenizer)}: the tokenizer decides them "
+                "(set --vocab-size instead)"
+            )
         tiny_config(self.vocab_size, **{"max_position_embeddings": max(512, self.seq_len), **self.model}).validate()
         dist.check_parallel(self.parallel)
         for t in self.tasks:
             task = get_task(t, **self.task_args.get(t, {}))  # unknown task or knob -> a clear error now
             if self.tool_fraction and not hasattr(task, "tool_solution"):
-                raise ValueError(f"tool_fraction is {self.tool_fraction} but task {t!r} has no tool_solution (a "
-                                 f"program that solves its problems); set tool_fraction 0 or use such a task")
+                raise ValueError(
+                    f"tool_fraction is {self.tool_fraction} but task {t!r} has no tool_solution (a "
+                    f"program that solves its problems); set tool_fraction 0 or use such a task"
+                )
         trackers.check(self.report_to)
         return self
 
@@ -141,10 +159,17 @@ class Corpus:
         cfg, out = self.cfg, []
         for p in self.problems(seed, n):
             u = rng.random()
-            tool = self.tool_tasks[p.task].tool_solution(p) if cfg.direct_fraction <= u < (cfg.direct_fraction +
-                                                                                        cfg.tool_fraction) else None
-            out.append((render_prompt(self.tok, p.prompt, cfg.template),
-                        completion_text(p, u < cfg.direct_fraction, tool) + self.tok.eos_token))
+            tool = (
+                self.tool_tasks[p.task].tool_solution(p)
+                if cfg.direct_fraction <= u < (cfg.direct_fraction + cfg.tool_fraction)
+                else None
+            )
+            out.append(
+                (
+                    render_prompt(self.tok, p.prompt, cfg.template),
+                    completion_text(p, u < cfg.direct_fraction, tool) + self.tok.eos_token,
+                )
+            )
         return out
 
     def completion_ids(self, completion: str) -> tuple[list[int], list[int]]:
@@ -169,9 +194,11 @@ class Corpus:
         pairs = self.texts(self.cfg.seed * 1_000_003 - 1, n)
         lengths = sorted(len(self.tok(p + c, add_special_tokens=False)["input_ids"]) for p, c in pairs)
         if lengths[0] > self.cfg.seq_len:
-            raise ValueError(f"no example fits in seq_len {self.cfg.seq_len}: with the template the shortest of {n} "
-                             f"drawn examples has {lengths[0]} tokens and the longest {lengths[-1]}; use --seq-len "
-                             f"{lengths[-1]} or more")
+            raise ValueError(
+                f"no example fits in seq_len {self.cfg.seq_len}: with the template the shortest of {n} "
+                f"drawn examples has {lengths[0]} tokens and the longest {lengths[-1]}; use --seq-len "
+                f"{lengths[-1]} or more"
+            )
 
     def batch(self, step: int, share_prefix: bool = True) -> Packed:
         """`rows` packed rows of examples for this step; with `share_prefix` each row holds the template's shared
@@ -186,9 +213,11 @@ class Corpus:
             enc_c = self.tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
             for (_, text), p, c in zip(pairs, enc_p, enc_c):
                 if p[: len(prefix)] != prefix:
-                    raise ValueError("a prompt does not start with the shared template prefix; the tokenizer "
-                                     "splits the template differently (pretrain without prefix sharing)")
-                p = p[len(prefix):]
+                    raise ValueError(
+                        "a prompt does not start with the shared template prefix; the tokenizer "
+                        "splits the template differently (pretrain without prefix sharing)"
+                    )
+                p = p[len(prefix) :]
                 c, labels = self.completion_ids(text) if OUTPUT_START in text else (c, [1] * len(c))
                 if len(prefix) + len(p) + len(c) <= cfg.seq_len:
                     samples.append((p + c, [0] * len(p) + labels))
@@ -196,28 +225,42 @@ class Corpus:
             chunk += 1
         packed = pack(samples, cfg.seq_len, pad_id=self.tok.pad_token_id, prefix=prefix)
         keep = slice(0, cfg.rows)
-        return Packed(packed.input_ids[keep], packed.position_ids[keep], packed.group[keep], packed.segment[keep],
-                      [], packed.require_labels()[keep])
+        return Packed(
+            packed.input_ids[keep],
+            packed.position_ids[keep],
+            packed.group[keep],
+            packed.segment[keep],
+            [],
+            packed.require_labels()[keep],
+        )
 
 
 def build_tokenizer(cfg: PretrainConfig):
     if cfg.tokenizer:
         from r1lab.model.load import load_tokenizer
+
         return load_tokenizer(cfg.tokenizer)
     from r1lab.tokenizer import R1ZERO_PREAMBLE
 
     probe = Corpus.__new__(Corpus)  # problems only; no tokenizer needed to draw them
     probe.cfg, probe.tasks = cfg, [get_task(t, **cfg.task_args.get(t, {})) for t in cfg.tasks]
     tools = {t.name: t for t in probe.tasks if isinstance(t, ToolTask)} if cfg.tool_fraction else {}
-    texts = [f"{R1ZERO_PREAMBLE} User: {p.prompt}. Assistant:"
-             f"{completion_text(p, False, tools[p.task].tool_solution(p) if tools and i % 2 else None)}"
-             for i, p in enumerate(probe.problems(cfg.seed + 7919, 3000))]
+    texts = [
+        f"{R1ZERO_PREAMBLE} User: {p.prompt}. Assistant:"
+        f"{completion_text(p, False, tools[p.task].tool_solution(p) if tools and i % 2 else None)}"
+        for i, p in enumerate(probe.problems(cfg.seed + 7919, 3000))
+    ]
     return train_tokenizer(texts, vocab_size=cfg.vocab_size)
 
 
 def build_model(cfg: PretrainConfig, tok) -> DeepseekV3:
-    mcfg = tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, **{"max_position_embeddings": max(512, cfg.seq_len), **cfg.model})
+    mcfg = tiny_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **{"max_position_embeddings": max(512, cfg.seq_len), **cfg.model},
+    )
     torch.manual_seed(cfg.seed)
     return DeepseekV3(mcfg)
 
@@ -231,13 +274,22 @@ def quick_eval(model, tok, cfg: PretrainConfig, seed: int = 0) -> dict:
     tools = make_tool("python", tok) if cfg.tool_fraction else None
     result = {}
     for name in cfg.tasks:
-        ecfg = EvalConfig(task=name, limit=cfg.eval_problems, k=1, seed=seed, max_new_tokens=cfg.seq_len // 2,
-                          template=cast(EvalTemplate, cfg.template))  # r1zero or r1 (PretrainConfig.validate)
+        ecfg = EvalConfig(
+            task=name,
+            limit=cfg.eval_problems,
+            k=1,
+            seed=seed,
+            max_new_tokens=cfg.seq_len // 2,
+            template=cast(EvalTemplate, cfg.template),
+        )  # r1zero or r1 (PretrainConfig.validate)
         task = get_task(name, **cfg.task_args.get(name, {}))
         problems = task.problems("test", n=cfg.eval_problems, seed=seed)
         s = evaluate(local_generator(model, tok, cfg.template, tools=tools), problems, ecfg)["summary"]
-        result[name] = {"greedy": s["greedy"], "think_share": s["greedy_think_share"],
-                        "mean_length": s["greedy_mean_length"]}
+        result[name] = {
+            "greedy": s["greedy"],
+            "think_share": s["greedy_think_share"],
+            "mean_length": s["greedy_mean_length"],
+        }
     return result
 
 
@@ -248,8 +300,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
     from r1lab.model.load import load_tokenizer
 
     if dist.world() > cfg.rows:
-        raise ValueError(f"rows ({cfg.rows}) is smaller than the number of processes ({dist.world()}); every "
-                         "process trains on a share of the step's rows: raise --rows")
+        raise ValueError(
+            f"rows ({cfg.rows}) is smaller than the number of processes ({dist.world()}); every "
+            "process trains on a share of the step's rows: raise --rows"
+        )
     s = loop.open_run(cfg, resume)
     run, device = s.run, s.device
     if s.finished:
@@ -278,13 +332,21 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
         dev = lambda t: t.to(device)  # noqa: E731
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
             if share:  # a 4D mask: samples see the shared preamble and themselves
-                out = forward(dev(batch.input_ids), attention_mask=dev(batch.mask()),
-                              position_ids=dev(batch.position_ids), labels=dev(batch.labels),
-                              token_mask=dev(batch.attention_mask))
-            else:      # MTP needs plain per-sample sequences
-                out = forward(dev(batch.input_ids), attention_mask=dev(batch.attention_mask),
-                              position_ids=dev(batch.position_ids), segment_ids=dev(batch.segment_ids),
-                              labels=dev(batch.labels))
+                out = forward(
+                    dev(batch.input_ids),
+                    attention_mask=dev(batch.mask()),
+                    position_ids=dev(batch.position_ids),
+                    labels=dev(batch.labels),
+                    token_mask=dev(batch.attention_mask),
+                )
+            else:  # MTP needs plain per-sample sequences
+                out = forward(
+                    dev(batch.input_ids),
+                    attention_mask=dev(batch.attention_mask),
+                    position_ids=dev(batch.position_ids),
+                    segment_ids=dev(batch.segment_ids),
+                    labels=dev(batch.labels),
+                )
         loss, lm_loss = out.loss, out.lm_loss
         if dist.active():  # this process's share of the step's loss (token means by tokens, the balance loss by rows)
             aux = out.aux_loss if out.aux_loss is not None else 0.0
@@ -298,8 +360,16 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
         if loop.due(done, cfg.log_every, cfg.steps):
             loss_v, lm_v = dist.all_sum([loss.item(), lm_loss.item()])
             mtp = dist.all_sum(out.mtp_loss.item()) / dist.world() if out.mtp_loss is not None else None
-            row = run.log(done, loss=loss_v, lm_loss=lm_v, lr=lr, grad_norm=grad_norm, mtp_loss=mtp,
-                          expert_imbalance=imbalance, **meter.report())
+            row = run.log(
+                done,
+                loss=loss_v,
+                lm_loss=lm_v,
+                lr=lr,
+                grad_norm=grad_norm,
+                mtp_loss=mtp,
+                expert_imbalance=imbalance,
+                **meter.report(),
+            )
             loop.show(bar, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if done % cfg.eval_every == 0 and done < cfg.steps:
             model.eval()
@@ -324,8 +394,14 @@ def process_rows(batch: Packed) -> tuple[Packed, tuple[float, float]]:
     """This process's share of the step's rows, and the weights of its losses: its share of the step's label
     tokens (for token means) and of its rows (for the per-row balance loss)."""
     mine = dist.share(batch.input_ids.shape[0])
-    part = Packed(batch.input_ids[mine], batch.position_ids[mine], batch.group[mine], batch.segment[mine], [],
-                  batch.require_labels()[mine])
+    part = Packed(
+        batch.input_ids[mine],
+        batch.position_ids[mine],
+        batch.group[mine],
+        batch.segment[mine],
+        [],
+        batch.require_labels()[mine],
+    )
     n_mine = int((part.require_labels()[:, 1:] != -100).sum())
     n_all = dist.all_sum(n_mine)
     return part, (n_mine / max(1.0, n_all), (mine.stop - mine.start) / batch.input_ids.shape[0])

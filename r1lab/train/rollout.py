@@ -28,10 +28,10 @@ from r1lab.train.advantages import zero_variance_groups
 class Rollout:
     problems: list[Problem]
     prompt_ids: list[list[int]]
-    completions: list[list[Completion]]      # [P][G]
-    rewards: torch.Tensor                    # [P, G], NaN where no reward could judge
-    parts: dict[str, torch.Tensor]           # per reward function [P, G]
-    correct: torch.Tensor                    # [P, G] accuracy (NaN where not judged)
+    completions: list[list[Completion]]  # [P][G]
+    rewards: torch.Tensor  # [P, G], NaN where no reward could judge
+    parts: dict[str, torch.Tensor]  # per reward function [P, G]
+    correct: torch.Tensor  # [P, G] accuracy (NaN where not judged)
     zero_variance_share: float = 0.0
     rounds: int = 1
 
@@ -44,12 +44,14 @@ def score(completions: list[list[Completion]], problems: list[Problem], fns, wei
     """Weighted sum of reward functions (None -> NaN, skipped in the sum like TRL; all None -> NaN)."""
     flat = [c for g in completions for c in g]
     G = len(completions[0])
-    cols = dict(completions=[c.text for c in flat],
-                answer=[p.answer for p in problems for _ in range(G)],
-                task=[p.task for p in problems for _ in range(G)],
-                prompts=[p.prompt for p in problems for _ in range(G)],
-                meta=[p.meta for p in problems for _ in range(G)],
-                completion_ids=[c.token_ids for c in flat])
+    cols = dict(
+        completions=[c.text for c in flat],
+        answer=[p.answer for p in problems for _ in range(G)],
+        task=[p.task for p in problems for _ in range(G)],
+        prompts=[p.prompt for p in problems for _ in range(G)],
+        meta=[p.meta for p in problems for _ in range(G)],
+        completion_ids=[c.token_ids for c in flat],
+    )
     parts = {}
     total = torch.zeros(len(flat), dtype=torch.float64)
     judged = torch.zeros(len(flat), dtype=torch.bool)
@@ -98,11 +100,16 @@ class Rollouts:
             if problems:
                 prompts = [render_prompt(self.tok, p.prompt, cfg.template) for p in problems]
                 ids = [self.sampler.encode(p) for p in prompts]
-                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, n=cfg.num_generations, seed=seed)
+                params = SamplingParams(
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    n=cfg.num_generations,
+                    seed=seed,
+                )
                 seeds = [(seed * 1_000_003 + i) % (1 << 63) for i in range(mine.start, mine.stop)]
                 outs = self.sampler.generate(ids, params, seeds=seeds)
-                groups = [outs[i * cfg.num_generations:(i + 1) * cfg.num_generations] for i in range(len(problems))]
+                groups = [outs[i * cfg.num_generations : (i + 1) * cfg.num_generations] for i in range(len(problems))]
                 rewards, parts, acc = score(groups, problems, self.reward_fns, cfg.reward_weights, self.accuracy_fn)
                 zero = zero_variance_groups(rewards)
                 zero_round = int(zero.sum())
@@ -125,9 +132,16 @@ class Rollouts:
         if not keep_p:  # every group had equal rewards in every round: nothing to learn from this step
             empty = torch.zeros(0, cfg.num_generations)
             return Rollout([], [], [], empty, {}, empty.clone(), share, rounds)
-        return Rollout(keep_p, keep_ids, keep_c, torch.stack(keep_r),
-                       {k: torch.stack([d[k] for d in keep_parts]) for k in keep_parts[0]}, torch.stack(keep_acc),
-                       share, rounds)
+        return Rollout(
+            keep_p,
+            keep_ids,
+            keep_c,
+            torch.stack(keep_r),
+            {k: torch.stack([d[k] for d in keep_parts]) for k in keep_parts[0]},
+            torch.stack(keep_acc),
+            share,
+            rounds,
+        )
 
 
 def model_tokens(c: Completion) -> int:
@@ -137,31 +151,43 @@ def model_tokens(c: Completion) -> int:
 
 def tool_columns(flat: list[Completion]) -> list[tuple[int, int, float]]:
     """(tool calls, failed calls, programs' sandbox seconds) per completion."""
-    return [(len(c.tool_calls), sum(k.failed for k in c.tool_calls), sum(k.seconds for k in c.tool_calls))
-            for c in flat]
+    return [
+        (len(c.tool_calls), sum(k.failed for k in c.tool_calls), sum(k.seconds for k in c.tool_calls)) for c in flat
+    ]
 
 
 def tool_metrics(columns: list[tuple[int, int, float]]) -> dict:
     """A step's tool use: calls per reply, the share of replies that call, failed calls, and the programs' time
     (identical programs of a step run once and count once)."""
     n = max(1, len(columns))
-    return {"tool_calls_per_reply": sum(c[0] for c in columns) / n, "tool_share": sum(c[0] > 0 for c in columns) / n,
-            "tool_errors": sum(c[1] for c in columns), "tool_seconds": sum(c[2] for c in columns)}
+    return {
+        "tool_calls_per_reply": sum(c[0] for c in columns) / n,
+        "tool_share": sum(c[0] > 0 for c in columns) / n,
+        "tool_errors": sum(c[1] for c in columns),
+        "tool_seconds": sum(c[2] for c in columns),
+    }
 
 
 def gather_rollout(ro: Rollout, lengths: list[int], thinks: list[bool], tools: list | None = None):
     """What the step's metrics read of every process's rollout, joined: a Rollout of rewards (completions reduced
     to their finish reasons), lengths, think flags, the number of groups and the tool columns."""
     G = ro.rewards.shape[1]
-    mine = dict(rewards=ro.rewards.tolist(), correct=ro.correct.tolist(), lengths=lengths, thinks=thinks,
-                finish=[c.finish_reason for c in ro.flat], parts={k: v.tolist() for k, v in ro.parts.items()},
-                tools=tools or [])
+    mine = dict(
+        rewards=ro.rewards.tolist(),
+        correct=ro.correct.tolist(),
+        lengths=lengths,
+        thinks=thinks,
+        finish=[c.finish_reason for c in ro.flat],
+        parts={k: v.tolist() for k, v in ro.parts.items()},
+        tools=tools or [],
+    )
     every = dist.gather(mine)
     cat = lambda key: [x for part in every for x in part[key]]  # noqa: E731
     matrix = lambda rows: torch.tensor(rows, dtype=torch.float64).view(-1, G)  # noqa: E731
     names = [k for part in every for k in part["parts"]]
     parts = {k: matrix([x for part in every for x in part["parts"].get(k, [])]) for k in dict.fromkeys(names)}
     flat = [Completion(0, "", [], [], f) for f in cat("finish")]
-    joined = Rollout([], [], [], matrix(cat("rewards")), parts, matrix(cat("correct")), ro.zero_variance_share,
-                     ro.rounds)
+    joined = Rollout(
+        [], [], [], matrix(cat("rewards")), parts, matrix(cat("correct")), ro.zero_variance_share, ro.rounds
+    )
     return joined, flat, cat("lengths"), cat("thinks"), len(cat("rewards")), [tuple(t) for t in cat("tools")]

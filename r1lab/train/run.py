@@ -42,8 +42,9 @@ class Run:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise C.ConfigError(f"--out {self.dir} cannot be a run directory: it, or a folder above it, is a file; "
-                                "give another path") from None
+            raise C.ConfigError(
+                f"--out {self.dir} cannot be a run directory: it, or a folder above it, is a file; give another path"
+            ) from None
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
         self.cfg = cfg
@@ -93,12 +94,16 @@ class Run:
         if self.resume and (recover(self.checkpoint_dir) / STATE).is_file():
             state = load_state(self.checkpoint_dir / STATE)
         elif self.resume and self.checkpoint_dir.is_dir():  # r1lab writes both at once: this one was damaged
-            raise CheckpointError(f"{self.checkpoint_dir} has no {STATE}, so it cannot be resumed exactly; restore "
-                                  "it, or start over with --fresh")
+            raise CheckpointError(
+                f"{self.checkpoint_dir} has no {STATE}, so it cannot be resumed exactly; restore "
+                "it, or start over with --fresh"
+            )
         steps = D.gather(state["step"] if state else None)
         if len(set(steps)) > 1:
-            raise CheckpointError(f"processes see different checkpoints in {self.checkpoint_dir} (steps {steps} by "
-                                  "rank); put --out on a filesystem that every node shares")
+            raise CheckpointError(
+                f"processes see different checkpoints in {self.checkpoint_dir} (steps {steps} by "
+                "rank); put --out on a filesystem that every node shares"
+            )
         if state is None:  # a start from step 0: rows an earlier (killed or --fresh) run logged here are stale
             self.truncate_metrics(-1)
             return None
@@ -115,19 +120,26 @@ class Run:
         bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
         if not bad:
             return
-        kept = (f"the last good checkpoint, step {self.saved_step}, is in {self.checkpoint_dir} (re-running resumes "
-                "from it)" if self.saved_step is not None else "no checkpoint was written yet")
+        kept = (
+            f"the last good checkpoint, step {self.saved_step}, is in {self.checkpoint_dir} (re-running resumes "
+            "from it)"
+            if self.saved_step is not None
+            else "no checkpoint was written yet"
+        )
         what = ", ".join(f"{k} is {v}" for k, v in bad.items())
-        raise TrainingError(f"step {step}: {what}; stopped before updating the weights, and {kept}. Lower --lr or "
-                            "check the data and rewards")
+        raise TrainingError(
+            f"step {step}: {what}; stopped before updating the weights, and {kept}. Lower --lr or "
+            "check the data and rewards"
+        )
 
     def finish(self, model, tokenizer) -> Path:
         """Write the final model with its model card, and close the trackers."""
         weights = D.model_state(model)
         if D.is_main():
             card = self._card(model)
-            write_model(model, tokenizer, self.model_dir, state_dict=weights,
-                        files={"README.md": card} if card else None)
+            write_model(
+                model, tokenizer, self.model_dir, state_dict=weights, files={"README.md": card} if card else None
+            )
         D.barrier()
         self.trackers.close()
         return self.model_dir
@@ -169,8 +181,14 @@ class Run:
         tmp.replace(self.metrics_path)
 
 
-def write_model(model, tokenizer, path: Path, extra_state: dict | None = None, state_dict: dict | None = None,
-                files: dict[str, str] | None = None) -> None:
+def write_model(
+    model,
+    tokenizer,
+    path: Path,
+    extra_state: dict | None = None,
+    state_dict: dict | None = None,
+    files: dict[str, str] | None = None,
+) -> None:
     """Save a native or transformers model (and tokenizer, and trainer state, and text `files` such as the model
     card) as one atomic directory; `state_dict` replaces the model's own (whole weights gathered from FSDP shards)."""
     from r1lab.model.deepseek import DeepseekV3
@@ -217,8 +235,10 @@ def read_metrics(path: str | Path) -> list[dict]:
         except ValueError:
             if i == len(lines):
                 break
-            raise CheckpointError(f"{path}:{i} is not valid JSON; the metrics file is damaged (delete it to start "
-                                  "its log over, or use --fresh)") from None
+            raise CheckpointError(
+                f"{path}:{i} is not valid JSON; the metrics file is damaged (delete it to start "
+                "its log over, or use --fresh)"
+            ) from None
     return rows
 
 
@@ -271,8 +291,9 @@ def check_optimizer(cfg) -> None:
     if cfg.warmup < 0 or cfg.weight_decay < 0:
         raise C.ConfigError(f"warmup and weight_decay must be >= 0 (got {cfg.warmup}, {cfg.weight_decay})")
     if not 0 <= cfg.min_lr_ratio <= 1:
-        raise C.ConfigError(f"min_lr_ratio must be in [0, 1]: the cosine ends at lr x min_lr_ratio (got "
-                            f"{cfg.min_lr_ratio})")
+        raise C.ConfigError(
+            f"min_lr_ratio must be in [0, 1]: the cosine ends at lr x min_lr_ratio (got {cfg.min_lr_ratio})"
+        )
     if not cfg.grad_clip > 0:
         raise C.ConfigError(f"grad_clip must be > 0: the largest gradient norm kept, 1.0 usually (got {cfg.grad_clip})")
 
@@ -282,5 +303,6 @@ def adamw(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95)) -> tor
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas
+    )

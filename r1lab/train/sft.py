@@ -61,9 +61,12 @@ class SFTConfig:
     log_every: int = opt(1, "steps between metrics rows")
     save_every: int = opt(50, "steps between checkpoints")
     seed: int = opt(0, "seed of the data order and LoRA's initial adapters")
-    report_to: list[str] = opt(factory=list, help="experiment trackers that also get the metrics, config and "
-                                                  "samples: tensorboard, wandb, mlflow (comma-separated; each an "
-                                                  "extra: pip install 'r1lab[wandb]')")
+    report_to: list[str] = opt(
+        factory=list,
+        help="experiment trackers that also get the metrics, config and "
+        "samples: tensorboard, wandb, mlflow (comma-separated; each an "
+        "extra: pip install 'r1lab[wandb]')",
+    )
 
     def validate(self, files: bool = True) -> SFTConfig:
         """Check the settings; `files=False` skips the data files (a caller that writes them later)."""
@@ -71,14 +74,17 @@ class SFTConfig:
         if not self.model:
             raise ValueError("--model is required: the model directory to fine-tune")
         if not self.data:
-            raise ValueError("--data is required: a JSONL file of chats ({\"messages\": [...]}) "
-                             "or prompt/completion pairs")
+            raise ValueError(
+                '--data is required: a JSONL file of chats ({"messages": [...]}) or prompt/completion pairs'
+            )
         for name in ("data", "eval_data"):
             path = getattr(self, name)
             if files and path and not Path(path).is_file():
-                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} is a directory; give the JSONL file"
-                                        if Path(path).is_dir()
-                                        else f"--{name.replace('_', '-')} file not found: {path}")
+                raise FileNotFoundError(
+                    f"--{name.replace('_', '-')} {path} is a directory; give the JSONL file"
+                    if Path(path).is_dir()
+                    else f"--{name.replace('_', '-')} file not found: {path}"
+                )
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
         check_template(self.template)
@@ -108,15 +114,18 @@ def read_examples(path: str | Path) -> list[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                 "save the data as UTF-8 JSONL") from None
+                raise ValueError(
+                    f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the data as UTF-8 JSONL"
+                ) from None
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.pos + 1}); "
-                                 "one object per line") from None
+                raise ValueError(
+                    f"{path}:{i}: not valid JSON ({e.msg} at column {e.pos + 1}); one object per line"
+                ) from None
             problem = check_example(ex)
             if problem:
                 raise ValueError(f"{path}:{i}: {problem}")
@@ -137,8 +146,9 @@ def check_example(ex) -> str | None:
         if isinstance(p, str) and isinstance(c, str):
             return None if c else "empty completion: nothing to learn"
         if isinstance(p, list) and isinstance(c, list):
-            return _check_messages(p, "prompt", need_assistant=False) or \
-                _check_messages(p + c, "prompt + completion", need_assistant=True, learn_from=len(p))
+            return _check_messages(p, "prompt", need_assistant=False) or _check_messages(
+                p + c, "prompt + completion", need_assistant=True, learn_from=len(p)
+            )
         return "prompt and completion must both be strings or both be lists of messages"
     return f"needs 'messages' (a list of {{role, content}}) or 'prompt' and 'completion'; it has {sorted(ex)}"
 
@@ -149,8 +159,10 @@ def _check_messages(msgs, name: str, need_assistant: bool, learn_from: int = 0) 
     seen_user = False
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            return (f"{name}[{j}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}} "
-                    f"(got {json.dumps(m)[:80]})")
+            return (
+                f'{name}[{j}] must be {{"role": one of {", ".join(ROLES)}, "content": a string}} '
+                f"(got {json.dumps(m)[:80]})"
+            )
         if m["role"] == "assistant" and not seen_user:
             return f"{name}[{j}] is an assistant turn with no user turn before it"
         seen_user |= m["role"] == "user"
@@ -163,10 +175,10 @@ def strip_prefill(prompt: str, reply: str) -> str:
     """A reply minus the opening think tag that the prompt already ends with (R1's template prefills `<think>\\n`)."""
     head = prompt.rstrip()
     if head.endswith(THINK_START) and reply.lstrip().startswith(THINK_START):
-        reply = reply.lstrip()[len(THINK_START):]
-        ws = prompt[len(head):]
+        reply = reply.lstrip()[len(THINK_START) :]
+        ws = prompt[len(head) :]
         if ws and reply.startswith(ws):
-            reply = reply[len(ws):]
+            reply = reply[len(ws) :]
     return reply
 
 
@@ -186,7 +198,7 @@ def chat_samples(tok, messages: list[dict], template: str, learn_from: int = 0) 
     for prompt, reply in turns[1:]:
         if not prompt.startswith(text):
             return [_encode(tok, [(p, 0), (r, 1)]) for p, r in turns]
-        pieces += [(prompt[len(text):], 0), (reply, 1)]
+        pieces += [(prompt[len(text) :], 0), (reply, 1)]
         text = prompt + reply
     return [_encode(tok, pieces)]
 
@@ -223,6 +235,7 @@ def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[
 @dataclass
 class SFTData:
     """Tokenized and packed training and held-out rows; the row order of an epoch is a function of (seed, epoch)."""
+
     train: Packed
     held_out: Packed | None
     stats: dict
@@ -254,11 +267,17 @@ def build_data(cfg: SFTConfig, tok) -> SFTData:
 
     train, held = samples(train_ex, "train"), samples(eval_ex, "held_out")
     if not train:
-        raise ValueError(f"no training sample of {cfg.data} fits seq_len={cfg.seq_len} "
-                         f"({stats['train_dropped_too_long']} longer); raise --seq-len")
+        raise ValueError(
+            f"no training sample of {cfg.data} fits seq_len={cfg.seq_len} "
+            f"({stats['train_dropped_too_long']} longer); raise --seq-len"
+        )
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    stats.update(train_samples=len(train), held_out_samples=len(held),
-                 train_label_tokens=sum(sum(m) for _, m in train), train_tokens=sum(len(i) for i, _ in train))
+    stats.update(
+        train_samples=len(train),
+        held_out_samples=len(held),
+        train_label_tokens=sum(sum(m) for _, m in train),
+        train_tokens=sum(len(i) for i, _ in train),
+    )
     packed = pack(train, cfg.seq_len, pad_id=pad)
     stats["train_rows"] = packed.input_ids.shape[0]
     return SFTData(packed, pack(held, cfg.seq_len, pad_id=pad) if held else None, stats)
@@ -267,8 +286,14 @@ def build_data(cfg: SFTConfig, tok) -> SFTData:
 def select_rows(packed: Packed, rows: torch.Tensor) -> Packed:
     """These rows, trimmed to their longest real content."""
     n = int((packed.group[rows] >= 0).sum(1).max())
-    return Packed(packed.input_ids[rows, :n], packed.position_ids[rows, :n], packed.group[rows, :n],
-                  packed.segment[rows, :n], [], packed.require_labels()[rows, :n])
+    return Packed(
+        packed.input_ids[rows, :n],
+        packed.position_ids[rows, :n],
+        packed.group[rows, :n],
+        packed.segment[rows, :n],
+        [],
+        packed.require_labels()[rows, :n],
+    )
 
 
 # ----------------------------------------------------------------------------- loss
@@ -348,8 +373,9 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
     total = cfg.epochs * steps_per_epoch
     if start == 0:
         trainable, params = trainable_parameters(model)
-        run.log(0, **data.stats, steps=total, steps_per_epoch=steps_per_epoch, trainable_params=trainable,
-                params=params)
+        run.log(
+            0, **data.stats, steps=total, steps_per_epoch=steps_per_epoch, trainable_params=trainable, params=params
+        )
     try:  # counted as full training (3 x forward), the usual convention for MFU, even when LoRA freezes the base
         fpt = training_flops_per_token(base_model(model).config, cfg.seq_len, include_mtp=False)
     except (ValueError, KeyError):
@@ -361,7 +387,7 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
         epoch, k = divmod(step, steps_per_epoch)
         order = data.order(epoch, cfg.seed)
         micro = range(k * cfg.grad_accum, min((k + 1) * cfg.grad_accum, micro_per_epoch))
-        parts = [order[m * cfg.rows:(m + 1) * cfg.rows] for m in micro]
+        parts = [order[m * cfg.rows : (m + 1) * cfg.rows] for m in micro]
         mine = [p[dist.share(len(p))] for p in parts]  # this process's rows of each micro-batch (all of them alone)
         batches = [select_rows(data.train, r) if len(r) else None for r in mine]
         n_labels = int(dist.all_sum(sum(int((b.require_labels() != -100).sum()) for b in batches if b is not None)))
@@ -388,8 +414,15 @@ def sft(cfg: SFTConfig, resume: bool = True, progress: bool = True):
             loop.balance_experts(model)
         done = step + 1
         if loop.due(done, cfg.log_every, total):
-            row = run.log(done, loss=loss_sum / n_labels, lr=lr, grad_norm=grad_norm, epoch=done / steps_per_epoch,
-                          label_tokens=n_labels, **meter.report())
+            row = run.log(
+                done,
+                loss=loss_sum / n_labels,
+                lr=lr,
+                grad_norm=grad_norm,
+                epoch=done / steps_per_epoch,
+                label_tokens=n_labels,
+                **meter.report(),
+            )
             loop.show(bar, loss=f"{row['loss']:.3f}")
         if data.held_out is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             with dist.full_weights(forward):

@@ -21,19 +21,25 @@ def load_teacher(path: str | Path, student_tokenizer, device):
 
     model, tok = load_model_and_tokenizer(path, device=device)
     theirs, ours = tok.get_vocab(), student_tokenizer.get_vocab()
-    if theirs != ours or tok(PROBE, add_special_tokens=False)["input_ids"] != \
-            student_tokenizer(PROBE, add_special_tokens=False)["input_ids"]:
+    if (
+        theirs != ours
+        or tok(PROBE, add_special_tokens=False)["input_ids"]
+        != student_tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    ):
         differ = sum(theirs.get(t) != i for t, i in ours.items())
-        raise ValueError(f"the teacher {path} has another tokenizer than the student ({len(theirs)} vs {len(ours)} "
-                         f"tokens, {differ} of the student's mapped differently): on-policy distillation scores the "
-                         "student's token ids with the teacher, so use a teacher with the student's tokenizer (or "
-                         "distill with --method sft, which works on text)")
+        raise ValueError(
+            f"the teacher {path} has another tokenizer than the student ({len(theirs)} vs {len(ours)} "
+            f"tokens, {differ} of the student's mapped differently): on-policy distillation scores the "
+            "student's token ids with the teacher, so use a teacher with the student's tokenizer (or "
+            "distill with --method sft, which works on text)"
+        )
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def teacher_logprobs(teacher, batches: list, prompt_ids, completion_ids, shape, temperature: float, pad_id: int,
-                     max_tokens: int) -> torch.Tensor:
+def teacher_logprobs(
+    teacher, batches: list, prompt_ids, completion_ids, shape, temperature: float, pad_id: int, max_tokens: int
+) -> torch.Tensor:
     """The teacher's log-probs [N, T] of the sampled completion tokens. It runs the student's micro-batches when it
     can run their layout, else the same groups packed into rows (any causal LM can)."""
     from r1lab.train.logprobs import GroupedBatch

@@ -26,8 +26,10 @@ from r1lab.sampler import Completion, SamplingParams
 def check_available() -> None:
     """Raise ValueError naming the fix when `--rollout vllm` cannot run here."""
     if not torch.cuda.is_available():
-        raise ValueError("--rollout vllm needs a CUDA GPU and torch sees none; use --rollout r1lab (r1lab's sampler "
-                         "runs on CPU and GPU)")
+        raise ValueError(
+            "--rollout vllm needs a CUDA GPU and torch sees none; use --rollout r1lab (r1lab's sampler "
+            "runs on CPU and GPU)"
+        )
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--rollout vllm needs the vllm package: pip install vllm (or use --rollout r1lab)")
 
@@ -36,30 +38,46 @@ def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the policy under transformers' names; a LoRA model must have its adapters merged first."""
     if hasattr(model, "get_base_model"):  # peft: base_model.model.x.base_layer.weight -> x.weight, adapters left out
         prefix = getattr(model, "prefix", "lora_")
-        return [(n.removeprefix("base_model.model.").replace(".base_layer", ""), p.data)
-                for n, p in model.named_parameters() if prefix not in n and "original_module" not in n]
+        return [
+            (n.removeprefix("base_model.model.").replace(".base_layer", ""), p.data)
+            for n, p in model.named_parameters()
+            if prefix not in n and "original_module" not in n
+        ]
     return [(n, p.data) for n, p in model.named_parameters()]
 
 
 class VLLMRollout:
     """A colocated vLLM engine with the sampler's interface: `encode`, `generate(prompt_ids, params, seeds=...)`."""
 
-    tools = None      # no tool: GRPOConfig refuses --tools with --rollout vllm
-    tool_wait = 0.0   # so no time spent waiting for programs
+    tools = None  # no tool: GRPOConfig refuses --tools with --rollout vllm
+    tool_wait = 0.0  # so no time spent waiting for programs
 
-    def __init__(self, model_dir: str, model, tokenizer, gpu_memory: float = 0.3, dtype: str = "bfloat16",
-                 seed: int = 0):
+    def __init__(
+        self, model_dir: str, model, tokenizer, gpu_memory: float = 0.3, dtype: str = "bfloat16", seed: int = 0
+    ):
         check_available()
         from vllm import LLM
 
         from r1lab.tokenizer import eos_ids
 
         # one engine per process, inside it: vLLM reads torchrun's variables (set here for a single process)
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        for k, v in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(29500 + os.getpid() % 1000)),
+        ):
             os.environ.setdefault(k, v)
-        self.llm = LLM(model=str(model_dir), tensor_parallel_size=1, distributed_executor_backend="external_launcher",
-                       gpu_memory_utilization=gpu_memory, dtype=dtype, seed=seed, enable_prefix_caching=True)
+        self.llm = LLM(
+            model=str(model_dir),
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=gpu_memory,
+            dtype=dtype,
+            seed=seed,
+            enable_prefix_caching=True,
+        )
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(tokenizer, getattr(model, "config", None))
         self.push(model)
@@ -87,19 +105,30 @@ class VLLMRollout:
                 model.unmerge_adapter()
         self.llm.reset_prefix_cache()  # cached prefixes were computed by the old weights
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
-                 ) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[Completion]:
         """`params.n` completions per prompt, prompt-major, as `r1lab.sampler.Sampler.generate` returns them."""
         from vllm import SamplingParams as VLLMParams
 
         params.validate()
         per_prompt: list[int | None] = list(seeds) if seeds is not None else [params.seed] * len(prompts)
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_ids
-        requests = [VLLMParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                               top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                               seed=None if s is None else int(s) % (1 << 63), stop=list(params.stop) or None,
-                               stop_token_ids=list(stop_ids), logprobs=0, skip_special_tokens=False)
-                    for s in per_prompt]
+        requests = [
+            VLLMParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                max_tokens=params.max_new_tokens,
+                seed=None if s is None else int(s) % (1 << 63),
+                stop=list(params.stop) or None,
+                stop_token_ids=list(stop_ids),
+                logprobs=0,
+                skip_special_tokens=False,
+            )
+            for s in per_prompt
+        ]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], requests, use_tqdm=False)
         completions = []
         for i, out in enumerate(outs):
