@@ -279,3 +279,24 @@ def test_the_comparison_is_paired_over_problems_and_says_when_it_cannot_tell():
         first="onpolicy", second="student_rl", **compare(result([1.0, 0.0, 1.0, 0.0]), result([0.0, 1.0, 0.0, 1.0]))
     )
     assert tie["winner"] == "neither" and "no clear difference" in verdict(tie)
+
+
+def test_the_report_shows_first_the_replies_that_rl_turned_from_wrong_to_right(tmp_path):
+    from r1lab.recipes.report import _examples
+
+    def record(i, correct):
+        return {"prompt": f"p{i}", "gold": str(i), "greedy": {"text": f" reply {i} {correct}", "correct": correct}}
+
+    base = [record(0, True), record(1, False), record(2, False), record(3, False)]
+    final = [record(0, True), record(1, False), record(2, True), record(3, True)]
+    for name, records in (("eval_base.json", base), ("eval_final.json", final)):
+        (tmp_path / name).write_text(json.dumps({"records": records}))
+    titles = [t for t, _ in _examples(tmp_path, n=2)]
+    assert titles == [
+        "p2 (gold 2), base model",
+        "p2 (gold 2), after RL",
+        "p3 (gold 3), base model",
+        "p3 (gold 3), after RL",
+    ]
+    (tmp_path / "eval_final.json").write_text(json.dumps({"records": base}))  # nothing learned: the first problems
+    assert [t for t, _ in _examples(tmp_path, n=1)] == ["p0 (gold 0), base model", "p0 (gold 0), after RL"]

@@ -41,12 +41,12 @@ def _render_r1zero(summary: dict) -> str:
         fmt = (lambda x: f"{100 * x:6.1f}%") if pct else (lambda x: f"{x:7.1f}")
         delta = f[key] - b[key]
         d = f"{100 * delta:+6.1f} pts" if pct else f"{delta:+7.1f}"
-        return f"  {name:<22}{fmt(b[key])}   {fmt(f[key])}   {d}"
+        return f"  {name:<25}{fmt(b[key])}   {fmt(f[key])}   {d}"
 
     return "\n".join(
         [
             f"R1-Zero in miniature ({summary['task']}, held-out problems)",
-            f"  {'':<22}{'base':>7}   {'after RL':>7}   change",
+            f"  {'':<25}{'base':>7}   {'after RL':>7}   change",
             row("pass@1 (k samples)", "pass@1"),
             row("greedy accuracy", "greedy"),
             row("cons@k", "cons@k"),
@@ -291,16 +291,17 @@ def _img(p: Path) -> str:
 
 
 def _examples(run_dir: Path, n: int = 2) -> list[tuple[str, str]]:
-    """Greedy replies of the base and RL models to the first held-out problems."""
+    """Greedy replies of the base and RL models to the same held-out problems: the first ones that RL changed from
+    wrong to right (what the run learned), then the first ones of the list."""
     try:
         base = json.loads((run_dir / "eval_base.json").read_text())["records"]
         final = json.loads((run_dir / "eval_final.json").read_text())["records"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return []
+    pairs = [(b, f) for b, f in zip(base, final) if not b.get("skipped") and b.get("greedy") and f.get("greedy")]
+    learned = [(b, f) for b, f in pairs if not b["greedy"]["correct"] and f["greedy"]["correct"]]
     out = []
-    for b, f in list(zip(base, final))[:n]:
-        if b.get("skipped") or not b.get("greedy"):
-            continue
+    for b, f in (learned + [p for p in pairs if p not in learned])[:n]:
         out.append((f"{b['prompt']} (gold {b['gold']}), base model", b["greedy"]["text"].strip()))
         out.append((f"{f['prompt']} (gold {f['gold']}), after RL", f["greedy"]["text"].strip()))
     return out
