@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 from huggingface_hub import ModelCard
+from tiny import TINY_MODEL as TINY
 
 from r1lab import config as C
 from r1lab import model_card as M
@@ -24,21 +25,6 @@ from r1lab.train import pretrain as P
 from r1lab.train import sft as S
 from r1lab.train.run import read_metrics
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_group=2,
-    topk_group=1,
-)
 SECTIONS = ["## How it was trained", "## Train it again", "## Evaluation", "## Intended use and limits"]
 
 

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TINY_MODEL as TINY
 
 from r1lab.tasks import Problem
 from r1lab.train import pretrain as P
 from r1lab.train.run import read_metrics
-
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_group=2,
-    topk_group=1,
-)
 
 
 def _cfg(tmp_path, **kw):

@@ -8,26 +8,12 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from tiny import TINY_MODEL
 
 import r1lab.distill as D
 from r1lab.cli import main
 from r1lab.recipes import RECIPES
 
-TINY_MODEL = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_group=2,
-    topk_group=1,
-)
 STUDENT = dict(
     num_hidden_layers=1,
     hidden_size=24,
