@@ -70,7 +70,7 @@ class DistillSettings:
     sft_epochs: int = opt(2, "epochs of the student's SFT")
     sft_lr: float = opt(2e-4, "SFT learning rate")
     sft_rows: int = opt(8, "packed rows per SFT step")
-    onpolicy_lr: float = opt(2e-4, "learning rate of on-policy distillation (the student's GRPO keeps grpo.lr)")
+    onpolicy_lr: float = opt(2e-5, "learning rate of on-policy distillation (the student's GRPO keeps grpo.lr)")
     rl_max_steps: int = opt(1000, "the on-policy and GRPO arms stop at the SFT arm's wall time, or here")
 
 
