@@ -415,11 +415,13 @@ def test_original_deepseek_config_json_is_read():
 
 def test_mtp_drafts_with_the_cache_equal_the_mtp_forward_over_the_whole_sequence(tiny_native_dir):
     """Speculative decoding's draft (the MTP module run incrementally over its own cached entries, after each main
-    step) gives the logits of the MTP module run over the whole sequence at once, as its training loss does."""
+    step) gives the logits of the MTP module run over the whole sequence at once, as its training loss does. In
+    float64, so that the two paths' different summation orders leave only rounding (float32 left up to 1.5e-5)."""
     from r1lab.model.cache import LatentCache
     from r1lab.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_native_dir)
+    model = model.double()
     cfg = model.config
     ids = torch.randint(5, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     n = ids.shape[1] - 1  # MTP position i reads token i+1
@@ -428,14 +430,14 @@ def test_mtp_drafts_with_the_cache_equal_the_mtp_forward_over_the_whole_sequence
         layer = model.mtp_layers[0]
         full = layer(hidden[:, :n], model.model.embed_tokens(ids[:, 1:]), rot[:, :n], None)  # plain causal
         want = model.lm_head(layer.shared_head.norm(full))
-        cache = LatentCache(cfg, 2, 32, layers=cfg.num_hidden_layers + 1)
+        cache = LatentCache(cfg, 2, 32, dtype=torch.float64, layers=cfg.num_hidden_layers + 1)
         got, at = [], 0
         for width in (5, 1, 2, 1, 1):  # a prefill, then decode steps of one and two tokens
             h, r = model.body(ids[:, at : at + width], cache=cache, advance=False)
             got.append(model.draft(h, ids[:, at + 1 : at + 1 + width], r, cache))
             cache.advance(width)
             at += width
-    assert at == n and torch.allclose(torch.cat(got, 1), want, atol=1e-5)
+    assert at == n and torch.allclose(torch.cat(got, 1), want, rtol=0, atol=1e-10)
 
 
 def test_mtp_loss_on_packed_samples_sharing_a_prefix_equals_the_separate_sequences():

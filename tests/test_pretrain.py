@@ -98,3 +98,16 @@ def test_bad_settings_are_refused_before_training(tmp_path):
         P.pretrain(_cfg(tmp_path, direct_fraction=1.5), progress=False)
     with pytest.raises(ValueError, match="unknown task|no task"):
         P.pretrain(_cfg(tmp_path, tasks=["chess"]), progress=False)
+
+
+def test_a_model_with_mtp_trains_it_on_the_shared_prefix_layout(tmp_path):
+    """With an MTP module the corpus keeps its shared-prefix rows (the MTP loss masks what crosses samples; the
+    model test pins it against separate sequences): the MTP loss is logged, part of the loss, and falls."""
+    cfg = _cfg(tmp_path, steps=24, rows=4, lr=3e-3, model={**TINY, "num_nextn_predict_layers": 1})
+    model, _, run = P.pretrain(cfg, progress=False)
+    rows = [r for r in read_metrics(run.metrics_path) if "loss" in r]
+    assert len(rows) == 24 and len(model.mtp_layers) == 1 and all(r["mtp_loss"] is not None for r in rows)
+    weight = model.config.mtp_loss_weight
+    assert all(abs(r["loss"] - (r["lm_loss"] + weight * r["mtp_loss"])) < 0.05 * r["loss"] for r in rows)
+    first, last = sum(r["mtp_loss"] for r in rows[:3]) / 3, sum(r["mtp_loss"] for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)

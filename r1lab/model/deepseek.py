@@ -184,7 +184,7 @@ class MLA(nn.Module):
             qf = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * S, -1)
             # mask: the additive bias the model built once for all layers, [B, 1, T] (decoding) or [B, H*S, T]
             scores = torch.baddbmm(mask, qf, keys.transpose(1, 2), alpha=self.scale)  # [B, H*S, T]
-            probs = scores.float().softmax(-1).to(keys.dtype)
+            probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(keys.dtype)
             o = torch.bmm(probs, keys[..., : self.rank])  # [B, H*S, rank]
             o = torch.bmm(
                 o.view(B, H, S * self.rank).transpose(0, 1).reshape(H, B * S, self.rank),

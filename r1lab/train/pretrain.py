@@ -200,11 +200,11 @@ class Corpus:
                 f"{lengths[-1]} or more"
             )
 
-    def batch(self, step: int, share_prefix: bool = True) -> Packed:
-        """`rows` packed rows of examples for this step; with `share_prefix` each row holds the template's shared
-        prefix once and its examples attend to it (use the 4D `mask()`), else plain packing (`segment_ids`)."""
+    def batch(self, step: int) -> Packed:
+        """`rows` packed rows of examples for this step: each row holds the template's shared prefix once and its
+        examples attend to it (use the 4D `mask()`)."""
         cfg = self.cfg
-        prefix = self.shared_prefix() if share_prefix else []
+        prefix = self.shared_prefix()
         need = cfg.rows * (cfg.seq_len - len(prefix))
         samples, total, chunk = [], 0, 0
         while total < need:
@@ -320,33 +320,24 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
     start = loop.restore(opt, s.state)
     corpus = Corpus(cfg, tok)
     corpus.check_fits()
-    share = len(model.mtp_layers) == 0  # the MTP loss works on plain packed sequences only
     meter = loop.Throughput(training_flops_per_token(model.config, cfg.seq_len), s.peak)
 
     bar = loop.progress(range(start, cfg.steps), cfg.steps, "pretrain", progress)
     for step in bar:
-        batch = corpus.batch(step, share_prefix=share)
+        batch = corpus.batch(step)
         if dist.active():
             batch, weights = process_rows(batch)
         lr = loop.set_lr(opt, step, cfg.steps, cfg)
         dev = lambda t: t.to(device)  # noqa: E731
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            if share:  # a 4D mask: samples see the shared preamble and themselves
-                out = forward(
-                    dev(batch.input_ids),
-                    attention_mask=dev(batch.mask()),
-                    position_ids=dev(batch.position_ids),
-                    labels=dev(batch.labels),
-                    token_mask=dev(batch.attention_mask),
-                )
-            else:  # MTP needs plain per-sample sequences
-                out = forward(
-                    dev(batch.input_ids),
-                    attention_mask=dev(batch.attention_mask),
-                    position_ids=dev(batch.position_ids),
-                    segment_ids=dev(batch.segment_ids),
-                    labels=dev(batch.labels),
-                )
+            # a 4D mask: samples see the shared preamble and themselves (the MTP loss too: DeepseekV3.forward)
+            out = forward(
+                dev(batch.input_ids),
+                attention_mask=dev(batch.mask()),
+                position_ids=dev(batch.position_ids),
+                labels=dev(batch.labels),
+                token_mask=dev(batch.attention_mask),
+            )
         loss, lm_loss = out.loss, out.lm_loss
         if dist.active():  # this process's share of the step's loss (token means by tokens, the balance loss by rows)
             aux = out.aux_loss if out.aux_loss is not None else 0.0
