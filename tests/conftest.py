@@ -9,36 +9,29 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# The full benchmark JSONL lives beside the checkout (../shared/data); R1LAB_DATA overrides. A plain clone has only
-# the first rows of each file, in tests/data (with their sources and licences).
+# The benchmark JSONL lives beside the checkout (../shared/data); R1LAB_DATA overrides. Nothing of it is copied into
+# the repo: tests that read it request `shared_data`, which reports them as skipped (with the reason) where it is absent.
 FULL_DATA = Path(os.environ.get("R1LAB_DATA") or REPO.parent / "shared" / "data")
-FIXTURE_DATA = REPO / "tests" / "data"
 HAVE_FULL_DATA = (FULL_DATA / "gsm8k" / "test.jsonl").is_file()
-if not HAVE_FULL_DATA:  # what r1lab.tasks.benchmarks reads when a test names no data_dir
-    os.environ["R1LAB_DATA"] = str(FIXTURE_DATA)
+if HAVE_FULL_DATA:  # what r1lab.tasks.benchmarks reads when a test names no data_dir, whatever the working directory
+    os.environ["R1LAB_DATA"] = str(FULL_DATA)
 
 torch.set_num_threads(int(os.environ.get("R1LAB_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The whole benchmark files, for checks over every row. Where they are absent the check is reported as skipped
-    with this reason; with R1LAB_REQUIRE_DATA=1 (as .ci/run sets) it fails instead."""
+    """The benchmark files (../shared/data or R1LAB_DATA). Where they are absent a test that reads them is reported
+    as skipped with this reason; with R1LAB_REQUIRE_DATA=1 (as .ci/run sets) it fails instead."""
     if not HAVE_FULL_DATA:
         why = (
-            f"full benchmark data not found at {FULL_DATA} (set R1LAB_DATA to the folder with gsm8k/, math500/, "
-            "...): this check over every row did not run"
+            f"benchmark data not found at {FULL_DATA} (set R1LAB_DATA to the folder with gsm8k/, math500/, "
+            "...): this check did not run"
         )
         if os.environ.get("R1LAB_REQUIRE_DATA") == "1":
             pytest.fail(why)
         pytest.skip(why)
     return FULL_DATA
-
-
-@pytest.fixture(scope="session")
-def benchmark_data() -> Path:
-    """Benchmark rows for checks that need a few problems: the full files where present, else tests/data."""
-    return FULL_DATA if HAVE_FULL_DATA else FIXTURE_DATA
 
 
 def tiny_texts() -> list[str]:

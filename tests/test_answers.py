@@ -247,8 +247,8 @@ def test_grade_rejects_different_answers(predicted, gold):
     assert grade(predicted, gold) is False
 
 
-def test_grade_matches_math500_gold_written_differently(benchmark_data):
-    gold = load_benchmark("math500", data_dir=benchmark_data)[0].answer  # \left( 3, \frac{\pi}{2} \right)
+def test_grade_matches_math500_gold_written_differently(shared_data):
+    gold = load_benchmark("math500", data_dir=shared_data)[0].answer  # \left( 3, \frac{\pi}{2} \right)
     assert grade("(3, \\frac{\\pi}{2})", gold) is True
     assert grade("\\left(3,\\dfrac{\\pi}{2}\\right)", gold) is True
     assert grade("(3, \\frac{\\pi}{3})", gold) is False
