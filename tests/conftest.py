@@ -10,7 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The benchmark JSONL lives beside the checkout (../shared/data); R1LAB_DATA overrides. Nothing of it is copied into
-# the repo: tests that read it request `shared_data`, which reports them as skipped (with the reason) where it is absent.
+# the repo: tests that read it request `shared_data`, which reports them as skipped (with why) where it is absent.
 FULL_DATA = Path(os.environ.get("R1LAB_DATA") or REPO.parent / "shared" / "data")
 HAVE_FULL_DATA = (FULL_DATA / "gsm8k" / "test.jsonl").is_file()
 if HAVE_FULL_DATA:  # what r1lab.tasks.benchmarks reads when a test names no data_dir, whatever the working directory

@@ -11,6 +11,7 @@ import torch
 import transformers
 from conftest import tiny_model_config
 from safetensors.torch import load_file, save_file
+from tiny import transformers_deepseek_config
 
 from r1lab.cli import main
 from r1lab.model.checkpoint import CheckpointError, dequantize_block_fp8, load_model, save_model, to_disk_names
@@ -23,27 +24,7 @@ FP8_MAX = 448.0  # largest float8_e4m3fn value
 
 def _hf_model(seed=1) -> transformers.DeepseekV3ForCausalLM:
     """A tiny transformers DeepSeek-V3 whose config keeps the default MTP layer count (1), like DeepSeek's."""
-    hcfg = transformers.DeepseekV3Config(
-        vocab_size=89,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        initializer_range=0.3,
-    )
+    hcfg = transformers_deepseek_config()
     torch.manual_seed(seed)
     hf = transformers.DeepseekV3ForCausalLM(hcfg).eval()
     with torch.no_grad():

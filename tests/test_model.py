@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import tiny_model_config
+from tiny import transformers_deepseek_config
 
 from r1lab.model.cache import LatentCache
 from r1lab.model.checkpoint import load_model, save_model
@@ -56,28 +57,7 @@ def test_r1lab_checkpoint_loads_in_transformers_with_same_logits(name, tmp_path)
 
 
 def test_transformers_checkpoint_loads_in_r1lab_with_same_logits(tmp_path):
-    hcfg = transformers.DeepseekV3Config(
-        vocab_size=89,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        initializer_range=0.3,
-        num_mtp_layers=0,
-    )
+    hcfg = transformers_deepseek_config(num_mtp_layers=0)
     torch.manual_seed(1)
     hf = transformers.DeepseekV3ForCausalLM(hcfg).eval()
     with torch.no_grad():
