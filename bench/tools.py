@@ -84,13 +84,18 @@ class Timed:
         b.prefill, b.decode = prefill, decode
         if real_extend is not None:
             b.extend = extend
+        self._real_resume = real_resume
         S.Batch.resume = resume
+
+    def close(self) -> None:
+        """Put the class's own resume back (each arm's timer would otherwise wrap the previous one's)."""
+        S.Batch.resume = self._real_resume
 
 
 def run_arm(
     model, tok, prompts, work: dict, tools: bool, reentry: str, steps: int, seed: int, keep: bool = True
 ) -> dict:
-    S.REENTRY_STEPS = steps
+    default_steps, S.REENTRY_STEPS = S.REENTRY_STEPS, steps
     sampler = S.Sampler(model, tok, tools=PythonTool(tok) if tools else None, reentry=reentry)
     if not keep:  # a row back from a call is prefilled again instead of continuing its kept cache
         sampler.backend.take = None
@@ -99,9 +104,13 @@ def run_arm(
         max_new_tokens=80, temperature=work["temperature"], top_p=work["top_p"], n=work["n"], seed=seed
     )
     t0 = time.perf_counter()
-    outs = sampler.generate(prompts, params)
+    try:
+        outs = sampler.generate(prompts, params)
+    finally:
+        timed.close()
+        S.REENTRY_STEPS = default_steps
     wall = time.perf_counter() - t0
-    model_tokens = sum(len(o.token_ids) if o.token_mask is None else sum(o.token_mask) for o in outs)
+    model_tokens = sum(o.model_tokens for o in outs)
     calls = [k for o in outs for k in o.tool_calls]
     split = dict(timed.seconds, tool_wait=sampler.tool_wait)
     split["other"] = wall - sum(split.values())

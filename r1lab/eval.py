@@ -21,6 +21,7 @@ from r1lab.reasoning import split_reasoning
 from r1lab.sampler import R1_TEMPERATURE, R1_TOP_P
 from r1lab.tasks import R1_MATH_INSTRUCTION, Problem, get_task
 from r1lab.tasks.answers import extract_answer, normalize_answer
+from r1lab.tools import CALL_END
 
 BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23")
 CODE_BENCHMARKS = ("humaneval",)  # judged by running tests in the sandbox; no math instruction
@@ -242,7 +243,7 @@ def local_generator(model, tokenizer, template: str, max_batch: int = 256, tools
         outs = sampler.generate(rendered, params)
         grouped = defaultdict(list)
         for o in outs:
-            grouped[o.prompt_index].append(to_sample(o.text, len(o.token_ids)))
+            grouped[o.prompt_index].append(to_sample(o.text, o.model_tokens))
         return [grouped[i] for i in range(len(prompts))]
 
     return generate
@@ -350,7 +351,7 @@ def summarize(records: list[dict], cfg: EvalConfig, skipped: int) -> dict:
             if j <= cfg.k
         },
         "think_share": mean(bool(s["reasoning"] and s["reasoning"].strip()) for s in samples),
-        "tool_share": mean("</tool>" in (s["reasoning"] or "") for s in samples),  # replies that called a tool
+        "tool_share": mean(CALL_END in (s["reasoning"] or "") for s in samples),  # replies that called a tool
         "mean_length": mean(s["tokens"] for s in samples),
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,

@@ -9,7 +9,8 @@ LM, left-padded DynamicCache).
 
 With a tool (`Sampler(..., tools=PythonTool(...))`, r1lab.tools) a row that closes a tool call pauses: it leaves the
 batch, its program goes to the sandbox's worker pool (a Future; the batch keeps decoding the other rows), and it
-re-enters through a prefill of its whole context with the tool's output appended. `generate()` re-enters a row a fixed
+re-enters on the cache it kept, fed only the call's closing token and the tool's output (backends that cannot keep
+a cache prefill the whole context again). `generate()` re-enters a row a fixed
 number of decode steps after it paused (`REENTRY_STEPS`; sooner when nothing else is decoding), waiting for its
 program only if that is slower: every rollout is then a function of the model and the seeds, not of how long programs
 took (a batch's floating-point sums depend on which rows share it). The server re-enters rows as soon as their
@@ -84,6 +85,11 @@ class Completion:
     prompt_tokens: int = 0
     token_mask: list[int] | None = None  # with tools: 1 where the model wrote the token, 0 where the tool did
     tool_calls: list = field(default_factory=list)  # r1lab.tools.ToolCall, in order
+
+    @property
+    def model_tokens(self) -> int:
+        """The tokens the model wrote (a tool's output excluded): what lengths and throughput count."""
+        return len(self.token_ids) if self.token_mask is None else sum(self.token_mask)
 
 
 # ----------------------------------------------------------------------------- model adapters

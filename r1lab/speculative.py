@@ -6,7 +6,8 @@ and a kept draft comes with a second token drawn from the main model's next dist
 
 p and q are the distributions actually sampled from (the row's temperature, top-p and top-k applied to both);
 greedy rows use one-hot distributions, so a draft is kept exactly when it is the argmax and greedy output is
-unchanged. Pure functions on tensors; the sampler (r1lab.sampler) runs them.
+unchanged. Pure functions on tensors, with the model's draft (`DeepseekV3.draft`) what speculative decoding needs;
+the sampler does not run them yet (docs/performance.md).
 """
 
 from __future__ import annotations

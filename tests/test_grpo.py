@@ -348,3 +348,15 @@ def test_every_objective_and_correction_trains_through_the_trainer(loss, correct
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
     with pytest.raises(ValueError, match="unknown policy loss"):
         _cfg(tmp_path, tiny_native_dir, policy_loss="ppo2").validate()
+
+
+def test_gathered_rollout_has_tool_columns_only_where_the_run_has_a_tool():
+    """Under torchrun the step's metrics read the gathered rollout: without a tool there must be no tool columns
+    (so the metrics rows have the same keys with 1 or N processes), with one they come back as tuples."""
+    from r1lab.sampler import Completion
+    from r1lab.train.rollout import Rollout, gather_rollout
+
+    c = Completion(0, " <think> x </think> <answer> 1 </answer>", [5, 6], [-0.1, -0.2], "stop")
+    ro = Rollout([], [], [[c, c]], torch.tensor([[1.0, 0.0]]), {}, torch.tensor([[1.0, 0.0]]))
+    assert gather_rollout(ro, [2, 2], [True, True], None)[-1] is None
+    assert gather_rollout(ro, [2, 2], [True, True], [(1, 0, 0.5), (0, 0, 0.0)])[-1] == [(1, 0, 0.5), (0, 0, 0.0)]

@@ -64,7 +64,9 @@ def test_chat_labels_on_smollm2_cover_the_reply_and_end_of_turn_only(smollm):
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False).rstrip("\n")
 
 
-def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(smollm_dir, tmp_path):
+def test_two_grpo_steps_with_lora_move_the_adapters_and_nothing_else(
+    smollm_dir, tmp_path, shared_data
+):  # GSM8K train prompts
     from r1lab.train.grpo import GRPOConfig, GRPOTrainer
 
     before, _ = load_model_and_tokenizer(smollm_dir)
@@ -153,7 +155,7 @@ def test_lora_is_merged_on_export_into_a_plain_model(smollm_dir, tmp_path):
 
 
 @pytest.mark.slow  # 85-117 s on one shared core: 40 replies of 64 tokens after ~200-token prompts
-def test_eval_runs_on_20_gsm8k_problems(smollm_dir, capsys):
+def test_eval_runs_on_20_gsm8k_problems(smollm_dir, capsys, shared_data):
     assert (
         main(["eval", str(smollm_dir), "--task", "gsm8k", "--limit", "20", "--k", "1", "--max-new-tokens", "64"]) == 0
     )

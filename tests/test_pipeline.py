@@ -94,7 +94,7 @@ def test_unknown_recipe_and_bad_flags_are_named(tmp_path, capsys):
     assert "grpo.steps expects int" in capsys.readouterr().err
 
 
-def test_a_yaml_config_runs_a_transformers_model_on_a_benchmark(tmp_path, tiny_llama_dir, capsys):
+def test_a_yaml_config_runs_a_transformers_model_on_a_benchmark(tmp_path, tiny_llama_dir, capsys, shared_data):
     """The shipped example config (a transformers base model, GSM8K, LoRA), sized down by flags over it."""
     from pathlib import Path
 

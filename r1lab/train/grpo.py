@@ -46,7 +46,7 @@ from r1lab.tools import TOOLS, ToolLimits, make_tool
 from r1lab.train import dist, loop, losses
 from r1lab.train.advantages import ADVANTAGES, get_advantage
 from r1lab.train.logprobs import grouped_batches, grouped_model, packed_rows, to_matrix, token_logprobs
-from r1lab.train.rollout import Rollout, Rollouts, gather_rollout, model_tokens, tool_columns, tool_metrics
+from r1lab.train.rollout import Rollout, Rollouts, gather_rollout, tool_columns, tool_metrics
 from r1lab.train.run import adamw, check_optimizer, cosine_lr
 from r1lab.train.teacher import load_teacher, reverse_kl_advantage, teacher_logprobs
 
@@ -500,7 +500,7 @@ class GRPOTrainer:
     def metrics(self, ro: Rollout, stats: dict, lr: float, sample_s: float, train_s: float) -> dict:
         """The step's row: rollout statistics over every process's groups, and the update's."""
         flat = ro.flat
-        lengths = [model_tokens(c) for c in flat]
+        lengths = [c.model_tokens for c in flat]
         thinks = [bool((split_reasoning(c.text)[0] or "").strip()) for c in flat]
         tools = tool_columns(flat) if self.cfg.tools != "none" else None
         groups = len(ro.problems)

@@ -144,11 +144,6 @@ class Rollouts:
         )
 
 
-def model_tokens(c: Completion) -> int:
-    """The tokens of a completion that the model wrote (a tool's output excluded)."""
-    return len(c.token_ids) if c.token_mask is None else sum(c.token_mask)
-
-
 def tool_columns(flat: list[Completion]) -> list[tuple[int, int, float]]:
     """(tool calls, failed calls, programs' sandbox seconds) per completion."""
     return [
@@ -190,4 +185,5 @@ def gather_rollout(ro: Rollout, lengths: list[int], thinks: list[bool], tools: l
     joined = Rollout(
         [], [], [], matrix(cat("rewards")), parts, matrix(cat("correct")), ro.zero_variance_share, ro.rounds
     )
-    return joined, flat, cat("lengths"), cat("thinks"), len(cat("rewards")), [tuple(t) for t in cat("tools")]
+    tool_rows = None if tools is None else [tuple(t) for t in cat("tools")]  # no tool: no tool metrics, as alone
+    return joined, flat, cat("lengths"), cat("thinks"), len(cat("rewards")), tool_rows
