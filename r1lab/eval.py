@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from r1lab.config import opt
 from r1lab.reasoning import split_reasoning
@@ -227,6 +227,26 @@ def to_sample(text: str, tokens: int) -> Sample:
 # ----------------------------------------------------------------------------- generation sources
 
 Generate = Callable[[list[str], int, float, float, int, int], list[list[Sample]]]
+
+
+def greedy_check(
+    model, tok, tasks: dict, template: str, n: int, max_new_tokens: int, tools=None, seed: int = 0
+) -> dict:
+    """The trainers' in-run check: greedy accuracy, think share and mean reply length on `n` held-out problems of
+    each task ({name: task}; the test split training never draws), in the template training uses."""
+    generate = local_generator(model, tok, template, tools=tools)
+    out = {}
+    for name, task in tasks.items():
+        cfg = EvalConfig(
+            task=name, limit=n, k=1, seed=seed, max_new_tokens=max_new_tokens, template=cast(EvalTemplate, template)
+        )  # a trainer's template: checked by its config
+        s = evaluate(generate, task.problems("test", n=n, seed=seed), cfg)["summary"]
+        out[name] = {
+            "greedy": s["greedy"],
+            "think_share": s["greedy_think_share"],
+            "mean_length": s["greedy_mean_length"],
+        }
+    return out
 
 
 def local_generator(model, tokenizer, template: str, max_batch: int = 256, tools=None) -> Generate:

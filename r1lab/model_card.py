@@ -93,14 +93,10 @@ def render(cfg, model, rows: list[dict]) -> str:
 def architecture(model) -> tuple[str, dict]:
     """(architecture tag, {"total": parameters, "active": per token or None}) of a native or transformers model."""
     from r1lab import cost
-    from r1lab.model.hf import base_model, is_native
+    from r1lab.model.hf import base_model, is_native, trainable_parameters
 
     inner = base_model(getattr(model, "module", model))
-    seen, total = set(), 0
-    for p in inner.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    total = trainable_parameters(inner)[1]  # tied weights counted once
     if is_native(inner):
         arch, sizes = "deepseek-v3", {**inner.config.to_hf_dict(), "model_type": "deepseek_v3"}
     else:
@@ -288,7 +284,9 @@ def hub_id(start: str) -> str | None:
     m = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", str(Path(start).resolve()))
     if m:
         return f"{m.group(1)}/{m.group(2)}"
-    if not Path(start).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", start):
+    from r1lab.model.load import hub_name
+
+    if not Path(start).exists() and hub_name(start):
         return start
     return None
 

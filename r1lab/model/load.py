@@ -24,7 +24,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def _hub_name(name: str) -> bool:
+def hub_name(name: str) -> bool:
     """Whether a path that does not exist here reads as a Hugging Face hub name ('org/model')."""
     return name.count("/") == 1 and not name.startswith((".", "/"))
 
@@ -33,7 +33,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not path.exists() and not _hub_name(str(path)):
+    if not path.exists() and not hub_name(str(path)):
         raise CheckpointError(f"tokenizer directory not found: {path}")
     if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json); save the tokenizer with the model")
@@ -65,7 +65,7 @@ def load_model_and_tokenizer(path: str | Path, device="cpu", dtype: torch.dtype 
         if is_native(local):
             return load_model(local, device=device, dtype=dtype), tokenizer
         return load_hf_model(local, device=device, dtype=dtype), tokenizer
-    if _hub_name(str(path)):
+    if hub_name(str(path)):
         return load_hf_model(path, device=device, dtype=dtype), load_tokenizer(path)
     raise CheckpointError(f"model directory not found: {path}")
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -556,23 +556,19 @@ class GRPOTrainer:
         ]
 
     def quick_eval(self) -> dict:
-        from r1lab.eval import EvalConfig, EvalTemplate, evaluate, local_generator
+        """Held-out greedy figures per task (`r1lab.eval.greedy_check`), with the rollouts' tool."""
+        from r1lab.eval import greedy_check
 
-        out = {}
-        for task, name in zip(self.tasks, self.cfg.tasks):
-            probs = task.problems("test", n=self.cfg.eval_problems, seed=0)
-            ecfg = EvalConfig(
-                task=name, k=1, max_new_tokens=self.cfg.max_new_tokens, template=cast(EvalTemplate, self.cfg.template)
-            )  # checked by GRPOConfig.validate
-            s = evaluate(
-                local_generator(self.model, self.tok, self.cfg.template, tools=self.sampler.tools), probs, ecfg
-            )["summary"]
-            out[name] = {
-                "greedy": s["greedy"],
-                "think_share": s["greedy_think_share"],
-                "mean_length": s["greedy_mean_length"],
-            }
-        return out
+        tasks = dict(zip(self.cfg.tasks, self.tasks))
+        return greedy_check(
+            self.model,
+            self.tok,
+            tasks,
+            self.cfg.template,
+            self.cfg.eval_problems,
+            self.cfg.max_new_tokens,
+            self.sampler.tools,
+        )
 
 
 def grpo(cfg: GRPOConfig, resume: bool = True, progress: bool = True, model=None, tokenizer=None):

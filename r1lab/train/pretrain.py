@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -266,31 +265,14 @@ def build_model(cfg: PretrainConfig, tok) -> DeepseekV3:
 
 
 def quick_eval(model, tok, cfg: PretrainConfig, seed: int = 0) -> dict:
-    """Held-out greedy accuracy, think share and mean reply length (the test split training never draws); with a
-    corpus that calls the tool, the replies may call it too."""
-    from r1lab.eval import EvalConfig, EvalTemplate, evaluate, local_generator
+    """Held-out greedy figures per task (`r1lab.eval.greedy_check`); with a corpus that calls the tool, the replies
+    may call it too."""
+    from r1lab.eval import greedy_check
     from r1lab.tools import make_tool
 
+    tasks = {name: get_task(name, **cfg.task_args.get(name, {})) for name in cfg.tasks}
     tools = make_tool("python", tok) if cfg.tool_fraction else None
-    result = {}
-    for name in cfg.tasks:
-        ecfg = EvalConfig(
-            task=name,
-            limit=cfg.eval_problems,
-            k=1,
-            seed=seed,
-            max_new_tokens=cfg.seq_len // 2,
-            template=cast(EvalTemplate, cfg.template),
-        )  # r1zero or r1 (PretrainConfig.validate)
-        task = get_task(name, **cfg.task_args.get(name, {}))
-        problems = task.problems("test", n=cfg.eval_problems, seed=seed)
-        s = evaluate(local_generator(model, tok, cfg.template, tools=tools), problems, ecfg)["summary"]
-        result[name] = {
-            "greedy": s["greedy"],
-            "think_share": s["greedy_think_share"],
-            "mean_length": s["greedy_mean_length"],
-        }
-    return result
+    return greedy_check(model, tok, tasks, cfg.template, cfg.eval_problems, cfg.seq_len // 2, tools, seed)
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool = True):
